@@ -1,0 +1,130 @@
+//! `forkvm run`: start a program from the image in a fresh sandbox, pass its output through,
+//! and exit with its status.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use forkvm_image::{Fs, Image};
+use forkvm_kernel::{Console, Input, Limits, Process, SpawnConfig};
+use forkvm_vmm::{SandboxExit, Vmm};
+
+/// Environment every sandboxed program starts with (plus `--env` additions).
+pub const DEFAULT_ENV: &[&str] = &[
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root",
+    "LANG=C.UTF-8",
+    // The sandbox has one thread: keep OpenBLAS from trying to start its pool.
+    "OPENBLAS_NUM_THREADS=1",
+];
+
+/// Exit status for a wall-clock timeout (as `timeout(1)` uses).
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit status when an output stream hit its cap.
+pub const EXIT_OUTPUT_LIMIT: i32 = 125;
+/// Exit status when the VMM itself failed (`EX_SOFTWARE`).
+pub const EXIT_INTERNAL: i32 = 70;
+
+/// What to run and under which limits.
+pub struct RunOptions {
+    pub image: PathBuf,
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub timeout: Option<Duration>,
+    pub memory_mib: u64,
+    pub output_limit: u64,
+    pub overlay_limit: u64,
+    pub strace: bool,
+}
+
+/// Runs the program and returns the exit status forkvm should exit with.
+pub fn run(options: RunOptions) -> Result<i32> {
+    let vmm = Vmm::new().context("starting the VMM")?;
+    let image = Arc::new(
+        Image::open(&options.image)
+            .with_context(|| format!("opening image {}", options.image.display()))?,
+    );
+    let ram_bytes = options.memory_mib << 20;
+    let ram = vmm.new_ram(ram_bytes)?;
+    let console = Console::new(
+        Input::Host(Box::new(std::io::stdin())),
+        Box::new(std::io::stdout()),
+        Box::new(std::io::stderr()),
+        options.output_limit,
+    );
+    let mut env: Vec<Vec<u8>> = DEFAULT_ENV.iter().map(|e| e.as_bytes().to_vec()).collect();
+    for extra in &options.env {
+        let key = extra.split('=').next().unwrap_or_default();
+        env.retain(|e| !e.starts_with(format!("{key}=").as_bytes()));
+        env.push(extra.as_bytes().to_vec());
+    }
+    let mut argv = vec![options.program.as_bytes().to_vec()];
+    argv.extend(options.args.iter().map(|a| a.as_bytes().to_vec()));
+    let config = SpawnConfig {
+        program: options.program.as_bytes().to_vec(),
+        argv,
+        envp: env,
+        cwd: options.cwd.as_bytes().to_vec(),
+        limits: Limits {
+            memory_bytes: ram_bytes,
+            ..Limits::default()
+        },
+        user_start: forkvm_vmm::layout::USER_START,
+    };
+    let fs = Fs::with_limit(image, options.overlay_limit);
+    let (mut process, entry) = Process::spawn(ram, fs, console, config)?;
+    if options.strace {
+        process.set_strace(Some(Box::new(std::io::stderr())));
+    }
+    let mut sandbox = vmm.sandbox(process, entry)?;
+    let deadline = options.timeout.map(|t| Instant::now() + t);
+    let exit = sandbox.run(deadline);
+    let stats = sandbox.process().stats();
+    if !stats.unsupported.is_empty() {
+        tracing::info!(unsupported = ?stats.unsupported, "unsupported syscalls were called");
+    }
+    tracing::debug!(syscalls = stats.total, "sandbox finished");
+    Ok(report(&exit, options.timeout))
+}
+
+/// Prints why the sandbox ended (when it did not simply exit) and maps it to a status.
+fn report(exit: &SandboxExit, timeout: Option<Duration>) -> i32 {
+    let mut stderr = std::io::stderr();
+    let status = match exit {
+        SandboxExit::Exited(code) => return *code & 0xff,
+        SandboxExit::Signaled(signal) => {
+            let _ = writeln!(stderr, "forkvm: program killed by signal {signal}");
+            128 + signal
+        }
+        SandboxExit::Fault(fault) => {
+            let _ = writeln!(stderr, "forkvm: program crashed: {fault}");
+            128 + fault.signal
+        }
+        SandboxExit::Timeout => {
+            let secs = timeout.map_or(0.0, |t| t.as_secs_f64());
+            let _ = writeln!(stderr, "forkvm: timeout: stopped after {secs} s");
+            EXIT_TIMEOUT
+        }
+        SandboxExit::OutputLimit(limit) => {
+            let _ = writeln!(
+                stderr,
+                "\nforkvm: output truncated: {:?} reached its {}-byte limit; program stopped",
+                limit.stream, limit.limit
+            );
+            EXIT_OUTPUT_LIMIT
+        }
+        SandboxExit::Deadlock(why) => {
+            let _ = writeln!(stderr, "forkvm: program deadlocked: {why}");
+            EXIT_INTERNAL
+        }
+        SandboxExit::Internal(why) => {
+            let _ = writeln!(stderr, "forkvm: internal error: {why}");
+            EXIT_INTERNAL
+        }
+    };
+    status
+}

@@ -1,0 +1,77 @@
+//! Open file descriptions: what a descriptor refers to, its offset and status flags.
+
+use std::sync::Arc;
+
+use forkvm_image::NodeId;
+
+/// The standard streams the host connects to the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+/// One entry of a directory listing, as `getdents64` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    /// `DT_*` type.
+    pub kind: u8,
+}
+
+/// What an open file description refers to.
+#[derive(Debug, Clone)]
+pub enum FileObject {
+    /// A file, directory or symlink of the sandbox filesystem. Directories carry the listing
+    /// taken at the first `getdents64`, so a listing is consistent while it is read.
+    Node {
+        node: NodeId,
+        listing: Option<Arc<Vec<DirEntry>>>,
+    },
+    /// A standard stream served by the host.
+    Console(Stream),
+    /// `/dev/null`.
+    Null,
+    /// `/dev/zero`.
+    Zero,
+    /// `/dev/random` and `/dev/urandom` (host CSPRNG).
+    Random,
+}
+
+/// An open file description.
+#[derive(Debug, Clone)]
+pub struct OpenFile {
+    pub object: FileObject,
+    pub offset: u64,
+    /// `O_ACCMODE`, `O_APPEND`, `O_NONBLOCK` … as given to `open` or `F_SETFL`.
+    pub status_flags: i32,
+    /// The absolute path it was opened by (for `/proc/self/fd` and `fchdir`).
+    pub path: Vec<u8>,
+}
+
+impl OpenFile {
+    pub fn new(object: FileObject, status_flags: i32, path: Vec<u8>) -> Self {
+        Self {
+            object,
+            offset: 0,
+            status_flags,
+            path,
+        }
+    }
+
+    pub fn readable(&self) -> bool {
+        matches!(
+            self.status_flags & libc::O_ACCMODE,
+            libc::O_RDONLY | libc::O_RDWR
+        )
+    }
+
+    pub fn writable(&self) -> bool {
+        matches!(
+            self.status_flags & libc::O_ACCMODE,
+            libc::O_WRONLY | libc::O_RDWR
+        )
+    }
+}

@@ -1,0 +1,32 @@
+//! forkvm's Linux: the x86-64 system-call layer that sandboxed programs run on.
+//!
+//! A forkvm sandbox has no guest kernel. The program (Debian's `python3`, its `ld.so`, glibc,
+//! numpy's shared objects, all unmodified) runs in guest ring 3, and every `syscall` it makes
+//! exits to the VMM, which hands it to [`Process::handle_syscall`] here. This crate owns
+//! everything a kernel would: the address space, the ELF loader and initial stack, the file
+//! descriptor table over the layered image filesystem, signal dispositions, clocks and
+//! entropy. It contains no KVM code and is unit-tested on any host.
+//!
+//! Every pointer and length the program passes is checked against its address space before
+//! use (`EFAULT` otherwise), and every buffer is bounded: a hostile program can only end its
+//! own sandbox.
+
+pub mod console;
+pub mod errno;
+pub mod fdtable;
+pub mod file;
+pub mod fileinfo;
+pub mod loader;
+pub mod memory;
+pub mod mm;
+pub mod process;
+pub mod signals;
+pub mod stack;
+pub mod stats;
+mod strace;
+pub mod syscalls;
+
+pub use console::{Console, Input, OutputLimitReached};
+pub use loader::{Entry, SpawnConfig, SpawnError};
+pub use process::{Limits, Process, TlsBases};
+pub use syscalls::{ExitReason, Outcome, SyscallArgs, syscall_name};

@@ -1,0 +1,324 @@
+//! Guest RAM: one host mapping that KVM sees as guest-physical memory starting at 0.
+//!
+//! Guest-virtual equals guest-physical (the VMM identity-maps RAM), so a guest pointer is an
+//! offset into this mapping. Every access is bounds-checked here; whether the guest may touch
+//! an address at all (is it mapped by the program?) is the address space's job (`mm`).
+//!
+//! Invariant the rest of the kernel relies on: every page the program has not mapped reads as
+//! zero. `discard` restores that invariant by replacing host pages with fresh anonymous ones, so
+//! a new anonymous `mmap` needs no zeroing and costs no host memory until touched.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Host page size; guest pages are the same size.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Rounds `value` up to a multiple of the page size (None on overflow).
+pub fn page_align_up(value: u64) -> Option<u64> {
+    value
+        .checked_add(PAGE_SIZE - 1)
+        .map(|v| v & !(PAGE_SIZE - 1))
+}
+
+/// Rounds `value` down to a multiple of the page size.
+pub fn page_align_down(value: u64) -> u64 {
+    value & !(PAGE_SIZE - 1)
+}
+
+/// Errors from creating or remapping guest RAM.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("guest RAM size {0:#x} is not a non-zero multiple of the page size")]
+    BadSize(u64),
+    #[error("mapping guest RAM: {0}")]
+    Map(vm_memory::mmap::MmapRegionError),
+    #[error("registering guest RAM: {0}")]
+    Region(String),
+    #[error("range {addr:#x}+{len:#x} is outside guest RAM or not page-aligned")]
+    BadRange { addr: u64, len: u64 },
+    #[error("host mmap over guest RAM failed: {0}")]
+    Remap(std::io::Error),
+}
+
+/// An access outside guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("guest access {addr:#x}+{len:#x} is outside guest RAM")]
+pub struct OutOfBounds {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// Guest-physical RAM backed by a private host mapping.
+pub struct GuestRam {
+    memory: GuestMemoryMmap,
+    host_base: *mut u8,
+    size: u64,
+}
+
+// SAFETY: the mapping is owned by `memory` and lives as long as `self`; the raw base pointer is
+// only used for mmap/mremap calls on ranges that are checked to lie inside it. The guest only
+// runs while the owning thread is inside KVM_RUN, never concurrently with kernel code.
+unsafe impl Send for GuestRam {}
+
+impl GuestRam {
+    /// Creates `size` bytes of sparse, zero-filled RAM (`MAP_NORESERVE`: untouched pages cost
+    /// nothing).
+    pub fn anonymous(size: u64) -> Result<Self, MemoryError> {
+        Self::build(None, size)
+    }
+
+    /// Maps `size` bytes of `file` copy-on-write (`MAP_PRIVATE`): a fork of a snapshot sees the
+    /// snapshot's contents and pays only for the pages it writes.
+    pub fn private_file(file: &File, size: u64) -> Result<Self, MemoryError> {
+        Self::build(Some(file), size)
+    }
+
+    fn build(file: Option<&File>, size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || size % PAGE_SIZE != 0 || usize::try_from(size).is_err() {
+            return Err(MemoryError::BadSize(size));
+        }
+        let file_offset = match file {
+            Some(f) => Some(vm_memory::FileOffset::new(
+                f.try_clone().map_err(MemoryError::Remap)?,
+                0,
+            )),
+            None => None,
+        };
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+        if file_offset.is_none() {
+            flags |= libc::MAP_ANONYMOUS;
+        }
+        let region = MmapRegion::build(
+            file_offset,
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+        )
+        .map_err(MemoryError::Map)?;
+        let host_base = region.as_ptr();
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| MemoryError::Region("region does not fit the address space".into()))?;
+        let memory = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        Ok(Self {
+            memory,
+            host_base,
+            size,
+        })
+    }
+
+    /// Size of guest RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host address of guest-physical 0, for `KVM_SET_USER_MEMORY_REGION`.
+    pub fn host_base(&self) -> u64 {
+        self.host_base as u64
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<(), OutOfBounds> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(OutOfBounds { addr, len }),
+        }
+    }
+
+    /// Copies guest bytes at `addr` into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), OutOfBounds> {
+        self.check(addr, buf.len() as u64)?;
+        self.memory
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| OutOfBounds {
+                addr,
+                len: buf.len() as u64,
+            })
+    }
+
+    /// Copies `data` into guest memory at `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), OutOfBounds> {
+        self.check(addr, data.len() as u64)?;
+        self.memory
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| OutOfBounds {
+                addr,
+                len: data.len() as u64,
+            })
+    }
+
+    /// Sets `len` guest bytes at `addr` to zero by writing (use for small, partial-page ranges;
+    /// `discard` is the cheap way for whole pages).
+    pub fn fill_zero(&self, addr: u64, len: u64) -> Result<(), OutOfBounds> {
+        self.check(addr, len)?;
+        const ZEROS: [u8; 4096] = [0; 4096];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u64);
+            self.write(addr + done, &ZEROS[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_pages(&self, addr: u64, len: u64) -> Result<*mut libc::c_void, MemoryError> {
+        let aligned = addr % PAGE_SIZE == 0 && len % PAGE_SIZE == 0;
+        if !aligned || self.check(addr, len).is_err() {
+            return Err(MemoryError::BadRange { addr, len });
+        }
+        // `addr` is inside the mapping (checked above), so the offset stays in bounds.
+        Ok(self.host_base.wrapping_add(addr as usize).cast())
+    }
+
+    /// Replaces the pages of `[addr, addr+len)` with fresh zero pages and returns their host
+    /// memory (whatever backed them: anonymous, snapshot file or image file pages).
+    pub fn discard(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let host = self.check_pages(addr, len)?;
+        // SAFETY: `host..host+len` lies inside our own mapping (checked), so MAP_FIXED replaces
+        // only guest RAM pages; no Rust reference into guest RAM is held across this call.
+        let ret = unsafe {
+            libc::mmap(
+                host,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if ret == libc::MAP_FAILED {
+            return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Maps `len` bytes of `file` at `offset` copy-on-write over `[addr, addr+len)`: file pages
+    /// are shared with the host page cache (and every other sandbox) until written.
+    pub fn map_file(
+        &self,
+        addr: u64,
+        len: u64,
+        file: &File,
+        offset: u64,
+    ) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let host = self.check_pages(addr, len)?;
+        if offset % PAGE_SIZE != 0 {
+            return Err(MemoryError::BadRange { addr: offset, len });
+        }
+        // SAFETY: as in `discard`: the target range is inside our own mapping; the file mapping
+        // is private, so guest writes never reach the file.
+        let ret = unsafe {
+            libc::mmap(
+                host,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if ret == libc::MAP_FAILED {
+            return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Moves the pages of `[from, from+len)` to `[to, to+len)` without copying, leaving zero
+    /// pages behind (the backing for `mremap` that has to move).
+    pub fn move_pages(&self, from: u64, to: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 || from == to {
+            return Ok(());
+        }
+        let src = self.check_pages(from, len)?;
+        let dst = self.check_pages(to, len)?;
+        if from < to.saturating_add(len) && to < from.saturating_add(len) {
+            return Err(MemoryError::BadRange { addr: to, len });
+        }
+        // SAFETY: both ranges are disjoint and inside our own mapping (checked above);
+        // MREMAP_FIXED moves the source pages onto the destination range, after which the
+        // source range is unmapped and refilled with zero pages by `discard`.
+        let ret = unsafe {
+            libc::mremap(
+                src,
+                len as usize,
+                len as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dst,
+            )
+        };
+        if ret == libc::MAP_FAILED {
+            return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+        }
+        self.discard(from, len)
+    }
+
+    /// Copies guest bytes at `addr` directly to a host writer without an intermediate buffer
+    /// larger than one chunk.
+    pub fn copy_to_host(
+        &self,
+        addr: u64,
+        len: u64,
+        out: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), OutOfBounds> {
+        self.check(addr, len)?;
+        let mut chunk = vec![0u8; len.min(64 * 1024) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.read(addr + done, &mut chunk[..n])?;
+            out(&chunk[..n]);
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_bounds() {
+        let ram = GuestRam::anonymous(16 * PAGE_SIZE).unwrap();
+        ram.write(100, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        ram.read(100, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(ram.write(16 * PAGE_SIZE - 2, b"abc").is_err());
+        assert!(ram.read(u64::MAX - 1, &mut buf).is_err());
+    }
+
+    #[test]
+    fn discard_zeroes_pages() {
+        let ram = GuestRam::anonymous(16 * PAGE_SIZE).unwrap();
+        ram.write(PAGE_SIZE + 7, b"x").unwrap();
+        ram.discard(PAGE_SIZE, PAGE_SIZE).unwrap();
+        let mut b = [1u8; 1];
+        ram.read(PAGE_SIZE + 7, &mut b).unwrap();
+        assert_eq!(b[0], 0);
+        assert!(ram.discard(1, PAGE_SIZE).is_err());
+        assert!(ram.discard(15 * PAGE_SIZE, 2 * PAGE_SIZE).is_err());
+    }
+
+    #[test]
+    fn move_pages_moves_content() {
+        let ram = GuestRam::anonymous(16 * PAGE_SIZE).unwrap();
+        ram.write(2 * PAGE_SIZE, b"moved").unwrap();
+        ram.move_pages(2 * PAGE_SIZE, 8 * PAGE_SIZE, PAGE_SIZE)
+            .unwrap();
+        let mut b = [0u8; 5];
+        ram.read(8 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(&b, b"moved");
+        ram.read(2 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [0; 5]);
+    }
+}

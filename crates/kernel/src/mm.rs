@@ -1,0 +1,474 @@
+//! The program's address space: which ranges of guest RAM it has mapped, with what protection.
+//!
+//! Page tables are built once by the VMM and identity-map all of guest RAM, so mapping is pure
+//! bookkeeping here: it decides where `mmap` places things, whether a pointer the program hands
+//! us is valid (`EFAULT` otherwise), and how many bytes count against the memory limit.
+//! Protection bits are recorded (for `mprotect` and `/proc`-style answers) but not enforced by
+//! hardware.
+
+use std::collections::BTreeMap;
+
+use syscalls::Errno;
+
+use crate::memory::{PAGE_SIZE, page_align_up};
+
+/// What backs a mapping (for accounting and diagnostics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmaKind {
+    /// Anonymous memory (zero-filled).
+    Anonymous,
+    /// A private copy of a file's pages.
+    File,
+    /// The `brk` heap.
+    Heap,
+    /// The main thread's stack.
+    Stack,
+}
+
+/// One contiguous mapping `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// `PROT_*` bits as the program last set them.
+    pub prot: u32,
+    pub kind: VmaKind,
+}
+
+/// A range of guest RAM whose previous contents must be discarded (zeroed).
+pub type Range = (u64, u64);
+
+/// Fixed places in the program's address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Lowest address a program may map (everything below belongs to the VMM or is a guard).
+    pub user_start: u64,
+    /// One past the highest address (end of guest RAM).
+    pub user_end: u64,
+    /// Size of the main stack mapping at the top of RAM.
+    pub stack_size: u64,
+}
+
+impl Layout {
+    /// Lowest address of the stack mapping.
+    pub fn stack_start(&self) -> u64 {
+        self.user_end - self.stack_size
+    }
+
+    /// Highest address `mmap` places new mappings below (a guard gap under the stack).
+    pub fn mmap_top(&self) -> u64 {
+        self.stack_start() - 16 * PAGE_SIZE
+    }
+}
+
+/// The set of mappings plus the `brk` heap and the memory limit.
+#[derive(Debug, Clone)]
+pub struct AddressSpace {
+    layout: Layout,
+    vmas: BTreeMap<u64, Vma>,
+    brk_start: u64,
+    brk: u64,
+    mapped_bytes: u64,
+    limit_bytes: u64,
+}
+
+impl AddressSpace {
+    /// An empty address space with the stack mapped. `limit_bytes` caps the total mapped size.
+    pub fn new(layout: Layout, limit_bytes: u64) -> Self {
+        let mut space = Self {
+            layout,
+            vmas: BTreeMap::new(),
+            brk_start: 0,
+            brk: 0,
+            mapped_bytes: 0,
+            limit_bytes,
+        };
+        let stack = Vma {
+            start: layout.stack_start(),
+            end: layout.user_end,
+            prot: (libc::PROT_READ | libc::PROT_WRITE) as u32,
+            kind: VmaKind::Stack,
+        };
+        space.mapped_bytes = stack.end - stack.start;
+        space.vmas.insert(stack.start, stack);
+        space
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Total bytes mapped (what the memory limit counts).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mapped_bytes
+    }
+
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_bytes
+    }
+
+    /// All mappings in address order.
+    pub fn vmas(&self) -> impl Iterator<Item = &Vma> {
+        self.vmas.values()
+    }
+
+    /// True when every byte of `[addr, addr+len)` is mapped. Zero-length ranges are valid.
+    pub fn is_mapped(&self, addr: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        let mut cursor = addr;
+        let first = self.vmas.range(..=addr).next_back();
+        let Some((_, vma)) = first else {
+            return false;
+        };
+        if vma.end <= addr {
+            return false;
+        }
+        cursor = cursor.max(vma.end);
+        while cursor < end {
+            match self.vmas.get(&cursor) {
+                Some(next) => cursor = next.end,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    fn in_user_range(&self, start: u64, len: u64) -> bool {
+        start >= self.layout.user_start
+            && start
+                .checked_add(len)
+                .is_some_and(|end| end <= self.layout.user_end)
+    }
+
+    /// Bytes of existing mappings inside `[start, end)`.
+    fn overlap_bytes(&self, start: u64, end: u64) -> u64 {
+        self.overlapping(start, end)
+            .map(|v| v.end.min(end) - v.start.max(start))
+            .sum()
+    }
+
+    fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &Vma> {
+        let before = self
+            .vmas
+            .range(..start)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.end > start);
+        before
+            .into_iter()
+            .chain(self.vmas.range(start..end).map(|(_, v)| v))
+    }
+
+    /// Removes `[start, end)` from the map, splitting mappings that straddle its edges, and
+    /// returns the ranges that were mapped (their pages must be discarded by the caller).
+    fn carve(&mut self, start: u64, end: u64) -> Vec<Range> {
+        let hit: Vec<Vma> = self.overlapping(start, end).copied().collect();
+        let mut removed = Vec::with_capacity(hit.len());
+        for vma in hit {
+            self.vmas.remove(&vma.start);
+            if vma.start < start {
+                self.vmas.insert(vma.start, Vma { end: start, ..vma });
+            }
+            if vma.end > end {
+                self.vmas.insert(end, Vma { start: end, ..vma });
+            }
+            let cut = (vma.start.max(start), vma.end.min(end));
+            self.mapped_bytes -= cut.1 - cut.0;
+            removed.push(cut);
+        }
+        removed
+    }
+
+    /// Maps `[start, start+len)` (page-aligned), replacing whatever was there. Returns the
+    /// replaced ranges, whose old contents the caller must discard.
+    pub fn map_fixed(
+        &mut self,
+        start: u64,
+        len: u64,
+        prot: u32,
+        kind: VmaKind,
+    ) -> Result<Vec<Range>, Errno> {
+        if start % PAGE_SIZE != 0 || len == 0 || len % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if !self.in_user_range(start, len) {
+            return Err(Errno::ENOMEM);
+        }
+        let end = start + len;
+        let grown = len - self.overlap_bytes(start, end);
+        if self.mapped_bytes + grown > self.limit_bytes {
+            return Err(Errno::ENOMEM);
+        }
+        let replaced = self.carve(start, end);
+        self.vmas.insert(
+            start,
+            Vma {
+                start,
+                end,
+                prot,
+                kind,
+            },
+        );
+        self.mapped_bytes += len;
+        Ok(replaced)
+    }
+
+    /// Finds a free, page-aligned range of `len` bytes: at `hint` if that range is free,
+    /// otherwise the highest free range below the mmap top (the Linux top-down policy).
+    pub fn find_free(&self, len: u64, hint: u64) -> Result<u64, Errno> {
+        if len == 0 || len % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let hint = hint & !(PAGE_SIZE - 1);
+        if hint != 0
+            && self.in_user_range(hint, len)
+            && hint + len <= self.layout.mmap_top()
+            && self.overlap_bytes(hint, hint + len) == 0
+            && !(hint < self.brk_limit_floor() && hint + len > self.brk_start)
+        {
+            return Ok(hint);
+        }
+        let floor = self.layout.user_start;
+        let mut gap_end = self.layout.mmap_top();
+        for vma in self.vmas.range(..gap_end).rev().map(|(_, v)| v) {
+            if vma.end < gap_end && gap_end - vma.end >= len {
+                return Ok(gap_end - len);
+            }
+            gap_end = gap_end.min(vma.start);
+        }
+        if gap_end >= floor && gap_end - floor >= len {
+            return Ok(gap_end - len);
+        }
+        Err(Errno::ENOMEM)
+    }
+
+    /// Bottom of the range the heap may grow into (hints never land inside the current heap).
+    fn brk_limit_floor(&self) -> u64 {
+        page_align_up(self.brk).unwrap_or(self.brk)
+    }
+
+    /// Unmaps `[start, start+len)`; returns the ranges whose pages must be discarded.
+    pub fn unmap(&mut self, start: u64, len: u64) -> Result<Vec<Range>, Errno> {
+        if start % PAGE_SIZE != 0 || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let len = page_align_up(len).ok_or(Errno::EINVAL)?;
+        let end = start.checked_add(len).ok_or(Errno::EINVAL)?;
+        Ok(self.carve(start, end))
+    }
+
+    /// Changes the recorded protection of `[start, start+len)`; ENOMEM if any of it is unmapped.
+    pub fn protect(&mut self, start: u64, len: u64, prot: u32) -> Result<(), Errno> {
+        if start % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let len = page_align_up(len).ok_or(Errno::EINVAL)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.is_mapped(start, len) {
+            return Err(Errno::ENOMEM);
+        }
+        let end = start + len;
+        let hit: Vec<Vma> = self.overlapping(start, end).copied().collect();
+        for vma in hit {
+            self.vmas.remove(&vma.start);
+            if vma.start < start {
+                self.vmas.insert(vma.start, Vma { end: start, ..vma });
+            }
+            if vma.end > end {
+                self.vmas.insert(end, Vma { start: end, ..vma });
+            }
+            let (s, e) = (vma.start.max(start), vma.end.min(end));
+            self.vmas.insert(
+                s,
+                Vma {
+                    start: s,
+                    end: e,
+                    prot,
+                    ..vma
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Sets where the heap begins (just past the loaded program).
+    pub fn init_brk(&mut self, start: u64) {
+        self.brk_start = start;
+        self.brk = start;
+    }
+
+    /// Current program break.
+    pub fn brk(&self) -> u64 {
+        self.brk
+    }
+
+    /// Moves the program break (Linux semantics: returns the new break, or the old one when the
+    /// request cannot be met). Returns the discarded ranges when the heap shrinks.
+    pub fn set_brk(&mut self, requested: u64) -> (u64, Vec<Range>) {
+        if requested < self.brk_start {
+            return (self.brk, Vec::new());
+        }
+        let Some(old_top) = page_align_up(self.brk) else {
+            return (self.brk, Vec::new());
+        };
+        let Some(new_top) = page_align_up(requested) else {
+            return (self.brk, Vec::new());
+        };
+        if new_top > old_top {
+            let grow = new_top - old_top;
+            let free = self.in_user_range(old_top, grow)
+                && new_top <= self.layout.mmap_top()
+                && self.overlap_bytes(old_top, new_top) == 0;
+            if !free || self.mapped_bytes + grow > self.limit_bytes {
+                return (self.brk, Vec::new());
+            }
+            let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+            self.vmas.insert(
+                old_top,
+                Vma {
+                    start: old_top,
+                    end: new_top,
+                    prot: rw,
+                    kind: VmaKind::Heap,
+                },
+            );
+            self.mapped_bytes += grow;
+            self.brk = requested;
+            (requested, Vec::new())
+        } else {
+            let discarded = if new_top < old_top {
+                self.carve(new_top, old_top)
+            } else {
+                Vec::new()
+            };
+            self.brk = requested;
+            (requested, discarded)
+        }
+    }
+
+    /// The mapping containing `addr`, if any.
+    pub fn vma_at(&self, addr: u64) -> Option<&Vma> {
+        self.vmas
+            .range(..=addr)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.end > addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RW: u32 = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+
+    fn space() -> AddressSpace {
+        let layout = Layout {
+            user_start: 0x10_0000,
+            user_end: 0x1000_0000,
+            stack_size: 0x80_0000,
+        };
+        AddressSpace::new(layout, 0x1000_0000)
+    }
+
+    #[test]
+    fn top_down_placement_and_reuse() {
+        let mut s = space();
+        let a = s.find_free(0x2000, 0).unwrap();
+        assert_eq!(a + 0x2000, s.layout().mmap_top());
+        s.map_fixed(a, 0x2000, RW, VmaKind::Anonymous).unwrap();
+        let b = s.find_free(0x1000, 0).unwrap();
+        assert_eq!(b + 0x1000, a);
+        s.unmap(a, 0x2000).unwrap();
+        assert_eq!(
+            s.find_free(0x1000, 0).unwrap() + 0x1000,
+            s.layout().mmap_top()
+        );
+    }
+
+    #[test]
+    fn partial_unmap_splits() {
+        let mut s = space();
+        s.map_fixed(0x40_0000, 0x4000, RW, VmaKind::Anonymous)
+            .unwrap();
+        let removed = s.unmap(0x40_1000, 0x1000).unwrap();
+        assert_eq!(removed, vec![(0x40_1000, 0x40_2000)]);
+        assert!(s.is_mapped(0x40_0000, 0x1000));
+        assert!(!s.is_mapped(0x40_0000, 0x2000));
+        assert!(s.is_mapped(0x40_2000, 0x2000));
+    }
+
+    #[test]
+    fn is_mapped_spans_adjacent_vmas() {
+        let mut s = space();
+        s.map_fixed(0x40_0000, 0x1000, RW, VmaKind::Anonymous)
+            .unwrap();
+        s.map_fixed(0x40_1000, 0x1000, RW, VmaKind::File).unwrap();
+        assert!(s.is_mapped(0x40_0800, 0x1000));
+        assert!(!s.is_mapped(0x40_0800, 0x2000));
+        assert!(!s.is_mapped(u64::MAX - 1, 4));
+    }
+
+    #[test]
+    fn limit_is_enforced() {
+        let mut s = space();
+        let stack = s.mapped_bytes();
+        s.limit_bytes = stack + 0x2000;
+        assert!(
+            s.map_fixed(0x40_0000, 0x2000, RW, VmaKind::Anonymous)
+                .is_ok()
+        );
+        assert_eq!(
+            s.map_fixed(0x50_0000, 0x1000, RW, VmaKind::Anonymous),
+            Err(Errno::ENOMEM)
+        );
+        // Replacing an existing mapping does not grow the total.
+        assert!(s.map_fixed(0x40_0000, 0x1000, RW, VmaKind::File).is_ok());
+    }
+
+    #[test]
+    fn brk_grows_and_shrinks() {
+        let mut s = space();
+        s.init_brk(0x60_0123);
+        assert_eq!(s.set_brk(0x60_5000).0, 0x60_5000);
+        assert!(s.is_mapped(0x60_1000, 0x4000));
+        let (now, discarded) = s.set_brk(0x60_2000);
+        assert_eq!(now, 0x60_2000);
+        assert_eq!(discarded, vec![(0x60_2000, 0x60_5000)]);
+        assert_eq!(s.set_brk(0x10).0, 0x60_2000);
+        s.map_fixed(0x70_0000, 0x1000, RW, VmaKind::Anonymous)
+            .unwrap();
+        assert_eq!(s.set_brk(0x80_0000).0, 0x60_2000);
+    }
+
+    #[test]
+    fn protect_requires_mapping() {
+        let mut s = space();
+        s.map_fixed(0x40_0000, 0x3000, RW, VmaKind::Anonymous)
+            .unwrap();
+        s.protect(0x40_1000, 0x1000, 0).unwrap();
+        assert_eq!(s.vma_at(0x40_1000).unwrap().prot, 0);
+        assert_eq!(s.vma_at(0x40_2000).unwrap().prot, RW);
+        assert_eq!(s.protect(0x40_2000, 0x2000, 0), Err(Errno::ENOMEM));
+    }
+
+    #[test]
+    fn rejects_outside_user_range() {
+        let mut s = space();
+        assert_eq!(
+            s.map_fixed(0x1000, 0x1000, RW, VmaKind::Anonymous),
+            Err(Errno::ENOMEM)
+        );
+        assert_eq!(
+            s.map_fixed(0x1000_0000, 0x1000, RW, VmaKind::Anonymous),
+            Err(Errno::ENOMEM)
+        );
+    }
+}

@@ -1,0 +1,226 @@
+//! The state of one sandboxed process: its memory, files, working directory, signal
+//! dispositions and counters. The syscall handlers (`syscalls::*`) operate on it.
+
+use forkvm_image::Fs;
+use syscalls::Errno;
+
+use crate::console::Console;
+use crate::fdtable::FdTable;
+use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
+use crate::mm::{AddressSpace, Range};
+use crate::signals::SignalState;
+use crate::stats::SyscallStats;
+
+/// Fixed identity the sandbox reports (it is alone in its own "system").
+pub mod identity {
+    pub const PID: u64 = 1;
+    pub const PPID: u64 = 0;
+    pub const UID: u64 = 0;
+    pub const GID: u64 = 0;
+    pub const HOSTNAME: &[u8] = b"forkvm";
+}
+
+/// Limits the syscall layer enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Total bytes the program may map (anonymous, file, heap and stack).
+    pub memory_bytes: u64,
+    /// Open descriptors (`RLIMIT_NOFILE`).
+    pub open_files: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 1 << 30,
+            open_files: 1024,
+        }
+    }
+}
+
+/// FS and GS bases, the only ring-3 state besides GPRs that syscalls change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsBases {
+    pub fs: u64,
+    pub gs: u64,
+}
+
+/// The sandboxed process.
+pub struct Process {
+    pub(crate) ram: GuestRam,
+    pub(crate) mm: AddressSpace,
+    pub(crate) fs: Fs,
+    pub(crate) files: FdTable,
+    pub(crate) cwd: Vec<u8>,
+    pub(crate) console: Console,
+    pub(crate) signals: SignalState,
+    pub(crate) stats: SyscallStats,
+    pub(crate) exe_path: Vec<u8>,
+    pub(crate) umask: u32,
+    pub(crate) clear_child_tid: u64,
+    pub(crate) start_time: std::time::Instant,
+    /// When the wall-clock limit ends the sandbox: sleeps never run past it.
+    pub(crate) deadline: Option<std::time::Instant>,
+    /// Where `--strace` lines go, when tracing.
+    pub(crate) strace: Option<Box<dyn std::io::Write + Send>>,
+}
+
+impl Process {
+    /// Sets the wall-clock deadline the VMM enforces (sleeps stop at it).
+    pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// Sends a line per syscall to `out` (the `--strace` option).
+    pub fn set_strace(&mut self, out: Option<Box<dyn std::io::Write + Send>>) {
+        self.strace = out;
+    }
+
+    /// Guest RAM (the VMM registers it with KVM).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The address space (for diagnostics and tests).
+    pub fn address_space(&self) -> &AddressSpace {
+        &self.mm
+    }
+
+    /// Per-syscall counters, including unsupported ones by name.
+    pub fn stats(&self) -> &SyscallStats {
+        &self.stats
+    }
+
+    /// The standard streams.
+    pub fn console_mut(&mut self) -> &mut Console {
+        &mut self.console
+    }
+
+    /// Reads `len` bytes of program memory, failing with EFAULT unless all of it is mapped.
+    pub(crate) fn read_user(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        self.check_user(addr, len as u64)?;
+        let mut buf = vec![0u8; len];
+        self.ram.read(addr, &mut buf).map_err(|_| Errno::EFAULT)?;
+        Ok(buf)
+    }
+
+    /// Writes `data` into program memory, failing with EFAULT unless all of it is mapped.
+    pub(crate) fn write_user(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        self.check_user(addr, data.len() as u64)?;
+        self.ram.write(addr, data).map_err(|_| Errno::EFAULT)
+    }
+
+    pub(crate) fn check_user(&self, addr: u64, len: u64) -> Result<(), Errno> {
+        if self.mm.is_mapped(addr, len) {
+            Ok(())
+        } else {
+            Err(Errno::EFAULT)
+        }
+    }
+
+    pub(crate) fn read_u64(&self, addr: u64) -> Result<u64, Errno> {
+        let b = self.read_user(addr, 8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    pub(crate) fn write_u64(&self, addr: u64, value: u64) -> Result<(), Errno> {
+        self.write_user(addr, &value.to_le_bytes())
+    }
+
+    /// Reads a NUL-terminated string of at most `max` bytes (ENAMETOOLONG beyond).
+    pub(crate) fn read_cstring(&self, addr: u64, max: usize) -> Result<Vec<u8>, Errno> {
+        let mut out = Vec::new();
+        let mut cursor = addr;
+        loop {
+            // Read up to the end of the current page, so a string ending just before an
+            // unmapped page is still read.
+            let page_end = page_align_down(cursor) + PAGE_SIZE;
+            let chunk = (page_end - cursor) as usize;
+            let bytes = self.read_user(cursor, chunk)?;
+            if let Some(nul) = bytes.iter().position(|&b| b == 0) {
+                out.extend_from_slice(&bytes[..nul]);
+                if out.len() > max {
+                    return Err(Errno::ENAMETOOLONG);
+                }
+                return Ok(out);
+            }
+            out.extend_from_slice(&bytes);
+            if out.len() > max {
+                return Err(Errno::ENAMETOOLONG);
+            }
+            cursor = page_end;
+        }
+    }
+
+    /// Zeroes the pages of `ranges` (after unmapping or replacing them).
+    pub(crate) fn discard(&self, ranges: &[Range]) -> Result<(), Errno> {
+        for &(start, end) in ranges {
+            self.ram.discard(start, end - start).map_err(|e| {
+                tracing::error!(error = %e, "discarding guest pages failed");
+                Errno::ENOMEM
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Fills `[addr, addr+len)` (page-aligned, already mapped and zero) with the file's bytes
+    /// from `offset`, sharing page-aligned image pages with the host page cache where it can.
+    pub(crate) fn populate_from_file(
+        &self,
+        node: forkvm_image::NodeId,
+        addr: u64,
+        len: u64,
+        offset: u64,
+    ) -> Result<(), Errno> {
+        let size = self.fs.stat(node).map_err(crate::errno::from_fs)?.size;
+        let available = size.saturating_sub(offset).min(len);
+        if available == 0 {
+            return Ok(());
+        }
+        let whole_pages = page_align_down(available);
+        let mut copied_from = 0;
+        let backing = self.fs.image_backing(node).map_err(crate::errno::from_fs)?;
+        if whole_pages > 0
+            && let Some((file_offset, _)) = backing
+            && (file_offset + offset) % PAGE_SIZE == 0
+        {
+            self.ram
+                .map_file(
+                    addr,
+                    whole_pages,
+                    self.fs.image().file(),
+                    file_offset + offset,
+                )
+                .map_err(|e| {
+                    tracing::error!(error = %e, "mapping image pages failed");
+                    Errno::ENOMEM
+                })?;
+            copied_from = whole_pages;
+        }
+        let mut buf = vec![0u8; (available - copied_from).min(1 << 20) as usize];
+        let mut done = copied_from;
+        while done < available {
+            let want = ((available - done) as usize).min(buf.len());
+            let n = self
+                .fs
+                .read_at(node, offset + done, &mut buf[..want])
+                .map_err(crate::errno::from_fs)?;
+            if n == 0 {
+                break;
+            }
+            self.ram
+                .write(addr + done, &buf[..n])
+                .map_err(|_| Errno::EFAULT)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Page-aligned length for a mapping request (EINVAL for 0 or overflow).
+    pub(crate) fn mapping_len(len: u64) -> Result<u64, Errno> {
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        page_align_up(len).ok_or(Errno::ENOMEM)
+    }
+}

@@ -1,0 +1,553 @@
+//! Path-based syscalls: open, stat, access, readlink, directory and namespace changes.
+//!
+//! Paths resolve inside the sandbox filesystem only (`forkvm_image::Fs`): no host path is
+//! ever touched. A few device and `/proc` paths are synthesized here.
+
+use forkvm_image::{Kind, NodeId, Resolved, Timespec};
+use syscalls::Errno;
+
+use super::SysResult;
+use crate::errno::from_fs;
+use crate::file::{FileObject, OpenFile, Stream};
+use crate::fileinfo::{self, FileStat};
+use crate::process::Process;
+
+/// Longest path argument (`PATH_MAX`).
+const PATH_MAX: usize = 4096;
+const UTIME_NOW: i64 = (1 << 30) - 1;
+const UTIME_OMIT: i64 = (1 << 30) - 2;
+const RENAME_NOREPLACE: u32 = 1;
+
+/// Paths the sandbox synthesizes instead of looking up in the image.
+enum Special {
+    Device(FileObject),
+    /// A symlink-like entry (`/proc/self/exe`, `/proc/self/fd/N`, `/dev/stdout` …).
+    Link(Vec<u8>),
+}
+
+/// Lexically normalizes an absolute path (`.`, `..`, repeated slashes); good enough to
+/// recognize the synthetic paths, which contain no symlinks of their own.
+fn normalize(path: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for part in path.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let mut out = Vec::with_capacity(path.len());
+    for p in parts {
+        out.push(b'/');
+        out.extend_from_slice(p);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
+}
+
+impl Process {
+    pub(crate) fn read_path(&self, addr: u64) -> Result<Vec<u8>, Errno> {
+        let path = self.read_cstring(addr, PATH_MAX - 1)?;
+        if path.is_empty() {
+            return Err(Errno::ENOENT);
+        }
+        Ok(path)
+    }
+
+    /// The directory relative paths start from: the cwd or `dirfd`'s directory.
+    fn base_dir(&self, dirfd: i32, path: &[u8]) -> Result<Vec<u8>, Errno> {
+        if path.starts_with(b"/") || dirfd == libc::AT_FDCWD {
+            return Ok(self.cwd.clone());
+        }
+        match self.files.get(dirfd)?.object {
+            FileObject::Node { node, .. } => {
+                if self.fs.kind(node).map_err(from_fs)? != Kind::Dir {
+                    return Err(Errno::ENOTDIR);
+                }
+                self.fs.canonical_path(node).map_err(from_fs)
+            }
+            _ => Err(Errno::ENOTDIR),
+        }
+    }
+
+    fn absolute(&self, base: &[u8], path: &[u8]) -> Vec<u8> {
+        if path.starts_with(b"/") {
+            normalize(path)
+        } else {
+            let mut joined = base.to_vec();
+            joined.push(b'/');
+            joined.extend_from_slice(path);
+            normalize(&joined)
+        }
+    }
+
+    fn special(&self, absolute: &[u8]) -> Option<Special> {
+        let fd_link = |fd: &[u8]| -> Option<Special> {
+            let fd: i32 = std::str::from_utf8(fd).ok()?.parse().ok()?;
+            let file = self.files.get(fd).ok()?;
+            Some(Special::Link(file.path.clone()))
+        };
+        Some(match absolute {
+            b"/dev/null" => Special::Device(FileObject::Null),
+            b"/dev/zero" => Special::Device(FileObject::Zero),
+            b"/dev/random" | b"/dev/urandom" => Special::Device(FileObject::Random),
+            b"/dev/stdin" => Special::Link(b"/proc/self/fd/0".to_vec()),
+            b"/dev/stdout" => Special::Link(b"/proc/self/fd/1".to_vec()),
+            b"/dev/stderr" => Special::Link(b"/proc/self/fd/2".to_vec()),
+            b"/proc/self/exe" => Special::Link(self.exe_path.clone()),
+            b"/proc/self/cwd" => Special::Link(self.cwd.clone()),
+            p if p.starts_with(b"/proc/self/fd/") => return fd_link(&p[14..]),
+            p if p.starts_with(b"/dev/fd/") => return fd_link(&p[8..]),
+            _ => return None,
+        })
+    }
+
+    /// Resolves a path argument relative to `dirfd`.
+    fn resolve_at(&self, dirfd: i32, path: &[u8], follow: bool) -> Result<Resolved, Errno> {
+        let base = self.base_dir(dirfd, path)?;
+        self.fs.resolve(&base, path, follow).map_err(from_fs)
+    }
+
+    pub(crate) fn sys_openat(&mut self, dirfd: i32, path: u64, flags: i32, mode: u32) -> SysResult {
+        let path = self.read_path(path)?;
+        let base = self.base_dir(dirfd, &path)?;
+        let cloexec = flags & libc::O_CLOEXEC != 0;
+        let status = flags
+            & !(libc::O_CLOEXEC | libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
+        let absolute = self.absolute(&base, &path);
+        match self.special(&absolute) {
+            Some(Special::Device(object)) => {
+                let file = OpenFile::new(object, status, absolute);
+                return Ok(self.files.open(file, cloexec)? as u64);
+            }
+            Some(Special::Link(target)) => {
+                return self.open_link_target(&target, status, cloexec);
+            }
+            None => {}
+        }
+        if flags & libc::O_TMPFILE == libc::O_TMPFILE {
+            return Err(Errno::EOPNOTSUPP.into());
+        }
+        let writable = matches!(flags & libc::O_ACCMODE, libc::O_WRONLY | libc::O_RDWR);
+        let resolved = if flags & libc::O_CREAT != 0 {
+            self.open_or_create(&base, &path, flags, mode)?
+        } else {
+            let follow = flags & libc::O_NOFOLLOW == 0;
+            let r = self.fs.resolve(&base, &path, follow).map_err(from_fs)?;
+            if !follow
+                && flags & libc::O_PATH == 0
+                && self.fs.kind(r.node).map_err(from_fs)? == Kind::Symlink
+            {
+                return Err(Errno::ELOOP.into());
+            }
+            r
+        };
+        let kind = self.fs.kind(resolved.node).map_err(from_fs)?;
+        if flags & libc::O_DIRECTORY != 0 && kind != Kind::Dir {
+            return Err(Errno::ENOTDIR.into());
+        }
+        if kind == Kind::Dir && writable {
+            return Err(Errno::EISDIR.into());
+        }
+        if flags & libc::O_TRUNC != 0 && writable && kind == Kind::File {
+            self.fs.truncate(resolved.node, 0).map_err(from_fs)?;
+        }
+        let object = FileObject::Node {
+            node: resolved.node,
+            listing: None,
+        };
+        let fd = self
+            .files
+            .open(OpenFile::new(object, status, resolved.path), cloexec)?;
+        self.fs.open_ref(resolved.node);
+        Ok(fd as u64)
+    }
+
+    /// `open(O_CREAT)`: the existing file (unless `O_EXCL`) or a new one.
+    fn open_or_create(
+        &mut self,
+        base: &[u8],
+        path: &[u8],
+        flags: i32,
+        mode: u32,
+    ) -> Result<Resolved, Errno> {
+        let parent = self.fs.resolve_parent(base, path).map_err(from_fs)?;
+        match self
+            .fs
+            .lookup(parent.dir.node, &parent.name)
+            .map_err(from_fs)?
+        {
+            Some(_) if flags & libc::O_EXCL != 0 => Err(Errno::EEXIST),
+            Some(_) => self
+                .fs
+                .resolve(base, path, flags & libc::O_NOFOLLOW == 0)
+                .map_err(from_fs),
+            None => {
+                if parent.trailing_slash {
+                    return Err(Errno::EISDIR);
+                }
+                let node = self
+                    .fs
+                    .create_file(parent.dir.node, &parent.name, mode & !self.umask & 0o7777)
+                    .map_err(from_fs)?;
+                Ok(Resolved {
+                    node,
+                    path: parent.child_path(),
+                })
+            }
+        }
+    }
+
+    /// Opening `/proc/self/fd/N` or `/dev/stdout`: a new description of what it names.
+    fn open_link_target(&mut self, target: &[u8], status: i32, cloexec: bool) -> SysResult {
+        let stream = match target {
+            b"/dev/stdin" | b"/proc/self/fd/0" => Some(Stream::Stdin),
+            b"/dev/stdout" | b"/proc/self/fd/1" => Some(Stream::Stdout),
+            b"/dev/stderr" | b"/proc/self/fd/2" => Some(Stream::Stderr),
+            _ => None,
+        };
+        if let Some(stream) = stream {
+            let file = OpenFile::new(FileObject::Console(stream), status, target.to_vec());
+            return Ok(self.files.open(file, cloexec)? as u64);
+        }
+        let resolved = self.fs.resolve(b"/", target, true).map_err(from_fs)?;
+        let object = FileObject::Node {
+            node: resolved.node,
+            listing: None,
+        };
+        let fd = self
+            .files
+            .open(OpenFile::new(object, status, resolved.path), cloexec)?;
+        self.fs.open_ref(resolved.node);
+        Ok(fd as u64)
+    }
+
+    /// Attributes of a path (following a final symlink when `follow`).
+    fn path_stat(&self, dirfd: i32, path: &[u8], follow: bool) -> Result<FileStat, Errno> {
+        let base = self.base_dir(dirfd, path)?;
+        let absolute = self.absolute(&base, path);
+        match self.special(&absolute) {
+            Some(Special::Device(FileObject::Null)) => {
+                return Ok(FileStat::device(libc::S_IFCHR | 0o666, (1, 3), 1));
+            }
+            Some(Special::Device(FileObject::Zero)) => {
+                return Ok(FileStat::device(libc::S_IFCHR | 0o666, (1, 5), 2));
+            }
+            Some(Special::Device(_)) => {
+                return Ok(FileStat::device(libc::S_IFCHR | 0o666, (1, 9), 3));
+            }
+            Some(Special::Link(target)) if follow => {
+                if let Some(fd) = target.strip_prefix(b"/proc/self/fd/") {
+                    let fd: i32 = std::str::from_utf8(fd)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or(Errno::ENOENT)?;
+                    return self.fd_stat(fd);
+                }
+                return self.path_stat(libc::AT_FDCWD, &target, true);
+            }
+            Some(Special::Link(target)) => {
+                let mut stat = FileStat::device(libc::S_IFLNK | 0o777, (0, 0), 4);
+                stat.size = target.len() as u64;
+                return Ok(stat);
+            }
+            None => {}
+        }
+        let resolved = self.fs.resolve(&base, path, follow).map_err(from_fs)?;
+        Ok(self.fs.stat(resolved.node).map_err(from_fs)?.into())
+    }
+
+    fn stat_target(&self, dirfd: i32, path: u64, flags: i32) -> Result<FileStat, Errno> {
+        if flags
+            & !(libc::AT_SYMLINK_NOFOLLOW
+                | libc::AT_EMPTY_PATH
+                | libc::AT_NO_AUTOMOUNT
+                | libc::AT_STATX_SYNC_TYPE)
+            != 0
+        {
+            return Err(Errno::EINVAL);
+        }
+        let raw = self.read_cstring(path, PATH_MAX - 1)?;
+        if raw.is_empty() {
+            if flags & libc::AT_EMPTY_PATH == 0 {
+                return Err(Errno::ENOENT);
+            }
+            if dirfd == libc::AT_FDCWD {
+                return self.path_stat(libc::AT_FDCWD, b".", true);
+            }
+            return self.fd_stat(dirfd);
+        }
+        self.path_stat(dirfd, &raw, flags & libc::AT_SYMLINK_NOFOLLOW == 0)
+    }
+
+    pub(crate) fn sys_newfstatat(
+        &mut self,
+        dirfd: i32,
+        path: u64,
+        out: u64,
+        flags: i32,
+    ) -> SysResult {
+        let stat = self.stat_target(dirfd, path, flags)?;
+        self.write_user(out, &stat.to_stat_bytes())?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_statx(&mut self, dirfd: i32, path: u64, flags: i32, out: u64) -> SysResult {
+        let stat = self.stat_target(dirfd, path, flags)?;
+        self.write_user(out, &stat.to_statx_bytes())?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_faccessat(
+        &mut self,
+        dirfd: i32,
+        path: u64,
+        mode: i32,
+        flags: i32,
+    ) -> SysResult {
+        if mode & !(libc::R_OK | libc::W_OK | libc::X_OK) != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        let path = self.read_path(path)?;
+        let stat = self.path_stat(dirfd, &path, flags & libc::AT_SYMLINK_NOFOLLOW == 0)?;
+        // The sandbox runs as root: everything is readable and writable; execute needs at
+        // least one execute bit on non-directories, as for Linux's root.
+        let is_dir = stat.mode & libc::S_IFMT == libc::S_IFDIR;
+        if mode & libc::X_OK != 0 && !is_dir && stat.mode & 0o111 == 0 {
+            return Err(Errno::EACCES.into());
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn sys_readlinkat(
+        &mut self,
+        dirfd: i32,
+        path: u64,
+        buf: u64,
+        size: u64,
+    ) -> SysResult {
+        if size == 0 || size > i32::MAX as u64 {
+            return Err(Errno::EINVAL.into());
+        }
+        let path = self.read_path(path)?;
+        let base = self.base_dir(dirfd, &path)?;
+        let absolute = self.absolute(&base, &path);
+        let target = match self.special(&absolute) {
+            Some(Special::Link(target)) => target,
+            Some(Special::Device(_)) => return Err(Errno::EINVAL.into()),
+            None => {
+                let resolved = self.fs.resolve(&base, &path, false).map_err(from_fs)?;
+                if self.fs.kind(resolved.node).map_err(from_fs)? != Kind::Symlink {
+                    return Err(Errno::EINVAL.into());
+                }
+                self.fs.read_link(resolved.node).map_err(from_fs)?.to_vec()
+            }
+        };
+        let n = target.len().min(size as usize);
+        self.write_user(buf, &target[..n])?;
+        Ok(n as u64)
+    }
+
+    pub(crate) fn sys_getcwd(&mut self, buf: u64, size: u64) -> SysResult {
+        let mut cwd = self.cwd.clone();
+        cwd.push(0);
+        if (size as usize) < cwd.len() {
+            return Err(Errno::ERANGE.into());
+        }
+        self.write_user(buf, &cwd)?;
+        Ok(cwd.len() as u64)
+    }
+
+    pub(crate) fn sys_chdir(&mut self, path: u64) -> SysResult {
+        let path = self.read_path(path)?;
+        let resolved = self.resolve_at(libc::AT_FDCWD, &path, true)?;
+        if self.fs.kind(resolved.node).map_err(from_fs)? != Kind::Dir {
+            return Err(Errno::ENOTDIR.into());
+        }
+        self.cwd = resolved.path;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_mkdirat(&mut self, dirfd: i32, path: u64, mode: u32) -> SysResult {
+        let path = self.read_path(path)?;
+        let base = self.base_dir(dirfd, &path)?;
+        let parent = self.fs.resolve_parent(&base, &path).map_err(from_fs)?;
+        self.fs
+            .mkdir(parent.dir.node, &parent.name, mode & !self.umask & 0o7777)
+            .map_err(from_fs)?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_unlinkat(&mut self, dirfd: i32, path: u64, flags: i32) -> SysResult {
+        if flags & !libc::AT_REMOVEDIR != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        let path = self.read_path(path)?;
+        let base = self.base_dir(dirfd, &path)?;
+        let parent = self.fs.resolve_parent(&base, &path).map_err(from_fs)?;
+        if flags & libc::AT_REMOVEDIR != 0 {
+            self.fs
+                .rmdir(parent.dir.node, &parent.name)
+                .map_err(from_fs)?;
+        } else {
+            let target = self
+                .fs
+                .lookup(parent.dir.node, &parent.name)
+                .map_err(from_fs)?;
+            let target = target.ok_or(Errno::ENOENT)?;
+            if self.fs.kind(target).map_err(from_fs)? == Kind::Dir {
+                return Err(Errno::EISDIR.into());
+            }
+            if parent.trailing_slash {
+                return Err(Errno::ENOTDIR.into());
+            }
+            self.fs
+                .unlink(parent.dir.node, &parent.name)
+                .map_err(from_fs)?;
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn sys_renameat(
+        &mut self,
+        old_dirfd: i32,
+        old: u64,
+        new_dirfd: i32,
+        new: u64,
+        flags: u32,
+    ) -> SysResult {
+        if flags & !RENAME_NOREPLACE != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        let old = self.read_path(old)?;
+        let new = self.read_path(new)?;
+        let old_base = self.base_dir(old_dirfd, &old)?;
+        let new_base = self.base_dir(new_dirfd, &new)?;
+        let from = self.fs.resolve_parent(&old_base, &old).map_err(from_fs)?;
+        let to = self.fs.resolve_parent(&new_base, &new).map_err(from_fs)?;
+        if flags & RENAME_NOREPLACE != 0
+            && self
+                .fs
+                .lookup(to.dir.node, &to.name)
+                .map_err(from_fs)?
+                .is_some()
+        {
+            return Err(Errno::EEXIST.into());
+        }
+        self.fs
+            .rename(from.dir.node, &from.name, to.dir.node, &to.name)
+            .map_err(from_fs)?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_symlinkat(&mut self, target: u64, dirfd: i32, path: u64) -> SysResult {
+        let target = self.read_path(target)?;
+        let path = self.read_path(path)?;
+        let base = self.base_dir(dirfd, &path)?;
+        let parent = self.fs.resolve_parent(&base, &path).map_err(from_fs)?;
+        self.fs
+            .symlink(parent.dir.node, &parent.name, &target)
+            .map_err(from_fs)?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_truncate(&mut self, path: u64, len: i64) -> SysResult {
+        let len = u64::try_from(len).map_err(|_| Errno::EINVAL)?;
+        let path = self.read_path(path)?;
+        let resolved = self.resolve_at(libc::AT_FDCWD, &path, true)?;
+        self.fs.truncate(resolved.node, len).map_err(from_fs)?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_fchmodat(&mut self, dirfd: i32, path: u64, mode: u32) -> SysResult {
+        let path = self.read_path(path)?;
+        let resolved = self.resolve_at(dirfd, &path, true)?;
+        self.fs.set_mode(resolved.node, mode).map_err(from_fs)?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_path_exists(&mut self, dirfd: i32, path: u64) -> SysResult {
+        let path = self.read_path(path)?;
+        self.resolve_at(dirfd, &path, true)?;
+        Ok(0)
+    }
+
+    fn node_for_utimes(&self, dirfd: i32, path: u64, flags: i32) -> Result<NodeId, Errno> {
+        if path == 0 {
+            return match self.files.get(dirfd)?.object {
+                FileObject::Node { node, .. } => Ok(node),
+                _ => Err(Errno::EPERM),
+            };
+        }
+        let path = self.read_path(path)?;
+        Ok(self
+            .resolve_at(dirfd, &path, flags & libc::AT_SYMLINK_NOFOLLOW == 0)?
+            .node)
+    }
+
+    pub(crate) fn sys_utimensat(
+        &mut self,
+        dirfd: i32,
+        path: u64,
+        times: u64,
+        flags: i32,
+    ) -> SysResult {
+        let node = self.node_for_utimes(dirfd, path, flags)?;
+        let now = {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            Timespec {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            }
+        };
+        let (atime, mtime) = if times == 0 {
+            (Some(now), Some(now))
+        } else {
+            let raw = self.read_user(times, 32)?;
+            let field =
+                |i: usize| i64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            let decode = |sec: i64, nsec: i64| -> Result<Option<Timespec>, Errno> {
+                match nsec {
+                    UTIME_NOW => Ok(Some(now)),
+                    UTIME_OMIT => Ok(None),
+                    n if (0..1_000_000_000).contains(&n) => Ok(Some(Timespec {
+                        sec,
+                        nsec: n as u32,
+                    })),
+                    _ => Err(Errno::EINVAL),
+                }
+            };
+            (decode(field(0), field(1))?, decode(field(2), field(3))?)
+        };
+        self.fs.set_times(node, atime, mtime).map_err(from_fs)?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_statfs(&mut self, path: u64, out: u64) -> SysResult {
+        let path = self.read_path(path)?;
+        self.resolve_at(libc::AT_FDCWD, &path, true)?;
+        self.write_user(
+            out,
+            &fileinfo::statfs_bytes(self.fs.limit(), self.fs.used_bytes()),
+        )?;
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn normalizes_lexically() {
+        assert_eq!(normalize(b"/dev/../dev//null"), b"/dev/null");
+        assert_eq!(normalize(b"/../.."), b"/");
+        assert_eq!(normalize(b"/proc/self/fd/3/"), b"/proc/self/fd/3");
+    }
+}

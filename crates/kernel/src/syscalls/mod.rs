@@ -1,0 +1,276 @@
+//! The system-call dispatcher: one `match` from syscall number to handler.
+//!
+//! Handlers return `Result<u64, Stop>`: `Ok` is the value for `rax`, `Stop::Errno` becomes
+//! `-errno`, and `Stop::Exit` ends the sandbox. Anything not listed is answered `ENOSYS`,
+//! counted by name and logged, so the list of what programs still need is always at hand.
+
+pub(crate) mod fs;
+pub(crate) mod io;
+pub(crate) mod mem;
+pub(crate) mod misc;
+pub(crate) mod proc;
+pub(crate) mod time;
+
+use syscalls::{Errno, Sysno};
+
+use crate::console::OutputLimitReached;
+use crate::process::{Process, TlsBases};
+
+/// Why the program stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// `exit`/`exit_group` with this status.
+    Exited(i32),
+    /// Killed by a signal it sent itself (`kill(getpid(), SIGTERM)`, `abort()`).
+    Signaled(i32),
+    /// A stream reached its output cap.
+    OutputLimit(OutputLimitReached),
+    /// The program waited for something that can never happen (a futex with no other thread).
+    Deadlock(String),
+}
+
+/// What the VMM should do after a syscall.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Resume the program with this value in `rax`.
+    Return(u64),
+    /// End the sandbox.
+    Exit(ExitReason),
+}
+
+/// Early exit from a handler.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    Errno(Errno),
+    Exit(ExitReason),
+}
+
+impl From<Errno> for Stop {
+    fn from(e: Errno) -> Self {
+        Stop::Errno(e)
+    }
+}
+
+pub(crate) type SysResult = Result<u64, Stop>;
+
+/// A syscall's number and its six argument registers (rdi, rsi, rdx, r10, r8, r9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyscallArgs {
+    pub nr: u64,
+    pub args: [u64; 6],
+}
+
+/// Name of a syscall number, for logs and counters.
+pub fn syscall_name(nr: u64) -> &'static str {
+    usize::try_from(nr)
+        .ok()
+        .and_then(Sysno::new)
+        .map_or("unknown", |s| s.name())
+}
+
+impl Process {
+    /// Serves one syscall. `tls` holds the FS/GS bases, which `arch_prctl` may change.
+    pub fn handle_syscall(&mut self, call: SyscallArgs, tls: &mut TlsBases) -> Outcome {
+        let name = syscall_name(call.nr);
+        self.stats.record(name);
+        let result = self.dispatch(call, tls);
+        let outcome = match result {
+            Ok(value) => Outcome::Return(value),
+            Err(Stop::Errno(e)) => Outcome::Return((-i64::from(e.into_raw())) as u64),
+            Err(Stop::Exit(reason)) => Outcome::Exit(reason),
+        };
+        if self.strace.is_some() {
+            self.trace(call, &outcome);
+        }
+        outcome
+    }
+
+    fn dispatch(&mut self, call: SyscallArgs, tls: &mut TlsBases) -> SysResult {
+        let a = call.args;
+        let Some(sysno) = usize::try_from(call.nr).ok().and_then(Sysno::new) else {
+            return self.unsupported("unknown");
+        };
+        match sysno {
+            // Memory.
+            Sysno::brk => self.sys_brk(a[0]),
+            Sysno::mmap => self.sys_mmap(a[0], a[1], a[2] as i32, a[3] as i32, a[4] as i32, a[5]),
+            Sysno::munmap => self.sys_munmap(a[0], a[1]),
+            Sysno::mprotect => self.sys_mprotect(a[0], a[1], a[2]),
+            Sysno::mremap => self.sys_mremap(a[0], a[1], a[2], a[3] as i32),
+            Sysno::madvise => self.sys_madvise(a[0], a[1], a[2] as i32),
+            Sysno::mlock | Sysno::munlock | Sysno::mlockall | Sysno::munlockall => Ok(0),
+            Sysno::msync => Ok(0),
+
+            // Descriptors and I/O.
+            Sysno::read => self.sys_read(a[0] as i32, a[1], a[2]),
+            Sysno::write => self.sys_write(a[0] as i32, a[1], a[2]),
+            Sysno::pread64 => self.sys_pread(a[0] as i32, a[1], a[2], a[3] as i64),
+            Sysno::pwrite64 => self.sys_pwrite(a[0] as i32, a[1], a[2], a[3] as i64),
+            Sysno::readv => self.sys_readv(a[0] as i32, a[1], a[2], None),
+            Sysno::writev => self.sys_writev(a[0] as i32, a[1], a[2], None),
+            Sysno::preadv => self.sys_readv(a[0] as i32, a[1], a[2], Some(a[3] as i64)),
+            Sysno::pwritev => self.sys_writev(a[0] as i32, a[1], a[2], Some(a[3] as i64)),
+            Sysno::close => self.sys_close(a[0] as i32),
+            Sysno::close_range => self.sys_close_range(a[0] as u32, a[1] as u32, a[2] as u32),
+            Sysno::lseek => self.sys_lseek(a[0] as i32, a[1] as i64, a[2] as i32),
+            Sysno::dup => self.sys_dup(a[0] as i32),
+            Sysno::dup2 => self.sys_dup2(a[0] as i32, a[1] as i32),
+            Sysno::dup3 => self.sys_dup3(a[0] as i32, a[1] as i32, a[2] as i32),
+            Sysno::fcntl => self.sys_fcntl(a[0] as i32, a[1] as i32, a[2]),
+            Sysno::ioctl => self.sys_ioctl(a[0] as i32, a[1], a[2]),
+            Sysno::fstat => self.sys_fstat(a[0] as i32, a[1]),
+            Sysno::getdents64 => self.sys_getdents64(a[0] as i32, a[1], a[2]),
+            Sysno::ftruncate => self.sys_ftruncate(a[0] as i32, a[1] as i64),
+            Sysno::fsync | Sysno::fdatasync | Sysno::syncfs => self.sys_fsync(a[0] as i32),
+            Sysno::sync => Ok(0),
+            Sysno::fadvise64 => self.files.get(a[0] as i32).map(|_| 0).map_err(Stop::from),
+            Sysno::flock => self.files.get(a[0] as i32).map(|_| 0).map_err(Stop::from),
+            Sysno::fchmod => self.sys_fchmod(a[0] as i32, a[1] as u32),
+            Sysno::fchown => self.files.get(a[0] as i32).map(|_| 0).map_err(Stop::from),
+            Sysno::fchdir => self.sys_fchdir(a[0] as i32),
+            Sysno::fstatfs => self.sys_fstatfs(a[0] as i32, a[1]),
+            Sysno::poll => self.sys_poll(a[0], a[1], a[2] as i32),
+            Sysno::ppoll => self.sys_poll(a[0], a[1], 0),
+
+            // Paths.
+            Sysno::open => self.sys_openat(libc::AT_FDCWD, a[0], a[1] as i32, a[2] as u32),
+            Sysno::openat => self.sys_openat(a[0] as i32, a[1], a[2] as i32, a[3] as u32),
+            Sysno::creat => self.sys_openat(
+                libc::AT_FDCWD,
+                a[0],
+                libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+                a[1] as u32,
+            ),
+            Sysno::stat => self.sys_newfstatat(libc::AT_FDCWD, a[0], a[1], 0),
+            Sysno::lstat => {
+                self.sys_newfstatat(libc::AT_FDCWD, a[0], a[1], libc::AT_SYMLINK_NOFOLLOW)
+            }
+            Sysno::newfstatat => self.sys_newfstatat(a[0] as i32, a[1], a[2], a[3] as i32),
+            Sysno::statx => self.sys_statx(a[0] as i32, a[1], a[2] as i32, a[4]),
+            Sysno::access => self.sys_faccessat(libc::AT_FDCWD, a[0], a[1] as i32, 0),
+            Sysno::faccessat => self.sys_faccessat(a[0] as i32, a[1], a[2] as i32, 0),
+            Sysno::faccessat2 => self.sys_faccessat(a[0] as i32, a[1], a[2] as i32, a[3] as i32),
+            Sysno::readlink => self.sys_readlinkat(libc::AT_FDCWD, a[0], a[1], a[2]),
+            Sysno::readlinkat => self.sys_readlinkat(a[0] as i32, a[1], a[2], a[3]),
+            Sysno::getcwd => self.sys_getcwd(a[0], a[1]),
+            Sysno::chdir => self.sys_chdir(a[0]),
+            Sysno::mkdir => self.sys_mkdirat(libc::AT_FDCWD, a[0], a[1] as u32),
+            Sysno::mkdirat => self.sys_mkdirat(a[0] as i32, a[1], a[2] as u32),
+            Sysno::unlink => self.sys_unlinkat(libc::AT_FDCWD, a[0], 0),
+            Sysno::unlinkat => self.sys_unlinkat(a[0] as i32, a[1], a[2] as i32),
+            Sysno::rmdir => self.sys_unlinkat(libc::AT_FDCWD, a[0], libc::AT_REMOVEDIR),
+            Sysno::rename => self.sys_renameat(libc::AT_FDCWD, a[0], libc::AT_FDCWD, a[1], 0),
+            Sysno::renameat => self.sys_renameat(a[0] as i32, a[1], a[2] as i32, a[3], 0),
+            Sysno::renameat2 => {
+                self.sys_renameat(a[0] as i32, a[1], a[2] as i32, a[3], a[4] as u32)
+            }
+            Sysno::symlink => self.sys_symlinkat(a[0], libc::AT_FDCWD, a[1]),
+            Sysno::symlinkat => self.sys_symlinkat(a[0], a[1] as i32, a[2]),
+            Sysno::link | Sysno::linkat => Err(Errno::EPERM.into()),
+            Sysno::truncate => self.sys_truncate(a[0], a[1] as i64),
+            Sysno::chmod => self.sys_fchmodat(libc::AT_FDCWD, a[0], a[1] as u32),
+            Sysno::fchmodat => self.sys_fchmodat(a[0] as i32, a[1], a[2] as u32),
+            Sysno::chown | Sysno::lchown => self.sys_path_exists(libc::AT_FDCWD, a[0]),
+            Sysno::fchownat => self.sys_path_exists(a[0] as i32, a[1]),
+            Sysno::utimensat => self.sys_utimensat(a[0] as i32, a[1], a[2], a[3] as i32),
+            Sysno::statfs => self.sys_statfs(a[0], a[1]),
+            Sysno::umask => Ok(u64::from(std::mem::replace(
+                &mut self.umask,
+                a[0] as u32 & 0o777,
+            ))),
+
+            // Process.
+            Sysno::exit | Sysno::exit_group => Err(Stop::Exit(ExitReason::Exited(a[0] as i32))),
+            Sysno::arch_prctl => self.sys_arch_prctl(a[0] as i32, a[1], tls),
+            Sysno::set_tid_address => {
+                self.clear_child_tid = a[0];
+                Ok(crate::process::identity::PID)
+            }
+            Sysno::set_robust_list => Ok(0),
+            Sysno::get_robust_list => Err(Errno::ENOSYS.into()),
+            Sysno::rseq => Err(Errno::ENOSYS.into()),
+            Sysno::getpid | Sysno::gettid => Ok(crate::process::identity::PID),
+            Sysno::getppid => Ok(crate::process::identity::PPID),
+            Sysno::getpgrp | Sysno::getpgid | Sysno::getsid => Ok(crate::process::identity::PID),
+            Sysno::setpgid | Sysno::setsid => Err(Errno::EPERM.into()),
+            Sysno::getuid | Sysno::geteuid => Ok(crate::process::identity::UID),
+            Sysno::getgid | Sysno::getegid => Ok(crate::process::identity::GID),
+            Sysno::getresuid | Sysno::getresgid => self.sys_getresid(a[0], a[1], a[2]),
+            Sysno::getgroups => Ok(0),
+            Sysno::setuid | Sysno::setgid | Sysno::setgroups => Err(Errno::EPERM.into()),
+            Sysno::uname => self.sys_uname(a[0]),
+            Sysno::sysinfo => self.sys_sysinfo(a[0]),
+            Sysno::prlimit64 => self.sys_prlimit64(a[0] as i32, a[1] as u32, a[2], a[3]),
+            Sysno::getrlimit => self.sys_prlimit64(0, a[0] as u32, 0, a[1]),
+            Sysno::setrlimit => self.sys_prlimit64(0, a[0] as u32, a[1], 0),
+            Sysno::getrusage => self.sys_getrusage(a[0] as i32, a[1]),
+            Sysno::times => self.sys_times(a[0]),
+            Sysno::sched_getaffinity => self.sys_sched_getaffinity(a[0] as i32, a[1], a[2]),
+            Sysno::sched_setaffinity => Ok(0),
+            Sysno::sched_yield => Ok(0),
+            Sysno::sched_getscheduler => Ok(0),
+            Sysno::sched_getparam => self
+                .write_user(a[1], &0u32.to_le_bytes())
+                .map(|_| 0)
+                .map_err(Stop::from),
+            Sysno::getpriority => Ok(20),
+            Sysno::setpriority => Ok(0),
+            Sysno::getcpu => self.sys_getcpu(a[0], a[1]),
+            Sysno::prctl => self.sys_prctl(a[0] as i32, a[1]),
+            Sysno::capget => self.sys_capget(a[1]),
+            Sysno::futex => self.sys_futex(a[0], a[1] as i32, a[2] as u32, a[3]),
+            Sysno::wait4 | Sysno::waitid => Err(Errno::ECHILD.into()),
+            Sysno::kill => self.sys_kill(a[0] as i64, a[1] as i32),
+            Sysno::tgkill => self.sys_kill(a[1] as i64, a[2] as i32),
+            Sysno::tkill => self.sys_kill(a[0] as i64, a[1] as i32),
+
+            // Signals (recorded, never delivered asynchronously).
+            Sysno::rt_sigaction => self.sys_rt_sigaction(a[0] as i32, a[1], a[2], a[3]),
+            Sysno::rt_sigprocmask => self.sys_rt_sigprocmask(a[0] as i32, a[1], a[2], a[3]),
+            Sysno::sigaltstack => self.sys_sigaltstack(a[0], a[1]),
+            Sysno::rt_sigpending => self.write_u64(a[0], 0).map(|_| 0).map_err(Stop::from),
+            Sysno::alarm => Ok(0),
+
+            // Time.
+            Sysno::clock_gettime => self.sys_clock_gettime(a[0] as i32, a[1]),
+            Sysno::clock_getres => self.sys_clock_getres(a[0] as i32, a[1]),
+            Sysno::gettimeofday => self.sys_gettimeofday(a[0]),
+            Sysno::time => self.sys_time(a[0]),
+            Sysno::nanosleep => self.sys_nanosleep(a[0], a[1]),
+            Sysno::clock_nanosleep => {
+                self.sys_clock_nanosleep(a[0] as i32, a[1] as i32, a[2], a[3])
+            }
+
+            // Entropy.
+            Sysno::getrandom => self.sys_getrandom(a[0], a[1], a[2] as u32),
+
+            // Not available in a single-threaded, kernel-less sandbox: clean errors, so
+            // Python raises an exception instead of hanging.
+            Sysno::clone | Sysno::clone3 | Sysno::fork | Sysno::vfork => {
+                self.refuse(name_of(sysno), Errno::ENOSYS)
+            }
+            Sysno::execve | Sysno::execveat => self.refuse(name_of(sysno), Errno::ENOSYS),
+            Sysno::socket | Sysno::socketpair => self.refuse(name_of(sysno), Errno::EACCES),
+            Sysno::pipe | Sysno::pipe2 => self.refuse(name_of(sysno), Errno::ENOSYS),
+
+            other => self.unsupported(other.name()),
+        }
+    }
+
+    /// A known syscall we deliberately refuse: counted like unsupported ones.
+    fn refuse(&mut self, name: &'static str, errno: Errno) -> SysResult {
+        self.stats.record_unsupported(name);
+        tracing::debug!(syscall = name, errno = ?errno, "syscall refused in the sandbox");
+        Err(errno.into())
+    }
+
+    fn unsupported(&mut self, name: &'static str) -> SysResult {
+        self.stats.record_unsupported(name);
+        tracing::debug!(syscall = name, "unsupported syscall");
+        Err(Errno::ENOSYS.into())
+    }
+}
+
+fn name_of(sysno: Sysno) -> &'static str {
+    sysno.name()
+}

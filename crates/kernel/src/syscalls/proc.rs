@@ -1,0 +1,345 @@
+//! Process-information, resource-limit, signal-disposition and futex syscalls.
+
+use syscalls::Errno;
+
+use super::{ExitReason, Stop, SysResult};
+use crate::process::{Process, TlsBases, identity};
+use crate::signals::{NSIG, SigAction, default_terminates};
+
+const ARCH_SET_GS: i32 = 0x1001;
+const ARCH_SET_FS: i32 = 0x1002;
+const ARCH_GET_FS: i32 = 0x1003;
+const ARCH_GET_GS: i32 = 0x1004;
+const ARCH_GET_CPUID: i32 = 0x1011;
+const ARCH_SET_CPUID: i32 = 0x1012;
+
+/// Highest canonical user address; FS/GS bases beyond it would fault on entry.
+const USER_ADDR_MAX: u64 = 0x7fff_ffff_ffff;
+
+/// Number of resource limits Linux defines (`RLIM_NLIMITS`).
+const RLIMIT_COUNT: u32 = 16;
+
+const FUTEX_CMD_MASK: i32 = !(libc::FUTEX_PRIVATE_FLAG | libc::FUTEX_CLOCK_REALTIME);
+
+fn utsname_field(value: &[u8]) -> [u8; 65] {
+    let mut field = [0u8; 65];
+    field[..value.len()].copy_from_slice(value);
+    field
+}
+
+impl Process {
+    pub(crate) fn sys_arch_prctl(&mut self, code: i32, addr: u64, tls: &mut TlsBases) -> SysResult {
+        match code {
+            ARCH_SET_FS | ARCH_SET_GS => {
+                if addr > USER_ADDR_MAX {
+                    return Err(Errno::EPERM.into());
+                }
+                if code == ARCH_SET_FS {
+                    tls.fs = addr;
+                } else {
+                    tls.gs = addr;
+                }
+                Ok(0)
+            }
+            ARCH_GET_FS => self.write_u64(addr, tls.fs).map(|_| 0).map_err(Stop::from),
+            ARCH_GET_GS => self.write_u64(addr, tls.gs).map(|_| 0).map_err(Stop::from),
+            ARCH_GET_CPUID => Ok(1),
+            ARCH_SET_CPUID => Err(Errno::ENODEV.into()),
+            _ => Err(Errno::EINVAL.into()),
+        }
+    }
+
+    pub(crate) fn sys_getresid(&mut self, a: u64, b: u64, c: u64) -> SysResult {
+        for addr in [a, b, c] {
+            self.write_user(addr, &0u32.to_le_bytes())?;
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn sys_uname(&mut self, out: u64) -> SysResult {
+        let mut buf = Vec::with_capacity(65 * 6);
+        for field in [
+            &b"Linux"[..],
+            identity::HOSTNAME,
+            b"6.1.0-forkvm",
+            b"#1 SMP PREEMPT_DYNAMIC forkvm",
+            b"x86_64",
+            b"(none)",
+        ] {
+            buf.extend_from_slice(&utsname_field(field));
+        }
+        self.write_user(out, &buf)?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_sysinfo(&mut self, out: u64) -> SysResult {
+        // struct sysinfo (x86-64): uptime, loads[3], totalram, freeram, sharedram, bufferram,
+        // totalswap, freeswap (longs), procs (u16 + pad), totalhigh, freehigh, mem_unit (u32).
+        let mut b = vec![0u8; 112];
+        let uptime = self.start_time.elapsed().as_secs() + 1;
+        let total = self.mm.limit_bytes();
+        let free = total.saturating_sub(self.mm.mapped_bytes());
+        b[0..8].copy_from_slice(&uptime.to_le_bytes());
+        b[32..40].copy_from_slice(&total.to_le_bytes());
+        b[40..48].copy_from_slice(&free.to_le_bytes());
+        b[80..82].copy_from_slice(&1u16.to_le_bytes());
+        b[104..108].copy_from_slice(&1u32.to_le_bytes());
+        self.write_user(out, &b)?;
+        Ok(0)
+    }
+
+    fn rlimit(&self, resource: u32) -> Result<(u64, u64), Errno> {
+        const INF: u64 = u64::MAX;
+        Ok(match resource {
+            libc::RLIMIT_STACK => {
+                let s = self.mm.layout().stack_size;
+                (s, s)
+            }
+            libc::RLIMIT_NOFILE => {
+                let n = self.files.max_fds() as u64;
+                (n, n)
+            }
+            libc::RLIMIT_AS | libc::RLIMIT_DATA => {
+                let m = self.mm.limit_bytes();
+                (m, m)
+            }
+            libc::RLIMIT_NPROC => (1, 1),
+            libc::RLIMIT_CORE | libc::RLIMIT_MEMLOCK => (0, 0),
+            r if r < RLIMIT_COUNT => (INF, INF),
+            _ => return Err(Errno::EINVAL),
+        })
+    }
+
+    pub(crate) fn sys_prlimit64(
+        &mut self,
+        pid: i32,
+        resource: u32,
+        new: u64,
+        old: u64,
+    ) -> SysResult {
+        if pid != 0 && pid as u64 != identity::PID {
+            return Err(Errno::ESRCH.into());
+        }
+        let (cur, max) = self.rlimit(resource)?;
+        if new != 0 {
+            // Limits are the VMM's to set; lowering is accepted and ignored, raising refused.
+            let b = self.read_user(new, 16)?;
+            let want_max = u64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
+            if want_max > max {
+                return Err(Errno::EPERM.into());
+            }
+        }
+        if old != 0 {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&cur.to_le_bytes());
+            b[8..].copy_from_slice(&max.to_le_bytes());
+            self.write_user(old, &b)?;
+        }
+        Ok(0)
+    }
+
+    fn cpu_time(&self) -> (u64, u64) {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid writable timespec owned by this frame.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        (ts.tv_sec as u64, ts.tv_nsec as u64 / 1000)
+    }
+
+    pub(crate) fn sys_getrusage(&mut self, who: i32, out: u64) -> SysResult {
+        if who != libc::RUSAGE_SELF && who != libc::RUSAGE_CHILDREN && who != libc::RUSAGE_THREAD {
+            return Err(Errno::EINVAL.into());
+        }
+        let mut b = vec![0u8; 144];
+        if who != libc::RUSAGE_CHILDREN {
+            let (sec, usec) = self.cpu_time();
+            b[0..8].copy_from_slice(&sec.to_le_bytes());
+            b[8..16].copy_from_slice(&usec.to_le_bytes());
+            let maxrss_kib = self.mm.mapped_bytes() / 1024;
+            b[32..40].copy_from_slice(&maxrss_kib.to_le_bytes());
+        }
+        self.write_user(out, &b)?;
+        Ok(0)
+    }
+
+    pub(crate) fn sys_times(&mut self, out: u64) -> SysResult {
+        let (sec, usec) = self.cpu_time();
+        let ticks = sec * 100 + usec / 10_000;
+        if out != 0 {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&ticks.to_le_bytes());
+            self.write_user(out, &b)?;
+        }
+        Ok(self.start_time.elapsed().as_millis() as u64 / 10)
+    }
+
+    pub(crate) fn sys_sched_getaffinity(&mut self, pid: i32, len: u64, mask: u64) -> SysResult {
+        if pid != 0 && pid as u64 != identity::PID {
+            return Err(Errno::ESRCH.into());
+        }
+        if len < 8 || len % 8 != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        // One vCPU: CPU 0 only.
+        self.write_u64(mask, 1)?;
+        Ok(8)
+    }
+
+    pub(crate) fn sys_getcpu(&mut self, cpu: u64, node: u64) -> SysResult {
+        for addr in [cpu, node] {
+            if addr != 0 {
+                self.write_user(addr, &0u32.to_le_bytes())?;
+            }
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn sys_prctl(&mut self, option: i32, arg: u64) -> SysResult {
+        match option {
+            libc::PR_SET_NAME | libc::PR_SET_PDEATHSIG | libc::PR_SET_DUMPABLE => Ok(0),
+            libc::PR_GET_NAME => {
+                self.write_user(arg, b"python3\0\0\0\0\0\0\0\0\0")?;
+                Ok(0)
+            }
+            libc::PR_GET_DUMPABLE => Ok(0),
+            libc::PR_SET_NO_NEW_PRIVS | libc::PR_GET_NO_NEW_PRIVS => Ok(1),
+            _ => Err(Errno::EINVAL.into()),
+        }
+    }
+
+    pub(crate) fn sys_capget(&mut self, data: u64) -> SysResult {
+        if data != 0 {
+            self.write_user(data, &[0u8; 24])?;
+        }
+        Ok(0)
+    }
+
+    /// There is exactly one thread, so a wait that would block can never be woken.
+    pub(crate) fn sys_futex(&mut self, addr: u64, op: i32, value: u32, timeout: u64) -> SysResult {
+        match op & FUTEX_CMD_MASK {
+            libc::FUTEX_WAIT | libc::FUTEX_WAIT_BITSET => {
+                let current =
+                    u32::from_le_bytes(self.read_user(addr, 4)?.try_into().expect("4 bytes"));
+                if current != value {
+                    return Err(Errno::EAGAIN.into());
+                }
+                if timeout != 0 {
+                    return Err(Errno::ETIMEDOUT.into());
+                }
+                Err(Stop::Exit(ExitReason::Deadlock(format!(
+                    "futex wait on {addr:#x} with no other thread to wake it"
+                ))))
+            }
+            libc::FUTEX_WAKE | libc::FUTEX_WAKE_BITSET => {
+                self.check_user(addr, 4)?;
+                Ok(0)
+            }
+            _ => Err(Errno::ENOSYS.into()),
+        }
+    }
+
+    pub(crate) fn sys_kill(&mut self, pid: i64, signal: i32) -> SysResult {
+        if pid != identity::PID as i64 && pid != 0 && pid != -1 {
+            return Err(Errno::ESRCH.into());
+        }
+        if !(0..=NSIG as i32).contains(&signal) {
+            return Err(Errno::EINVAL.into());
+        }
+        if signal == 0 {
+            return Ok(0);
+        }
+        let action = self.signals.actions[signal as usize - 1];
+        let ignored = action.handler == libc::SIG_IGN as u64
+            || (action.handler == libc::SIG_DFL as u64 && !default_terminates(signal));
+        if ignored {
+            return Ok(0);
+        }
+        if action.handler == libc::SIG_DFL as u64 || signal == libc::SIGKILL {
+            return Err(Stop::Exit(ExitReason::Signaled(signal)));
+        }
+        // Running a handler needs signal frames, which the sandbox does not build yet.
+        self.stats.record_unsupported("signal-delivery");
+        Err(Errno::ENOSYS.into())
+    }
+
+    pub(crate) fn sys_rt_sigaction(
+        &mut self,
+        signal: i32,
+        new: u64,
+        old: u64,
+        sigsetsize: u64,
+    ) -> SysResult {
+        if sigsetsize != 8 || !(1..=NSIG as i32).contains(&signal) {
+            return Err(Errno::EINVAL.into());
+        }
+        let index = signal as usize - 1;
+        let previous = self.signals.actions[index];
+        if new != 0 {
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                return Err(Errno::EINVAL.into());
+            }
+            let bytes = self.read_user(new, SigAction::SIZE)?;
+            let action = SigAction::from_bytes(&bytes.try_into().expect("exact size"));
+            self.signals.actions[index] = action;
+        }
+        if old != 0 {
+            self.write_user(old, &previous.to_bytes())?;
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn sys_rt_sigprocmask(
+        &mut self,
+        how: i32,
+        set: u64,
+        old: u64,
+        size: u64,
+    ) -> SysResult {
+        if size != 8 {
+            return Err(Errno::EINVAL.into());
+        }
+        let previous = self.signals.blocked;
+        if set != 0 {
+            let mask = self.read_u64(set)?;
+            let unblockable = (1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1));
+            self.signals.blocked = match how {
+                libc::SIG_BLOCK => previous | mask,
+                libc::SIG_UNBLOCK => previous & !mask,
+                libc::SIG_SETMASK => mask,
+                _ => return Err(Errno::EINVAL.into()),
+            } & !unblockable;
+        }
+        if old != 0 {
+            self.write_u64(old, previous)?;
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn sys_sigaltstack(&mut self, new: u64, old: u64) -> SysResult {
+        // stack_t: ss_sp (8), ss_flags (4 + 4 pad), ss_size (8).
+        let previous = self.signals.alt_stack;
+        if new != 0 {
+            let b = self.read_user(new, 24)?;
+            let sp = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+            let flags = i32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+            let size = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
+            if flags & !libc::SS_DISABLE != 0 {
+                return Err(Errno::EINVAL.into());
+            }
+            if flags & libc::SS_DISABLE == 0 && size < libc::MINSIGSTKSZ as u64 {
+                return Err(Errno::ENOMEM.into());
+            }
+            self.signals.alt_stack = (sp, flags, size);
+        }
+        if old != 0 {
+            let mut b = [0u8; 24];
+            b[0..8].copy_from_slice(&previous.0.to_le_bytes());
+            b[8..12].copy_from_slice(&previous.1.to_le_bytes());
+            b[16..24].copy_from_slice(&previous.2.to_le_bytes());
+            self.write_user(old, &b)?;
+        }
+        Ok(0)
+    }
+}

@@ -1,0 +1,87 @@
+//! The KVM side of a forkvm sandbox.
+//!
+//! `/dev/kvm` on our machines is kvm_pvm: guest ring 3 runs at native speed, guest ring 0 is
+//! emulated thousands of times slower. So a sandbox has no guest kernel: the program runs in
+//! ring 3, and ring 0 holds only two-instruction stubs that turn `syscall` and CPU exceptions
+//! into exits to this VMM, where `forkvm_kernel` serves them.
+
+pub mod descriptors;
+pub mod layout;
+pub mod paging;
+pub mod sandbox;
+pub mod vcpu;
+pub mod watchdog;
+
+use forkvm_kernel::memory::{GuestRam, MemoryError};
+use kvm_ioctls::Kvm;
+use thiserror::Error;
+
+pub use sandbox::{Fault, Sandbox, SandboxError, SandboxExit};
+pub use vcpu::CpuTemplate;
+
+/// Errors while setting up the VMM or a sandbox's memory.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error("opening /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("reading the host CPU features: {0}")]
+    Cpu(#[from] vcpu::VcpuSetupError),
+    #[error("guest RAM size {size} must be a multiple of 2 MiB between 64 MiB and {max} bytes")]
+    RamSize { size: u64, max: u64 },
+    #[error("allocating guest RAM: {0}")]
+    Ram(#[from] MemoryError),
+    #[error("writing page tables and descriptors: {0}")]
+    SystemArea(#[from] forkvm_kernel::memory::OutOfBounds),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
+/// Smallest guest RAM we accept (the stack alone takes 8 MiB, python3 tens more).
+pub const MIN_RAM: u64 = 64 << 20;
+
+/// The process-wide KVM handle and the CPU features every sandbox gets.
+pub struct Vmm {
+    kvm: Kvm,
+    cpu: CpuTemplate,
+}
+
+impl Vmm {
+    /// Opens `/dev/kvm` and reads the host CPU features.
+    pub fn new() -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let cpu = CpuTemplate::from_host(&kvm)?;
+        Ok(Self { kvm, cpu })
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    pub fn cpu(&self) -> &CpuTemplate {
+        &self.cpu
+    }
+
+    /// Allocates sparse guest RAM of `size` bytes holding the page tables, descriptor tables
+    /// and stubs; the program's memory is still all zero.
+    pub fn new_ram(&self, size: u64) -> Result<GuestRam, VmmError> {
+        if size < MIN_RAM || size > layout::MAX_RAM || size % layout::RAM_ALIGN != 0 {
+            return Err(VmmError::RamSize {
+                size,
+                max: layout::MAX_RAM,
+            });
+        }
+        let ram = GuestRam::anonymous(size)?;
+        paging::build_identity_map(&ram)?;
+        descriptors::install(&ram)?;
+        Ok(ram)
+    }
+
+    /// Creates the VM and vCPU for a loaded process.
+    pub fn sandbox(
+        &self,
+        process: forkvm_kernel::Process,
+        entry: forkvm_kernel::Entry,
+    ) -> Result<Sandbox, VmmError> {
+        Ok(Sandbox::new(&self.kvm, &self.cpu, process, entry)?)
+    }
+}

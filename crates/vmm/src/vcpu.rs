@@ -1,0 +1,224 @@
+//! Putting a fresh vCPU into 64-bit ring 3 at the program's entry point.
+//!
+//! There is no boot code: long mode, paging, segments, the syscall MSRs and the extended
+//! state (XCR0) are set directly through KVM. Order matters only in that CPUID must be set
+//! before XCR0 (KVM validates XCR0 against the guest's CPUID).
+
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use thiserror::Error;
+
+use crate::descriptors::{GDT_LIMIT, IDT_LIMIT, TSS_LIMIT};
+use crate::layout::{
+    GDT, IDT, KERNEL_CS, PML4, SYSCALL_STUB, TSS, TSS_SELECTOR, USER_CS, USER_CS32, USER_DS,
+};
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const EFER_SCE: u64 = 1 << 0;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_SFMASK: u32 = 0xc000_0084;
+/// Flags cleared on `syscall` entry: TF, IF, DF, IOPL, NT, AC (as Linux does).
+const SFMASK: u64 = 0x4_7700;
+
+/// Initial RFLAGS in ring 3: only the always-one bit (IOPL 0, interrupts off).
+pub const USER_RFLAGS: u64 = 0x2;
+
+/// Errors while configuring a vCPU, one per KVM operation.
+#[derive(Debug, Error)]
+pub enum VcpuSetupError {
+    #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
+    GetSupportedCpuid(kvm_ioctls::Error),
+    #[error("KVM_SET_CPUID2: {0}")]
+    SetCpuid(kvm_ioctls::Error),
+    #[error("KVM_GET_SREGS: {0}")]
+    GetSregs(kvm_ioctls::Error),
+    #[error("KVM_SET_SREGS: {0}")]
+    SetSregs(kvm_ioctls::Error),
+    #[error("KVM_SET_MSRS: {0}")]
+    SetMsrs(kvm_ioctls::Error),
+    #[error("KVM_SET_MSRS set only {set} of {wanted} MSRs")]
+    PartialMsrs { set: usize, wanted: usize },
+    #[error("building the MSR list: {0}")]
+    MsrList(String),
+    #[error("KVM_SET_XCRS: {0}")]
+    SetXcrs(kvm_ioctls::Error),
+    #[error("KVM_SET_REGS: {0}")]
+    SetRegs(kvm_ioctls::Error),
+}
+
+/// The host's CPUID as KVM offers it to guests, read once per process.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VcpuSetupError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VcpuSetupError::GetSupportedCpuid)
+}
+
+/// XCR0 value enabling every state component the CPUID allows (x87, SSE, AVX, AVX-512 …),
+/// so numpy's SIMD code paths run.
+pub fn supported_xcr0(cpuid: &CpuId) -> u64 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map(|e| u64::from(e.eax) | (u64::from(e.edx) << 32))
+        .unwrap_or(0x3)
+}
+
+/// Everything that is the same for all vCPUs of all sandboxes (CPUID and XCR0).
+#[derive(Clone)]
+pub struct CpuTemplate {
+    pub cpuid: CpuId,
+    pub xcr0: u64,
+}
+
+impl CpuTemplate {
+    pub fn from_host(kvm: &Kvm) -> Result<Self, VcpuSetupError> {
+        let cpuid = supported_cpuid(kvm)?;
+        let xcr0 = supported_xcr0(&cpuid);
+        Ok(Self { cpuid, xcr0 })
+    }
+}
+
+/// Configures `vcpu` for 64-bit ring 3 with our descriptor tables and syscall MSRs, and
+/// starts it at `rip` with stack `rsp`.
+pub fn configure(
+    vcpu: &VcpuFd,
+    cpu: &CpuTemplate,
+    rip: u64,
+    rsp: u64,
+) -> Result<(), VcpuSetupError> {
+    vcpu.set_cpuid2(&cpu.cpuid)
+        .map_err(VcpuSetupError::SetCpuid)?;
+    let mut sregs = vcpu.get_sregs().map_err(VcpuSetupError::GetSregs)?;
+    set_system_registers(&mut sregs);
+    vcpu.set_sregs(&sregs).map_err(VcpuSetupError::SetSregs)?;
+    set_syscall_msrs(vcpu)?;
+
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = cpu.xcr0;
+    vcpu.set_xcrs(&xcrs).map_err(VcpuSetupError::SetXcrs)?;
+
+    let regs = kvm_regs {
+        rip,
+        rsp,
+        rflags: USER_RFLAGS,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(VcpuSetupError::SetRegs)
+}
+
+fn segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl: (selector & 3) as u8,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn set_system_registers(sregs: &mut kvm_sregs) {
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    sregs.cr3 = PML4;
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE;
+    sregs.efer = EFER_SCE | EFER_LME | EFER_LMA;
+
+    sregs.cs = segment(USER_CS, true);
+    let data = segment(USER_DS, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = GDT_LIMIT;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = IDT_LIMIT;
+    sregs.tr = kvm_segment {
+        base: TSS,
+        limit: TSS_LIMIT,
+        selector: TSS_SELECTOR,
+        type_: 0xb, // busy 64-bit TSS
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 0,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+}
+
+fn set_syscall_msrs(vcpu: &VcpuFd) -> Result<(), VcpuSetupError> {
+    // STAR[47:32]: selectors loaded by `syscall` (CS, SS = CS+8);
+    // STAR[63:48]: base for `sysret` (CS = base+16, SS = base+8), both with RPL 3.
+    let star = (u64::from(USER_CS32 & !3) << 48) | (u64::from(KERNEL_CS) << 32);
+    let entries = [
+        kvm_msr_entry {
+            index: MSR_STAR,
+            data: star,
+            ..Default::default()
+        },
+        kvm_msr_entry {
+            index: MSR_LSTAR,
+            data: SYSCALL_STUB,
+            ..Default::default()
+        },
+        kvm_msr_entry {
+            index: MSR_SFMASK,
+            data: SFMASK,
+            ..Default::default()
+        },
+    ];
+    let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuSetupError::MsrList(e.to_string()))?;
+    let set = vcpu.set_msrs(&msrs).map_err(VcpuSetupError::SetMsrs)?;
+    if set != entries.len() {
+        return Err(VcpuSetupError::PartialMsrs {
+            set,
+            wanted: entries.len(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_segments_are_ring3_long_mode() {
+        let cs = segment(USER_CS, true);
+        assert_eq!((cs.dpl, cs.l, cs.db), (3, 1, 0));
+        let ds = segment(USER_DS, false);
+        assert_eq!((ds.dpl, ds.l, ds.db), (3, 0, 1));
+    }
+}

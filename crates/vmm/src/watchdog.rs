@@ -1,0 +1,158 @@
+//! Wall-clock limits: one process-wide timer thread that interrupts `KVM_RUN` on a vCPU thread
+//! whose deadline has passed.
+//!
+//! Interrupting works by sending the vCPU thread a real-time signal whose handler does
+//! nothing: `KVM_RUN` then returns `EINTR`. A signal that lands while the thread is between
+//! `KVM_RUN` calls is lost, so the timer keeps re-sending every few milliseconds until the
+//! deadline is disarmed; the run loop also checks the clock after every exit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How often an expired deadline re-sends its signal until the vCPU thread stops.
+const RESEND_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Offset above `SIGRTMIN` of the signal used to kick vCPU threads out of `KVM_RUN`.
+const KICK_SIGNAL_OFFSET: i32 = 2;
+
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+struct Armed {
+    id: u64,
+    deadline: Instant,
+    thread: libc::pthread_t,
+    expired: Arc<AtomicBool>,
+}
+
+// SAFETY: `pthread_t` is an opaque thread id; sending it a signal from another thread is what
+// pthread_kill is for. The entry is removed (by `DeadlineGuard::drop`) before the thread exits.
+unsafe impl Send for Armed {}
+
+#[derive(Default)]
+struct State {
+    armed: Vec<Armed>,
+    next_id: u64,
+}
+
+struct Watchdog {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+fn watchdog() -> &'static Watchdog {
+    static WATCHDOG: OnceLock<&'static Watchdog> = OnceLock::new();
+    WATCHDOG.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_kick)
+            .expect("registering the vCPU kick signal handler");
+        let dog: &'static Watchdog = Box::leak(Box::new(Watchdog {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+        }));
+        std::thread::Builder::new()
+            .name("forkvm-watchdog".into())
+            .spawn(move || dog.run())
+            .expect("spawning the watchdog thread");
+        dog
+    })
+}
+
+impl Watchdog {
+    fn run(&self) {
+        let mut state = self.state.lock().expect("watchdog lock");
+        loop {
+            let now = Instant::now();
+            let mut next_wake: Option<Instant> = None;
+            for entry in &state.armed {
+                if entry.deadline <= now {
+                    entry.expired.store(true, Ordering::SeqCst);
+                    // SAFETY: the thread id belongs to a live thread: entries are removed by
+                    // the owning thread before it can exit. The signal's handler is a no-op.
+                    unsafe { libc::pthread_kill(entry.thread, kick_signal()) };
+                    next_wake = Some(
+                        next_wake.map_or(now + RESEND_INTERVAL, |w| w.min(now + RESEND_INTERVAL)),
+                    );
+                } else {
+                    next_wake = Some(next_wake.map_or(entry.deadline, |w| w.min(entry.deadline)));
+                }
+            }
+            state = match next_wake {
+                Some(at) => {
+                    let wait = at.saturating_duration_since(Instant::now());
+                    self.wake
+                        .wait_timeout(state, wait)
+                        .expect("watchdog lock")
+                        .0
+                }
+                None => self.wake.wait(state).expect("watchdog lock"),
+            };
+        }
+    }
+}
+
+/// An armed deadline for the calling thread; dropping it disarms.
+pub struct DeadlineGuard {
+    id: u64,
+    expired: Arc<AtomicBool>,
+}
+
+impl DeadlineGuard {
+    /// Arms `deadline` for the calling thread (the thread that will call `KVM_RUN`).
+    pub fn arm(deadline: Instant) -> Self {
+        let dog = watchdog();
+        let expired = Arc::new(AtomicBool::new(false));
+        let mut state = dog.state.lock().expect("watchdog lock");
+        let id = state.next_id;
+        state.next_id += 1;
+        state.armed.push(Armed {
+            id,
+            deadline,
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+            expired: expired.clone(),
+        });
+        drop(state);
+        dog.wake.notify_one();
+        Self { id, expired }
+    }
+
+    /// True once the deadline has passed (the run loop then ends the sandbox).
+    pub fn expired(&self) -> bool {
+        self.expired.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for DeadlineGuard {
+    fn drop(&mut self) {
+        let dog = watchdog();
+        let mut state = dog.state.lock().expect("watchdog lock");
+        state.armed.retain(|a| a.id != self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupts_a_blocking_syscall() {
+        let guard = DeadlineGuard::arm(Instant::now() + Duration::from_millis(20));
+        // pause() returns only when a signal handler runs: the kick must arrive.
+        // SAFETY: pause has no preconditions.
+        unsafe { libc::pause() };
+        assert!(guard.expired());
+    }
+
+    #[test]
+    fn disarmed_deadline_never_fires() {
+        let guard = DeadlineGuard::arm(Instant::now() + Duration::from_millis(30));
+        let expired = guard.expired.clone();
+        drop(guard);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!expired.load(Ordering::SeqCst));
+    }
+}
