@@ -21,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Root filesystem images.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Run PROGRAM (a path inside the image) in a fresh sandbox; its output passes through and
     /// its exit status becomes forkvm's (124 on timeout, 125 when output hit its cap,
     /// 128+N when it crashed with signal N).
@@ -55,6 +58,19 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build (if needed) the default Debian image and print its path.
+    Default,
+    /// Pack a directory tree into an image file.
+    Build {
+        /// Directory to pack.
+        source: PathBuf,
+        /// Image file to write.
+        output: PathBuf,
+    },
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -72,8 +88,34 @@ fn main() {
     }
 }
 
+/// The default Debian root filesystem image, built on first use.
+fn default_image() -> Result<PathBuf> {
+    let spec = forkvm_template::rootfs::RootfsSpec::default();
+    let cache = forkvm_template::rootfs::default_cache_dir();
+    let path = forkvm_template::rootfs::ensure_rootfs(&spec, &cache, &mut |step| {
+        eprintln!("forkvm: {step}");
+    })?;
+    Ok(path)
+}
+
 fn execute(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Image(ImageCommand::Default) => {
+            println!("{}", default_image()?.display());
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Build { source, output }) => {
+            let stats = forkvm_image::build_image(&source, &output)?;
+            println!(
+                "{}: {} files, {} directories, {} symlinks, {} bytes",
+                output.display(),
+                stats.files,
+                stats.dirs,
+                stats.symlinks,
+                stats.image_len
+            );
+            Ok(0)
+        }
         Command::Run {
             image,
             timeout,
@@ -87,7 +129,7 @@ fn execute(cli: Cli) -> Result<i32> {
         } => {
             let image = match image {
                 Some(path) => path,
-                None => anyhow::bail!("--image is required until the default image builder lands"),
+                None => default_image()?,
             };
             let mut command = command.into_iter();
             let program = command.next().expect("clap requires a program");

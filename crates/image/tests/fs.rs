@@ -319,6 +319,34 @@ fn the_byte_cap_gives_no_space() {
 }
 
 #[test]
+fn undoing_changes_returns_their_bytes() {
+    let (_dir, image) = sample_image();
+    let mut fs = Fs::with_limit(image, 1 << 20);
+    let root = fs.root();
+    let bin = node(&fs, "bin");
+    // Touch both directories once so their metadata records are part of the baseline.
+    fs.set_mode(root, 0o755).unwrap();
+    fs.set_mode(bin, 0o755).unwrap();
+    let baseline = fs.used_bytes();
+    let file = fs.create_file(root, b"tmpfile", 0o600).unwrap();
+    fs.write_at(file, 0, &[1; 5000]).unwrap();
+    fs.rename(root, b"tmpfile", bin, b"moved").unwrap();
+    fs.unlink(bin, b"moved").unwrap();
+    let dir = fs.mkdir(root, b"d", 0o755).unwrap();
+    fs.symlink(dir, b"l", b"/somewhere").unwrap();
+    fs.unlink(dir, b"l").unwrap();
+    fs.rmdir(root, b"d").unwrap();
+    // Renaming an image file away and back leaves its metadata record (128 bytes) and the
+    // root entry that now names it (64 bytes plus the name) behind.
+    fs.rename(root, b"hello.txt", bin, b"h").unwrap();
+    fs.rename(bin, b"h", root, b"hello.txt").unwrap();
+    assert_eq!(
+        fs.used_bytes(),
+        baseline + 128 + 64 + b"hello.txt".len() as u64
+    );
+}
+
+#[test]
 fn metadata_changes_show_in_stat() {
     let (_dir, image) = sample_image();
     let mut fs = Fs::new(image);
@@ -341,6 +369,24 @@ fn metadata_changes_show_in_stat() {
         (fs.stat(mine).unwrap().uid, fs.stat(mine).unwrap().gid),
         (1000, 1000)
     );
+}
+
+#[test]
+fn file_systems_can_move_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Fs>();
+}
+
+#[test]
+fn removed_directories_stay_empty_through_old_handles() {
+    let (_dir, image) = sample_image();
+    let mut fs = Fs::new(image);
+    let deep = node(&fs, "data/nested/deep");
+    fs.unlink(deep, b"file.txt").unwrap();
+    fs.rmdir(node(&fs, "data/nested"), b"deep").unwrap();
+    assert_eq!(fs.lookup(deep, b"file.txt").unwrap(), None);
+    assert!(fs.read_dir(deep).unwrap().is_empty());
+    assert_eq!(fs.stat(deep).unwrap().nlink, 0);
 }
 
 #[test]

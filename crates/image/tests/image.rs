@@ -35,7 +35,7 @@ fn build_reports_what_it_packed() {
     assert_eq!(stats.image_len % PAGE_SIZE, 0);
     let image = Image::open(dir.path().join("out.img")).unwrap();
     assert_eq!(image.digest(), stats.digest);
-    assert_eq!(image.len(), stats.image_len);
+    assert_eq!(image.file_len(), stats.image_len);
     image.verify_digest().unwrap();
     let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(

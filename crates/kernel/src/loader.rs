@@ -10,14 +10,10 @@ use syscalls::Errno;
 use thiserror::Error;
 
 use crate::console::Console;
-use crate::fdtable::FdTable;
-use crate::file::{FileObject, OpenFile, Stream};
 use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
-use crate::mm::{AddressSpace, Layout, VmaKind};
+use crate::mm::VmaKind;
 use crate::process::{Limits, Process, identity};
-use crate::signals::SignalState;
 use crate::stack::{self, StackSpec, auxv};
-use crate::stats::SyscallStats;
 
 /// Where a position-independent main program is placed (where non-PIE programs are linked).
 const PIE_BASE: u64 = 0x40_0000;
@@ -60,6 +56,8 @@ pub enum SpawnError {
     StackTooSmall(u64),
     #[error("guest RAM of {0} bytes is too small for the stack and program")]
     RamTooSmall(u64),
+    #[error("an open-file limit of {0} leaves no room for the standard streams")]
+    TooFewFiles(usize),
 }
 
 struct LoadedObject {
@@ -83,45 +81,8 @@ impl Process {
         console: Console,
         config: SpawnConfig,
     ) -> Result<(Process, Entry), SpawnError> {
-        if ram.size() < config.user_start + 4 * STACK_SIZE {
-            return Err(SpawnError::RamTooSmall(ram.size()));
-        }
-        let layout = Layout {
-            user_start: config.user_start,
-            user_end: ram.size(),
-            stack_size: STACK_SIZE,
-        };
-        let mut files = FdTable::new(config.limits.open_files);
-        for (fd, stream, flags) in [
-            (0, Stream::Stdin, libc::O_RDONLY),
-            (1, Stream::Stdout, libc::O_WRONLY),
-            (2, Stream::Stderr, libc::O_WRONLY),
-        ] {
-            let name = format!("/dev/std{}", ["in", "out", "err"][fd as usize]);
-            files
-                .open_at(
-                    fd,
-                    OpenFile::new(FileObject::Console(stream), flags, name.into_bytes()),
-                )
-                .expect("descriptors 0-2 are within any limit");
-        }
-        let mut process = Process {
-            ram,
-            mm: AddressSpace::new(layout, config.limits.memory_bytes),
-            fs,
-            files,
-            cwd: config.cwd.clone(),
-            console,
-            signals: SignalState::default(),
-            stats: SyscallStats::default(),
-            exe_path: Vec::new(),
-            umask: 0o022,
-            clear_child_tid: 0,
-            start_time: std::time::Instant::now(),
-            deadline: None,
-            strace: None,
-        };
-
+        let mut process =
+            Process::new(ram, fs, console, &config.cwd, config.limits, config.user_start)?;
         let (node, canonical) = process.resolve_program(&config.program)?;
         process.exe_path = canonical;
         let main = process.load_object(node, &config.program, true)?;
@@ -161,7 +122,7 @@ impl Process {
             random,
             execfn: &config.program,
         };
-        let image = stack::build(layout.user_end, &spec, STACK_SIZE / 4)
+        let image = stack::build(process.mm.layout().user_end, &spec, STACK_SIZE / 4)
             .ok_or(SpawnError::StackTooSmall(STACK_SIZE / 4))?;
         process
             .ram

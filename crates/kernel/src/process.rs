@@ -7,7 +7,9 @@ use syscalls::Errno;
 use crate::console::Console;
 use crate::fdtable::FdTable;
 use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
-use crate::mm::{AddressSpace, Range};
+use crate::file::{FileObject, OpenFile, Stream};
+use crate::loader::{STACK_SIZE, SpawnError};
+use crate::mm::{AddressSpace, Layout, Range};
 use crate::signals::SignalState;
 use crate::stats::SyscallStats;
 
@@ -66,6 +68,54 @@ pub struct Process {
 }
 
 impl Process {
+    /// A process with nothing loaded yet: standard streams on descriptors 0-2, the stack
+    /// mapped at the top of `ram`, working directory `cwd`. `spawn` loads a program into it;
+    /// tests and fuzzers drive syscalls on it directly.
+    pub fn new(
+        ram: GuestRam,
+        fs: Fs,
+        console: Console,
+        cwd: &[u8],
+        limits: Limits,
+        user_start: u64,
+    ) -> Result<Process, SpawnError> {
+        if ram.size() < user_start + 4 * STACK_SIZE {
+            return Err(SpawnError::RamTooSmall(ram.size()));
+        }
+        let layout = Layout {
+            user_start,
+            user_end: ram.size(),
+            stack_size: STACK_SIZE,
+        };
+        let mut files = FdTable::new(limits.open_files);
+        for (fd, stream, flags, name) in [
+            (0, Stream::Stdin, libc::O_RDONLY, "/dev/stdin"),
+            (1, Stream::Stdout, libc::O_WRONLY, "/dev/stdout"),
+            (2, Stream::Stderr, libc::O_WRONLY, "/dev/stderr"),
+        ] {
+            let file = OpenFile::new(FileObject::Console(stream), flags, name.as_bytes().to_vec());
+            files
+                .open_at(fd, file)
+                .map_err(|_| SpawnError::TooFewFiles(limits.open_files))?;
+        }
+        Ok(Process {
+            ram,
+            mm: AddressSpace::new(layout, limits.memory_bytes),
+            fs,
+            files,
+            cwd: cwd.to_vec(),
+            console,
+            signals: SignalState::default(),
+            stats: SyscallStats::default(),
+            exe_path: Vec::new(),
+            umask: 0o022,
+            clear_child_tid: 0,
+            start_time: std::time::Instant::now(),
+            deadline: None,
+            strace: None,
+        })
+    }
+
     /// Sets the wall-clock deadline the VMM enforces (sleeps stop at it).
     pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
         self.deadline = deadline;
