@@ -81,8 +81,14 @@ impl Process {
         console: Console,
         config: SpawnConfig,
     ) -> Result<(Process, Entry), SpawnError> {
-        let mut process =
-            Process::new(ram, fs, console, &config.cwd, config.limits, config.user_start)?;
+        let mut process = Process::new(
+            ram,
+            fs,
+            console,
+            &config.cwd,
+            config.limits,
+            config.user_start,
+        )?;
         let (node, canonical) = process.resolve_program(&config.program)?;
         process.exe_path = canonical;
         let main = process.load_object(node, &config.program, true)?;

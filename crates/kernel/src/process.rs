@@ -6,9 +6,9 @@ use syscalls::Errno;
 
 use crate::console::Console;
 use crate::fdtable::FdTable;
-use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 use crate::file::{FileObject, OpenFile, Stream};
 use crate::loader::{STACK_SIZE, SpawnError};
+use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 use crate::mm::{AddressSpace, Layout, Range};
 use crate::signals::SignalState;
 use crate::stats::SyscallStats;

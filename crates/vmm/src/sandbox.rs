@@ -194,10 +194,14 @@ impl Sandbox {
         // itself runs with the user code segment, so a program could also jump to it: that
         // is just another way to make a syscall, with registers it chose either way.
         if sync.regs.rip != SYSCALL_EXIT_RIP {
-            return Some(SandboxExit::Internal(format!(
-                "syscall port written from rip {:#x}, not the syscall stub",
-                sync.regs.rip
-            )));
+            // The program executed `out` itself: on Linux that is a #GP, i.e. SIGSEGV.
+            return Some(SandboxExit::Fault(Fault {
+                vector: 13,
+                signal: libc::SIGSEGV,
+                rip: sync.regs.rip.wrapping_sub(2),
+                address: 0,
+                error_code: Some(0),
+            }));
         }
         let r = &sync.regs;
         let call = SyscallArgs {

@@ -1,0 +1,61 @@
+//! Helpers shared by the KVM integration tests and the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// True when `/dev/kvm` can be used. Without it, a test should return early — unless
+/// `FORKVM_REQUIRE_KVM=1` (set by CI), in which case this panics so the run fails loudly.
+pub fn kvm_available() -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !usable {
+        if std::env::var("FORKVM_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("FORKVM_REQUIRE_KVM=1 but /dev/kvm cannot be opened");
+        }
+        eprintln!("skipping: /dev/kvm is not available (set FORKVM_REQUIRE_KVM=1 to fail instead)");
+    }
+    usable
+}
+
+/// The default Debian image (python3, numpy, the CPython test suite), built on first use.
+pub fn default_image() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let spec = forkvm_template::rootfs::RootfsSpec::default();
+            let cache = forkvm_template::rootfs::default_cache_dir();
+            forkvm_template::rootfs::ensure_rootfs(&spec, &cache, &mut |step| {
+                eprintln!("testkit: {step}");
+            })
+            .expect("building the default root filesystem image (run scripts/setup.sh first)")
+        })
+        .clone()
+}
+
+/// Compiles C sources into static executables inside `root` (at `/name` for each
+/// `(name, source)`), so tests can run small, exactly known programs.
+pub fn compile_static(root: &Path, programs: &[(&str, &str)]) {
+    for (name, source) in programs {
+        let src = root.join(format!("{name}.c"));
+        std::fs::write(&src, source).expect("writing C source");
+        let status = Command::new("gcc")
+            .args(["-static", "-O1", "-o"])
+            .arg(root.join(name))
+            .arg(&src)
+            .status()
+            .expect("running gcc (install it with scripts/setup.sh)");
+        assert!(status.success(), "gcc failed for {name}");
+        std::fs::remove_file(src).expect("removing C source");
+    }
+}
+
+/// Packs `root` into an image inside `dir` and returns its path.
+pub fn pack(root: &Path, dir: &Path) -> PathBuf {
+    let image = dir.join("test.img");
+    forkvm_image::build_image(root, &image).expect("packing the test image");
+    image
+}

@@ -1,0 +1,187 @@
+//! KVM integration tests: small static programs run in real sandboxes, checking how each
+//! kind of ending is reported and that the host is untouched.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkvm_image::{Fs, Image};
+use forkvm_kernel::{Console, Input, Limits, Process, SpawnConfig};
+use forkvm_vmm::{SandboxExit, Vmm};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    image: Arc<Image>,
+    vmm: Vmm,
+}
+
+fn fixture() -> Option<Fixture> {
+    if !forkvm_testkit::kvm_available() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    forkvm_testkit::compile_static(&root, &[("probe", include_str!("programs/probe.c"))]);
+    let image = Arc::new(Image::open(forkvm_testkit::pack(&root, dir.path())).unwrap());
+    Some(Fixture {
+        _dir: dir,
+        image,
+        vmm: Vmm::new().unwrap(),
+    })
+}
+
+struct Run {
+    exit: SandboxExit,
+    stdout: String,
+    elapsed: Duration,
+}
+
+fn run(f: &Fixture, args: &[&str], memory: u64, timeout: Option<Duration>) -> Run {
+    let stdout = Captured::default();
+    let console = Console::new(
+        Input::Empty,
+        Box::new(stdout.clone()),
+        Box::new(std::io::sink()),
+        1 << 20,
+    );
+    let mut argv = vec![b"/probe".to_vec()];
+    argv.extend(args.iter().map(|a| a.as_bytes().to_vec()));
+    let config = SpawnConfig {
+        program: b"/probe".to_vec(),
+        argv,
+        envp: vec![b"PATH=/".to_vec()],
+        cwd: b"/".to_vec(),
+        limits: Limits {
+            memory_bytes: memory,
+            ..Limits::default()
+        },
+        user_start: forkvm_vmm::layout::USER_START,
+    };
+    let ram = f.vmm.new_ram(memory).unwrap();
+    let fs = Fs::with_limit(f.image.clone(), 1 << 20);
+    let (process, entry) = Process::spawn(ram, fs, console, config).unwrap();
+    let mut sandbox = f.vmm.sandbox(process, entry).unwrap();
+    let start = Instant::now();
+    let exit = sandbox.run(timeout.map(|t| Instant::now() + t));
+    Run {
+        exit,
+        stdout: stdout.text(),
+        elapsed: start.elapsed(),
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+fn fault(run: &Run) -> &forkvm_vmm::Fault {
+    match &run.exit {
+        SandboxExit::Fault(fault) => fault,
+        other => panic!("expected a fault, got {other:?}"),
+    }
+}
+
+#[test]
+fn exit_status_and_output() {
+    let Some(f) = fixture() else { return };
+    let hello = run(&f, &["hello"], 64 * MIB, None);
+    assert_eq!(hello.exit, SandboxExit::Exited(0));
+    assert_eq!(hello.stdout, "hello from ring 3\n");
+    assert_eq!(
+        run(&f, &["exit", "42"], 64 * MIB, None).exit,
+        SandboxExit::Exited(42)
+    );
+}
+
+#[test]
+fn wild_pointer_write_is_a_page_fault() {
+    let Some(f) = fixture() else { return };
+    let r = run(&f, &["wild"], 64 * MIB, None);
+    let fault = fault(&r);
+    assert_eq!((fault.vector, fault.signal), (14, libc::SIGSEGV));
+    assert_eq!(fault.address, 0x7_0000_0000);
+    assert!(
+        fault.to_string().contains("write to address 0x700000000"),
+        "{fault}"
+    );
+}
+
+#[test]
+fn null_dereference_faults() {
+    let Some(f) = fixture() else { return };
+    let r = run(&f, &["null"], 64 * MIB, None);
+    assert_eq!(fault(&r).address, 8);
+}
+
+#[test]
+fn cpu_exceptions_map_to_signals() {
+    let Some(f) = fixture() else { return };
+    for (mode, signal) in [
+        ("ud2", libc::SIGILL),
+        ("int3", libc::SIGTRAP),
+        ("div0", libc::SIGFPE),
+        ("port", libc::SIGSEGV),
+        ("forge", libc::SIGSEGV),
+    ] {
+        let r = run(&f, &[mode], 64 * MIB, None);
+        assert_eq!(fault(&r).signal, signal, "{mode}: {:?}", r.exit);
+    }
+}
+
+#[test]
+fn bad_buffers_get_efault() {
+    let Some(f) = fixture() else { return };
+    let r = run(&f, &["efault"], 64 * MIB, None);
+    assert_eq!(r.exit, SandboxExit::Exited(0));
+    assert_eq!(r.stdout, "write=-1/14 read=-1/14 overflow=-1/14\n");
+}
+
+#[test]
+fn infinite_loop_times_out() {
+    let Some(f) = fixture() else { return };
+    let r = run(&f, &["loop"], 64 * MIB, Some(Duration::from_millis(300)));
+    assert_eq!(r.exit, SandboxExit::Timeout);
+    assert!(r.elapsed >= Duration::from_millis(300));
+}
+
+#[test]
+fn allocation_ends_in_enomem_not_a_crash() {
+    let Some(f) = fixture() else { return };
+    let r = run(&f, &["malloc"], 128 * MIB, None);
+    assert_eq!(r.exit, SandboxExit::Exited(0));
+    let mib: u64 = r
+        .stdout
+        .trim_start_matches("allocated ")
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((64..128).contains(&mib), "{}", r.stdout);
+}
+
+#[test]
+fn clocks_sleep_and_simd_work() {
+    let Some(f) = fixture() else { return };
+    assert_eq!(run(&f, &["sleep"], 64 * MIB, None).stdout, "slept ok\n");
+    assert_eq!(run(&f, &["avx"], 64 * MIB, None).stdout, "avx -2\n");
+    assert_eq!(run(&f, &["mmap"], 64 * MIB, None).stdout, "mmap zeroed\n");
+}
