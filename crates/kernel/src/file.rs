@@ -38,6 +38,8 @@ pub enum FileObject {
     Zero,
     /// `/dev/random` and `/dev/urandom` (host CSPRNG).
     Random,
+    /// One end of a pipe (`crate::pipe`).
+    Pipe { id: usize, write_end: bool },
 }
 
 /// An open file description.

@@ -19,6 +19,7 @@ pub mod fileinfo;
 pub mod loader;
 pub mod memory;
 pub mod mm;
+pub mod pipe;
 pub mod process;
 pub mod signals;
 pub mod stack;

@@ -10,6 +10,7 @@ use crate::file::{FileObject, OpenFile, Stream};
 use crate::loader::{STACK_SIZE, SpawnError};
 use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 use crate::mm::{AddressSpace, Layout, Range};
+use crate::pipe::Pipes;
 use crate::signals::SignalState;
 use crate::stats::SyscallStats;
 
@@ -53,6 +54,7 @@ pub struct Process {
     pub(crate) mm: AddressSpace,
     pub(crate) fs: Fs,
     pub(crate) files: FdTable,
+    pub(crate) pipes: Pipes,
     pub(crate) cwd: Vec<u8>,
     pub(crate) console: Console,
     pub(crate) signals: SignalState,
@@ -103,6 +105,7 @@ impl Process {
             mm: AddressSpace::new(layout, limits.memory_bytes),
             fs,
             files,
+            pipes: Pipes::default(),
             cwd: cwd.to_vec(),
             console,
             signals: SignalState::default(),

@@ -3,20 +3,17 @@
 //! Paths resolve inside the sandbox filesystem only (`forkvm_image::Fs`): no host path is
 //! ever touched. A few device and `/proc` paths are synthesized here.
 
-use forkvm_image::{Kind, NodeId, Resolved, Timespec};
+use forkvm_image::{Kind, Resolved};
 use syscalls::Errno;
 
 use super::SysResult;
 use crate::errno::from_fs;
 use crate::file::{FileObject, OpenFile, Stream};
-use crate::fileinfo::{self, FileStat};
+use crate::fileinfo::FileStat;
 use crate::process::Process;
 
 /// Longest path argument (`PATH_MAX`).
 const PATH_MAX: usize = 4096;
-const UTIME_NOW: i64 = (1 << 30) - 1;
-const UTIME_OMIT: i64 = (1 << 30) - 2;
-const RENAME_NOREPLACE: u32 = 1;
 
 /// Paths the sandbox synthesizes instead of looking up in the image.
 enum Special {
@@ -59,7 +56,7 @@ impl Process {
     }
 
     /// The directory relative paths start from: the cwd or `dirfd`'s directory.
-    fn base_dir(&self, dirfd: i32, path: &[u8]) -> Result<Vec<u8>, Errno> {
+    pub(crate) fn base_dir(&self, dirfd: i32, path: &[u8]) -> Result<Vec<u8>, Errno> {
         if path.starts_with(b"/") || dirfd == libc::AT_FDCWD {
             return Ok(self.cwd.clone());
         }
@@ -107,7 +104,12 @@ impl Process {
     }
 
     /// Resolves a path argument relative to `dirfd`.
-    fn resolve_at(&self, dirfd: i32, path: &[u8], follow: bool) -> Result<Resolved, Errno> {
+    pub(crate) fn resolve_at(
+        &self,
+        dirfd: i32,
+        path: &[u8],
+        follow: bool,
+    ) -> Result<Resolved, Errno> {
         let base = self.base_dir(dirfd, path)?;
         self.fs.resolve(&base, path, follow).map_err(from_fs)
     }
@@ -350,193 +352,6 @@ impl Process {
         let n = target.len().min(size as usize);
         self.write_user(buf, &target[..n])?;
         Ok(n as u64)
-    }
-
-    pub(crate) fn sys_getcwd(&mut self, buf: u64, size: u64) -> SysResult {
-        let mut cwd = self.cwd.clone();
-        cwd.push(0);
-        if (size as usize) < cwd.len() {
-            return Err(Errno::ERANGE.into());
-        }
-        self.write_user(buf, &cwd)?;
-        Ok(cwd.len() as u64)
-    }
-
-    pub(crate) fn sys_chdir(&mut self, path: u64) -> SysResult {
-        let path = self.read_path(path)?;
-        let resolved = self.resolve_at(libc::AT_FDCWD, &path, true)?;
-        if self.fs.kind(resolved.node).map_err(from_fs)? != Kind::Dir {
-            return Err(Errno::ENOTDIR.into());
-        }
-        self.cwd = resolved.path;
-        Ok(0)
-    }
-
-    pub(crate) fn sys_mkdirat(&mut self, dirfd: i32, path: u64, mode: u32) -> SysResult {
-        let path = self.read_path(path)?;
-        let base = self.base_dir(dirfd, &path)?;
-        let parent = self.fs.resolve_parent(&base, &path).map_err(from_fs)?;
-        self.fs
-            .mkdir(parent.dir.node, &parent.name, mode & !self.umask & 0o7777)
-            .map_err(from_fs)?;
-        Ok(0)
-    }
-
-    pub(crate) fn sys_unlinkat(&mut self, dirfd: i32, path: u64, flags: i32) -> SysResult {
-        if flags & !libc::AT_REMOVEDIR != 0 {
-            return Err(Errno::EINVAL.into());
-        }
-        let path = self.read_path(path)?;
-        let base = self.base_dir(dirfd, &path)?;
-        let parent = self.fs.resolve_parent(&base, &path).map_err(from_fs)?;
-        if flags & libc::AT_REMOVEDIR != 0 {
-            self.fs
-                .rmdir(parent.dir.node, &parent.name)
-                .map_err(from_fs)?;
-        } else {
-            let target = self
-                .fs
-                .lookup(parent.dir.node, &parent.name)
-                .map_err(from_fs)?;
-            let target = target.ok_or(Errno::ENOENT)?;
-            if self.fs.kind(target).map_err(from_fs)? == Kind::Dir {
-                return Err(Errno::EISDIR.into());
-            }
-            if parent.trailing_slash {
-                return Err(Errno::ENOTDIR.into());
-            }
-            self.fs
-                .unlink(parent.dir.node, &parent.name)
-                .map_err(from_fs)?;
-        }
-        Ok(0)
-    }
-
-    pub(crate) fn sys_renameat(
-        &mut self,
-        old_dirfd: i32,
-        old: u64,
-        new_dirfd: i32,
-        new: u64,
-        flags: u32,
-    ) -> SysResult {
-        if flags & !RENAME_NOREPLACE != 0 {
-            return Err(Errno::EINVAL.into());
-        }
-        let old = self.read_path(old)?;
-        let new = self.read_path(new)?;
-        let old_base = self.base_dir(old_dirfd, &old)?;
-        let new_base = self.base_dir(new_dirfd, &new)?;
-        let from = self.fs.resolve_parent(&old_base, &old).map_err(from_fs)?;
-        let to = self.fs.resolve_parent(&new_base, &new).map_err(from_fs)?;
-        if flags & RENAME_NOREPLACE != 0
-            && self
-                .fs
-                .lookup(to.dir.node, &to.name)
-                .map_err(from_fs)?
-                .is_some()
-        {
-            return Err(Errno::EEXIST.into());
-        }
-        self.fs
-            .rename(from.dir.node, &from.name, to.dir.node, &to.name)
-            .map_err(from_fs)?;
-        Ok(0)
-    }
-
-    pub(crate) fn sys_symlinkat(&mut self, target: u64, dirfd: i32, path: u64) -> SysResult {
-        let target = self.read_path(target)?;
-        let path = self.read_path(path)?;
-        let base = self.base_dir(dirfd, &path)?;
-        let parent = self.fs.resolve_parent(&base, &path).map_err(from_fs)?;
-        self.fs
-            .symlink(parent.dir.node, &parent.name, &target)
-            .map_err(from_fs)?;
-        Ok(0)
-    }
-
-    pub(crate) fn sys_truncate(&mut self, path: u64, len: i64) -> SysResult {
-        let len = u64::try_from(len).map_err(|_| Errno::EINVAL)?;
-        let path = self.read_path(path)?;
-        let resolved = self.resolve_at(libc::AT_FDCWD, &path, true)?;
-        self.fs.truncate(resolved.node, len).map_err(from_fs)?;
-        Ok(0)
-    }
-
-    pub(crate) fn sys_fchmodat(&mut self, dirfd: i32, path: u64, mode: u32) -> SysResult {
-        let path = self.read_path(path)?;
-        let resolved = self.resolve_at(dirfd, &path, true)?;
-        self.fs.set_mode(resolved.node, mode).map_err(from_fs)?;
-        Ok(0)
-    }
-
-    pub(crate) fn sys_path_exists(&mut self, dirfd: i32, path: u64) -> SysResult {
-        let path = self.read_path(path)?;
-        self.resolve_at(dirfd, &path, true)?;
-        Ok(0)
-    }
-
-    fn node_for_utimes(&self, dirfd: i32, path: u64, flags: i32) -> Result<NodeId, Errno> {
-        if path == 0 {
-            return match self.files.get(dirfd)?.object {
-                FileObject::Node { node, .. } => Ok(node),
-                _ => Err(Errno::EPERM),
-            };
-        }
-        let path = self.read_path(path)?;
-        Ok(self
-            .resolve_at(dirfd, &path, flags & libc::AT_SYMLINK_NOFOLLOW == 0)?
-            .node)
-    }
-
-    pub(crate) fn sys_utimensat(
-        &mut self,
-        dirfd: i32,
-        path: u64,
-        times: u64,
-        flags: i32,
-    ) -> SysResult {
-        let node = self.node_for_utimes(dirfd, path, flags)?;
-        let now = {
-            let d = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            Timespec {
-                sec: d.as_secs() as i64,
-                nsec: d.subsec_nanos(),
-            }
-        };
-        let (atime, mtime) = if times == 0 {
-            (Some(now), Some(now))
-        } else {
-            let raw = self.read_user(times, 32)?;
-            let field =
-                |i: usize| i64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            let decode = |sec: i64, nsec: i64| -> Result<Option<Timespec>, Errno> {
-                match nsec {
-                    UTIME_NOW => Ok(Some(now)),
-                    UTIME_OMIT => Ok(None),
-                    n if (0..1_000_000_000).contains(&n) => Ok(Some(Timespec {
-                        sec,
-                        nsec: n as u32,
-                    })),
-                    _ => Err(Errno::EINVAL),
-                }
-            };
-            (decode(field(0), field(1))?, decode(field(2), field(3))?)
-        };
-        self.fs.set_times(node, atime, mtime).map_err(from_fs)?;
-        Ok(0)
-    }
-
-    pub(crate) fn sys_statfs(&mut self, path: u64, out: u64) -> SysResult {
-        let path = self.read_path(path)?;
-        self.resolve_at(libc::AT_FDCWD, &path, true)?;
-        self.write_user(
-            out,
-            &fileinfo::statfs_bytes(self.fs.limit(), self.fs.used_bytes()),
-        )?;
-        Ok(0)
     }
 }
 

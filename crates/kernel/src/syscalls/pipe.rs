@@ -1,0 +1,140 @@
+//! `pipe`/`pipe2` and the pipe ends' read, write and poll behaviour (see `crate::pipe`).
+
+use syscalls::Errno;
+
+use super::{ExitReason, Stop, SysResult};
+use crate::file::{FileObject, OpenFile};
+use crate::process::Process;
+use crate::signals::default_terminates;
+
+impl Process {
+    pub(crate) fn sys_pipe2(&mut self, fds: u64, flags: i32) -> SysResult {
+        if flags & !(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_DIRECT) != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        self.check_user(fds, 8)?;
+        let id = self.pipes.create();
+        let name = format!("pipe:[{id}]").into_bytes();
+        let status = flags & libc::O_NONBLOCK;
+        let cloexec = flags & libc::O_CLOEXEC != 0;
+        let read_end = OpenFile::new(
+            FileObject::Pipe {
+                id,
+                write_end: false,
+            },
+            libc::O_RDONLY | status,
+            name.clone(),
+        );
+        let write_end = OpenFile::new(
+            FileObject::Pipe {
+                id,
+                write_end: true,
+            },
+            libc::O_WRONLY | status,
+            name,
+        );
+        let read_fd = match self.files.open(read_end, cloexec) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.pipes.release(id, false);
+                self.pipes.release(id, true);
+                return Err(e.into());
+            }
+        };
+        let write_fd = match self.files.open(write_end, cloexec) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = self.files.close(read_fd);
+                self.pipes.release(id, false);
+                self.pipes.release(id, true);
+                return Err(e.into());
+            }
+        };
+        let mut pair = [0u8; 8];
+        pair[..4].copy_from_slice(&read_fd.to_le_bytes());
+        pair[4..].copy_from_slice(&write_fd.to_le_bytes());
+        self.write_user(fds, &pair)?;
+        Ok(0)
+    }
+
+    pub(crate) fn pipe_read(
+        &mut self,
+        id: usize,
+        buf: u64,
+        len: u64,
+        nonblocking: bool,
+    ) -> SysResult {
+        let pipe = self.pipes.get(id).ok_or(Errno::EBADF)?;
+        if pipe.data.is_empty() {
+            if pipe.writers == 0 {
+                return Ok(0);
+            }
+            if nonblocking {
+                return Err(Errno::EAGAIN.into());
+            }
+            return Err(Stop::Exit(ExitReason::Deadlock(
+                "read from an empty pipe whose only writer is the reading thread itself".into(),
+            )));
+        }
+        let n = (len as usize).min(pipe.data.len());
+        let bytes: Vec<u8> = pipe.data.iter().take(n).copied().collect();
+        self.write_user(buf, &bytes)?;
+        if let Some(pipe) = self.pipes.get_mut(id) {
+            pipe.data.drain(..n);
+        }
+        Ok(n as u64)
+    }
+
+    pub(crate) fn pipe_write(
+        &mut self,
+        id: usize,
+        buf: u64,
+        len: u64,
+        nonblocking: bool,
+    ) -> SysResult {
+        let pipe = self.pipes.get(id).ok_or(Errno::EBADF)?;
+        if pipe.readers == 0 {
+            let action = self.signals.actions[libc::SIGPIPE as usize - 1];
+            if action.handler == libc::SIG_DFL as u64 && default_terminates(libc::SIGPIPE) {
+                return Err(Stop::Exit(ExitReason::Signaled(libc::SIGPIPE)));
+            }
+            return Err(Errno::EPIPE.into());
+        }
+        let room = pipe.room();
+        if room == 0 {
+            if nonblocking {
+                return Err(Errno::EAGAIN.into());
+            }
+            return Err(Stop::Exit(ExitReason::Deadlock(
+                "write to a full pipe whose only reader is the writing thread itself".into(),
+            )));
+        }
+        let n = (len as usize).min(room);
+        let bytes = self.read_user(buf, n)?;
+        if let Some(pipe) = self.pipes.get_mut(id) {
+            pipe.data.extend(bytes);
+        }
+        Ok(n as u64)
+    }
+
+    pub(crate) fn pipe_poll(&self, id: usize, write_end: bool, events: i16) -> i16 {
+        let Some(pipe) = self.pipes.get(id) else {
+            return libc::POLLNVAL;
+        };
+        if write_end {
+            if pipe.readers == 0 {
+                libc::POLLERR
+            } else if pipe.room() > 0 {
+                events & (libc::POLLOUT | libc::POLLWRNORM)
+            } else {
+                0
+            }
+        } else if !pipe.data.is_empty() {
+            events & (libc::POLLIN | libc::POLLRDNORM)
+        } else if pipe.writers == 0 {
+            libc::POLLHUP
+        } else {
+            0
+        }
+    }
+}
