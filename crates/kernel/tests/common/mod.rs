@@ -372,7 +372,10 @@ pub fn parse_dirents(mut raw: &[u8]) -> Vec<Dirent> {
     while !raw.is_empty() {
         let ino = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
         let reclen = u16::from_le_bytes([raw[16], raw[17]]) as usize;
-        assert!(reclen >= 24 && reclen % 8 == 0, "bad d_reclen {reclen}");
+        assert!(
+            reclen >= 24 && reclen.is_multiple_of(8),
+            "bad d_reclen {reclen}"
+        );
         let name_field = &raw[19..reclen];
         let len = name_field
             .iter()

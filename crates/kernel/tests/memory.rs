@@ -1,0 +1,465 @@
+//! Memory syscalls (mmap, munmap, mremap, mprotect, brk, madvise), the memory limit, and
+//! pointer checking on user buffers.
+
+mod common;
+
+use common::{BIG_LEN, HELLO, Harness, Options, RAM_SIZE, SCRATCH_LEN, err};
+use forkvm_kernel::Limits;
+use forkvm_kernel::loader::STACK_SIZE;
+
+const PAGE: u64 = 4096;
+const RW: u64 = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+const PRIVATE: u64 = libc::MAP_PRIVATE as u64;
+const ANON: u64 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+
+fn map_file(h: &mut Harness, fd: i64, len: u64, offset: u64) -> i64 {
+    let prot = libc::PROT_READ as u64;
+    h.sys(libc::SYS_mmap, &[0, len, prot, PRIVATE, fd as u64, offset])
+}
+
+#[test]
+fn anonymous_mmap_is_zeroed_and_munmap_makes_it_efault() {
+    let mut h = Harness::new();
+    let addr = h.mmap_anon(3 * PAGE);
+    assert!(addr > 0);
+    let addr = addr as u64;
+    assert!(addr.is_multiple_of(PAGE));
+    assert_eq!(
+        addr + 3 * PAGE,
+        h.scratch,
+        "placed top-down, right below the scratch"
+    );
+    assert_eq!(h.peek(addr, 3 * PAGE as usize), vec![0; 3 * PAGE as usize]);
+    h.poke(addr + 100, b"dirty");
+
+    let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0) as u64;
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, addr, 5]),
+        5,
+        "mapped: read works"
+    );
+    assert_eq!(h.sys(libc::SYS_munmap, &[addr, 3 * PAGE]), 0);
+    assert!(!h.process.address_space().is_mapped(addr, 1));
+    assert_eq!(h.sys(libc::SYS_read, &[fd, addr, 5]), err(libc::EFAULT));
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, addr + 2 * PAGE, 5]),
+        err(libc::EFAULT)
+    );
+
+    // The same range handed out again reads as zero.
+    let again = h.mmap_anon(3 * PAGE) as u64;
+    assert_eq!(again, addr);
+    assert_eq!(h.peek(addr, 3 * PAGE as usize), vec![0; 3 * PAGE as usize]);
+
+    assert_eq!(
+        h.sys(libc::SYS_munmap, &[addr + 1, PAGE]),
+        err(libc::EINVAL)
+    );
+    assert_eq!(h.sys(libc::SYS_munmap, &[addr, 0]), err(libc::EINVAL));
+}
+
+#[test]
+fn partial_munmap_splits_a_mapping() {
+    let mut h = Harness::new();
+    let addr = h.mmap_anon(4 * PAGE) as u64;
+    h.poke(addr, b"keep");
+    h.poke(addr + PAGE, b"drop");
+    assert_eq!(h.sys(libc::SYS_munmap, &[addr + PAGE, PAGE]), 0);
+    let space = h.process.address_space();
+    assert!(space.is_mapped(addr, PAGE));
+    assert!(!space.is_mapped(addr + PAGE, 1));
+    assert!(space.is_mapped(addr + 2 * PAGE, 2 * PAGE));
+    assert_eq!(h.peek(addr, 4), b"keep");
+    assert_eq!(h.peek(addr + PAGE, 4), [0; 4]);
+}
+
+#[test]
+fn mmap_argument_errors() {
+    let mut h = Harness::new();
+    let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0);
+    assert_eq!(h.mmap_anon(0), err(libc::EINVAL));
+    assert_eq!(
+        map_file(&mut h, fd, PAGE, 100),
+        err(libc::EINVAL),
+        "unaligned offset"
+    );
+    assert_eq!(map_file(&mut h, 55, PAGE, 0), err(libc::EBADF));
+    assert_eq!(map_file(&mut h, 1, PAGE, 0), err(libc::ENODEV), "stdout");
+    let wronly = h.open("/tmp/w", libc::O_CREAT | libc::O_WRONLY, 0o644);
+    assert_eq!(map_file(&mut h, wronly, PAGE, 0), err(libc::EACCES));
+    let shared_write = (libc::MAP_SHARED) as u64;
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[0, PAGE, RW, shared_write, fd as u64, 0]),
+        err(libc::ENODEV)
+    );
+    let no_type = libc::MAP_ANONYMOUS as u64;
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[0, PAGE, RW, no_type, u64::MAX, 0]),
+        err(libc::EINVAL)
+    );
+    let fixed = ANON | libc::MAP_FIXED as u64;
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[0x20_0123, PAGE, RW, fixed, u64::MAX, 0]),
+        err(libc::EINVAL),
+        "unaligned MAP_FIXED"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[0x1000, PAGE, RW, fixed, u64::MAX, 0]),
+        err(libc::ENOMEM),
+        "below the user range"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[RAM_SIZE, PAGE, RW, fixed, u64::MAX, 0]),
+        err(libc::ENOMEM),
+        "beyond guest RAM"
+    );
+    assert_eq!(
+        h.mmap_anon(u64::MAX),
+        err(libc::ENOMEM),
+        "length overflows when page-aligned"
+    );
+}
+
+#[test]
+fn map_fixed_replaces_and_noreplace_refuses() {
+    let mut h = Harness::new();
+    let fixed = ANON | libc::MAP_FIXED as u64;
+    let at = 0x20_0000;
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[at, 2 * PAGE, RW, fixed, u64::MAX, 0]),
+        at as i64
+    );
+    h.poke(at + PAGE, b"old");
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[at + PAGE, PAGE, RW, fixed, u64::MAX, 0]),
+        (at + PAGE) as i64
+    );
+    assert_eq!(
+        h.peek(at + PAGE, 3),
+        [0; 3],
+        "MAP_FIXED replaces with zero pages"
+    );
+    let noreplace = ANON | libc::MAP_FIXED_NOREPLACE as u64;
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[at, PAGE, RW, noreplace, u64::MAX, 0]),
+        err(libc::EEXIST)
+    );
+    assert_eq!(
+        h.sys(
+            libc::SYS_mmap,
+            &[at + 2 * PAGE, PAGE, RW, noreplace, u64::MAX, 0]
+        ),
+        (at + 2 * PAGE) as i64
+    );
+    // A non-fixed hint is honoured when free.
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[0x30_0000, PAGE, RW, ANON, u64::MAX, 0]),
+        0x30_0000
+    );
+}
+
+#[test]
+fn mmap_of_page_aligned_big_file_maps_its_content() {
+    let mut h = Harness::new();
+    let fd = h.open("/data/big.bin", libc::O_RDONLY, 0);
+    let addr = map_file(&mut h, fd, BIG_LEN as u64, 0);
+    assert!(addr > 0, "mmap: {addr}");
+    let addr = addr as u64;
+    let mapped_len = 5 * PAGE as usize;
+    assert!(h.process.address_space().is_mapped(addr, mapped_len as u64));
+    let bytes = h.peek(addr, mapped_len);
+    let expected: Vec<u8> = (0..BIG_LEN).map(common::big_byte).collect();
+    assert_eq!(&bytes[..BIG_LEN], &expected[..]);
+    assert_eq!(
+        &bytes[BIG_LEN..],
+        &vec![0; mapped_len - BIG_LEN][..],
+        "past EOF is zero"
+    );
+
+    // At an offset, and longer than the file: pages wholly past EOF are zero too.
+    let at = map_file(&mut h, fd, 6 * PAGE, 2 * PAGE) as u64;
+    let bytes = h.peek(at, 6 * PAGE as usize);
+    let tail = BIG_LEN - 2 * PAGE as usize;
+    assert_eq!(&bytes[..tail], &expected[2 * PAGE as usize..]);
+    assert!(bytes[tail..].iter().all(|&b| b == 0));
+
+    // Writing the private mapping does not change the file, and unmapping discards it.
+    h.poke(addr, b"XXXX");
+    let buf = h.at(0);
+    assert_eq!(h.sys(libc::SYS_pread64, &[fd as u64, buf, 4, 0]), 4);
+    assert_eq!(h.peek(buf, 4), &expected[..4]);
+    assert_eq!(h.sys(libc::SYS_munmap, &[addr, BIG_LEN as u64]), 0);
+    let fixed = ANON | libc::MAP_FIXED as u64;
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[addr, 5 * PAGE, RW, fixed, u64::MAX, 0]),
+        addr as i64
+    );
+    assert_eq!(
+        h.peek(addr, mapped_len),
+        vec![0; mapped_len],
+        "old file pages are gone"
+    );
+}
+
+#[test]
+fn mmap_of_small_file_zero_fills_the_page() {
+    let mut h = Harness::new();
+    let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0);
+    let addr = map_file(&mut h, fd, HELLO.len() as u64, 0) as u64;
+    let page = h.peek(addr, PAGE as usize);
+    assert_eq!(&page[..HELLO.len()], HELLO);
+    assert!(page[HELLO.len()..].iter().all(|&b| b == 0));
+    // An offset past the end maps only zeros.
+    let past = map_file(&mut h, fd, PAGE, PAGE) as u64;
+    assert_eq!(h.peek(past, PAGE as usize), vec![0; PAGE as usize]);
+}
+
+#[test]
+fn mmap_of_an_overlay_file_maps_written_content() {
+    let mut h = Harness::new();
+    let fd = h.open("/tmp/data", libc::O_CREAT | libc::O_RDWR, 0o644);
+    assert_eq!(h.write_fd(fd, b"overlay bytes"), 13);
+    let addr = map_file(&mut h, fd, PAGE, 0) as u64;
+    assert_eq!(h.peek(addr, 14), b"overlay bytes\0");
+}
+
+#[test]
+fn brk_grows_and_shrinks() {
+    let mut h = Harness::with(Options {
+        spawn_tiny: true,
+        ..Options::default()
+    });
+    let start = h.sys(libc::SYS_brk, &[0]) as u64;
+    assert_eq!(
+        start,
+        common::TINY_BASE + 0x3000,
+        "break starts after the loaded program"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_brk, &[start + 0x4800]) as u64,
+        start + 0x4800
+    );
+    assert!(h.process.address_space().is_mapped(start, 0x5000));
+    assert!(!h.process.address_space().is_mapped(start + 0x5000, 1));
+    h.poke(start + 0x3000, b"heap");
+    assert_eq!(
+        h.sys(libc::SYS_brk, &[start + 0x1000]) as u64,
+        start + 0x1000
+    );
+    assert!(!h.process.address_space().is_mapped(start + 0x1000, 1));
+    assert_eq!(
+        h.sys(libc::SYS_brk, &[start + 0x4000]) as u64,
+        start + 0x4000
+    );
+    assert_eq!(
+        h.peek(start + 0x3000, 4),
+        [0; 4],
+        "shrunk heap pages come back zeroed"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_brk, &[start - 1]) as u64,
+        start + 0x4000,
+        "below start"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_brk, &[RAM_SIZE]) as u64,
+        start + 0x4000,
+        "into the stack"
+    );
+    assert_eq!(h.sys(libc::SYS_brk, &[u64::MAX]) as u64, start + 0x4000);
+}
+
+#[test]
+fn mremap_grows_in_place_or_moves() {
+    let mut h = Harness::new();
+    // Room above: map four pages, free the top two, then grow back without moving.
+    let addr = h.mmap_anon(4 * PAGE) as u64;
+    assert_eq!(h.sys(libc::SYS_munmap, &[addr + 2 * PAGE, 2 * PAGE]), 0);
+    assert_eq!(
+        h.sys(libc::SYS_mremap, &[addr, 2 * PAGE, 4 * PAGE, 0]),
+        addr as i64
+    );
+    assert!(h.process.address_space().is_mapped(addr, 4 * PAGE));
+
+    // No room above (the first mapping sits right there): must move.
+    let low = h.mmap_anon(2 * PAGE) as u64;
+    assert_eq!(low + 2 * PAGE, addr);
+    h.poke(low + 10, b"moved data");
+    h.poke(low + PAGE + 10, b"second page");
+    assert_eq!(
+        h.sys(libc::SYS_mremap, &[low, 2 * PAGE, 8 * PAGE, 0]),
+        err(libc::ENOMEM),
+        "no MREMAP_MAYMOVE"
+    );
+    let maymove = libc::MREMAP_MAYMOVE as u64;
+    let moved = h.sys(libc::SYS_mremap, &[low, 2 * PAGE, 8 * PAGE, maymove]);
+    assert!(moved > 0, "mremap: {moved}");
+    let moved = moved as u64;
+    assert_ne!(moved, low);
+    assert_eq!(h.peek(moved + 10, 10), b"moved data");
+    assert_eq!(h.peek(moved + PAGE + 10, 11), b"second page");
+    assert_eq!(
+        h.peek(moved + 2 * PAGE, 6 * PAGE as usize),
+        vec![0; 6 * PAGE as usize]
+    );
+    let space = h.process.address_space();
+    assert!(space.is_mapped(moved, 8 * PAGE));
+    assert!(!space.is_mapped(low, 1), "the old range is unmapped");
+
+    // Shrinking keeps the start and unmaps the tail.
+    assert_eq!(
+        h.sys(libc::SYS_mremap, &[moved, 8 * PAGE, PAGE, 0]),
+        moved as i64
+    );
+    assert!(!h.process.address_space().is_mapped(moved + PAGE, 1));
+    assert_eq!(
+        h.sys(libc::SYS_mremap, &[moved + PAGE, PAGE, 2 * PAGE, maymove]),
+        err(libc::EFAULT),
+        "old range not mapped"
+    );
+}
+
+#[test]
+fn mprotect_needs_a_mapping() {
+    let mut h = Harness::new();
+    let addr = h.mmap_anon(2 * PAGE) as u64;
+    assert_eq!(
+        h.sys(libc::SYS_mprotect, &[addr, PAGE, libc::PROT_READ as u64]),
+        0
+    );
+    let space = h.process.address_space();
+    assert_eq!(space.vma_at(addr).unwrap().prot, libc::PROT_READ as u32);
+    assert_eq!(space.vma_at(addr + PAGE).unwrap().prot, RW as u32);
+    assert_eq!(
+        h.sys(libc::SYS_mprotect, &[0x20_0000, PAGE, RW]),
+        err(libc::ENOMEM)
+    );
+    assert_eq!(
+        h.sys(libc::SYS_mprotect, &[addr, 64 * PAGE, RW]),
+        err(libc::ENOMEM),
+        "runs past the mapping"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_mprotect, &[addr + 1, PAGE, RW]),
+        err(libc::EINVAL)
+    );
+}
+
+#[test]
+fn madvise_dontneed_zeroes() {
+    let mut h = Harness::new();
+    let addr = h.mmap_anon(2 * PAGE) as u64;
+    h.poke(addr, b"gone");
+    h.poke(addr + PAGE, b"kept");
+    let dontneed = libc::MADV_DONTNEED as u64;
+    assert_eq!(h.sys(libc::SYS_madvise, &[addr, PAGE, dontneed]), 0);
+    assert_eq!(h.peek(addr, 4), [0; 4]);
+    assert_eq!(h.peek(addr + PAGE, 4), b"kept");
+    assert_eq!(
+        h.sys(libc::SYS_madvise, &[0x20_0000, PAGE, dontneed]),
+        err(libc::ENOMEM)
+    );
+}
+
+#[test]
+fn bad_user_pointers_are_efault() {
+    let mut h = Harness::new();
+    let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0) as u64;
+    let unmapped = 0x20_0000;
+    assert_eq!(h.sys(libc::SYS_read, &[fd, unmapped, 4]), err(libc::EFAULT));
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, 0, 4]),
+        err(libc::EFAULT),
+        "NULL"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, RAM_SIZE - 4, 8]),
+        err(libc::EFAULT),
+        "past RAM"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, RAM_SIZE + PAGE, 8]),
+        err(libc::EFAULT)
+    );
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, u64::MAX - 3, 8]),
+        err(libc::EFAULT),
+        "wraps"
+    );
+    let end = h.scratch + SCRATCH_LEN;
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, end - 4, 8]),
+        err(libc::EFAULT),
+        "straddles"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, end - 4, u64::MAX]),
+        err(libc::EFAULT)
+    );
+    assert_eq!(
+        h.sys(libc::SYS_lseek, &[fd, 0, libc::SEEK_CUR as u64]),
+        0,
+        "failed reads consume nothing"
+    );
+    // The top of the stack is mapped right up to the end of RAM.
+    assert_eq!(h.sys(libc::SYS_read, &[fd, RAM_SIZE - 5, 5]), 5);
+    assert_eq!(h.peek(RAM_SIZE - 5, 5), b"hello");
+
+    assert_eq!(h.sys(libc::SYS_write, &[1, unmapped, 4]), err(libc::EFAULT));
+    assert_eq!(h.sys(libc::SYS_write, &[1, u64::MAX, 2]), err(libc::EFAULT));
+    assert!(h.stdout.bytes().is_empty());
+    let path = h.cstr(0, "/etc/hello.txt");
+    assert_eq!(
+        h.sys(
+            libc::SYS_newfstatat,
+            &[libc::AT_FDCWD as u64, path, unmapped, 0]
+        ),
+        err(libc::EFAULT)
+    );
+    assert_eq!(h.sys(libc::SYS_open, &[unmapped, 0, 0]), err(libc::EFAULT));
+    // An iovec array that is fine but points at unmapped memory.
+    let iov = h.at(0x100);
+    h.poke(iov, &unmapped.to_le_bytes());
+    h.poke(iov + 8, &4u64.to_le_bytes());
+    assert_eq!(h.sys(libc::SYS_readv, &[fd, iov, 1]), err(libc::EFAULT));
+    assert_eq!(
+        h.sys(libc::SYS_readv, &[fd, unmapped, 1]),
+        err(libc::EFAULT)
+    );
+    assert_eq!(h.sys(libc::SYS_readv, &[fd, iov, 5000]), err(libc::EINVAL));
+}
+
+#[test]
+fn memory_limit_refuses_big_mappings() {
+    let limit = STACK_SIZE + (1 << 20);
+    let mut h = Harness::with(Options {
+        limits: Limits {
+            memory_bytes: limit,
+            open_files: 64,
+        },
+        ..Options::default()
+    });
+    assert_eq!(
+        h.process.address_space().mapped_bytes(),
+        STACK_SIZE + SCRATCH_LEN
+    );
+    assert_eq!(h.mmap_anon(2 << 20), err(libc::ENOMEM));
+    let half = h.mmap_anon(512 << 10);
+    assert!(half > 0);
+    let rest = limit - STACK_SIZE - SCRATCH_LEN - (512 << 10);
+    assert_eq!(h.mmap_anon(rest + PAGE), err(libc::ENOMEM));
+    let last = h.mmap_anon(rest);
+    assert!(last > 0);
+    assert_eq!(h.process.address_space().mapped_bytes(), limit);
+    assert_eq!(h.mmap_anon(PAGE), err(libc::ENOMEM));
+    assert_eq!(
+        h.sys(
+            libc::SYS_mremap,
+            &[half as u64, 512 << 10, 1 << 20, libc::MREMAP_MAYMOVE as u64]
+        ),
+        err(libc::ENOMEM)
+    );
+    // Freeing makes room again.
+    assert_eq!(h.sys(libc::SYS_munmap, &[half as u64, 512 << 10]), 0);
+    assert!(h.mmap_anon(256 << 10) > 0);
+}

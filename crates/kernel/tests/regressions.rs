@@ -1,0 +1,68 @@
+//! Hostile-argument cases that once crashed (or still crash) the syscall layer. A syscall
+//! must answer every argument with a value or `-errno`; a panic or stack overflow would take
+//! the VMM thread down with it.
+
+mod common;
+
+use common::{Harness, err};
+
+const PAGE: u64 = 4096;
+const RW: u64 = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+const ANON: u64 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+
+#[test]
+#[ignore = "kernel bug: sys_mremap computes tail + grow unchecked (syscalls/mem.rs), \
+            overflow panic in debug builds"]
+fn mremap_to_a_huge_length_is_enomem() {
+    let mut h = Harness::new();
+    let addr = h.mmap_anon(PAGE) as u64;
+    let maymove = libc::MREMAP_MAYMOVE as u64;
+    assert_eq!(
+        h.sys(
+            libc::SYS_mremap,
+            &[addr, PAGE, u64::MAX - 2 * PAGE, maymove]
+        ),
+        err(libc::ENOMEM)
+    );
+    assert_eq!(
+        h.sys(libc::SYS_mremap, &[addr, PAGE, u64::MAX - 2 * PAGE, 0]),
+        err(libc::ENOMEM)
+    );
+    assert!(h.process.address_space().is_mapped(addr, PAGE));
+}
+
+#[test]
+#[ignore = "kernel bug: sys_mmap's MAP_FIXED_NOREPLACE check computes addr + len unchecked \
+            (syscalls/mem.rs), overflow panic in debug builds"]
+fn map_fixed_noreplace_at_the_top_of_the_address_space_is_enomem() {
+    let mut h = Harness::new();
+    let noreplace = ANON | libc::MAP_FIXED_NOREPLACE as u64;
+    let top = !(PAGE - 1);
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[top, 2 * PAGE, RW, noreplace, u64::MAX, 0]),
+        err(libc::ENOMEM)
+    );
+    let fixed = ANON | libc::MAP_FIXED as u64;
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[top, 2 * PAGE, RW, fixed, u64::MAX, 0]),
+        err(libc::ENOMEM)
+    );
+}
+
+#[test]
+#[ignore = "kernel bug: path_stat (syscalls/fs.rs) follows synthetic /proc/self links \
+            without a depth limit; a real directory named /proc/self/cwd used as the cwd makes \
+            stat recurse until the stack overflows"]
+fn stat_of_proc_self_cwd_named_like_itself_terminates() {
+    let mut h = Harness::new();
+    for dir in ["/proc", "/proc/self", "/proc/self/cwd"] {
+        let p = h.cstr(0x100, dir);
+        assert_eq!(h.sys(libc::SYS_mkdir, &[p, 0o755]), 0, "mkdir {dir}");
+    }
+    let p = h.cstr(0x100, "/proc/self/cwd");
+    assert_eq!(h.sys(libc::SYS_chdir, &[p]), 0);
+    match h.stat("/proc/self/cwd", 0) {
+        Ok(st) => assert_eq!(st.file_type(), libc::S_IFDIR),
+        Err(e) => assert_eq!(e, err(libc::ELOOP)),
+    }
+}
