@@ -3,10 +3,11 @@
 #   mmdebstrap  builds the sandbox root filesystem from Debian packages
 #   gcc, libc6-dev  compile the small static programs the KVM tests run
 #   bubblewrap  the container floor `forkvm bench` measures against
-#   python3     the host-side floor of the benchmarks and the stdlib comparison test
+#   python3, python3-numpy  the host-side floors of the benchmarks (the same Debian
+#               binaries the sandbox runs) and the stdlib comparison test
 set -euo pipefail
 
-packages=(mmdebstrap gcc libc6-dev bubblewrap python3 ca-certificates)
+packages=(mmdebstrap gcc libc6-dev bubblewrap python3 python3-numpy ca-certificates)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

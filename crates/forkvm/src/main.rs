@@ -1,5 +1,6 @@
 //! The `forkvm` command: run programs in kernel-less KVM sandboxes.
 
+mod bench;
 mod run;
 
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Benchmarks; each prints JSON on stdout and a table on stderr.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Root filesystem images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -55,6 +59,20 @@ enum Command {
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Cold sandbox start of python3 (bare, and importing numpy) and one syscall round trip,
+    /// each beside the same work run natively.
+    Startup {
+        /// Root filesystem image (default: the Debian image).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Timed runs per workload and side.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
     },
 }
 
@@ -100,6 +118,16 @@ fn default_image() -> Result<PathBuf> {
 
 fn execute(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Bench(BenchCommand::Startup { image, runs }) => {
+            let image = match image {
+                Some(path) => path,
+                None => default_image()?,
+            };
+            let report = bench::startup(&image, runs.max(1))?;
+            eprint!("{}", bench::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
         Command::Image(ImageCommand::Default) => {
             println!("{}", default_image()?.display());
             Ok(0)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use forkvm_image::{Fs, Image};
 use forkvm_kernel::{Console, Input, Limits, Process, SpawnConfig};
-use forkvm_vmm::{SandboxExit, Vmm};
+use forkvm_vmm::{Sandbox, SandboxExit, Vmm};
 
 /// Environment every sandboxed program starts with (plus `--env` additions).
 pub const DEFAULT_ENV: &[&str] = &[
@@ -41,6 +41,46 @@ pub struct RunOptions {
     pub strace: bool,
 }
 
+/// A program to start in a sandbox, with its standard streams.
+pub struct Launch<'a> {
+    pub program: &'a str,
+    pub args: &'a [String],
+    /// Added to (or replacing entries of) `DEFAULT_ENV`.
+    pub env: &'a [String],
+    pub cwd: &'a str,
+    pub memory_mib: u64,
+    pub overlay_limit: u64,
+    pub console: Console,
+}
+
+/// Loads the program into fresh guest RAM and creates its VM, ready to run.
+pub fn launch(vmm: &Vmm, image: &Arc<Image>, launch: Launch<'_>) -> Result<Sandbox> {
+    let ram_bytes = launch.memory_mib << 20;
+    let ram = vmm.new_ram(ram_bytes)?;
+    let mut env: Vec<Vec<u8>> = DEFAULT_ENV.iter().map(|e| e.as_bytes().to_vec()).collect();
+    for extra in launch.env {
+        let key = extra.split('=').next().unwrap_or_default();
+        env.retain(|e| !e.starts_with(format!("{key}=").as_bytes()));
+        env.push(extra.as_bytes().to_vec());
+    }
+    let mut argv = vec![launch.program.as_bytes().to_vec()];
+    argv.extend(launch.args.iter().map(|a| a.as_bytes().to_vec()));
+    let config = SpawnConfig {
+        program: launch.program.as_bytes().to_vec(),
+        argv,
+        envp: env,
+        cwd: launch.cwd.as_bytes().to_vec(),
+        limits: Limits {
+            memory_bytes: ram_bytes,
+            ..Limits::default()
+        },
+        user_start: forkvm_vmm::layout::USER_START,
+    };
+    let fs = Fs::with_limit(image.clone(), launch.overlay_limit);
+    let (process, entry) = Process::spawn(ram, fs, launch.console, config)?;
+    Ok(vmm.sandbox(process, entry)?)
+}
+
 /// Runs the program and returns the exit status forkvm should exit with.
 pub fn run(options: RunOptions) -> Result<i32> {
     let vmm = Vmm::new().context("starting the VMM")?;
@@ -48,39 +88,30 @@ pub fn run(options: RunOptions) -> Result<i32> {
         Image::open(&options.image)
             .with_context(|| format!("opening image {}", options.image.display()))?,
     );
-    let ram_bytes = options.memory_mib << 20;
-    let ram = vmm.new_ram(ram_bytes)?;
     let console = Console::new(
         Input::Host(Box::new(std::io::stdin())),
         Box::new(std::io::stdout()),
         Box::new(std::io::stderr()),
         options.output_limit,
     );
-    let mut env: Vec<Vec<u8>> = DEFAULT_ENV.iter().map(|e| e.as_bytes().to_vec()).collect();
-    for extra in &options.env {
-        let key = extra.split('=').next().unwrap_or_default();
-        env.retain(|e| !e.starts_with(format!("{key}=").as_bytes()));
-        env.push(extra.as_bytes().to_vec());
-    }
-    let mut argv = vec![options.program.as_bytes().to_vec()];
-    argv.extend(options.args.iter().map(|a| a.as_bytes().to_vec()));
-    let config = SpawnConfig {
-        program: options.program.as_bytes().to_vec(),
-        argv,
-        envp: env,
-        cwd: options.cwd.as_bytes().to_vec(),
-        limits: Limits {
-            memory_bytes: ram_bytes,
-            ..Limits::default()
+    let mut sandbox = launch(
+        &vmm,
+        &image,
+        Launch {
+            program: &options.program,
+            args: &options.args,
+            env: &options.env,
+            cwd: &options.cwd,
+            memory_mib: options.memory_mib,
+            overlay_limit: options.overlay_limit,
+            console,
         },
-        user_start: forkvm_vmm::layout::USER_START,
-    };
-    let fs = Fs::with_limit(image, options.overlay_limit);
-    let (mut process, entry) = Process::spawn(ram, fs, console, config)?;
+    )?;
     if options.strace {
-        process.set_strace(Some(Box::new(std::io::stderr())));
+        sandbox
+            .process_mut()
+            .set_strace(Some(Box::new(std::io::stderr())));
     }
-    let mut sandbox = vmm.sandbox(process, entry)?;
     let deadline = options.timeout.map(|t| Instant::now() + t);
     let exit = sandbox.run(deadline);
     let stats = sandbox.process().stats();

@@ -35,7 +35,7 @@ fn stdlib_matches_host_python() {
     if !forkvm_testkit::kvm_available() {
         return;
     }
-    let host = std::process::Command::new("python3")
+    let host = std::process::Command::new("/usr/bin/python3")
         .args(["-c", STDLIB_PROGRAM])
         .output()
         .expect("host python3");

@@ -66,3 +66,14 @@ fn stat_of_proc_self_cwd_named_like_itself_terminates() {
         Err(e) => assert_eq!(e, err(libc::ELOOP)),
     }
 }
+
+#[test]
+#[ignore = "kernel bug: read_cstring (process.rs) computes page_align_down(cursor) + PAGE_SIZE \
+            unchecked; a path pointer in the last page of the 64-bit space panics in debug builds"]
+fn path_pointer_in_the_last_page_is_efault() {
+    let mut h = Harness::new();
+    for addr in [u64::MAX - 255, u64::MAX, !(PAGE - 1)] {
+        assert_eq!(h.sys(libc::SYS_mkdir, &[addr, 0o755]), err(libc::EFAULT));
+        assert_eq!(h.sys(libc::SYS_open, &[addr, 0, 0]), err(libc::EFAULT));
+    }
+}
