@@ -167,9 +167,15 @@ fn path_offset(index: usize) -> u64 {
 /// Memory the input places in the scratch mapping before a call.
 #[derive(Arbitrary, Debug)]
 enum Fill {
-    Bytes { offset: u16, data: Vec<u8> },
+    Bytes {
+        offset: u16,
+        data: Vec<u8>,
+    },
     /// Little-endian words: iovecs, timespecs, sigactions, pollfds with pointers in them.
-    Words { offset: u16, words: Vec<Arg> },
+    Words {
+        offset: u16,
+        words: Vec<Arg>,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -201,13 +207,15 @@ fn new_process(stdin: Vec<u8>) -> (Process, u64) {
     let fs = Fs::with_limit(image(), OVERLAY_LIMIT);
     let ram = GuestRam::anonymous(RAM_SIZE).expect("guest RAM");
     let console = Console::new(
-        Input::Bytes { data: stdin, pos: 0 },
+        Input::Bytes {
+            data: stdin,
+            pos: 0,
+        },
         Box::new(std::io::sink()),
         Box::new(std::io::sink()),
         OUTPUT_LIMIT,
     );
-    let mut process =
-        Process::new(ram, fs, console, b"/etc", LIMITS, USER_START).expect("process");
+    let mut process = Process::new(ram, fs, console, b"/etc", LIMITS, USER_START).expect("process");
     // Sleeps never outlast the deadline: a fuzzed nanosleep returns at once.
     process.set_deadline(Some(std::time::Instant::now()));
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
@@ -227,7 +235,10 @@ fn new_process(stdin: Vec<u8>) -> (Process, u64) {
 /// unmaps the scratch area, writing there would break the zero-page invariant we check.
 fn fill(process: &Process, addr: u64, data: &[u8]) {
     if process.address_space().is_mapped(addr, data.len() as u64) {
-        process.ram().write(addr, data).expect("mapped memory is inside RAM");
+        process
+            .ram()
+            .write(addr, data)
+            .expect("mapped memory is inside RAM");
     }
 }
 
@@ -259,18 +270,31 @@ fn place(process: &Process, scratch: u64, fills: &[Fill]) {
 fn check_consistency(process: &mut Process) {
     let space = process.address_space();
     let layout = space.layout();
-    assert!(space.mapped_bytes() <= space.limit_bytes(), "over the memory limit");
+    assert!(
+        space.mapped_bytes() <= space.limit_bytes(),
+        "over the memory limit"
+    );
     let mut total = 0;
     let mut previous_end = layout.user_start;
     for vma in space.vmas() {
         assert!(vma.start < vma.end, "empty mapping {vma:?}");
-        assert!(vma.start % PAGE == 0 && vma.end % PAGE == 0, "unaligned {vma:?}");
-        assert!(vma.start >= previous_end, "overlapping or below user range: {vma:?}");
+        assert!(
+            vma.start % PAGE == 0 && vma.end % PAGE == 0,
+            "unaligned {vma:?}"
+        );
+        assert!(
+            vma.start >= previous_end,
+            "overlapping or below user range: {vma:?}"
+        );
         assert!(vma.end <= layout.user_end, "beyond RAM: {vma:?}");
         total += vma.end - vma.start;
         previous_end = vma.end;
     }
-    assert_eq!(total, space.mapped_bytes(), "mapped_bytes disagrees with the mappings");
+    assert_eq!(
+        total,
+        space.mapped_bytes(),
+        "mapped_bytes disagrees with the mappings"
+    );
     // Unmapped pages must read as zero: check the ones bordering each mapping, where an
     // off-by-one write or a missed discard would land.
     let mut page = vec![0u8; PAGE as usize];
@@ -279,12 +303,18 @@ fn check_consistency(process: &mut Process) {
             let Some(addr) = candidate else { continue };
             if addr < layout.user_end && !space.is_mapped(addr, 1) {
                 process.ram().read(addr, &mut page).expect("inside RAM");
-                assert!(page.iter().all(|&b| b == 0), "unmapped page {addr:#x} is dirty");
+                assert!(
+                    page.iter().all(|&b| b == 0),
+                    "unmapped page {addr:#x} is dirty"
+                );
             }
         }
     }
     let (out, err) = process.console_mut().written();
-    assert!(out <= OUTPUT_LIMIT && err <= OUTPUT_LIMIT, "output cap exceeded");
+    assert!(
+        out <= OUTPUT_LIMIT && err <= OUTPUT_LIMIT,
+        "output cap exceeded"
+    );
 }
 
 fuzz_target!(|program: Program| {
