@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use arbitrary::Arbitrary;
 use forkvm_image::{Fs, Image};
 use forkvm_kernel::memory::GuestRam;
-use forkvm_kernel::{Console, Input, Limits, Outcome, Process, SyscallArgs, TlsBases};
+use forkvm_kernel::{Console, Input, Limits, Outcome, Process, SpawnConfig, SyscallArgs, TlsBases};
 use libfuzzer_sys::fuzz_target;
 
 // The image tree and builder the kernel's integration tests use.
@@ -57,7 +57,11 @@ const PATHS: &[&str] = &[
     "/dev/urandom",
     "/dev/stdout",
     "/dev/stdin",
+    "/dev",
+    "/dev/fd",
     "/dev/fd/3",
+    "/proc",
+    "/proc/self",
     "/proc/self/exe",
     "/proc/self/cwd",
     "/proc/self/fd/0",
@@ -187,6 +191,9 @@ struct Call {
 
 #[derive(Arbitrary, Debug)]
 struct Program {
+    /// Load `/bin/tiny` first (a program mapping and a heap for `brk`) instead of starting
+    /// with an empty address space.
+    spawn: bool,
     stdin: Vec<u8>,
     calls: Vec<Call>,
 }
@@ -203,7 +210,7 @@ fn image() -> Arc<Image> {
         .clone()
 }
 
-fn new_process(stdin: Vec<u8>) -> (Process, u64) {
+fn new_process(spawn: bool, stdin: Vec<u8>) -> (Process, u64) {
     let fs = Fs::with_limit(image(), OVERLAY_LIMIT);
     let ram = GuestRam::anonymous(RAM_SIZE).expect("guest RAM");
     let console = Console::new(
@@ -215,7 +222,19 @@ fn new_process(stdin: Vec<u8>) -> (Process, u64) {
         Box::new(std::io::sink()),
         OUTPUT_LIMIT,
     );
-    let mut process = Process::new(ram, fs, console, b"/etc", LIMITS, USER_START).expect("process");
+    let mut process = if spawn {
+        let config = SpawnConfig {
+            program: b"/bin/tiny".to_vec(),
+            argv: vec![b"tiny".to_vec()],
+            envp: vec![b"HOME=/tmp".to_vec()],
+            cwd: b"/etc".to_vec(),
+            limits: LIMITS,
+            user_start: USER_START,
+        };
+        Process::spawn(ram, fs, console, config).expect("spawn").0
+    } else {
+        Process::new(ram, fs, console, b"/etc", LIMITS, USER_START).expect("process")
+    };
     // Sleeps never outlast the deadline: a fuzzed nanosleep returns at once.
     process.set_deadline(Some(std::time::Instant::now()));
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
@@ -225,7 +244,7 @@ fn new_process(stdin: Vec<u8>) -> (Process, u64) {
         args: [0, SCRATCH_LEN, prot, flags, u64::MAX, 0],
     };
     let scratch = match process.handle_syscall(call, &mut TlsBases::default()) {
-        Outcome::Return(addr) if addr % PAGE == 0 && addr >= USER_START => addr,
+        Outcome::Return(addr) if addr.is_multiple_of(PAGE) && addr >= USER_START => addr,
         other => panic!("scratch mmap failed: {other:?}"),
     };
     (process, scratch)
@@ -279,7 +298,7 @@ fn check_consistency(process: &mut Process) {
     for vma in space.vmas() {
         assert!(vma.start < vma.end, "empty mapping {vma:?}");
         assert!(
-            vma.start % PAGE == 0 && vma.end % PAGE == 0,
+            vma.start.is_multiple_of(PAGE) && vma.end.is_multiple_of(PAGE),
             "unaligned {vma:?}"
         );
         assert!(
@@ -318,7 +337,7 @@ fn check_consistency(process: &mut Process) {
 }
 
 fuzz_target!(|program: Program| {
-    let (mut process, scratch) = new_process(program.stdin);
+    let (mut process, scratch) = new_process(program.spawn, program.stdin);
     let mut tls = TlsBases::default();
     for call in program.calls.iter().take(MAX_CALLS) {
         place(&process, scratch, &call.fills);

@@ -187,7 +187,9 @@ impl Process {
         loop {
             // Read up to the end of the current page, so a string ending just before an
             // unmapped page is still read.
-            let page_end = page_align_down(cursor) + PAGE_SIZE;
+            let page_end = page_align_down(cursor)
+                .checked_add(PAGE_SIZE)
+                .ok_or(Errno::EFAULT)?;
             let chunk = (page_end - cursor) as usize;
             let bytes = self.read_user(cursor, chunk)?;
             if let Some(nul) = bytes.iter().position(|&b| b == 0) {

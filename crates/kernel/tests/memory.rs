@@ -17,6 +17,16 @@ fn map_file(h: &mut Harness, fd: i64, len: u64, offset: u64) -> i64 {
     h.sys(libc::SYS_mmap, &[0, len, prot, PRIVATE, fd as u64, offset])
 }
 
+/// True when the host mapping starting at `host_addr` is the test image file (from
+/// `/proc/self/maps`): the zero-copy path for page-aligned image files was taken.
+fn image_mapped_at(host_addr: u64) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    maps.lines().any(|line| {
+        let start = line.split('-').next().expect("range");
+        u64::from_str_radix(start, 16) == Ok(host_addr) && line.ends_with("test.img")
+    })
+}
+
 #[test]
 fn anonymous_mmap_is_zeroed_and_munmap_makes_it_efault() {
     let mut h = Harness::new();
@@ -183,6 +193,17 @@ fn mmap_of_page_aligned_big_file_maps_its_content() {
     assert_eq!(&bytes[..tail], &expected[2 * PAGE as usize..]);
     assert!(bytes[tail..].iter().all(|&b| b == 0));
 
+    // The whole pages are the image file's own pages (no copy), at the file's data offset.
+    let host = h.process.ram().host_base();
+    assert!(
+        image_mapped_at(host + addr),
+        "big.bin pages are not mapped from the image"
+    );
+    assert!(
+        image_mapped_at(host + at),
+        "offset mapping is not mapped from the image"
+    );
+
     // Writing the private mapping does not change the file, and unmapping discards it.
     h.poke(addr, b"XXXX");
     let buf = h.at(0);
@@ -209,6 +230,11 @@ fn mmap_of_small_file_zero_fills_the_page() {
     let page = h.peek(addr, PAGE as usize);
     assert_eq!(&page[..HELLO.len()], HELLO);
     assert!(page[HELLO.len()..].iter().all(|&b| b == 0));
+    let host = h.process.ram().host_base();
+    assert!(
+        !image_mapped_at(host + addr),
+        "a small file is copied, not mapped"
+    );
     // An offset past the end maps only zeros.
     let past = map_file(&mut h, fd, PAGE, PAGE) as u64;
     assert_eq!(h.peek(past, PAGE as usize), vec![0; PAGE as usize]);

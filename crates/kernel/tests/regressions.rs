@@ -11,8 +11,6 @@ const RW: u64 = (libc::PROT_READ | libc::PROT_WRITE) as u64;
 const ANON: u64 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
 
 #[test]
-#[ignore = "kernel bug: sys_mremap computes tail + grow unchecked (syscalls/mem.rs), \
-            overflow panic in debug builds"]
 fn mremap_to_a_huge_length_is_enomem() {
     let mut h = Harness::new();
     let addr = h.mmap_anon(PAGE) as u64;
@@ -32,8 +30,6 @@ fn mremap_to_a_huge_length_is_enomem() {
 }
 
 #[test]
-#[ignore = "kernel bug: sys_mmap's MAP_FIXED_NOREPLACE check computes addr + len unchecked \
-            (syscalls/mem.rs), overflow panic in debug builds"]
 fn map_fixed_noreplace_at_the_top_of_the_address_space_is_enomem() {
     let mut h = Harness::new();
     let noreplace = ANON | libc::MAP_FIXED_NOREPLACE as u64;
@@ -50,9 +46,6 @@ fn map_fixed_noreplace_at_the_top_of_the_address_space_is_enomem() {
 }
 
 #[test]
-#[ignore = "kernel bug: path_stat (syscalls/fs.rs) follows synthetic /proc/self links \
-            without a depth limit; a real directory named /proc/self/cwd used as the cwd makes \
-            stat recurse until the stack overflows"]
 fn stat_of_proc_self_cwd_named_like_itself_terminates() {
     let mut h = Harness::new();
     for dir in ["/proc", "/proc/self", "/proc/self/cwd"] {
@@ -68,8 +61,6 @@ fn stat_of_proc_self_cwd_named_like_itself_terminates() {
 }
 
 #[test]
-#[ignore = "kernel bug: read_cstring (process.rs) computes page_align_down(cursor) + PAGE_SIZE \
-            unchecked; a path pointer in the last page of the 64-bit space panics in debug builds"]
 fn path_pointer_in_the_last_page_is_efault() {
     let mut h = Harness::new();
     for addr in [u64::MAX - 255, u64::MAX, !(PAGE - 1)] {

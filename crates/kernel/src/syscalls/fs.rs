@@ -250,7 +250,10 @@ impl Process {
                         .ok_or(Errno::ENOENT)?;
                     return self.fd_stat(fd);
                 }
-                return self.path_stat(libc::AT_FDCWD, &target, true);
+                // Follow the synthetic link once, into the real tree: its target is a
+                // canonical path (cwd, executable), never another synthetic name.
+                let resolved = self.fs.resolve(b"/", &target, true).map_err(from_fs)?;
+                return Ok(self.fs.stat(resolved.node).map_err(from_fs)?.into());
             }
             Some(Special::Link(target)) => {
                 let mut stat = FileStat::device(libc::S_IFLNK | 0o777, (0, 0), 4);

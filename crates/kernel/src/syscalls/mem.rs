@@ -59,8 +59,9 @@ impl Process {
             if addr % PAGE_SIZE != 0 {
                 return Err(Errno::EINVAL.into());
             }
+            let end = addr.checked_add(len).ok_or(Errno::ENOMEM)?;
             if flags & libc::MAP_FIXED_NOREPLACE != 0
-                && self.mm.vmas().any(|v| v.start < addr + len && addr < v.end)
+                && self.mm.vmas().any(|v| v.start < end && addr < v.end)
             {
                 return Err(Errno::EEXIST.into());
             }
@@ -104,6 +105,7 @@ impl Process {
                 }
                 // Anonymous memory reads back as zero after DONTNEED; for private file
                 // mappings Linux would re-read the file, which no program here relies on.
+                // `is_mapped` guarantees `addr + len` does not overflow.
                 self.discard(&[(addr, addr + len)])?;
                 Ok(0)
             }
@@ -139,12 +141,11 @@ impl Process {
             return Ok(old);
         }
         let grow = new_len - old_len;
+        // `is_mapped` above guarantees `old + old_len` does not overflow.
         let tail = old + old_len;
-        let tail_free = self
-            .mm
-            .vmas()
-            .all(|v| v.end <= tail || v.start >= tail + grow)
-            && tail + grow <= self.mm.layout().mmap_top();
+        let tail_end = tail.checked_add(grow).ok_or(Errno::ENOMEM)?;
+        let tail_free = self.mm.vmas().all(|v| v.end <= tail || v.start >= tail_end)
+            && tail_end <= self.mm.layout().mmap_top();
         if tail_free && self.mm.map_fixed(tail, grow, vma.prot, vma.kind).is_ok() {
             return Ok(old);
         }
