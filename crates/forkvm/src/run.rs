@@ -125,8 +125,9 @@ pub fn run(options: RunOptions) -> Result<i32> {
 /// Prints why the sandbox ended (when it did not simply exit) and maps it to a status.
 fn report(exit: &SandboxExit, timeout: Option<Duration>) -> i32 {
     let mut stderr = std::io::stderr();
-    let status = match exit {
-        SandboxExit::Exited(code) => return *code & 0xff,
+
+    match exit {
+        SandboxExit::Exited(code) => *code & 0xff,
         SandboxExit::Signaled(signal) => {
             let _ = writeln!(stderr, "forkvm: program killed by signal {signal}");
             128 + signal
@@ -156,6 +157,5 @@ fn report(exit: &SandboxExit, timeout: Option<Duration>) -> i32 {
             let _ = writeln!(stderr, "forkvm: internal error: {why}");
             EXIT_INTERNAL
         }
-    };
-    status
+    }
 }

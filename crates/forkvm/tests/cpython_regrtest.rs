@@ -68,7 +68,7 @@ fn parse(output: &str) -> Option<Counts> {
         .find(|l| l.starts_with("OK") || l.starts_with("FAILED ("))?;
     let field = |name: &str| -> u32 {
         verdict
-            .split(|c| c == '(' || c == ')' || c == ',')
+            .split(['(', ')', ','])
             .filter_map(|part| part.trim().strip_prefix(name)?.strip_prefix('='))
             .find_map(|v| v.parse().ok())
             .unwrap_or(0)

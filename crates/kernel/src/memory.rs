@@ -78,7 +78,7 @@ impl GuestRam {
     }
 
     fn build(file: Option<&File>, size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % PAGE_SIZE != 0 || usize::try_from(size).is_err() {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || usize::try_from(size).is_err() {
             return Err(MemoryError::BadSize(size));
         }
         let file_offset = match file {
@@ -165,7 +165,7 @@ impl GuestRam {
     }
 
     fn check_pages(&self, addr: u64, len: u64) -> Result<*mut libc::c_void, MemoryError> {
-        let aligned = addr % PAGE_SIZE == 0 && len % PAGE_SIZE == 0;
+        let aligned = addr.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE);
         if !aligned || self.check(addr, len).is_err() {
             return Err(MemoryError::BadRange { addr, len });
         }
@@ -211,7 +211,7 @@ impl GuestRam {
             return Ok(());
         }
         let host = self.check_pages(addr, len)?;
-        if offset % PAGE_SIZE != 0 {
+        if !offset.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadRange { addr: offset, len });
         }
         // SAFETY: as in `discard`: the target range is inside our own mapping; the file mapping

@@ -193,7 +193,7 @@ impl AddressSpace {
         prot: u32,
         kind: VmaKind,
     ) -> Result<Vec<Range>, Errno> {
-        if start % PAGE_SIZE != 0 || len == 0 || len % PAGE_SIZE != 0 {
+        if !start.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
         if !self.in_user_range(start, len) {
@@ -221,7 +221,7 @@ impl AddressSpace {
     /// Finds a free, page-aligned range of `len` bytes: at `hint` if that range is free,
     /// otherwise the highest free range below the mmap top (the Linux top-down policy).
     pub fn find_free(&self, len: u64, hint: u64) -> Result<u64, Errno> {
-        if len == 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
         let hint = hint & !(PAGE_SIZE - 1);
@@ -254,7 +254,7 @@ impl AddressSpace {
 
     /// Unmaps `[start, start+len)`; returns the ranges whose pages must be discarded.
     pub fn unmap(&mut self, start: u64, len: u64) -> Result<Vec<Range>, Errno> {
-        if start % PAGE_SIZE != 0 || len == 0 {
+        if !start.is_multiple_of(PAGE_SIZE) || len == 0 {
             return Err(Errno::EINVAL);
         }
         let len = page_align_up(len).ok_or(Errno::EINVAL)?;
@@ -264,7 +264,7 @@ impl AddressSpace {
 
     /// Changes the recorded protection of `[start, start+len)`; ENOMEM if any of it is unmapped.
     pub fn protect(&mut self, start: u64, len: u64, prot: u32) -> Result<(), Errno> {
-        if start % PAGE_SIZE != 0 {
+        if !start.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
         let len = page_align_up(len).ok_or(Errno::EINVAL)?;

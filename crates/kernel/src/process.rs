@@ -237,7 +237,7 @@ impl Process {
         let backing = self.fs.image_backing(node).map_err(crate::errno::from_fs)?;
         if whole_pages > 0
             && let Some((file_offset, _)) = backing
-            && (file_offset + offset) % PAGE_SIZE == 0
+            && (file_offset + offset).is_multiple_of(PAGE_SIZE)
         {
             self.ram
                 .map_file(

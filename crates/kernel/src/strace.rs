@@ -104,7 +104,7 @@ impl Process {
                 if (-4095..0).contains(&signed) {
                     let errno = Errno::new(-signed as i32);
                     let _ = write!(line, " = -1 {}", errno.name().unwrap_or("E?"));
-                } else if signed >= 0 && signed < 1 << 20 {
+                } else if (0..1 << 20).contains(&signed) {
                     let _ = write!(line, " = {signed}");
                 } else {
                     let _ = write!(line, " = {value:#x}");

@@ -64,7 +64,7 @@ impl Vmm {
     /// Allocates sparse guest RAM of `size` bytes holding the page tables, descriptor tables
     /// and stubs; the program's memory is still all zero.
     pub fn new_ram(&self, size: u64) -> Result<GuestRam, VmmError> {
-        if size < MIN_RAM || size > layout::MAX_RAM || size % layout::RAM_ALIGN != 0 {
+        if !(MIN_RAM..=layout::MAX_RAM).contains(&size) || !size.is_multiple_of(layout::RAM_ALIGN) {
             return Err(VmmError::RamSize {
                 size,
                 max: layout::MAX_RAM,

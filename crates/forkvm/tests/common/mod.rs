@@ -1,3 +1,6 @@
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+
 //! Running the real `forkvm` binary against the default image.
 
 use std::io::Write;

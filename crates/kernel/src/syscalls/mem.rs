@@ -28,7 +28,7 @@ impl Process {
         offset: u64,
     ) -> SysResult {
         let len = Self::mapping_len(len)?;
-        if offset % PAGE_SIZE != 0 {
+        if !offset.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL.into());
         }
         let kind = flags & libc::MAP_TYPE;
@@ -56,7 +56,7 @@ impl Process {
             }
         };
         let start = if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
-            if addr % PAGE_SIZE != 0 {
+            if !addr.is_multiple_of(PAGE_SIZE) {
                 return Err(Errno::EINVAL.into());
             }
             let end = addr.checked_add(len).ok_or(Errno::ENOMEM)?;
@@ -94,7 +94,7 @@ impl Process {
     }
 
     pub(crate) fn sys_madvise(&mut self, addr: u64, len: u64, advice: i32) -> SysResult {
-        if addr % PAGE_SIZE != 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL.into());
         }
         let len = page_align_up(len).ok_or(Errno::EINVAL)?;
@@ -120,7 +120,9 @@ impl Process {
         new_len: u64,
         flags: i32,
     ) -> SysResult {
-        if old % PAGE_SIZE != 0 || flags & !(libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) != 0 {
+        if !old.is_multiple_of(PAGE_SIZE)
+            || flags & !(libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) != 0
+        {
             return Err(Errno::EINVAL.into());
         }
         if flags & libc::MREMAP_FIXED != 0 {

@@ -179,7 +179,7 @@ impl Process {
         if pid != 0 && pid as u64 != identity::PID {
             return Err(Errno::ESRCH.into());
         }
-        if len < 8 || len % 8 != 0 {
+        if len < 8 || !len.is_multiple_of(8) {
             return Err(Errno::EINVAL.into());
         }
         // One vCPU: CPU 0 only.
