@@ -40,6 +40,8 @@ pub enum FileObject {
     Random,
     /// One end of a pipe (`crate::pipe`).
     Pipe { id: usize, write_end: bool },
+    /// The control channel to the VMM (`crate::control`).
+    Control,
 }
 
 /// An open file description.

@@ -12,6 +12,7 @@
 //! own sandbox.
 
 pub mod console;
+pub mod control;
 pub mod errno;
 pub mod fdtable;
 pub mod file;

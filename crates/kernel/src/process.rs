@@ -5,6 +5,7 @@ use forkvm_image::Fs;
 use syscalls::Errno;
 
 use crate::console::Console;
+use crate::control::{CONTROL_FD, ControlChannel};
 use crate::fdtable::FdTable;
 use crate::file::{FileObject, OpenFile, Stream};
 use crate::loader::{STACK_SIZE, SpawnError};
@@ -55,6 +56,7 @@ pub struct Process {
     pub(crate) fs: Fs,
     pub(crate) files: FdTable,
     pub(crate) pipes: Pipes,
+    pub(crate) control: ControlChannel,
     pub(crate) cwd: Vec<u8>,
     pub(crate) console: Console,
     pub(crate) signals: SignalState,
@@ -106,6 +108,7 @@ impl Process {
             fs,
             files,
             pipes: Pipes::default(),
+            control: ControlChannel::default(),
             cwd: cwd.to_vec(),
             console,
             signals: SignalState::default(),
@@ -117,6 +120,38 @@ impl Process {
             deadline: None,
             strace: None,
         })
+    }
+
+    /// Opens the control channel on descriptor 3 (for a template's agent).
+    pub fn open_control_channel(&mut self) -> Result<(), SpawnError> {
+        let file = OpenFile::new(
+            FileObject::Control,
+            libc::O_RDWR,
+            b"forkvm:[control]".to_vec(),
+        );
+        self.files
+            .open_at(CONTROL_FD, file)
+            .map_err(|_| SpawnError::TooFewFiles(self.files.max_fds()))
+    }
+
+    /// True while the program is parked in a read of the control channel.
+    pub fn awaiting_control(&self) -> bool {
+        self.control.pending().is_some()
+    }
+
+    /// Completes the parked control-channel read with `data` (bytes beyond the read's length
+    /// stay queued for the next read). Returns the read's result for `rax`.
+    pub fn complete_control_read(&mut self, data: &[u8]) -> Result<u64, Errno> {
+        let pending = self.control.take_pending().ok_or(Errno::EINVAL)?;
+        self.control.push_inbound(data);
+        let bytes = self.control.take_inbound(pending.len as usize);
+        self.write_user(pending.buf, &bytes)?;
+        Ok(bytes.len() as u64)
+    }
+
+    /// What the program wrote to the control channel since the last call.
+    pub fn take_control_output(&mut self) -> Vec<u8> {
+        self.control.take_outbound()
     }
 
     /// Sets the wall-clock deadline the VMM enforces (sleeps stop at it).

@@ -110,6 +110,7 @@ impl Process {
                     let _ = write!(line, " = {value:#x}");
                 }
             }
+            Outcome::AwaitingControl => line.push_str(" = ? (waiting for the VMM)"),
             Outcome::Exit(ExitReason::Exited(code)) => {
                 let _ = write!(line, " = ? (exit {code})");
             }

@@ -6,6 +6,7 @@
 //! into exits to this VMM, where `forkvm_kernel` serves them.
 
 pub mod descriptors;
+pub mod exit;
 pub mod layout;
 pub mod paging;
 pub mod sandbox;
@@ -16,8 +17,9 @@ use forkvm_kernel::memory::{GuestRam, MemoryError};
 use kvm_ioctls::Kvm;
 use thiserror::Error;
 
-pub use sandbox::{Fault, Sandbox, SandboxError, SandboxExit};
-pub use vcpu::CpuTemplate;
+pub use exit::{Fault, SandboxExit};
+pub use sandbox::{Parked, RunResult, Sandbox, SandboxError};
+pub use vcpu::{CpuTemplate, VcpuState};
 
 /// Errors while setting up the VMM or a sandbox's memory.
 #[derive(Debug, Error)]

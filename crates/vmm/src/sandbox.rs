@@ -1,23 +1,20 @@
 //! A sandbox: one KVM VM with one vCPU running a program in ring 3, and the loop that serves
-//! its syscalls until it ends.
+//! its syscalls until it ends or parks on the control channel.
 
 use std::time::Instant;
 
-use forkvm_kernel::{
-    Entry, ExitReason, Outcome, OutputLimitReached, Process, SyscallArgs, TlsBases,
-};
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use forkvm_kernel::{Entry, ExitReason, Outcome, Process, SyscallArgs, TlsBases};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 
-use crate::descriptors::{self, SYSCALL_EXIT_RIP};
-use crate::layout::{
-    EXCEPTION_PORT_BASE, EXCEPTION_STUB_STRIDE, EXCEPTION_STUBS, EXCEPTION_VECTORS, SYSCALL_PORT,
-};
-use crate::vcpu::{self, CpuTemplate, USER_RFLAGS, VcpuSetupError};
+use crate::descriptors::SYSCALL_EXIT_RIP;
+use crate::exit::{self, SandboxExit};
+use crate::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, SYSCALL_PORT};
+use crate::vcpu::{self, CpuTemplate, USER_RFLAGS, VcpuSetupError, VcpuState};
 use crate::watchdog::DeadlineGuard;
 
-/// Errors while creating a sandbox's VM.
+/// Errors while creating, resuming or capturing a sandbox's VM.
 #[derive(Debug, Error)]
 pub enum SandboxError {
     #[error("KVM_CREATE_VM: {0}")]
@@ -30,57 +27,26 @@ pub enum SandboxError {
     GetSregs(kvm_ioctls::Error),
     #[error("configuring the vCPU: {0}")]
     Vcpu(#[from] VcpuSetupError),
+    #[error("the sandbox is not parked on its control channel")]
+    NotParked,
+    #[error("completing the control-channel read: {0}")]
+    Deliver(syscalls::Errno),
 }
 
-/// A CPU exception in the program, reported like the signal Linux would deliver.
+/// What `run_until_request` stopped for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fault {
-    pub vector: u8,
-    pub signal: i32,
-    /// Instruction that faulted.
-    pub rip: u64,
-    /// Faulting address for page faults (CR2), else 0.
-    pub address: u64,
-    pub error_code: Option<u64>,
+pub enum RunResult {
+    /// The sandbox ended.
+    Ended(SandboxExit),
+    /// The program is parked reading its control channel: deliver a request to go on.
+    AwaitingRequest,
 }
 
-impl std::fmt::Display for Fault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} at rip {:#x}",
-            descriptors::vector_name(self.vector),
-            self.rip
-        )?;
-        if self.vector == 14 {
-            let access = match self.error_code {
-                Some(code) if code & 2 != 0 => "write to",
-                Some(code) if code & 16 != 0 => "execute at",
-                _ => "read of",
-            };
-            write!(f, " ({access} address {:#x})", self.address)?;
-        }
-        Ok(())
-    }
-}
-
-/// How a sandbox ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SandboxExit {
-    /// The program called `exit_group(code)`.
-    Exited(i32),
-    /// The program killed itself with a signal (`abort()`, `kill(getpid(), …)`).
-    Signaled(i32),
-    /// A CPU exception.
-    Fault(Fault),
-    /// The wall-clock limit passed.
-    Timeout,
-    /// A stream reached its output cap.
-    OutputLimit(OutputLimitReached),
-    /// The program blocked forever (e.g. a futex wait with no other thread).
-    Deadlock(String),
-    /// Something the VMM did not expect (an exit it cannot explain, a failed ioctl).
-    Internal(String),
+/// The registers at the syscall exit where the program parked.
+#[derive(Debug, Clone, Copy)]
+pub struct Parked {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
 }
 
 /// One VM, one vCPU, one process. Field order is drop order: the vCPU and VM go before the
@@ -91,45 +57,75 @@ pub struct Sandbox {
     process: Process,
     user_cs: kvm_segment,
     user_ss: kvm_segment,
+    parked: Option<Parked>,
 }
 
 /// RFLAGS bits a program may set (as `sysret` restores them): CF PF AF ZF SF TF DF OF AC ID …
 /// but never IOPL or NT, which would widen its I/O privileges.
 const USER_RFLAGS_MASK: u64 = 0x3c_0dd5;
 
+/// Creates a VM whose only memory slot is `process`'s RAM.
+pub(crate) fn create_vm(kvm: &Kvm, process: &Process) -> Result<VmFd, SandboxError> {
+    let vm = kvm.create_vm().map_err(SandboxError::CreateVm)?;
+    let ram = process.ram();
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_base(),
+    };
+    // SAFETY: the region is a live host mapping of `ram.size()` bytes owned by `process`; the
+    // caller keeps the VM in a Sandbox that owns `process` and drops the VM first.
+    unsafe { vm.set_user_memory_region(region) }.map_err(SandboxError::SetMemoryRegion)?;
+    Ok(vm)
+}
+
 impl Sandbox {
     /// Creates the VM over `process`'s RAM and a vCPU ready to start at `entry`. The RAM must
-    /// already hold the page tables and descriptors (`crate::prepare_ram`).
+    /// already hold the page tables and descriptors (`Vmm::new_ram`).
     pub fn new(
         kvm: &Kvm,
         cpu: &CpuTemplate,
         process: Process,
         entry: Entry,
     ) -> Result<Self, SandboxError> {
-        let vm = kvm.create_vm().map_err(SandboxError::CreateVm)?;
-        let ram = process.ram();
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_base(),
-        };
-        // SAFETY: the region is a live host mapping of `ram.size()` bytes owned by `process`,
-        // which this Sandbox owns and drops only after the VM (field order).
-        unsafe { vm.set_user_memory_region(region) }.map_err(SandboxError::SetMemoryRegion)?;
-        let mut vcpu = vm.create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
+        let vm = create_vm(kvm, &process)?;
+        let vcpu = vm.create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
         vcpu::configure(&vcpu, cpu, entry.rip, entry.rsp)?;
+        let sregs = vcpu.get_sregs().map_err(SandboxError::GetSregs)?;
+        Ok(Self::assemble(vm, vcpu, process, sregs.cs, sregs.ss, None))
+    }
+
+    /// A sandbox from a VM whose vCPU was restored to `state`, parked on the control channel
+    /// (a fork of a snapshot).
+    pub fn from_restored(vm: VmFd, vcpu: VcpuFd, process: Process, state: &VcpuState) -> Self {
+        let (user_cs, user_ss) = vcpu::user_segments();
+        let parked = Parked {
+            regs: state.regs,
+            sregs: state.sregs,
+        };
+        Self::assemble(vm, vcpu, process, user_cs, user_ss, Some(parked))
+    }
+
+    fn assemble(
+        vm: VmFd,
+        mut vcpu: VcpuFd,
+        process: Process,
+        user_cs: kvm_segment,
+        user_ss: kvm_segment,
+        parked: Option<Parked>,
+    ) -> Self {
         vcpu.set_sync_valid_reg(SyncReg::Register);
         vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
-        let sregs = vcpu.get_sregs().map_err(SandboxError::GetSregs)?;
-        Ok(Self {
+        Self {
             vcpu,
             _vm: vm,
             process,
-            user_cs: sregs.cs,
-            user_ss: sregs.ss,
-        })
+            user_cs,
+            user_ss,
+            parked,
+        }
     }
 
     pub fn process(&self) -> &Process {
@@ -140,8 +136,34 @@ impl Sandbox {
         &mut self.process
     }
 
-    /// Runs the program until it ends or `deadline` passes.
+    /// Where the program is parked, if it is.
+    pub fn parked(&self) -> Option<&Parked> {
+        self.parked.as_ref()
+    }
+
+    /// The full vCPU state, for a snapshot (only meaningful while parked).
+    pub fn capture_vcpu(&self) -> Result<VcpuState, SandboxError> {
+        if self.parked.is_none() {
+            return Err(SandboxError::NotParked);
+        }
+        Ok(VcpuState::capture(&self.vcpu)?)
+    }
+
+    /// Runs a program that has no control channel until it ends or `deadline` passes.
     pub fn run(&mut self, deadline: Option<Instant>) -> SandboxExit {
+        match self.run_until_request(deadline) {
+            RunResult::Ended(exit) => exit,
+            RunResult::AwaitingRequest => {
+                SandboxExit::Internal("the program waits on a control channel nobody serves".into())
+            }
+        }
+    }
+
+    /// Runs until the program ends, parks on its control channel, or `deadline` passes.
+    pub fn run_until_request(&mut self, deadline: Option<Instant>) -> RunResult {
+        if self.parked.is_some() {
+            return RunResult::AwaitingRequest;
+        }
         let guard = deadline.map(DeadlineGuard::arm);
         self.process.set_deadline(deadline);
         let expired = |guard: &Option<DeadlineGuard>| {
@@ -149,59 +171,67 @@ impl Sandbox {
                 || deadline.is_some_and(|d| Instant::now() >= d)
         };
         loop {
-            let exit = match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(port, _)) => Exit::Port(port),
-                Ok(VcpuExit::Intr) => Exit::Interrupted,
-                Ok(VcpuExit::Shutdown) => Exit::Shutdown,
-                Ok(VcpuExit::Hlt) => Exit::Other("hlt".into()),
-                Ok(other) => Exit::Other(format!("{other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    Exit::Interrupted
-                }
-                Err(e) => Exit::Other(format!("KVM_RUN failed: {e}")),
-            };
-            let result = match exit {
-                Exit::Port(SYSCALL_PORT) => self.serve_syscall(),
-                Exit::Port(port)
+            let step = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(SYSCALL_PORT, _)) => self.serve_syscall(),
+                Ok(VcpuExit::IoOut(port, _))
                     if (EXCEPTION_PORT_BASE..EXCEPTION_PORT_BASE + EXCEPTION_VECTORS)
                         .contains(&port) =>
                 {
-                    Some(self.exception((port - EXCEPTION_PORT_BASE) as u8))
+                    let vector = (port - EXCEPTION_PORT_BASE) as u8;
+                    let sync = self.vcpu.sync_regs();
+                    Step::End(exit::exception(self.process.ram(), &sync, vector))
                 }
-                Exit::Port(port) => Some(SandboxExit::Internal(format!(
+                Ok(VcpuExit::IoOut(port, _)) => Step::End(SandboxExit::Internal(format!(
                     "unexpected I/O to port {port:#x}"
                 ))),
-                Exit::Interrupted => None,
-                Exit::Shutdown => Some(self.triple_fault()),
-                Exit::Other(what) => Some(SandboxExit::Internal(format!(
-                    "unexpected vCPU exit: {what}"
+                Ok(VcpuExit::Intr) => Step::Continue,
+                Ok(VcpuExit::Shutdown) => Step::End(exit::triple_fault(&self.vcpu.sync_regs())),
+                Ok(other) => Step::End(SandboxExit::Internal(format!(
+                    "unexpected vCPU exit: {other:?}"
                 ))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Err(e) => Step::End(SandboxExit::Internal(format!("KVM_RUN failed: {e}"))),
             };
-            if let Some(end) = result {
-                self.process.console_mut().flush();
-                return end;
-            }
-            if expired(&guard) {
-                self.process.console_mut().flush();
-                return SandboxExit::Timeout;
+            match step {
+                Step::Continue if expired(&guard) => {
+                    self.process.console_mut().flush();
+                    return RunResult::Ended(SandboxExit::Timeout);
+                }
+                Step::Continue => {}
+                Step::Park => return RunResult::AwaitingRequest,
+                Step::End(exit) => {
+                    self.process.console_mut().flush();
+                    return RunResult::Ended(exit);
+                }
             }
         }
     }
 
-    fn serve_syscall(&mut self) -> Option<SandboxExit> {
+    /// Completes the parked control-channel read with `request` and lets the program go on.
+    pub fn deliver_request(&mut self, request: &[u8]) -> Result<(), SandboxError> {
+        let parked = self.parked.take().ok_or(SandboxError::NotParked)?;
+        let value = self
+            .process
+            .complete_control_read(request)
+            .map_err(SandboxError::Deliver)?;
+        let sync = self.vcpu.sync_regs_mut();
+        sync.regs = parked.regs;
+        sync.sregs = parked.sregs;
+        let tls = TlsBases {
+            fs: parked.sregs.fs.base,
+            gs: parked.sregs.gs.base,
+        };
+        self.return_to_user(value, tls);
+        Ok(())
+    }
+
+    fn serve_syscall(&mut self) -> Step {
         let sync = self.vcpu.sync_regs_mut();
         // Only the stub writes this port (the TSS bitmap denies the rest). On kvm_pvm the stub
         // itself runs with the user code segment, so a program could also jump to it: that
         // is just another way to make a syscall, with registers it chose either way.
         if sync.regs.rip != SYSCALL_EXIT_RIP {
-            // The program executed `out` itself: on Linux that is a #GP, i.e. SIGSEGV.
-            return Some(SandboxExit::Fault(Fault {
-                vector: 13,
-                signal: libc::SIGSEGV,
-                rip: sync.regs.rip.wrapping_sub(2),
-                address: 0,
-                error_code: Some(0),
-            }));
+            return Step::End(exit::forged_port_write(sync.regs.rip));
         }
         let r = &sync.regs;
         let call = SyscallArgs {
@@ -214,33 +244,18 @@ impl Sandbox {
         };
         match self.process.handle_syscall(call, &mut tls) {
             Outcome::Return(value) => {
-                // Return to ring 3 as `sysretq` would: rip from rcx, rflags from r11, user
-                // segments (kvm_pvm cannot run sysretq in its emulated ring 0).
-                let sync = self.vcpu.sync_regs_mut();
-                sync.regs.rax = value;
-                sync.regs.rip = sync.regs.rcx;
-                sync.regs.rflags = (sync.regs.r11 & USER_RFLAGS_MASK) | USER_RFLAGS;
-                // kvm_pvm runs the stub with the user segments already loaded; hardware
-                // virtualization is in ring 0 here. Write system registers only when needed:
-                // it is the expensive part of the round trip.
-                let sregs = &mut sync.sregs;
-                let needs_sregs = sregs.cs.selector != self.user_cs.selector
-                    || sregs.ss.selector != self.user_ss.selector
-                    || sregs.fs.base != tls.fs
-                    || sregs.gs.base != tls.gs;
-                if needs_sregs {
-                    sregs.cs = self.user_cs;
-                    sregs.ss = self.user_ss;
-                    sregs.fs.base = tls.fs;
-                    sregs.gs.base = tls.gs;
-                }
-                self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-                if needs_sregs {
-                    self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
-                }
-                None
+                self.return_to_user(value, tls);
+                Step::Continue
             }
-            Outcome::Exit(reason) => Some(match reason {
+            Outcome::AwaitingControl => {
+                let sync = self.vcpu.sync_regs();
+                self.parked = Some(Parked {
+                    regs: sync.regs,
+                    sregs: sync.sregs,
+                });
+                Step::Park
+            }
+            Outcome::Exit(reason) => Step::End(match reason {
                 ExitReason::Exited(code) => SandboxExit::Exited(code),
                 ExitReason::Signaled(signal) => SandboxExit::Signaled(signal),
                 ExitReason::OutputLimit(limit) => SandboxExit::OutputLimit(limit),
@@ -249,56 +264,37 @@ impl Sandbox {
         }
     }
 
-    /// Reads the exception frame the CPU pushed on the ring-0 stack.
-    fn exception(&mut self, vector: u8) -> SandboxExit {
+    /// Finishes a syscall as `sysretq` would: `rax` = value, rip from rcx, rflags from r11,
+    /// user segments (kvm_pvm cannot run sysretq in its emulated ring 0). The sync area must
+    /// hold the full registers of the syscall exit.
+    fn return_to_user(&mut self, value: u64, tls: TlsBases) {
         let sync = self.vcpu.sync_regs_mut();
-        let expected_rip = EXCEPTION_STUBS + u64::from(vector) * EXCEPTION_STUB_STRIDE + 2;
-        if sync.regs.rip != expected_rip {
-            return SandboxExit::Internal(format!(
-                "exception exit from unexpected rip {:#x}",
-                sync.regs.rip
-            ));
+        sync.regs.rax = value;
+        sync.regs.rip = sync.regs.rcx;
+        sync.regs.rflags = (sync.regs.r11 & USER_RFLAGS_MASK) | USER_RFLAGS;
+        // kvm_pvm runs the stub with the user segments already loaded; hardware
+        // virtualization is in ring 0 there. Writing system registers is the expensive
+        // part of the round trip, so do it only when something differs.
+        let sregs = &mut sync.sregs;
+        let needs_sregs = sregs.cs.selector != self.user_cs.selector
+            || sregs.ss.selector != self.user_ss.selector
+            || sregs.fs.base != tls.fs
+            || sregs.gs.base != tls.gs;
+        if needs_sregs {
+            sregs.cs = self.user_cs;
+            sregs.ss = self.user_ss;
+            sregs.fs.base = tls.fs;
+            sregs.gs.base = tls.gs;
         }
-        let has_code = descriptors::has_error_code(vector);
-        let words = if has_code { 6 } else { 5 };
-        let mut frame = vec![0u8; words * 8];
-        if self.process.ram().read(sync.regs.rsp, &mut frame).is_err() {
-            return SandboxExit::Internal(format!(
-                "{} with an unreadable exception frame",
-                descriptors::vector_name(vector)
-            ));
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+        if needs_sregs {
+            self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
         }
-        let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8"));
-        let (error_code, rip) = if has_code {
-            (Some(word(0)), word(1))
-        } else {
-            (None, word(0))
-        };
-        let fault = Fault {
-            vector,
-            signal: descriptors::vector_signal(vector),
-            rip,
-            address: if vector == 14 { sync.sregs.cr2 } else { 0 },
-            error_code,
-        };
-        SandboxExit::Fault(fault)
-    }
-
-    fn triple_fault(&mut self) -> SandboxExit {
-        let sync = self.vcpu.sync_regs_mut();
-        SandboxExit::Fault(Fault {
-            vector: 8,
-            signal: libc::SIGSEGV,
-            rip: sync.regs.rip,
-            address: sync.sregs.cr2,
-            error_code: None,
-        })
     }
 }
 
-enum Exit {
-    Port(u16),
-    Interrupted,
-    Shutdown,
-    Other(String),
+enum Step {
+    Continue,
+    Park,
+    End(SandboxExit),
 }

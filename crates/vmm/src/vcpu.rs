@@ -6,8 +6,10 @@
 
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs,
+    kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::descriptors::{GDT_LIMIT, IDT_LIMIT, TSS_LIMIT};
@@ -59,6 +61,81 @@ pub enum VcpuSetupError {
     SetXcrs(kvm_ioctls::Error),
     #[error("KVM_SET_REGS: {0}")]
     SetRegs(kvm_ioctls::Error),
+    #[error("KVM_GET_REGS: {0}")]
+    GetRegs(kvm_ioctls::Error),
+    #[error("KVM_GET_XSAVE: {0}")]
+    GetXsave(kvm_ioctls::Error),
+    #[error("KVM_SET_XSAVE: {0}")]
+    SetXsave(kvm_ioctls::Error),
+    #[error("KVM_GET_XCRS: {0}")]
+    GetXcrs(kvm_ioctls::Error),
+    #[error("XSAVE region of {0} words, expected 1024")]
+    XsaveSize(usize),
+}
+
+/// The vCPU state a snapshot keeps: general and system registers, and the extended state
+/// (x87/SSE/AVX registers, MXCSR) with XCR0. Everything else (CPUID, syscall MSRs, the
+/// descriptor tables in guest memory) is the same for every sandbox and set by `configure`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// The 4 KiB `KVM_GET_XSAVE` region (x87, SSE, AVX, AVX-512 state).
+    pub xsave: Vec<u32>,
+    pub xcrs: kvm_xcrs,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("rsp", &format_args!("{:#x}", self.regs.rsp))
+            .field("fs_base", &format_args!("{:#x}", self.sregs.fs.base))
+            .field("xcr0", &format_args!("{:#x}", self.xcrs.xcrs[0].value))
+            .finish()
+    }
+}
+
+impl VcpuState {
+    /// Reads the state of a stopped vCPU.
+    pub fn capture(vcpu: &VcpuFd) -> Result<Self, VcpuSetupError> {
+        Ok(Self {
+            regs: vcpu.get_regs().map_err(VcpuSetupError::GetRegs)?,
+            sregs: vcpu.get_sregs().map_err(VcpuSetupError::GetSregs)?,
+            xsave: vcpu
+                .get_xsave()
+                .map_err(VcpuSetupError::GetXsave)?
+                .region
+                .to_vec(),
+            xcrs: vcpu.get_xcrs().map_err(VcpuSetupError::GetXcrs)?,
+        })
+    }
+
+    /// Puts a fresh vCPU into this state. Order matters: CPUID before XCR0 (KVM checks XCR0
+    /// against it), XCR0 before XSAVE (the XSAVE image may only use enabled components),
+    /// and SET_REGS last because SET_SREGS/XSAVE do not touch the general registers.
+    pub fn restore(&self, vcpu: &VcpuFd, cpu: &CpuTemplate) -> Result<(), VcpuSetupError> {
+        vcpu.set_cpuid2(&cpu.cpuid)
+            .map_err(VcpuSetupError::SetCpuid)?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(VcpuSetupError::SetSregs)?;
+        set_syscall_msrs(vcpu)?;
+        vcpu.set_xcrs(&self.xcrs).map_err(VcpuSetupError::SetXcrs)?;
+        let mut xsave = kvm_xsave::default();
+        if self.xsave.len() != xsave.region.len() {
+            return Err(VcpuSetupError::XsaveSize(self.xsave.len()));
+        }
+        xsave.region.copy_from_slice(&self.xsave);
+        // SAFETY: `xsave` is a fully initialized legacy-size `kvm_xsave` (4 KiB region, no
+        // trailing extension), which is exactly what KVM_SET_XSAVE reads.
+        unsafe { vcpu.set_xsave(&xsave) }.map_err(VcpuSetupError::SetXsave)?;
+        vcpu.set_regs(&self.regs).map_err(VcpuSetupError::SetRegs)
+    }
+}
+
+/// The ring-3 code and stack segments every sandbox's program runs with.
+pub fn user_segments() -> (kvm_segment, kvm_segment) {
+    (segment(USER_CS, true), segment(USER_DS, false))
 }
 
 /// The host's CPUID as KVM offers it to guests, read once per process.

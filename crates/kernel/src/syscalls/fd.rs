@@ -208,6 +208,7 @@ impl Process {
             FileObject::Null => FileStat::device(libc::S_IFCHR | 0o666, (1, 3), 1),
             FileObject::Zero => FileStat::device(libc::S_IFCHR | 0o666, (1, 5), 2),
             FileObject::Random => FileStat::device(libc::S_IFCHR | 0o666, (1, 9), 3),
+            FileObject::Control => FileStat::device(libc::S_IFSOCK | 0o600, (0, 0), 99),
             FileObject::Pipe { id, .. } => {
                 let mut stat = FileStat::device(libc::S_IFIFO | 0o600, (0, 0), 100 + *id as u64);
                 stat.size = self.pipes.get(*id).map_or(0, |p| p.data.len() as u64);

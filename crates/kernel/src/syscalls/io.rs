@@ -4,6 +4,7 @@ use forkvm_image::Kind;
 use syscalls::Errno;
 
 use super::{ExitReason, Stop, SysResult};
+use crate::control::PendingRead;
 use crate::errno::from_fs;
 use crate::file::{FileObject, Stream};
 use crate::process::Process;
@@ -92,6 +93,15 @@ impl Process {
                 let nonblocking = self.files.get(fd)?.status_flags & libc::O_NONBLOCK != 0;
                 return self.pipe_read(id, buf, len, nonblocking);
             }
+            FileObject::Control => {
+                if !self.control.has_inbound() {
+                    self.control.set_pending(PendingRead { buf, len });
+                    return Err(Stop::AwaitingControl);
+                }
+                let bytes = self.control.take_inbound(len as usize);
+                self.write_user(buf, &bytes)?;
+                bytes.len() as u64
+            }
         };
         if let At::Cursor = at {
             self.files.get_mut(fd)?.offset += n;
@@ -160,6 +170,13 @@ impl Process {
             FileObject::Pipe { id, .. } => {
                 let nonblocking = file_flags_nonblocking(self, fd)?;
                 self.pipe_write(id, buf, len, nonblocking)
+            }
+            FileObject::Control => {
+                let data = self.read_user(buf, len as usize)?;
+                if !self.control.push_outbound(&data) {
+                    return Err(Errno::EFBIG.into());
+                }
+                Ok(len)
             }
         }
     }

@@ -39,6 +39,9 @@ pub enum Outcome {
     Return(u64),
     /// End the sandbox.
     Exit(ExitReason),
+    /// The program is reading the control channel and nothing is queued: park the vCPU at
+    /// this syscall until `Process::complete_control_read` answers it.
+    AwaitingControl,
 }
 
 /// Early exit from a handler.
@@ -46,6 +49,7 @@ pub enum Outcome {
 pub(crate) enum Stop {
     Errno(Errno),
     Exit(ExitReason),
+    AwaitingControl,
 }
 
 impl From<Errno> for Stop {
@@ -81,6 +85,7 @@ impl Process {
             Ok(value) => Outcome::Return(value),
             Err(Stop::Errno(e)) => Outcome::Return((-i64::from(e.into_raw())) as u64),
             Err(Stop::Exit(reason)) => Outcome::Exit(reason),
+            Err(Stop::AwaitingControl) => Outcome::AwaitingControl,
         };
         if self.strace.is_some() {
             self.trace(call, &outcome);

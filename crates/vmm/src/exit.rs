@@ -1,0 +1,115 @@
+//! How a sandbox ends, and turning CPU exceptions into the signals Linux would deliver.
+
+use forkvm_kernel::OutputLimitReached;
+use forkvm_kernel::memory::GuestRam;
+use kvm_bindings::kvm_sync_regs;
+
+use crate::descriptors;
+use crate::layout::{EXCEPTION_STUB_STRIDE, EXCEPTION_STUBS};
+
+/// A CPU exception in the program, reported like the signal Linux would deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub vector: u8,
+    pub signal: i32,
+    /// Instruction that faulted.
+    pub rip: u64,
+    /// Faulting address for page faults (CR2), else 0.
+    pub address: u64,
+    pub error_code: Option<u64>,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at rip {:#x}",
+            descriptors::vector_name(self.vector),
+            self.rip
+        )?;
+        if self.vector == 14 {
+            let access = match self.error_code {
+                Some(code) if code & 2 != 0 => "write to",
+                Some(code) if code & 16 != 0 => "execute at",
+                _ => "read of",
+            };
+            write!(f, " ({access} address {:#x})", self.address)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a sandbox ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxExit {
+    /// The program called `exit_group(code)`.
+    Exited(i32),
+    /// The program killed itself with a signal (`abort()`, `kill(getpid(), …)`).
+    Signaled(i32),
+    /// A CPU exception.
+    Fault(Fault),
+    /// The wall-clock limit passed.
+    Timeout,
+    /// A stream reached its output cap.
+    OutputLimit(OutputLimitReached),
+    /// The program blocked forever (e.g. a futex wait with no other thread).
+    Deadlock(String),
+    /// Something the VMM did not expect (an exit it cannot explain, a failed ioctl).
+    Internal(String),
+}
+
+/// The program wrote the syscall port itself instead of through the stub: on Linux, `out`
+/// in user mode is a #GP, i.e. SIGSEGV.
+pub(crate) fn forged_port_write(rip_after: u64) -> SandboxExit {
+    SandboxExit::Fault(Fault {
+        vector: 13,
+        signal: libc::SIGSEGV,
+        rip: rip_after.wrapping_sub(2),
+        address: 0,
+        error_code: Some(0),
+    })
+}
+
+/// Decodes the exception `vector` from the frame the CPU pushed on the ring-0 stack.
+pub(crate) fn exception(ram: &GuestRam, sync: &kvm_sync_regs, vector: u8) -> SandboxExit {
+    let expected_rip = EXCEPTION_STUBS + u64::from(vector) * EXCEPTION_STUB_STRIDE + 2;
+    if sync.regs.rip != expected_rip {
+        return SandboxExit::Internal(format!(
+            "exception exit from unexpected rip {:#x}",
+            sync.regs.rip
+        ));
+    }
+    let has_code = descriptors::has_error_code(vector);
+    let words = if has_code { 6 } else { 5 };
+    let mut frame = vec![0u8; words * 8];
+    if ram.read(sync.regs.rsp, &mut frame).is_err() {
+        return SandboxExit::Internal(format!(
+            "{} with an unreadable exception frame",
+            descriptors::vector_name(vector)
+        ));
+    }
+    let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8"));
+    let (error_code, rip) = if has_code {
+        (Some(word(0)), word(1))
+    } else {
+        (None, word(0))
+    };
+    SandboxExit::Fault(Fault {
+        vector,
+        signal: descriptors::vector_signal(vector),
+        rip,
+        address: if vector == 14 { sync.sregs.cr2 } else { 0 },
+        error_code,
+    })
+}
+
+/// A triple fault (`KVM_EXIT_SHUTDOWN`): an exception while delivering an exception.
+pub(crate) fn triple_fault(sync: &kvm_sync_regs) -> SandboxExit {
+    SandboxExit::Fault(Fault {
+        vector: 8,
+        signal: libc::SIGSEGV,
+        rip: sync.regs.rip,
+        address: sync.sregs.cr2,
+        error_code: None,
+    })
+}
