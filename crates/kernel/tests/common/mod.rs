@@ -233,6 +233,7 @@ impl Harness {
         match self.call(nr, args) {
             Outcome::Return(value) => value as i64,
             Outcome::Exit(reason) => panic!("syscall {nr} ended the process: {reason:?}"),
+            Outcome::AwaitingControl => panic!("syscall {nr} parked on the control channel"),
         }
     }
 
