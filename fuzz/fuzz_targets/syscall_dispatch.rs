@@ -132,7 +132,7 @@ const SPECIALS: &[u64] = &[
     0x8000_0000_0000,
     RAM_SIZE,
     USER_START,
-    u64::MAX & !(PAGE - 1),
+    !(PAGE - 1),
     16 << 20,
 ];
 

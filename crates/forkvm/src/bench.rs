@@ -5,12 +5,12 @@
 //! both sides execute the same binaries.
 
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use forkvm_image::Image;
-use forkvm_kernel::{Console, Input};
+use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_vmm::{SandboxExit, Vmm};
 use serde::Serialize;
 
@@ -116,23 +116,10 @@ impl Machine {
     }
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("capture lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Runs Python `code` in a fresh sandbox; returns the wall time (VM creation, loading and
 /// the run) and stdout. Fails unless the program exits 0.
 fn sandbox_python(vmm: &Vmm, image: &Arc<Image>, code: &str) -> Result<(Duration, String)> {
-    let out = Captured::default();
+    let out = CaptureBuffer::default();
     let console = Console::new(
         Input::Empty,
         Box::new(out.clone()),
@@ -160,7 +147,7 @@ fn sandbox_python(vmm: &Vmm, image: &Arc<Image>, code: &str) -> Result<(Duration
     if exit != SandboxExit::Exited(0) {
         bail!("sandboxed python3 -c {code:?} ended with {exit:?}");
     }
-    let stdout = String::from_utf8_lossy(&out.0.lock().expect("capture lock")).into_owned();
+    let stdout = String::from_utf8_lossy(&out.contents()).into_owned();
     Ok((elapsed, stdout))
 }
 

@@ -1,7 +1,9 @@
 //! The `forkvm` command: run programs in kernel-less KVM sandboxes.
 
 mod bench;
+mod exec;
 mod run;
+mod template;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +27,21 @@ enum Command {
     /// Benchmarks; each prints JSON on stdout and a table on stderr.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run code in a fresh fork of a template; its output passes through and its exit code
+    /// becomes forkvm's.
+    Exec {
+        /// Template to fork.
+        #[arg(long, default_value = "python")]
+        template: String,
+        /// Wall-clock limit in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Code to run, or `-` to read it from stdin.
+        code: String,
+    },
+    /// Templates: programs snapshotted at their first request, which sandboxes fork from.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Root filesystem images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -60,6 +77,31 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Build (or rebuild) a template: run its entry program until it first reads its
+    /// control channel, then snapshot it.
+    Build {
+        /// Template name.
+        name: String,
+        /// Python modules to install (as Debian python3-<name> packages) and import.
+        #[arg(long, value_delimiter = ',', default_value = "numpy")]
+        packages: Vec<String>,
+        /// A custom entry program and arguments (it must read descriptor 3).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        entry: Option<Vec<String>>,
+        /// Guest memory in MiB for the template and its forks.
+        #[arg(long, default_value_t = 1024)]
+        memory: u64,
+    },
+    /// List templates.
+    List,
+    /// Show a template's metadata.
+    Show { name: String },
+    /// Delete a template.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -128,6 +170,32 @@ fn execute(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }
+        Command::Exec {
+            template,
+            timeout,
+            code,
+        } => exec::exec(&template, &code, Duration::from_secs_f64(timeout)),
+        Command::Template(TemplateCommand::Build {
+            name,
+            packages,
+            entry,
+            memory,
+        }) => {
+            let mut spec = forkvm_template::TemplateSpec::python(&name);
+            spec.modules = packages.clone();
+            spec.extra_packages = packages
+                .iter()
+                .filter(|p| p.as_str() != "numpy")
+                .map(|p| format!("python3-{}", p.to_lowercase()))
+                .collect();
+            spec.entry = entry;
+            spec.memory_mib = memory;
+            template::build(&spec)?;
+            Ok(0)
+        }
+        Command::Template(TemplateCommand::List) => template::list().map(|()| 0),
+        Command::Template(TemplateCommand::Show { name }) => template::show(&name).map(|()| 0),
+        Command::Template(TemplateCommand::Rm { name }) => template::remove(&name).map(|()| 0),
         Command::Image(ImageCommand::Default) => {
             println!("{}", default_image()?.display());
             Ok(0)

@@ -16,6 +16,8 @@
 //! The header's digest is SHA-256 over the whole file with the digest field read as zeros: it
 //! names the image's content (templates record it to refuse a mismatched image).
 
+use serde::{Deserialize, Serialize};
+
 /// First eight bytes of every image.
 pub const MAGIC: [u8; 8] = *b"FKVMIMG\0";
 /// Bumped on any layout change; part of the rootfs cache key.
@@ -34,7 +36,9 @@ pub(crate) const DIGEST_OFFSET: usize = 88;
 pub(crate) const DIGEST_LEN: usize = 32;
 
 /// A point in time as seconds and nanoseconds since the Unix epoch (`struct timespec`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Timespec {
     /// Whole seconds; negative before 1970.
     pub sec: i64,
@@ -43,7 +47,7 @@ pub struct Timespec {
 }
 
 /// What an inode is. Device nodes, fifos and sockets are never stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
     /// A regular file.
     File,

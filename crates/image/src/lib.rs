@@ -11,6 +11,6 @@ pub use builder::{BuildError, BuildStats, build_image};
 pub use format::{ALIGN_THRESHOLD, FORMAT_VERSION, Kind, NAME_MAX, PAGE_SIZE, Timespec};
 pub use fs::{
     DEFAULT_OVERLAY_LIMIT, DirEntryInfo, Fs, FsError, MAX_FILE_SIZE, MAX_SYMLINKS, NodeId,
-    PATH_MAX, Parent, Resolved, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Stat,
+    OverlayState, PATH_MAX, Parent, Resolved, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Stat,
 };
 pub use reader::{DirEntry, Image, ImageError, Ino, InodeInfo};

@@ -64,7 +64,9 @@ pub enum ImageError {
 }
 
 /// An inode number: an index into the image's inode table. The root is [`Image::root`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Ino(pub u32);
 
 /// An inode's attributes as stored in the image.

@@ -2,6 +2,7 @@
 //! bytes come from.
 
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 
 use crate::file::Stream;
 
@@ -13,6 +14,34 @@ pub enum Input {
     Bytes { data: Vec<u8>, pos: usize },
     /// A host reader (the CLI passes its own stdin through).
     Host(Box<dyn Read + Send>),
+}
+
+/// An in-memory sink for a sandbox's output that the host reads afterwards (or while it
+/// runs, for streaming). Clones share the buffer.
+#[derive(Clone, Default)]
+pub struct CaptureBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl CaptureBuffer {
+    /// Takes the bytes written so far, leaving the buffer empty.
+    pub fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().expect("capture lock"))
+    }
+
+    /// A copy of the bytes written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().expect("capture lock").clone()
+    }
+}
+
+impl Write for CaptureBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("capture lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A stream reached its byte cap; the sandbox must stop.
@@ -101,24 +130,11 @@ impl Console {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn caps_each_stream_separately() {
-        let out = Shared::default();
-        let err = Shared::default();
+        let out = CaptureBuffer::default();
+        let err = CaptureBuffer::default();
         let mut c = Console::new(
             Input::Empty,
             Box::new(out.clone()),
@@ -128,7 +144,7 @@ mod tests {
         c.write(Stream::Stdout, b"abc").unwrap();
         let hit = c.write(Stream::Stdout, b"defg").unwrap_err();
         assert_eq!(hit.stream, Stream::Stdout);
-        assert_eq!(&*out.0.lock().unwrap(), b"abcde");
+        assert_eq!(out.contents(), b"abcde");
         c.write(Stream::Stderr, b"12345").unwrap();
         assert_eq!(c.written(), (5, 5));
     }

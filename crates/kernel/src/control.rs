@@ -7,6 +7,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 /// Descriptor number the agent finds the channel on.
 pub const CONTROL_FD: i32 = 3;
 /// Most bytes the agent may write before the VMM collects them (a reply larger than this
@@ -14,14 +16,14 @@ pub const CONTROL_FD: i32 = 3;
 pub const OUTBOX_LIMIT: usize = 256 << 20;
 
 /// A read the program made that is waiting for bytes from the VMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingRead {
     pub buf: u64,
     pub len: u64,
 }
 
 /// Bytes in flight on the channel, both ways.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ControlChannel {
     inbox: VecDeque<u8>,
     outbox: Vec<u8>,

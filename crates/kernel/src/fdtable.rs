@@ -4,25 +4,26 @@
 //! Descriptions live in a slab indexed by number rather than behind `Arc`s, so cloning the
 //! table for a fork keeps the sharing structure and copies no file data.
 
+use serde::{Deserialize, Serialize};
 use syscalls::Errno;
 
 use crate::file::OpenFile;
 
 /// One descriptor: which description it refers to and its per-descriptor flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Slot {
     description: usize,
     cloexec: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Shared {
     file: OpenFile,
     refs: usize,
 }
 
 /// The descriptor table of the sandboxed process.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FdTable {
     slots: Vec<Option<Slot>>,
     descriptions: Vec<Option<Shared>>,

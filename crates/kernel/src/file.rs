@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use forkvm_image::NodeId;
 
 /// The standard streams the host connects to the sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stream {
     Stdin,
     Stdout,
@@ -13,7 +15,7 @@ pub enum Stream {
 }
 
 /// One entry of a directory listing, as `getdents64` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirEntry {
     pub name: Vec<u8>,
     pub ino: u64,
@@ -22,7 +24,7 @@ pub struct DirEntry {
 }
 
 /// What an open file description refers to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum FileObject {
     /// A file, directory or symlink of the sandbox filesystem. Directories carry the listing
     /// taken at the first `getdents64`, so a listing is consistent while it is read.
@@ -45,7 +47,7 @@ pub enum FileObject {
 }
 
 /// An open file description.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenFile {
     pub object: FileObject,
     pub offset: u64,

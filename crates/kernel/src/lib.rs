@@ -28,7 +28,7 @@ pub mod stats;
 mod strace;
 pub mod syscalls;
 
-pub use console::{Console, Input, OutputLimitReached};
+pub use console::{CaptureBuffer, Console, Input, OutputLimitReached};
 pub use loader::{Entry, SpawnConfig, SpawnError};
-pub use process::{Limits, Process, TlsBases};
+pub use process::{Limits, Process, ProcessState, TlsBases};
 pub use syscalls::{ExitReason, Outcome, SyscallArgs, syscall_name};

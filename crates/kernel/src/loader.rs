@@ -58,6 +58,8 @@ pub enum SpawnError {
     RamTooSmall(u64),
     #[error("an open-file limit of {0} leaves no room for the standard streams")]
     TooFewFiles(usize),
+    #[error("guest RAM of {ram} bytes does not match the {state}-byte snapshot")]
+    RamMismatch { ram: u64, state: u64 },
 }
 
 struct LoadedObject {

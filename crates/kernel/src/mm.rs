@@ -8,12 +8,13 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use syscalls::Errno;
 
 use crate::memory::{PAGE_SIZE, page_align_up};
 
 /// What backs a mapping (for accounting and diagnostics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmaKind {
     /// Anonymous memory (zero-filled).
     Anonymous,
@@ -26,7 +27,7 @@ pub enum VmaKind {
 }
 
 /// One contiguous mapping `[start, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vma {
     pub start: u64,
     pub end: u64,
@@ -39,7 +40,7 @@ pub struct Vma {
 pub type Range = (u64, u64);
 
 /// Fixed places in the program's address space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     /// Lowest address a program may map (everything below belongs to the VMM or is a guard).
     pub user_start: u64,
@@ -62,7 +63,7 @@ impl Layout {
 }
 
 /// The set of mappings plus the `brk` heap and the memory limit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddressSpace {
     layout: Layout,
     vmas: BTreeMap<u64, Vma>,

@@ -5,11 +5,13 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 /// Bytes a pipe holds (Linux's default pipe size).
 pub const PIPE_CAPACITY: usize = 64 * 1024;
 
 /// One pipe's buffer and how many open descriptions each end has.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Pipe {
     pub data: VecDeque<u8>,
     pub readers: u32,
@@ -24,7 +26,7 @@ impl Pipe {
 }
 
 /// All pipes of a process, indexed by the id their descriptions carry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Pipes {
     slots: Vec<Option<Pipe>>,
 }

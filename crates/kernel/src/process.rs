@@ -1,7 +1,10 @@
 //! The state of one sandboxed process: its memory, files, working directory, signal
 //! dispositions and counters. The syscall handlers (`syscalls::*`) operate on it.
 
-use forkvm_image::Fs;
+use std::sync::Arc;
+
+use forkvm_image::{Fs, Image, OverlayState};
+use serde::{Deserialize, Serialize};
 use syscalls::Errno;
 
 use crate::console::Console;
@@ -47,6 +50,35 @@ impl Default for Limits {
 pub struct TlsBases {
     pub fs: u64,
     pub gs: u64,
+}
+
+/// Everything about a process except its memory contents, vCPU and standard streams: what a
+/// snapshot stores and what each fork starts from. Cloning is cheap (the filesystem overlay
+/// clones in O(1); the rest is small tables).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ProcessState {
+    pub(crate) mm: AddressSpace,
+    pub(crate) overlay: OverlayState,
+    pub(crate) files: FdTable,
+    pub(crate) pipes: Pipes,
+    pub(crate) control: ControlChannel,
+    pub(crate) cwd: Vec<u8>,
+    pub(crate) signals: SignalState,
+    pub(crate) exe_path: Vec<u8>,
+    pub(crate) umask: u32,
+    pub(crate) clear_child_tid: u64,
+}
+
+impl ProcessState {
+    /// Size of the guest RAM this state was taken from (a fork's RAM must match).
+    pub fn ram_size(&self) -> u64 {
+        self.mm.layout().user_end
+    }
+
+    /// Whether the process was parked on its control channel.
+    pub fn awaiting_control(&self) -> bool {
+        self.control.pending().is_some()
+    }
 }
 
 /// The sandboxed process.
@@ -122,6 +154,56 @@ impl Process {
         })
     }
 
+    /// The state a snapshot keeps (see `ProcessState`).
+    pub fn state(&self) -> ProcessState {
+        ProcessState {
+            mm: self.mm.clone(),
+            overlay: self.fs.overlay_state(),
+            files: self.files.clone(),
+            pipes: self.pipes.clone(),
+            control: self.control.clone(),
+            cwd: self.cwd.clone(),
+            signals: self.signals.clone(),
+            exe_path: self.exe_path.clone(),
+            umask: self.umask,
+            clear_child_tid: self.clear_child_tid,
+        }
+    }
+
+    /// A process resumed from `state` over `ram` (which holds the matching memory, e.g. a
+    /// private mapping of a snapshot) and `image`, with fresh standard streams.
+    pub fn from_state(
+        ram: GuestRam,
+        image: Arc<Image>,
+        state: ProcessState,
+        console: Console,
+    ) -> Result<Process, SpawnError> {
+        if ram.size() != state.ram_size() {
+            return Err(SpawnError::RamMismatch {
+                ram: ram.size(),
+                state: state.ram_size(),
+            });
+        }
+        Ok(Process {
+            ram,
+            mm: state.mm,
+            fs: Fs::from_overlay_state(image, state.overlay),
+            files: state.files,
+            pipes: state.pipes,
+            control: state.control,
+            cwd: state.cwd,
+            console,
+            signals: state.signals,
+            stats: SyscallStats::default(),
+            exe_path: state.exe_path,
+            umask: state.umask,
+            clear_child_tid: state.clear_child_tid,
+            start_time: std::time::Instant::now(),
+            deadline: None,
+            strace: None,
+        })
+    }
+
     /// Opens the control channel on descriptor 3 (for a template's agent).
     pub fn open_control_channel(&mut self) -> Result<(), SpawnError> {
         let file = OpenFile::new(
@@ -167,6 +249,11 @@ impl Process {
     /// Guest RAM (the VMM registers it with KVM).
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The image under the process's filesystem.
+    pub fn image(&self) -> &Arc<Image> {
+        self.fs.image()
     }
 
     /// The address space (for diagnostics and tests).

@@ -2,12 +2,14 @@
 //! answer as Linux does. No signal is ever delivered asynchronously to the program: the
 //! sandbox has no other processes and no timers that raise them.
 
+use serde::{Deserialize, Serialize};
+
 /// Number of signals (1..=64).
 pub const NSIG: usize = 64;
 
 /// A `struct kernel_sigaction` as the program set it (x86-64 layout: handler, flags,
 /// restorer, mask).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SigAction {
     pub handler: u64,
     pub flags: u64,
@@ -41,9 +43,10 @@ impl SigAction {
 }
 
 /// Per-process signal state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SignalState {
-    pub actions: [SigAction; NSIG],
+    /// Indexed by signal number - 1; always `NSIG` long.
+    pub actions: Vec<SigAction>,
     pub blocked: u64,
     /// `sigaltstack` as set: (sp, flags, size).
     pub alt_stack: (u64, i32, u64),
@@ -52,7 +55,7 @@ pub struct SignalState {
 impl Default for SignalState {
     fn default() -> Self {
         Self {
-            actions: [SigAction::default(); NSIG],
+            actions: vec![SigAction::default(); NSIG],
             blocked: 0,
             alt_stack: (0, libc::SS_DISABLE, 0),
         }

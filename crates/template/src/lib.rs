@@ -1,4 +1,13 @@
-//! Building what sandboxes start from: the root filesystem image ([`rootfs`]), made once per
-//! machine from Debian packages and cached.
+//! What sandboxes start from: the root filesystem image ([`rootfs`]), built once per machine
+//! from Debian packages, and templates: snapshots of a program parked at its first request,
+//! which every fork resumes from ([`build`], [`snapshot`], [`store`]).
 
+pub mod build;
+pub mod cpu;
 pub mod rootfs;
+pub mod snapshot;
+pub mod store;
+
+pub use build::{TemplateSpec, build};
+pub use snapshot::{SnapshotError, SnapshotMeta};
+pub use store::{StoreError, TemplateStore};

@@ -94,14 +94,20 @@ pub struct RootfsSpec {
 }
 
 impl Default for RootfsSpec {
-    /// CPython with numpy, plus the standard library's test suite (used to check the
-    /// syscall layer against real programs).
+    /// CPython with numpy; msgpack, which the in-sandbox agent speaks to the VMM with; and
+    /// the standard library's test suite (used to check the syscall layer against real
+    /// programs).
     fn default() -> Self {
         RootfsSpec {
             suite: "bookworm".to_owned(),
-            packages: ["python3", "python3-numpy", "libpython3.11-testsuite"]
-                .map(String::from)
-                .to_vec(),
+            packages: [
+                "python3",
+                "python3-numpy",
+                "python3-msgpack",
+                "libpython3.11-testsuite",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

@@ -7,8 +7,10 @@
 
 pub mod descriptors;
 pub mod exit;
+pub mod fork;
 pub mod layout;
 pub mod paging;
+pub mod pool;
 pub mod sandbox;
 pub mod vcpu;
 pub mod watchdog;
@@ -18,6 +20,8 @@ use kvm_ioctls::Kvm;
 use thiserror::Error;
 
 pub use exit::{Fault, SandboxExit};
+pub use fork::{ForkSource, PreparedVm};
+pub use pool::{Pool, PoolConfig, PoolStats};
 pub use sandbox::{Parked, RunResult, Sandbox, SandboxError};
 pub use vcpu::{CpuTemplate, VcpuState};
 
@@ -36,6 +40,8 @@ pub enum VmmError {
     SystemArea(#[from] forkvm_kernel::memory::OutOfBounds),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error("restoring the process state: {0}")]
+    Process(forkvm_kernel::SpawnError),
 }
 
 /// Smallest guest RAM we accept (the stack alone takes 8 MiB, python3 tens more).

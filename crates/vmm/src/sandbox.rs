@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use forkvm_kernel::memory::GuestRam;
 use forkvm_kernel::{Entry, ExitReason, Outcome, Process, SyscallArgs, TlsBases};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
@@ -64,10 +65,9 @@ pub struct Sandbox {
 /// but never IOPL or NT, which would widen its I/O privileges.
 const USER_RFLAGS_MASK: u64 = 0x3c_0dd5;
 
-/// Creates a VM whose only memory slot is `process`'s RAM.
-pub(crate) fn create_vm(kvm: &Kvm, process: &Process) -> Result<VmFd, SandboxError> {
+/// Creates a VM whose only memory slot is `ram`.
+pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, SandboxError> {
     let vm = kvm.create_vm().map_err(SandboxError::CreateVm)?;
-    let ram = process.ram();
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -75,8 +75,8 @@ pub(crate) fn create_vm(kvm: &Kvm, process: &Process) -> Result<VmFd, SandboxErr
         memory_size: ram.size(),
         userspace_addr: ram.host_base(),
     };
-    // SAFETY: the region is a live host mapping of `ram.size()` bytes owned by `process`; the
-    // caller keeps the VM in a Sandbox that owns `process` and drops the VM first.
+    // SAFETY: the region is a live host mapping of `ram.size()` bytes; every caller keeps the
+    // VM beside the RAM's owner and drops the VM first (Sandbox and PreparedVm field order).
     unsafe { vm.set_user_memory_region(region) }.map_err(SandboxError::SetMemoryRegion)?;
     Ok(vm)
 }
@@ -90,7 +90,7 @@ impl Sandbox {
         process: Process,
         entry: Entry,
     ) -> Result<Self, SandboxError> {
-        let vm = create_vm(kvm, &process)?;
+        let vm = create_vm(kvm, process.ram())?;
         let vcpu = vm.create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
         vcpu::configure(&vcpu, cpu, entry.rip, entry.rsp)?;
         let sregs = vcpu.get_sregs().map_err(SandboxError::GetSregs)?;

@@ -1,32 +1,12 @@
 //! KVM integration tests: small static programs run in real sandboxes, checking how each
 //! kind of ending is reported and that the host is untouched.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkvm_image::{Fs, Image};
-use forkvm_kernel::{Console, Input, Limits, Process, SpawnConfig};
+use forkvm_kernel::{CaptureBuffer, Console, Input, Limits, Process, SpawnConfig};
 use forkvm_vmm::{SandboxExit, Vmm};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -57,7 +37,7 @@ struct Run {
 }
 
 fn run(f: &Fixture, args: &[&str], memory: u64, timeout: Option<Duration>) -> Run {
-    let stdout = Captured::default();
+    let stdout = CaptureBuffer::default();
     let console = Console::new(
         Input::Empty,
         Box::new(stdout.clone()),
@@ -85,7 +65,7 @@ fn run(f: &Fixture, args: &[&str], memory: u64, timeout: Option<Duration>) -> Ru
     let exit = sandbox.run(timeout.map(|t| Instant::now() + t));
     Run {
         exit,
-        stdout: stdout.text(),
+        stdout: String::from_utf8_lossy(&stdout.contents()).into_owned(),
         elapsed: start.elapsed(),
     }
 }

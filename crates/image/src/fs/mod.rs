@@ -84,7 +84,9 @@ pub enum FsError {
 
 /// A node of the layered file system: an image inode (possibly changed in the overlay) or a
 /// node created in the overlay. Stable for the node's lifetime; fd tables hold these.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum NodeId {
     /// An inode of the image.
     Image(Ino),
@@ -130,6 +132,18 @@ pub struct Stat {
     pub mtime: Timespec,
     /// Last status change.
     pub ctime: Timespec,
+}
+
+/// Everything a sandbox's overlay holds, without the image under it: what a snapshot
+/// stores. Cloning is O(1), like cloning an [`Fs`].
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct OverlayState {
+    nodes: im::HashMap<NodeId, Node>,
+    open_counts: im::HashMap<NodeId, u32>,
+    next_overlay: u64,
+    used: u64,
+    limit: u64,
+    owner: (u32, u32),
 }
 
 /// A sandbox's file system: a shared image plus this sandbox's overlay. `Clone` is O(1).
@@ -183,6 +197,32 @@ impl Fs {
             used: 0,
             limit,
             owner: (0, 0),
+        }
+    }
+
+    /// The overlay alone, for a snapshot.
+    pub fn overlay_state(&self) -> OverlayState {
+        OverlayState {
+            nodes: self.nodes.clone(),
+            open_counts: self.open_counts.clone(),
+            next_overlay: self.next_overlay,
+            used: self.used,
+            limit: self.limit,
+            owner: self.owner,
+        }
+    }
+
+    /// A file system over `image` with a previously saved overlay. The overlay must have been
+    /// taken over the same image (snapshots check the image digest before this).
+    pub fn from_overlay_state(image: Arc<Image>, state: OverlayState) -> Fs {
+        Fs {
+            image,
+            nodes: state.nodes,
+            open_counts: state.open_counts,
+            next_overlay: state.next_overlay,
+            used: state.used,
+            limit: state.limit,
+            owner: state.owner,
         }
     }
 

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::format::{Kind, Timespec};
 use crate::reader::InodeInfo;
 
@@ -13,7 +15,7 @@ pub(super) const NODE_COST: u64 = 128;
 pub(super) const ENTRY_COST: u64 = 64;
 
 /// What a directory entry in the overlay says about a name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) enum Slot {
     /// The name refers to this node (hiding any image entry of the same name).
     Present(NodeId),
@@ -25,7 +27,7 @@ pub(super) enum Slot {
 pub(super) type Delta = im::OrdMap<Vec<u8>, Slot>;
 
 /// The contents of an overlay inode.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) enum Body {
     /// An image file or symlink whose contents are unchanged: read them from the image.
     ImageData,
@@ -40,7 +42,7 @@ pub(super) enum Body {
 
 /// An inode whose metadata or contents live in the overlay: every overlay-created node, and
 /// every image node once anything about it changed (copy-up, metadata first, data on write).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct Node {
     pub kind: Kind,
     /// Permission bits only; the file-type bits come from `kind`.

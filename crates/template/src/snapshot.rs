@@ -1,0 +1,327 @@
+//! The on-disk snapshot of a parked sandbox, and loading it back as a `ForkSource`.
+//!
+//! A snapshot directory holds three files:
+//! * `memory`: guest RAM as a sparse file of RAM size. Only the non-zero pages of the system
+//!   area and of the program's mappings are written; everything else is a hole. Forks map
+//!   it `MAP_PRIVATE`, so it is never written after it is made.
+//! * `state.bin`: the vCPU state and the syscall layer's state (bincode).
+//! * `meta.json`: format version, image digest, CPU features, sizes, the memory file's data
+//!   extents and SHA-256 digests of both other files.
+//!
+//! Loading verifies the digests (integrity), the image digest (the overlay refers to image
+//! inodes) and the CPU features (compatibility) before anything is restored.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use forkvm_image::Image;
+use forkvm_kernel::ProcessState;
+use forkvm_kernel::memory::{GuestRam, PAGE_SIZE};
+use forkvm_vmm::{ForkSource, Sandbox, VcpuState, Vmm};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::cpu::CpuFeatures;
+
+/// Version of the snapshot format; loading refuses others.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Largest `state.bin` accepted (a guard against a corrupt length field, not a real limit).
+const MAX_STATE_BYTES: u64 = 1 << 30;
+/// Bytes written per `pwrite` when saving memory.
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// Why a snapshot could not be written or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: malformed: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    #[error(
+        "snapshot format {found} is not supported (this forkvm reads format {SNAPSHOT_FORMAT})"
+    )]
+    Format { found: u32 },
+    #[error("{file} failed its integrity check (SHA-256 mismatch): the snapshot is corrupt")]
+    Corrupt { file: &'static str },
+    #[error(
+        "the snapshot was taken over image {expected}, but {path} has digest {found}: rebuild the template"
+    )]
+    ImageMismatch {
+        expected: String,
+        found: String,
+        path: PathBuf,
+    },
+    #[error(
+        "the snapshot needs CPU features this host does not offer: {}; rebuild the template here",
+        .0.join(", ")
+    )]
+    CpuMismatch(Vec<String>),
+    #[error("the sandbox is not parked on its control channel, so it cannot be snapshotted")]
+    NotParked,
+    #[error("reading the vCPU state: {0}")]
+    Vcpu(#[from] forkvm_vmm::SandboxError),
+    #[error("opening the image: {0}")]
+    Image(#[from] forkvm_image::ImageError),
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What `meta.json` says about a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub format: u32,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The image the process ran over, and its content digest (hex).
+    pub image_path: PathBuf,
+    pub image_digest: String,
+    /// The entry program's argv.
+    pub entry: Vec<String>,
+    pub ram_bytes: u64,
+    /// `(offset, length)` of every data run in `memory`; the rest is holes (zero).
+    pub memory_extents: Vec<(u64, u64)>,
+    pub memory_sha256: String,
+    pub state_sha256: String,
+    pub cpu: CpuFeatures,
+}
+
+impl SnapshotMeta {
+    /// Bytes of guest memory the snapshot actually stores.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_extents.iter().map(|e| e.1).sum()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotState {
+    vcpu: VcpuState,
+    process: ProcessState,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes the memory file: the non-zero pages of `ranges` at their own offsets.
+fn write_memory(
+    path: &Path,
+    ram: &GuestRam,
+    ranges: &[(u64, u64)],
+) -> Result<(Vec<(u64, u64)>, String), SnapshotError> {
+    let file = File::create(path).map_err(io_error(path))?;
+    file.set_len(ram.size()).map_err(io_error(path))?;
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut hasher = Sha256::new();
+    let mut run: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
+    let mut run_start = 0u64;
+    let mut flush = |run: &mut Vec<u8>, start: u64| -> Result<(), SnapshotError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        file.write_all_at(run, start).map_err(io_error(path))?;
+        hasher.update(start.to_le_bytes());
+        hasher.update((run.len() as u64).to_le_bytes());
+        hasher.update(&run[..]);
+        match extents.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += run.len() as u64,
+            _ => extents.push((start, run.len() as u64)),
+        }
+        run.clear();
+        Ok(())
+    };
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for &(start, end) in ranges {
+        let mut addr = start;
+        while addr < end {
+            ram.read(addr, &mut page)
+                .map_err(|e| SnapshotError::Malformed {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let zero = page.iter().all(|&b| b == 0);
+            let contiguous = run_start + run.len() as u64 == addr;
+            if zero || !contiguous || run.len() >= WRITE_CHUNK {
+                flush(&mut run, run_start)?;
+            }
+            if !zero {
+                if run.is_empty() {
+                    run_start = addr;
+                }
+                run.extend_from_slice(&page);
+            }
+            addr += PAGE_SIZE;
+        }
+    }
+    flush(&mut run, run_start)?;
+    file.sync_all().map_err(io_error(path))?;
+    Ok((extents, hex(&hasher.finalize())))
+}
+
+/// Digest of the memory file's extents, computed the way `write_memory` computed it.
+fn memory_digest(
+    file: &File,
+    path: &Path,
+    extents: &[(u64, u64)],
+) -> Result<String, SnapshotError> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; WRITE_CHUNK];
+    for &(start, len) in extents {
+        let mut done = 0u64;
+        while done < len {
+            let n = ((len - done) as usize).min(WRITE_CHUNK);
+            file.read_exact_at(&mut buf[..n], start + done)
+                .map_err(io_error(path))?;
+            hasher.update((start + done).to_le_bytes());
+            hasher.update((n as u64).to_le_bytes());
+            hasher.update(&buf[..n]);
+            done += n as u64;
+        }
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Snapshots a sandbox parked on its control channel into `dir` (which must exist and be
+/// empty). Returns the metadata written.
+pub fn write(
+    dir: &Path,
+    sandbox: &Sandbox,
+    vmm: &Vmm,
+    entry: Vec<String>,
+) -> Result<SnapshotMeta, SnapshotError> {
+    if sandbox.parked().is_none() {
+        return Err(SnapshotError::NotParked);
+    }
+    let process = sandbox.process();
+    let state = SnapshotState {
+        vcpu: sandbox.capture_vcpu()?,
+        process: process.state(),
+    };
+    // The system area (page tables, descriptors, stubs) and every mapping of the program;
+    // everything else in RAM is zero by the kernel's invariant.
+    let mut ranges = vec![(0, forkvm_vmm::layout::USER_START)];
+    ranges.extend(process.address_space().vmas().map(|v| (v.start, v.end)));
+    let memory_path = dir.join("memory");
+    let (memory_extents, memory_sha256) = write_memory(&memory_path, process.ram(), &ranges)?;
+
+    let state_path = dir.join("state.bin");
+    let state_bytes = bincode::serialize(&state).map_err(|e| SnapshotError::Malformed {
+        path: state_path.clone(),
+        reason: e.to_string(),
+    })?;
+    fs::write(&state_path, &state_bytes).map_err(io_error(&state_path))?;
+
+    let image = process.image();
+    let meta = SnapshotMeta {
+        format: SNAPSHOT_FORMAT,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        image_path: image.path().to_owned(),
+        image_digest: hex(&image.digest()),
+        entry,
+        ram_bytes: process.ram().size(),
+        memory_extents,
+        memory_sha256,
+        state_sha256: hex(&Sha256::digest(&state_bytes)),
+        cpu: CpuFeatures::of(vmm.cpu()),
+    };
+    let meta_path = dir.join("meta.json");
+    let mut meta_file = File::create(&meta_path).map_err(io_error(&meta_path))?;
+    serde_json::to_writer_pretty(&mut meta_file, &meta).map_err(|e| SnapshotError::Malformed {
+        path: meta_path.clone(),
+        reason: e.to_string(),
+    })?;
+    meta_file.write_all(b"\n").map_err(io_error(&meta_path))?;
+    meta_file.sync_all().map_err(io_error(&meta_path))?;
+    Ok(meta)
+}
+
+/// Reads `meta.json` only (for listings).
+pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
+    let path = dir.join("meta.json");
+    let text = fs::read_to_string(&path).map_err(io_error(&path))?;
+    let meta: SnapshotMeta = serde_json::from_str(&text).map_err(|e| SnapshotError::Malformed {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if meta.format != SNAPSHOT_FORMAT {
+        return Err(SnapshotError::Format { found: meta.format });
+    }
+    Ok(meta)
+}
+
+/// Loads and verifies a snapshot for forking.
+pub fn load(dir: &Path, vmm: &Vmm) -> Result<(SnapshotMeta, ForkSource), SnapshotError> {
+    let meta = read_meta(dir)?;
+    let missing = meta.cpu.missing_on(&CpuFeatures::of(vmm.cpu()));
+    if !missing.is_empty() {
+        return Err(SnapshotError::CpuMismatch(missing));
+    }
+
+    let state_path = dir.join("state.bin");
+    let state_len = fs::metadata(&state_path)
+        .map_err(io_error(&state_path))?
+        .len();
+    if state_len > MAX_STATE_BYTES {
+        return Err(SnapshotError::Malformed {
+            path: state_path,
+            reason: format!("{state_len} bytes is implausibly large"),
+        });
+    }
+    let state_bytes = fs::read(&state_path).map_err(io_error(&state_path))?;
+    if hex(&Sha256::digest(&state_bytes)) != meta.state_sha256 {
+        return Err(SnapshotError::Corrupt { file: "state.bin" });
+    }
+    let state: SnapshotState =
+        bincode::deserialize(&state_bytes).map_err(|e| SnapshotError::Malformed {
+            path: state_path.clone(),
+            reason: e.to_string(),
+        })?;
+
+    let memory_path = dir.join("memory");
+    let memory = OpenOptions::new()
+        .read(true)
+        .open(&memory_path)
+        .map_err(io_error(&memory_path))?;
+    let memory_len = memory.metadata().map_err(io_error(&memory_path))?.len();
+    if memory_len != meta.ram_bytes || state.process.ram_size() != meta.ram_bytes {
+        return Err(SnapshotError::Malformed {
+            path: memory_path,
+            reason: format!(
+                "{memory_len} bytes of memory for a {}-byte guest",
+                meta.ram_bytes
+            ),
+        });
+    }
+    if memory_digest(&memory, &memory_path, &meta.memory_extents)? != meta.memory_sha256 {
+        return Err(SnapshotError::Corrupt { file: "memory" });
+    }
+
+    let image = Arc::new(Image::open(&meta.image_path)?);
+    let digest = hex(&image.digest());
+    if digest != meta.image_digest {
+        return Err(SnapshotError::ImageMismatch {
+            expected: meta.image_digest.clone(),
+            found: digest,
+            path: meta.image_path.clone(),
+        });
+    }
+    let source = ForkSource {
+        memory,
+        vcpu: state.vcpu,
+        process: state.process,
+        image,
+    };
+    Ok((meta, source))
+}

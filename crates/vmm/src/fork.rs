@@ -1,0 +1,72 @@
+//! Forking a snapshot: a new VM whose memory is a private (copy-on-write) mapping of the
+//! snapshot's memory file, whose vCPU is restored to the parked state, and whose process is
+//! a clone of the snapshot's syscall-layer state.
+//!
+//! Preparing the VM (create VM and vCPU, map memory, restore registers) is the slow part
+//! and needs nothing from the request, so `Pool` does it ahead of time; turning a
+//! prepared VM into a runnable sandbox only clones the process state.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use forkvm_image::Image;
+use forkvm_kernel::memory::GuestRam;
+use forkvm_kernel::{Console, Process, ProcessState};
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::sandbox::{SandboxError, create_vm};
+use crate::vcpu::VcpuState;
+use crate::{Sandbox, Vmm, VmmError};
+
+/// Everything the forks of one snapshot start from.
+pub struct ForkSource {
+    /// The snapshot's guest memory: a file the size of guest RAM (sparse), never written.
+    pub memory: File,
+    pub vcpu: VcpuState,
+    pub process: ProcessState,
+    pub image: Arc<Image>,
+}
+
+impl ForkSource {
+    /// Guest RAM size of every fork.
+    pub fn ram_size(&self) -> u64 {
+        self.process.ram_size()
+    }
+}
+
+/// A VM ready to become a fork: memory slot over a fresh private mapping of the snapshot,
+/// vCPU restored. Field order is drop order: vCPU and VM before the RAM they refer to.
+pub struct PreparedVm {
+    vcpu: VcpuFd,
+    vm: VmFd,
+    ram: GuestRam,
+}
+
+impl Vmm {
+    /// Does the slow half of a fork, off the request path.
+    pub fn prepare_fork(&self, source: &ForkSource) -> Result<PreparedVm, VmmError> {
+        let ram = GuestRam::private_file(&source.memory, source.ram_size())?;
+        let vm = create_vm(self.kvm(), &ram)?;
+        let vcpu = vm.create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
+        source
+            .vcpu
+            .restore(&vcpu, self.cpu())
+            .map_err(SandboxError::Vcpu)?;
+        Ok(PreparedVm { vcpu, vm, ram })
+    }
+
+    /// Turns a prepared VM into a sandbox parked where the snapshot was taken, with fresh
+    /// standard streams.
+    pub fn finish_fork(
+        &self,
+        prepared: PreparedVm,
+        source: &ForkSource,
+        console: Console,
+    ) -> Result<Sandbox, VmmError> {
+        let PreparedVm { vcpu, vm, ram } = prepared;
+        let process =
+            Process::from_state(ram, source.image.clone(), source.process.clone(), console)
+                .map_err(VmmError::Process)?;
+        Ok(Sandbox::from_restored(vm, vcpu, process, &source.vcpu))
+    }
+}
