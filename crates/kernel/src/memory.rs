@@ -52,16 +52,17 @@ pub struct OutOfBounds {
     pub len: u64,
 }
 
-/// Guest-physical RAM backed by a private host mapping.
+/// Guest-physical RAM backed by a private host mapping that this value owns (and unmaps on
+/// drop); `vm-memory` provides the bounds-checked access on top of it.
 pub struct GuestRam {
     memory: GuestMemoryMmap,
     host_base: *mut u8,
     size: u64,
 }
 
-// SAFETY: the mapping is owned by `memory` and lives as long as `self`; the raw base pointer is
-// only used for mmap/mremap calls on ranges that are checked to lie inside it. The guest only
-// runs while the owning thread is inside KVM_RUN, never concurrently with kernel code.
+// SAFETY: the mapping is owned by `self` and lives until Drop; the raw base pointer is only
+// used for mmap/mremap/munmap calls on ranges checked to lie inside it. The guest only runs
+// while the owning thread is inside KVM_RUN, never concurrently with kernel code.
 unsafe impl Send for GuestRam {}
 
 impl GuestRam {
@@ -72,7 +73,8 @@ impl GuestRam {
     }
 
     /// Maps `size` bytes of `file` copy-on-write (`MAP_PRIVATE`): a fork of a snapshot sees the
-    /// snapshot's contents and pays only for the pages it writes.
+    /// snapshot's contents and pays only for the pages it writes. The mapping keeps the file
+    /// alive by itself, so no descriptor is held per sandbox.
     pub fn private_file(file: &File, size: u64) -> Result<Self, MemoryError> {
         Self::build(Some(file), size)
     }
@@ -81,29 +83,35 @@ impl GuestRam {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) || usize::try_from(size).is_err() {
             return Err(MemoryError::BadSize(size));
         }
-        let file_offset = match file {
-            Some(f) => Some(vm_memory::FileOffset::new(
-                f.try_clone().map_err(MemoryError::Remap)?,
-                0,
-            )),
-            None => None,
+        let (flags, fd) = match file {
+            Some(f) => (libc::MAP_PRIVATE | libc::MAP_NORESERVE, f.as_raw_fd()),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_ANONYMOUS,
+                -1,
+            ),
         };
-        let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-        if file_offset.is_none() {
-            flags |= libc::MAP_ANONYMOUS;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh mapping at an address the kernel chooses; it aliases nothing.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), size as usize, prot, flags, fd, 0) };
+        if base == libc::MAP_FAILED {
+            return Err(MemoryError::Remap(std::io::Error::last_os_error()));
         }
-        let region = MmapRegion::build(
-            file_offset,
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-        )
-        .map_err(MemoryError::Map)?;
-        let host_base = region.as_ptr();
-        let region = GuestRegionMmap::new(region, GuestAddress(0))
-            .ok_or_else(|| MemoryError::Region("region does not fit the address space".into()))?;
+        let host_base = base.cast::<u8>();
+        // From here on `unmap_on_error` owns the mapping until `Self` does.
+        let unmap_on_error = |error: MemoryError| {
+            // SAFETY: `base` is the mapping created above, not yet shared with anything.
+            unsafe { libc::munmap(base, size as usize) };
+            error
+        };
+        // SAFETY: `host_base..host_base+size` is the live mapping just created, with exactly
+        // these protections and flags; it is unmapped only by our Drop, after `memory`.
+        let region = unsafe { MmapRegion::build_raw(host_base, size as usize, prot, flags) }
+            .map_err(|e| unmap_on_error(MemoryError::Map(e)))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| {
+            unmap_on_error(MemoryError::Region("region does not fit the address space".into()))
+        })?;
         let memory = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| MemoryError::Region(e.to_string()))?;
+            .map_err(|e| unmap_on_error(MemoryError::Region(e.to_string())))?;
         Ok(Self {
             memory,
             host_base,
@@ -279,6 +287,14 @@ impl GuestRam {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `build` and is owned by `self`; `vm-memory`'s
+        // raw region does not unmap it, and no reference into it outlives `self`.
+        unsafe { libc::munmap(self.host_base.cast(), self.size as usize) };
     }
 }
 

@@ -14,6 +14,7 @@ use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_vmm::{SandboxExit, Vmm};
 use serde::Serialize;
 
+use super::{Machine, Stats};
 use crate::run::{Launch, launch};
 
 /// The host interpreter the floors use: the same Debian package as in the image.
@@ -24,31 +25,6 @@ const ROUND_TRIP_CODE: &str = "import os, time\n\
     t = time.perf_counter()\n\
     for _ in range(n): os.getppid()\n\
     print((time.perf_counter() - t) / n * 1e6)";
-
-/// Summary statistics of repeated timings, in milliseconds.
-#[derive(Debug, Serialize)]
-pub struct Stats {
-    pub runs: usize,
-    pub min_ms: f64,
-    pub p50_ms: f64,
-    pub mean_ms: f64,
-    pub max_ms: f64,
-}
-
-impl Stats {
-    fn of(mut samples: Vec<Duration>) -> Stats {
-        samples.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let total: Duration = samples.iter().sum();
-        Stats {
-            runs: samples.len(),
-            min_ms: ms(samples[0]),
-            p50_ms: ms(samples[samples.len() / 2]),
-            mean_ms: ms(total) / samples.len() as f64,
-            max_ms: ms(samples[samples.len() - 1]),
-        }
-    }
-}
 
 /// One workload in the sandbox and natively.
 #[derive(Debug, Serialize)]
@@ -75,45 +51,6 @@ pub struct StartupReport {
     pub machine: Machine,
     pub startup: Vec<Comparison>,
     pub syscall_round_trip: RoundTrip,
-}
-
-/// What the numbers were measured on.
-#[derive(Debug, Serialize)]
-pub struct Machine {
-    pub cpu: String,
-    pub cores: usize,
-    pub kernel: String,
-    pub kvm: String,
-}
-
-impl Machine {
-    fn describe() -> Machine {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-            .unwrap_or_default();
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-            "kvm_pvm"
-        } else if std::path::Path::new("/sys/module/kvm_intel").exists() {
-            "kvm_intel"
-        } else if std::path::Path::new("/sys/module/kvm_amd").exists() {
-            "kvm_amd"
-        } else {
-            "unknown"
-        };
-        Machine {
-            cpu,
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            kernel,
-            kvm: kvm.to_string(),
-        }
-    }
 }
 
 /// Runs Python `code` in a fresh sandbox; returns the wall time (VM creation, loading and
