@@ -11,6 +11,11 @@ use forkvm_protocol::{FrameError, Reply, Request};
 use forkvm_template::{SnapshotMeta, StoreError, TemplateStore};
 use forkvm_vmm::{Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, Vmm, VmmError};
 
+/// The request every pooled VM runs before it serves a user's (see `Vmm::warm_up`): it walks
+/// the agent's request path and the common first steps of user code, so KVM's shadow page
+/// tables already cover them.
+pub const WARMUP_CODE: &str = "print(1+1)\nimport json\njson.dumps({'a': [1, 2.5]})\n";
+
 /// Why an exec could not even be attempted (a result that merely failed is an `ExecOutcome`).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -111,7 +116,7 @@ impl Engine {
             return Ok(template.clone());
         }
         let (meta, source) = self.store.load(name, &self.vmm)?;
-        let pool = Pool::start(self.vmm.clone(), Arc::new(source), self.pool_config);
+        let pool = Pool::start(self.vmm.clone(), Arc::new(source), self.pool_config, None);
         let template = Arc::new(LoadedTemplate { meta, pool });
         loaded.insert(name.to_string(), template.clone());
         Ok(template)

@@ -46,6 +46,6 @@ pub fn exec(template: &str, code: &str, timeout: Duration) -> Result<i32> {
             other => eprintln!("forkvm: sandbox ended: {other:?}"),
         }
     }
-    tracing::info!(timings = ?outcome.timings, "exec finished");
+    tracing::info!(timings = ?outcome.timings, agent_exec_ns = outcome.reply.as_ref().map(|r| r.exec_ns), "exec finished");
     Ok(outcome.exit_code())
 }

@@ -106,6 +106,32 @@ enum TemplateCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Forks of a template: latency from the warm pool, fork + a trivial exec, memory per
+    /// live sandbox, many live sandboxes, refill rate; beside KVM, host-fork and bwrap
+    /// floors.
+    Fork {
+        /// Template to fork (build it first with `forkvm template build python`).
+        #[arg(long, default_value = "python")]
+        template: String,
+        /// Timed forks (and fork+execs).
+        #[arg(long, default_value_t = 1000)]
+        samples: usize,
+        /// Sandboxes kept alive at once for the wall-time measurement.
+        #[arg(long, default_value_t = 1000)]
+        live: usize,
+        /// Live sandboxes the memory measurement averages over.
+        #[arg(long, default_value_t = 200)]
+        memory_sandboxes: usize,
+        /// Prepared VMs the pool keeps.
+        #[arg(long, default_value_t = 32)]
+        pool_size: usize,
+        /// Threads refilling the pool.
+        #[arg(long, default_value_t = 1)]
+        refill_threads: usize,
+        /// Pool VMs cold (no warm-up request before use).
+        #[arg(long)]
+        cold: bool,
+    },
     /// Cold sandbox start of python3 (bare, and importing numpy) and one syscall round trip,
     /// each beside the same work run natively.
     Startup {
@@ -165,8 +191,8 @@ fn execute(cli: Cli) -> Result<i32> {
                 Some(path) => path,
                 None => default_image()?,
             };
-            let report = bench::startup(&image, runs.max(1))?;
-            eprint!("{}", bench::table(&report));
+            let report = bench::startup::run(&image, runs.max(1))?;
+            eprint!("{}", bench::startup::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }
@@ -196,6 +222,30 @@ fn execute(cli: Cli) -> Result<i32> {
         Command::Template(TemplateCommand::List) => template::list().map(|()| 0),
         Command::Template(TemplateCommand::Show { name }) => template::show(&name).map(|()| 0),
         Command::Template(TemplateCommand::Rm { name }) => template::remove(&name).map(|()| 0),
+        Command::Bench(BenchCommand::Fork {
+            template,
+            samples,
+            live,
+            memory_sandboxes,
+            pool_size,
+            refill_threads,
+            cold,
+        }) => {
+            let report = bench::fork::run(&bench::fork::ForkOptions {
+                template,
+                samples: samples.max(1),
+                live: live.max(1),
+                memory_sandboxes: memory_sandboxes.max(1),
+                pool: forkvm_vmm::PoolConfig {
+                    size: pool_size,
+                    refill_threads,
+                },
+                warm: !cold,
+            })?;
+            eprint!("{}", bench::fork::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
         Command::Image(ImageCommand::Default) => {
             println!("{}", default_image()?.display());
             Ok(0)

@@ -19,6 +19,7 @@ pub mod file;
 pub mod fileinfo;
 pub mod loader;
 pub mod memory;
+pub mod memory_reset;
 pub mod mm;
 pub mod pipe;
 pub mod process;

@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -56,8 +57,11 @@ pub struct OutOfBounds {
 /// drop); `vm-memory` provides the bounds-checked access on top of it.
 pub struct GuestRam {
     memory: GuestMemoryMmap,
-    host_base: *mut u8,
+    pub(crate) host_base: *mut u8,
     size: u64,
+    /// Ranges whose host pages were replaced since the mapping was made (discarded, mapped
+    /// from an image file, moved): what `reset_to` must map back from the base file.
+    pub(crate) remapped: Mutex<Vec<(u64, u64)>>,
 }
 
 // SAFETY: the mapping is owned by `self` and lives until Drop; the raw base pointer is only
@@ -108,7 +112,9 @@ impl GuestRam {
         let region = unsafe { MmapRegion::build_raw(host_base, size as usize, prot, flags) }
             .map_err(|e| unmap_on_error(MemoryError::Map(e)))?;
         let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| {
-            unmap_on_error(MemoryError::Region("region does not fit the address space".into()))
+            unmap_on_error(MemoryError::Region(
+                "region does not fit the address space".into(),
+            ))
         })?;
         let memory = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| unmap_on_error(MemoryError::Region(e.to_string())))?;
@@ -116,7 +122,15 @@ impl GuestRam {
             memory,
             host_base,
             size,
+            remapped: Mutex::new(Vec::new()),
         })
+    }
+
+    fn record_remap(&self, addr: u64, len: u64) {
+        self.remapped
+            .lock()
+            .expect("remap log lock")
+            .push((addr, addr + len));
     }
 
     /// Size of guest RAM in bytes.
@@ -188,6 +202,7 @@ impl GuestRam {
             return Ok(());
         }
         let host = self.check_pages(addr, len)?;
+        self.record_remap(addr, len);
         // SAFETY: `host..host+len` lies inside our own mapping (checked), so MAP_FIXED replaces
         // only guest RAM pages; no Rust reference into guest RAM is held across this call.
         let ret = unsafe {
@@ -222,6 +237,7 @@ impl GuestRam {
         if !offset.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadRange { addr: offset, len });
         }
+        self.record_remap(addr, len);
         // SAFETY: as in `discard`: the target range is inside our own mapping; the file mapping
         // is private, so guest writes never reach the file.
         let ret = unsafe {
@@ -248,6 +264,7 @@ impl GuestRam {
         }
         let src = self.check_pages(from, len)?;
         let dst = self.check_pages(to, len)?;
+        self.record_remap(to, len);
         if from < to.saturating_add(len) && to < from.saturating_add(len) {
             return Err(MemoryError::BadRange { addr: to, len });
         }

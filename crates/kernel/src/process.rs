@@ -251,6 +251,11 @@ impl Process {
         &self.ram
     }
 
+    /// Ends the process, keeping its guest RAM (to reset it and use it again).
+    pub fn into_ram(self) -> GuestRam {
+        self.ram
+    }
+
     /// The image under the process's filesystem.
     pub fn image(&self) -> &Arc<Image> {
         self.fs.image()

@@ -8,15 +8,19 @@
 
 use std::fs::File;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use forkvm_image::Image;
 use forkvm_kernel::memory::GuestRam;
-use forkvm_kernel::{Console, Process, ProcessState};
+use forkvm_kernel::{Console, Input, Process, ProcessState};
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::sandbox::{SandboxError, create_vm};
 use crate::vcpu::VcpuState;
-use crate::{Sandbox, Vmm, VmmError};
+use crate::{RunResult, Sandbox, Vmm, VmmError};
+
+/// How long a warm-up request may run.
+const WARMUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything the forks of one snapshot start from.
 pub struct ForkSource {
@@ -51,6 +55,38 @@ impl Vmm {
         source
             .vcpu
             .restore(&vcpu, self.cpu())
+            .map_err(SandboxError::Vcpu)?;
+        Ok(PreparedVm { vcpu, vm, ram })
+    }
+
+    /// Runs `warmup` (a request frame of our own) in a prepared VM, then resets memory and
+    /// vCPU to the snapshot. KVM's shadow page tables keep the pages the warm-up touched, and
+    /// the pages it wrote stay private and writable, so the next request skips those faults.
+    pub fn warm_up(
+        &self,
+        prepared: PreparedVm,
+        source: &ForkSource,
+        frame: &[u8],
+    ) -> Result<PreparedVm, VmmError> {
+        let console = Console::new(
+            Input::Empty,
+            Box::new(std::io::sink()),
+            Box::new(std::io::sink()),
+            1 << 20,
+        );
+        let mut sandbox = self.finish_fork(prepared, source, console)?;
+        sandbox.deliver_request(frame)?;
+        let deadline = Instant::now() + WARMUP_TIMEOUT;
+        match sandbox.run_until_request(Some(deadline)) {
+            RunResult::AwaitingRequest => {}
+            RunResult::Ended(exit) => return Err(VmmError::Warmup(format!("{exit:?}"))),
+        }
+        let (vm, vcpu, process) = sandbox.into_parts();
+        let ram = process.into_ram();
+        ram.reset_to(&source.memory, &[(0, ram.size())])?;
+        source
+            .vcpu
+            .restore_registers(&vcpu)
             .map_err(SandboxError::Vcpu)?;
         Ok(PreparedVm { vcpu, vm, ram })
     }

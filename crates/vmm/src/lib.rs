@@ -42,6 +42,8 @@ pub enum VmmError {
     Sandbox(#[from] SandboxError),
     #[error("restoring the process state: {0}")]
     Process(forkvm_kernel::SpawnError),
+    #[error("the warm-up request did not come back to the agent: {0}")]
+    Warmup(String),
 }
 
 /// Smallest guest RAM we accept (the stack alone takes 8 MiB, python3 tens more).

@@ -84,6 +84,8 @@ struct Shared {
     vmm: Arc<Vmm>,
     source: Arc<ForkSource>,
     config: PoolConfig,
+    /// A request frame each prepared VM runs (and is reset from) before it is pooled.
+    warmup: Option<Vec<u8>>,
     ready: Mutex<VecDeque<PreparedVm>>,
     /// Signalled when a VM is taken (refillers wake) or the pool shuts down.
     wake: Condvar,
@@ -99,12 +101,20 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts the refill and reaper threads. The pool fills in the background.
-    pub fn start(vmm: Arc<Vmm>, source: Arc<ForkSource>, config: PoolConfig) -> Pool {
+    /// Starts the refill and reaper threads. The pool fills in the background. With
+    /// `warmup` (a request frame), every pooled VM first runs it and is reset to the
+    /// snapshot, so it arrives warm (see `Vmm::warm_up`).
+    pub fn start(
+        vmm: Arc<Vmm>,
+        source: Arc<ForkSource>,
+        config: PoolConfig,
+        warmup: Option<Vec<u8>>,
+    ) -> Pool {
         let shared = Arc::new(Shared {
             vmm,
             source,
             config,
+            warmup,
             ready: Mutex::new(VecDeque::with_capacity(config.size)),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
@@ -239,7 +249,15 @@ fn refill(shared: &Shared) {
             return;
         }
         let start = Instant::now();
-        match shared.vmm.prepare_fork(&shared.source) {
+        let prepared =
+            shared
+                .vmm
+                .prepare_fork(&shared.source)
+                .and_then(|vm| match &shared.warmup {
+                    Some(frame) => shared.vmm.warm_up(vm, &shared.source, frame),
+                    None => Ok(vm),
+                });
+        match prepared {
             Ok(prepared) => {
                 let elapsed = start.elapsed().as_nanos() as u64;
                 shared.counters.prepared.fetch_add(1, Ordering::Relaxed);

@@ -136,6 +136,11 @@ impl Sandbox {
         &mut self.process
     }
 
+    /// Takes the sandbox apart (to reset and reuse its VM).
+    pub fn into_parts(self) -> (VmFd, VcpuFd, Process) {
+        (self._vm, self.vcpu, self.process)
+    }
+
     /// Where the program is parked, if it is.
     pub fn parked(&self) -> Option<&Parked> {
         self.parked.as_ref()

@@ -117,9 +117,15 @@ impl VcpuState {
     pub fn restore(&self, vcpu: &VcpuFd, cpu: &CpuTemplate) -> Result<(), VcpuSetupError> {
         vcpu.set_cpuid2(&cpu.cpuid)
             .map_err(VcpuSetupError::SetCpuid)?;
+        set_syscall_msrs(vcpu)?;
+        self.restore_registers(vcpu)
+    }
+
+    /// Puts back the registers of a vCPU that was restored and then ran (CPUID and MSRs are
+    /// unchanged: ring 3 cannot write MSRs, and KVM refuses new CPUID after a run).
+    pub fn restore_registers(&self, vcpu: &VcpuFd) -> Result<(), VcpuSetupError> {
         vcpu.set_sregs(&self.sregs)
             .map_err(VcpuSetupError::SetSregs)?;
-        set_syscall_msrs(vcpu)?;
         vcpu.set_xcrs(&self.xcrs).map_err(VcpuSetupError::SetXcrs)?;
         let mut xsave = kvm_xsave::default();
         if self.xsave.len() != xsave.region.len() {

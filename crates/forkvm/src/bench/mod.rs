@@ -8,6 +8,37 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// Percentiles of many short timings, in microseconds.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub count: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub mean_us: f64,
+    pub max_us: f64,
+}
+
+impl Latency {
+    pub fn of(mut samples: Vec<Duration>) -> Latency {
+        samples.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let at = |q: f64| {
+            let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            us(samples[index])
+        };
+        let total: Duration = samples.iter().sum();
+        Latency {
+            count: samples.len(),
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            mean_us: us(total) / samples.len() as f64,
+            max_us: us(samples[samples.len() - 1]),
+        }
+    }
+}
+
 /// Summary statistics of repeated timings, in milliseconds.
 #[derive(Debug, Serialize)]
 pub struct Stats {
@@ -71,4 +102,3 @@ impl Machine {
         }
     }
 }
-

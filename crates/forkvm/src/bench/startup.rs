@@ -143,7 +143,7 @@ fn parse_micros(stdout: &str) -> Result<f64> {
 }
 
 /// Measures and returns the startup report.
-pub fn startup(image: &std::path::Path, runs: usize) -> Result<StartupReport> {
+pub fn run(image: &std::path::Path, runs: usize) -> Result<StartupReport> {
     let vmm = Vmm::new().context("starting the VMM")?;
     let image = Arc::new(Image::open(image)?);
     let startup = vec![
