@@ -116,7 +116,13 @@ impl Engine {
             return Ok(template.clone());
         }
         let (meta, source) = self.store.load(name, &self.vmm)?;
-        let pool = Pool::start(self.vmm.clone(), Arc::new(source), self.pool_config, None);
+        let warmup = forkvm_protocol::encode(&Request::code(WARMUP_CODE))?;
+        let pool = Pool::start(
+            self.vmm.clone(),
+            Arc::new(source),
+            self.pool_config,
+            Some(warmup),
+        );
         let template = Arc::new(LoadedTemplate { meta, pool });
         loaded.insert(name.to_string(), template.clone());
         Ok(template)

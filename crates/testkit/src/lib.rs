@@ -36,6 +36,39 @@ pub fn default_image() -> PathBuf {
         .clone()
 }
 
+/// A template store in `dir` holding a freshly built `python` template (the agent with numpy
+/// imported). Built once per test process; later calls return the same store.
+pub fn python_template(dir: &Path) -> forkvm_template::TemplateStore {
+    static STORE: OnceLock<forkvm_template::TemplateStore> = OnceLock::new();
+    STORE
+        .get_or_init(|| {
+            let store = forkvm_template::TemplateStore::new(dir);
+            let vmm = forkvm_vmm::Vmm::new().expect("opening /dev/kvm");
+            forkvm_template::build(
+                &store,
+                &vmm,
+                &forkvm_template::TemplateSpec::python("python"),
+                &mut |step| eprintln!("testkit: {step}"),
+            )
+            .expect("building the python template");
+            store
+        })
+        .clone()
+}
+
+/// SHA-256 of a file's contents, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut file = std::fs::File::open(path).expect("opening file to hash");
+    std::io::copy(&mut file, &mut hasher).expect("hashing file");
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Compiles C sources into static executables inside `root` (at `/name` for each
 /// `(name, source)`), so tests can run small, exactly known programs.
 pub fn compile_static(root: &Path, programs: &[(&str, &str)]) {

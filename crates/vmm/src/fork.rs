@@ -46,6 +46,13 @@ pub struct PreparedVm {
     ram: GuestRam,
 }
 
+impl PreparedVm {
+    /// The prepared VM's guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}
+
 impl Vmm {
     /// Does the slow half of a fork, off the request path.
     pub fn prepare_fork(&self, source: &ForkSource) -> Result<PreparedVm, VmmError> {

@@ -1,0 +1,219 @@
+//! Fork correctness on real KVM: every fork starts from the snapshot, keeps its own state,
+//! never leaks into the template or its siblings, and gets fresh time and randomness.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forkvm_engine::{Engine, ExecLimits, WARMUP_CODE, run_request};
+use forkvm_kernel::{CaptureBuffer, Console, Input};
+use forkvm_protocol::Request;
+use forkvm_template::TemplateStore;
+use forkvm_vmm::{Pool, PoolConfig, Sandbox, Vmm};
+
+fn store() -> Option<TemplateStore> {
+    if !forkvm_testkit::kvm_available() {
+        return None;
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("engine-templates");
+    Some(forkvm_testkit::python_template(&dir))
+}
+
+fn engine(store: TemplateStore) -> Engine {
+    Engine::new(
+        Arc::new(Vmm::new().unwrap()),
+        store,
+        PoolConfig {
+            size: 8,
+            refill_threads: 1,
+        },
+    )
+}
+
+fn run(engine: &Engine, code: &str) -> String {
+    let out = engine
+        .exec("python", &Request::code(code), ExecLimits::default())
+        .unwrap();
+    assert_eq!(
+        out.exit_code(),
+        0,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_thousand_sequential_forks_each_return_their_own_result() {
+    let Some(store) = store() else { return };
+    let engine = engine(store);
+    for i in 0..1000 {
+        assert_eq!(
+            run(&engine, &format!("print({i} * 3)")),
+            format!("{}\n", i * 3)
+        );
+    }
+}
+
+/// A sandbox from `pool` that ran `code` and is parked again; returns its stdout.
+fn exec_in(sandbox: &mut Sandbox, stdout: &CaptureBuffer, code: &str) -> String {
+    let frame = forkvm_protocol::encode(&Request::code(code)).unwrap();
+    let (reply, ended) =
+        run_request(sandbox, &frame, Instant::now() + Duration::from_secs(30)).unwrap();
+    assert_eq!(reply.map(|r| r.exit_code), Some(0), "ended: {ended:?}");
+    String::from_utf8(stdout.take()).unwrap()
+}
+
+fn live_fork(pool: &Pool) -> (Sandbox, CaptureBuffer) {
+    let stdout = CaptureBuffer::default();
+    let console = Console::new(
+        Input::Empty,
+        Box::new(stdout.clone()),
+        Box::new(std::io::sink()),
+        1 << 20,
+    );
+    (pool.fork(console).unwrap(), stdout)
+}
+
+fn pool(store: &TemplateStore, warm: bool) -> Pool {
+    let vmm = Arc::new(Vmm::new().unwrap());
+    let (_, source) = store.load("python", &vmm).unwrap();
+    let warmup = warm.then(|| forkvm_protocol::encode(&Request::code(WARMUP_CODE)).unwrap());
+    Pool::start(
+        vmm,
+        Arc::new(source),
+        PoolConfig {
+            size: 4,
+            refill_threads: 1,
+        },
+        warmup,
+    )
+}
+
+#[test]
+fn two_hundred_live_forks_see_only_their_own_writes() {
+    let Some(store) = store() else { return };
+    let pool = pool(&store, true);
+    let mut live = Vec::new();
+    for i in 0..200 {
+        let (mut sandbox, stdout) = live_fork(&pool);
+        let code = format!(
+            "import builtins\nbuiltins.VALUE = {i}\nopen('/tmp/value', 'w').write('{i}')\nprint('ok')"
+        );
+        assert_eq!(exec_in(&mut sandbox, &stdout, &code), "ok\n");
+        live.push((sandbox, stdout));
+    }
+    for (i, (sandbox, stdout)) in live.iter_mut().enumerate() {
+        let out = exec_in(
+            sandbox,
+            stdout,
+            "import builtins\nprint(builtins.VALUE, open('/tmp/value').read())",
+        );
+        assert_eq!(out, format!("{i} {i}\n"));
+    }
+    // Nothing of theirs reached the template: a new fork sees neither value.
+    let (mut fresh, stdout) = live_fork(&pool);
+    let out = exec_in(
+        &mut fresh,
+        &stdout,
+        "import builtins, os\nprint(hasattr(builtins, 'VALUE'), os.path.exists('/tmp/value'))",
+    );
+    assert_eq!(out, "False False\n");
+}
+
+#[test]
+fn forks_never_write_the_snapshot_file() {
+    let Some(store) = store() else { return };
+    let memory = store.dir("python").unwrap().join("memory");
+    let digest = || forkvm_testkit::sha256_file(&memory);
+    let before = digest();
+    let engine = engine(store);
+    run(
+        &engine,
+        "x = bytearray(50 << 20)\nx[::4096] = b'\\xff' * len(x[::4096])\nprint(sum(x) > 0)",
+    );
+    run(&engine, "import numpy\nprint(numpy.ones((300, 300)).sum())");
+    assert_eq!(digest(), before);
+}
+
+#[test]
+fn every_fork_draws_fresh_randomness() {
+    let Some(store) = store() else { return };
+    let engine = engine(store);
+    let mut seen = HashSet::new();
+    for _ in 0..100 {
+        let out = run(
+            &engine,
+            "import os, random, numpy\nprint(os.urandom(16).hex(), random.random(), numpy.random.rand())",
+        );
+        let fields: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(fields.len(), 3);
+        for field in fields {
+            assert!(seen.insert(field.to_string()), "{field} repeated");
+        }
+    }
+}
+
+#[test]
+fn forks_read_the_current_time_not_the_snapshots() {
+    let Some(store) = store() else { return };
+    let created = store.show("python").unwrap().created_unix as f64;
+    std::thread::sleep(Duration::from_millis(1500));
+    let engine = engine(store);
+    let out = run(&engine, "import time\nprint(time.time())");
+    let guest: f64 = out.trim().parse().unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((guest - host).abs() < 1.0, "guest {guest} host {host}");
+    assert!(guest > created + 1.0, "guest {guest} snapshot {created}");
+}
+
+#[test]
+fn warm_reset_leaves_memory_identical_to_the_snapshot() {
+    let Some(store) = store() else { return };
+    let vmm = Vmm::new().unwrap();
+    let (meta, source) = store.load("python", &vmm).unwrap();
+    let frame = forkvm_protocol::encode(&Request::code(
+        "import numpy, json\nx = [bytearray(4096) for _ in range(500)]\nprint(json.dumps(numpy.arange(5).tolist()))",
+    ))
+    .unwrap();
+    let prepared = vmm.prepare_fork(&source).unwrap();
+    let warmed = vmm.warm_up(prepared, &source, &frame).unwrap();
+    let ram = warmed.ram();
+    let mut expected = vec![0u8; 4096];
+    let mut actual = vec![0u8; 4096];
+    let mut differing = Vec::new();
+    for page in (0..meta.ram_bytes).step_by(4096) {
+        std::os::unix::fs::FileExt::read_exact_at(&source.memory, &mut expected, page).unwrap();
+        ram.read(page, &mut actual).unwrap();
+        if expected != actual {
+            differing.push(page);
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "pages differ after reset: {:x?}",
+        &differing[..differing.len().min(10)]
+    );
+}
+
+#[test]
+fn a_runaway_fork_ends_alone() {
+    let Some(store) = store() else { return };
+    let engine = engine(store);
+    let out = engine
+        .exec(
+            "python",
+            &Request::code("while True: pass"),
+            ExecLimits {
+                timeout: Duration::from_millis(500),
+                ..ExecLimits::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(out.ended, Some(forkvm_vmm::SandboxExit::Timeout));
+    assert_eq!(run(&engine, "print('still fine')"), "still fine\n");
+}
