@@ -187,7 +187,7 @@ fn warm_reset_leaves_memory_identical_to_the_snapshot() {
     let mut actual = vec![0u8; 4096];
     let mut differing = Vec::new();
     for page in (0..meta.ram_bytes).step_by(4096) {
-        std::os::unix::fs::FileExt::read_exact_at(&source.memory, &mut expected, page).unwrap();
+        source.backing.read_page(page, &mut expected).unwrap();
         ram.read(page, &mut actual).unwrap();
         if expected != actual {
             differing.push(page);
@@ -216,4 +216,81 @@ fn a_runaway_fork_ends_alone() {
         .unwrap();
     assert_eq!(out.ended, Some(forkvm_vmm::SandboxExit::Timeout));
     assert_eq!(run(&engine, "print('still fine')"), "still fine\n");
+}
+
+/// A fork of `source` prepared inline (no pool), with captured stdout.
+fn fork_of(vmm: &Vmm, source: &forkvm_vmm::ForkSource) -> (Sandbox, CaptureBuffer) {
+    let stdout = CaptureBuffer::default();
+    let console = Console::new(
+        Input::Empty,
+        Box::new(stdout.clone()),
+        Box::new(std::io::sink()),
+        1 << 20,
+    );
+    let prepared = vmm.prepare_fork(source).unwrap();
+    (vmm.finish_fork(prepared, source, console).unwrap(), stdout)
+}
+
+#[test]
+fn a_fork_of_a_fork_sees_its_parent_at_the_snapshot_and_nothing_later() {
+    let Some(store) = store() else { return };
+    let vmm = Vmm::new().unwrap();
+    let (_, template) = store.load("python", &vmm).unwrap();
+    let (mut parent, out) = fork_of(&vmm, &template);
+    let set = |value: &str| {
+        format!(
+            "import builtins\nbuiltins.V = '{value}'\nopen('/tmp/f', 'w').write('{value}')\nprint('set')"
+        )
+    };
+    let show = "import builtins\nprint(builtins.V, open('/tmp/f').read())";
+    assert_eq!(exec_in(&mut parent, &out, &set("one")), "set\n");
+    let child_source = vmm.snapshot_fork(&parent, &template).unwrap();
+    assert_eq!(exec_in(&mut parent, &out, &set("two")), "set\n");
+
+    let (mut child, child_out) = fork_of(&vmm, &child_source);
+    assert_eq!(exec_in(&mut child, &child_out, show), "one one\n");
+    assert_eq!(exec_in(&mut parent, &out, show), "two two\n");
+
+    // Branches diverge independently, and their own forks see each branch's state.
+    let (mut sibling, sibling_out) = fork_of(&vmm, &child_source);
+    assert_eq!(exec_in(&mut child, &child_out, &set("three")), "set\n");
+    assert_eq!(exec_in(&mut sibling, &sibling_out, show), "one one\n");
+    let grandchild_source = vmm.snapshot_fork(&child, &child_source).unwrap();
+    let (mut grandchild, grandchild_out) = fork_of(&vmm, &grandchild_source);
+    assert_eq!(
+        exec_in(&mut grandchild, &grandchild_out, show),
+        "three three\n"
+    );
+}
+
+#[test]
+fn long_fork_chains_are_flattened_and_stay_correct() {
+    let Some(store) = store() else { return };
+    let vmm = Vmm::new().unwrap();
+    let (_, template) = store.load("python", &vmm).unwrap();
+    let mut source = template;
+    let generations = forkvm_vmm::layer::MAX_LAYERS + 3;
+    for generation in 0..generations {
+        let (mut sandbox, out) = fork_of(&vmm, &source);
+        let code = format!(
+            "import builtins\nbuiltins.G = getattr(builtins, 'G', []) + [{generation}]\n\
+             x = bytearray({generation} * 100000)\nprint(builtins.G[-1])"
+        );
+        assert_eq!(
+            exec_in(&mut sandbox, &out, &code),
+            format!("{generation}\n")
+        );
+        source = vmm.snapshot_fork(&sandbox, &source).unwrap();
+        assert!(source.backing.layers.len() <= forkvm_vmm::layer::MAX_LAYERS);
+    }
+    let (mut last, out) = fork_of(&vmm, &source);
+    let expected: Vec<String> = (0..generations).map(|g| g.to_string()).collect();
+    assert_eq!(
+        exec_in(
+            &mut last,
+            &out,
+            "import builtins\nprint(','.join(map(str, builtins.G)))"
+        ),
+        format!("{}\n", expected.join(","))
+    );
 }

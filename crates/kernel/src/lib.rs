@@ -11,6 +11,7 @@
 //! use (`EFAULT` otherwise), and every buffer is bounded: a hostile program can only end its
 //! own sandbox.
 
+pub mod backing;
 pub mod console;
 pub mod control;
 pub mod errno;
@@ -19,7 +20,6 @@ pub mod file;
 pub mod fileinfo;
 pub mod loader;
 pub mod memory;
-pub mod memory_reset;
 pub mod mm;
 pub mod pipe;
 pub mod process;

@@ -233,11 +233,28 @@ impl GuestRam {
         if len == 0 {
             return Ok(());
         }
+        self.map_unlogged(addr, len, file, offset)?;
+        self.record_remap(addr, len);
+        Ok(())
+    }
+
+    /// Maps `[addr, addr+len)` of a backing file (a snapshot or one of its layers) at its own
+    /// offset: restoring what the RAM is a view of, so not logged as a replacement.
+    pub(crate) fn map_backing(&self, addr: u64, len: u64, file: &File) -> Result<(), MemoryError> {
+        self.map_unlogged(addr, len, file, addr)
+    }
+
+    fn map_unlogged(
+        &self,
+        addr: u64,
+        len: u64,
+        file: &File,
+        offset: u64,
+    ) -> Result<(), MemoryError> {
         let host = self.check_pages(addr, len)?;
         if !offset.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadRange { addr: offset, len });
         }
-        self.record_remap(addr, len);
         // SAFETY: as in `discard`: the target range is inside our own mapping; the file mapping
         // is private, so guest writes never reach the file.
         let ret = unsafe {

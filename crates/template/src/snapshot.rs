@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use forkvm_image::Image;
 use forkvm_kernel::ProcessState;
+use forkvm_kernel::backing::Backing;
 use forkvm_kernel::memory::{GuestRam, PAGE_SIZE};
 use forkvm_vmm::{ForkSource, Sandbox, VcpuState, Vmm};
 use serde::{Deserialize, Serialize};
@@ -318,7 +319,7 @@ pub fn load(dir: &Path, vmm: &Vmm) -> Result<(SnapshotMeta, ForkSource), Snapsho
         });
     }
     let source = ForkSource {
-        memory,
+        backing: Backing::file(memory),
         vcpu: state.vcpu,
         process: state.process,
         image,

@@ -6,11 +6,11 @@
 //! and needs nothing from the request, so `Pool` does it ahead of time; turning a
 //! prepared VM into a runnable sandbox only clones the process state.
 
-use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkvm_image::Image;
+use forkvm_kernel::backing::Backing;
 use forkvm_kernel::memory::GuestRam;
 use forkvm_kernel::{Console, Input, Process, ProcessState};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -24,8 +24,8 @@ const WARMUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything the forks of one snapshot start from.
 pub struct ForkSource {
-    /// The snapshot's guest memory: a file the size of guest RAM (sparse), never written.
-    pub memory: File,
+    /// The snapshot's guest memory: files the size of guest RAM (sparse), never written.
+    pub backing: Backing,
     pub vcpu: VcpuState,
     pub process: ProcessState,
     pub image: Arc<Image>,
@@ -56,7 +56,7 @@ impl PreparedVm {
 impl Vmm {
     /// Does the slow half of a fork, off the request path.
     pub fn prepare_fork(&self, source: &ForkSource) -> Result<PreparedVm, VmmError> {
-        let ram = GuestRam::private_file(&source.memory, source.ram_size())?;
+        let ram = GuestRam::from_backing(&source.backing, source.ram_size())?;
         let vm = create_vm(self.kvm(), &ram)?;
         let vcpu = vm.create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
         source
@@ -90,7 +90,7 @@ impl Vmm {
         }
         let (vm, vcpu, process) = sandbox.into_parts();
         let ram = process.into_ram();
-        ram.reset_to(&source.memory, &[(0, ram.size())])?;
+        ram.reset_to(&source.backing)?;
         source
             .vcpu
             .restore_registers(&vcpu)

@@ -8,6 +8,7 @@
 pub mod descriptors;
 pub mod exit;
 pub mod fork;
+pub mod layer;
 pub mod layout;
 pub mod paging;
 pub mod pool;

@@ -1,0 +1,254 @@
+//! What a fork's guest RAM is a copy-on-write view of: a snapshot's memory file, plus, for a
+//! fork of a fork, layers of the pages each generation changed.
+//!
+//! Two operations depend on knowing exactly which pages differ from the backing:
+//! * **Reset** (`GuestRam::reset_to`): a pooled VM warmed by a request of our own goes back
+//!   to byte-for-byte the snapshot. Private pages get their backing bytes copied back in
+//!   place (they stay mapped in KVM's shadow page tables, which is the point of warming);
+//!   ranges whose host mapping was replaced are mapped from the backing again.
+//! * **Layering** (`GuestRam::changed_ranges`): snapshotting a parked fork stores only its
+//!   changed pages over its parent's backing.
+//!
+//! A page differs from the backing only if it is a private copy (present without the file
+//! flag in `/proc/self/pagemap`) or lies in a range whose host mapping was replaced
+//! (`discard`, `map_file`, `move_pages`, all logged). Tests compare every page to check this.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, OnceLock};
+
+use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+
+/// `/proc/self/pagemap` flag: the page is present in RAM.
+const PM_PRESENT: u64 = 1 << 63;
+/// `/proc/self/pagemap` flag: a file page (shared with the page cache). A present page without
+/// it, in a private file mapping, is a private copy.
+const PM_FILE: u64 = 1 << 61;
+/// Pagemap entries read per call.
+const PAGEMAP_BATCH: usize = 512;
+
+/// Pages of one generation that override the layers below, at their own guest offsets.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub file: Arc<File>,
+    /// Sorted, disjoint guest ranges this layer provides (holes in the file read as zero).
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// A snapshot's memory: a base file the size of guest RAM, and layers on top.
+#[derive(Debug, Clone)]
+pub struct Backing {
+    pub base: Arc<File>,
+    pub layers: Vec<Layer>,
+}
+
+impl Backing {
+    /// A backing with no layers.
+    pub fn file(base: File) -> Backing {
+        Backing {
+            base: Arc::new(base),
+            layers: Vec::new(),
+        }
+    }
+
+    /// The file holding the bytes of the page at `addr`: the topmost layer that has it.
+    fn source_of(&self, addr: u64) -> &File {
+        self.layers
+            .iter()
+            .rev()
+            .find(|layer| contains(&layer.ranges, addr))
+            .map_or(&self.base, |layer| &layer.file)
+    }
+
+    /// Reads the backing bytes of the page at `addr` into `page`.
+    pub fn read_page(&self, addr: u64, page: &mut [u8]) -> Result<(), MemoryError> {
+        self.source_of(addr)
+            .read_exact_at(page, addr)
+            .map_err(MemoryError::Remap)
+    }
+
+    /// Maps `[start, end)` of the backing over the same guest range of `ram`.
+    fn map_range(&self, ram: &GuestRam, start: u64, end: u64) -> Result<(), MemoryError> {
+        ram.map_backing(start, end - start, &self.base)?;
+        for layer in &self.layers {
+            for &(s, e) in &layer.ranges {
+                let (s, e) = (s.max(start), e.min(end));
+                if s < e {
+                    ram.map_backing(s, e - s, &layer.file)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether sorted, disjoint `ranges` contain `addr`.
+fn contains(ranges: &[(u64, u64)], addr: u64) -> bool {
+    let i = ranges.partition_point(|&(_, end)| end <= addr);
+    ranges.get(i).is_some_and(|&(start, _)| start <= addr)
+}
+
+/// Sorts and merges overlapping or touching ranges.
+pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+fn pagemap() -> Result<&'static File, MemoryError> {
+    static PAGEMAP: OnceLock<File> = OnceLock::new();
+    if let Some(file) = PAGEMAP.get() {
+        return Ok(file);
+    }
+    let file = File::open("/proc/self/pagemap").map_err(MemoryError::Remap)?;
+    Ok(PAGEMAP.get_or_init(|| file))
+}
+
+/// What a reset did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResetStats {
+    /// Private pages whose backing bytes were copied back.
+    pub restored_pages: u64,
+    /// Bytes of ranges mapped from the backing again.
+    pub remapped_bytes: u64,
+}
+
+impl GuestRam {
+    /// Maps `backing` copy-on-write: the base file, then each layer's ranges over it.
+    pub fn from_backing(backing: &Backing, size: u64) -> Result<GuestRam, MemoryError> {
+        let ram = GuestRam::private_file(&backing.base, size)?;
+        for layer in &backing.layers {
+            for &(start, end) in &layer.ranges {
+                ram.map_backing(start, end - start, &layer.file)?;
+            }
+        }
+        Ok(ram)
+    }
+
+    /// Guest addresses of the private (copied-on-write) pages, in order.
+    pub fn private_pages(&self) -> Result<Vec<u64>, MemoryError> {
+        let pagemap = pagemap()?;
+        let mut entries = vec![0u8; PAGEMAP_BATCH * 8];
+        let mut pages = Vec::new();
+        let mut addr = 0;
+        while addr < self.size() {
+            let count = ((self.size() - addr) / PAGE_SIZE).min(PAGEMAP_BATCH as u64) as usize;
+            let host_page = (self.host_base as u64 + addr) / PAGE_SIZE;
+            pagemap
+                .read_exact_at(&mut entries[..count * 8], host_page * 8)
+                .map_err(MemoryError::Remap)?;
+            for (i, entry) in entries[..count * 8].chunks_exact(8).enumerate() {
+                let flags = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+                if flags & PM_PRESENT != 0 && flags & PM_FILE == 0 {
+                    pages.push(addr + i as u64 * PAGE_SIZE);
+                }
+            }
+            addr += count as u64 * PAGE_SIZE;
+        }
+        Ok(pages)
+    }
+
+    /// Ranges (sorted, merged) that may differ from the backing this RAM was mapped from:
+    /// private pages and replaced ranges.
+    pub fn changed_ranges(&self) -> Result<Vec<(u64, u64)>, MemoryError> {
+        let mut ranges: Vec<(u64, u64)> = self
+            .private_pages()?
+            .into_iter()
+            .map(|page| (page, page + PAGE_SIZE))
+            .collect();
+        ranges.extend(
+            self.remapped
+                .lock()
+                .expect("remap log lock")
+                .iter()
+                .copied(),
+        );
+        Ok(merge_ranges(ranges))
+    }
+
+    /// Makes every page equal to `backing` again (the backing this RAM was mapped from).
+    pub fn reset_to(&self, backing: &Backing) -> Result<ResetStats, MemoryError> {
+        let mut stats = ResetStats::default();
+        let remapped = merge_ranges(std::mem::take(
+            &mut *self.remapped.lock().expect("remap log lock"),
+        ));
+        for &(start, end) in &remapped {
+            backing.map_range(self, start, end)?;
+            stats.remapped_bytes += end - start;
+        }
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for addr in self.private_pages()? {
+            backing.read_page(addr, &mut page)?;
+            self.write(addr, &page).map_err(|_| MemoryError::BadRange {
+                addr,
+                len: PAGE_SIZE,
+            })?;
+            stats.restored_pages += 1;
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_and_finds_ranges() {
+        let merged = merge_ranges(vec![(8, 12), (0, 4), (4, 6), (20, 30), (10, 14)]);
+        assert_eq!(merged, vec![(0, 6), (8, 14), (20, 30)]);
+        assert!(contains(&merged, 0) && contains(&merged, 13) && contains(&merged, 29));
+        assert!(!contains(&merged, 6) && !contains(&merged, 14) && !contains(&merged, 30));
+    }
+
+    fn file_with(pages: &[(u64, u8)], size: u64) -> File {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        for &(addr, byte) in pages {
+            file.write_all_at(&vec![byte; PAGE_SIZE as usize], addr)
+                .unwrap();
+        }
+        file
+    }
+
+    fn byte_at(ram: &GuestRam, addr: u64) -> u8 {
+        let mut b = [0u8; 1];
+        ram.read(addr, &mut b).unwrap();
+        b[0]
+    }
+
+    #[test]
+    fn layers_override_the_base_and_reset_restores_them() {
+        let size = 16 * PAGE_SIZE;
+        let base = file_with(&[(0, 1), (PAGE_SIZE, 1), (2 * PAGE_SIZE, 1)], size);
+        let layer = file_with(&[(PAGE_SIZE, 2)], size);
+        let backing = Backing {
+            base: Arc::new(base),
+            layers: vec![Layer {
+                file: Arc::new(layer),
+                ranges: vec![(PAGE_SIZE, 3 * PAGE_SIZE)],
+            }],
+        };
+        let ram = GuestRam::from_backing(&backing, size).unwrap();
+        // Page 2 is in the layer's range but a hole there: zero, not the base's 1.
+        assert_eq!([0, 1, 2].map(|p| byte_at(&ram, p * PAGE_SIZE)), [1, 2, 0]);
+        assert!(ram.changed_ranges().unwrap().is_empty());
+
+        ram.write(5, &[9]).unwrap();
+        ram.write(PAGE_SIZE + 5, &[9]).unwrap();
+        ram.discard(2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        ram.write(2 * PAGE_SIZE, &[7]).unwrap();
+        assert_eq!(ram.changed_ranges().unwrap(), vec![(0, 3 * PAGE_SIZE)]);
+        let stats = ram.reset_to(&backing).unwrap();
+        assert_eq!(stats.remapped_bytes, PAGE_SIZE);
+        assert_eq!(byte_at(&ram, 5), 1);
+        assert_eq!(byte_at(&ram, PAGE_SIZE + 5), 2);
+        assert_eq!(byte_at(&ram, 2 * PAGE_SIZE), 0);
+    }
+}

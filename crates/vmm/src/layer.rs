@@ -1,0 +1,104 @@
+//! Snapshotting a fork: the basis for sessions that branch.
+//!
+//! A fork parked on its control channel becomes a new `ForkSource` whose memory is its
+//! parent's backing plus one layer holding the pages this fork changed (found precisely:
+//! private copies and replaced ranges, see `forkvm_kernel::backing`). Layers live in
+//! anonymous memory files (`memfd`): a branch costs only the pages it changed, and its
+//! memory goes back to the host when the last fork of it is gone. Chains are bounded:
+//! past `MAX_LAYERS`, the snapshot is flattened into one new base.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use forkvm_kernel::backing::{Backing, Layer, merge_ranges};
+use forkvm_kernel::memory::{GuestRam, MemoryError, PAGE_SIZE};
+
+use crate::fork::ForkSource;
+use crate::{Sandbox, SandboxError, Vmm, VmmError};
+
+/// Layers a snapshot may stack before it is flattened.
+pub const MAX_LAYERS: usize = 8;
+
+/// An anonymous, sparse memory file of `size` bytes.
+fn memory_file(size: u64) -> Result<File, MemoryError> {
+    // SAFETY: the name is a valid NUL-terminated string; memfd_create returns a new
+    // descriptor we take ownership of below (or -1).
+    let fd = unsafe { libc::memfd_create(c"forkvm-layer".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(MemoryError::Remap)?;
+    Ok(file)
+}
+
+/// Copies the non-zero pages of `ranges` from guest RAM into `file` at their own offsets.
+fn copy_pages(ram: &GuestRam, file: &File, ranges: &[(u64, u64)]) -> Result<(), MemoryError> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for &(start, end) in ranges {
+        let mut addr = start;
+        while addr < end {
+            ram.read(addr, &mut page)
+                .map_err(|_| MemoryError::BadRange {
+                    addr,
+                    len: PAGE_SIZE,
+                })?;
+            if page.iter().any(|&b| b != 0) {
+                file.write_all_at(&page, addr).map_err(MemoryError::Remap)?;
+            }
+            addr += PAGE_SIZE;
+        }
+    }
+    Ok(())
+}
+
+impl Vmm {
+    /// Snapshots `sandbox`, a fork of `parent` parked on its control channel, into a new
+    /// source whose forks see its state at this moment and nothing it does later.
+    pub fn snapshot_fork(
+        &self,
+        sandbox: &Sandbox,
+        parent: &ForkSource,
+    ) -> Result<ForkSource, VmmError> {
+        let process = sandbox.process();
+        if !process.awaiting_control() {
+            return Err(SandboxError::NotParked.into());
+        }
+        let ram = process.ram();
+        let vcpu = sandbox.capture_vcpu()?;
+        let changed = ram.changed_ranges()?;
+        let backing = if parent.backing.layers.len() < MAX_LAYERS {
+            let file = memory_file(ram.size())?;
+            copy_pages(ram, &file, &changed)?;
+            let mut layers = parent.backing.layers.clone();
+            layers.push(Layer {
+                file: Arc::new(file),
+                ranges: changed,
+            });
+            Backing {
+                base: parent.backing.base.clone(),
+                layers,
+            }
+        } else {
+            // Flatten: everything that can hold data goes into one new base.
+            let mut ranges = vec![(0, crate::layout::USER_START)];
+            ranges.extend(process.address_space().vmas().map(|v| (v.start, v.end)));
+            ranges.extend(changed);
+            for layer in &parent.backing.layers {
+                ranges.extend(layer.ranges.iter().copied());
+            }
+            let file = memory_file(ram.size())?;
+            copy_pages(ram, &file, &merge_ranges(ranges))?;
+            Backing::file(file)
+        };
+        Ok(ForkSource {
+            backing,
+            vcpu,
+            process: process.state(),
+            image: parent.image.clone(),
+        })
+    }
+}
