@@ -119,6 +119,10 @@ enum BenchCommand {
         /// Sandboxes kept alive at once for the wall-time measurement.
         #[arg(long, default_value_t = 1000)]
         live: usize,
+        /// Processes the live sandboxes are spread over (VMs in one process slow each
+        /// other's copy-on-write faults).
+        #[arg(long, default_value_t = 8)]
+        live_workers: usize,
         /// Live sandboxes the memory measurement averages over.
         #[arg(long, default_value_t = 200)]
         memory_sandboxes: usize,
@@ -131,6 +135,14 @@ enum BenchCommand {
         /// Pool VMs cold (no warm-up request before use).
         #[arg(long)]
         cold: bool,
+    },
+    /// (internal) One worker process of `bench fork`'s live-sandbox measurement.
+    #[command(hide = true)]
+    LiveWorker {
+        #[arg(long)]
+        template: String,
+        #[arg(long)]
+        count: usize,
     },
     /// Cold sandbox start of python3 (bare, and importing numpy) and one syscall round trip,
     /// each beside the same work run natively.
@@ -226,6 +238,7 @@ fn execute(cli: Cli) -> Result<i32> {
             template,
             samples,
             live,
+            live_workers,
             memory_sandboxes,
             pool_size,
             refill_threads,
@@ -235,6 +248,7 @@ fn execute(cli: Cli) -> Result<i32> {
                 template,
                 samples: samples.max(1),
                 live: live.max(1),
+                live_workers: live_workers.max(1),
                 memory_sandboxes: memory_sandboxes.max(1),
                 pool: forkvm_vmm::PoolConfig {
                     size: pool_size,
@@ -245,6 +259,9 @@ fn execute(cli: Cli) -> Result<i32> {
             eprint!("{}", bench::fork::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
+        }
+        Command::Bench(BenchCommand::LiveWorker { template, count }) => {
+            bench::live::worker(&template, count).map(|()| 0)
         }
         Command::Image(ImageCommand::Default) => {
             println!("{}", default_image()?.display());

@@ -14,10 +14,11 @@ use forkvm_protocol::Request;
 use forkvm_vmm::{Pool, PoolConfig, Sandbox, Vmm};
 use serde::Serialize;
 
+use super::live::LiveSandboxes;
 use super::{Latency, Machine, Stats};
 
 /// Python code the trivial exec runs.
-const TRIVIAL: &str = "print(1+1)";
+pub(super) const TRIVIAL: &str = "print(1+1)";
 /// Host script: import numpy, then time `os.fork()` + child exit + wait, and fork + the child
 /// running the trivial code and exiting; prints microsecond samples as JSON.
 const HOST_FORK_SCRIPT: &str = r#"
@@ -62,14 +63,6 @@ pub struct MemoryPerSandbox {
     pub mem_available_delta_kib: f64,
 }
 
-/// Many live sandboxes that each ran the request.
-#[derive(Debug, Serialize)]
-pub struct LiveSandboxes {
-    pub sandboxes: usize,
-    pub wall_ms: f64,
-    pub per_sandbox_us: f64,
-}
-
 /// Floors measured in the same run.
 #[derive(Debug, Serialize)]
 pub struct Floors {
@@ -105,7 +98,7 @@ pub struct ForkReport {
     pub floors: Floors,
 }
 
-fn console() -> Console {
+pub(super) fn console() -> Console {
     Console::new(
         Input::Empty,
         Box::new(CaptureBuffer::default()),
@@ -122,7 +115,7 @@ fn wait_for_depth(pool: &Pool, depth: usize) {
 }
 
 /// Runs the trivial request in `sandbox`; fails unless the agent replied with exit 0.
-fn run_trivial(sandbox: &mut Sandbox, frame: &[u8]) -> Result<()> {
+pub(super) fn run_trivial(sandbox: &mut Sandbox, frame: &[u8]) -> Result<()> {
     let (reply, ended) = run_request(sandbox, frame, Instant::now() + Duration::from_secs(30))?;
     match reply {
         Some(reply) if reply.exit_code == 0 => Ok(()),
@@ -155,7 +148,7 @@ fn measure_fork_exec(pool: &Pool, frame: &[u8], samples: usize) -> Result<Latenc
     Ok(Latency::of(times))
 }
 
-fn mem_available_kib() -> Result<u64> {
+pub(super) fn mem_available_kib() -> Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     meminfo
         .lines()
@@ -337,6 +330,8 @@ pub struct ForkOptions {
     pub template: String,
     pub samples: usize,
     pub live: usize,
+    /// Processes the live sandboxes are spread over (see `live`).
+    pub live_workers: usize,
     pub memory_sandboxes: usize,
     pub pool: PoolConfig,
     /// Warm pooled VMs with a request of our own first (see `Vmm::warm_up`).
@@ -344,7 +339,7 @@ pub struct ForkOptions {
 }
 
 /// Raises the descriptor limit: every live sandbox holds a VM and a vCPU descriptor.
-fn raise_fd_limit() {
+pub(super) fn raise_fd_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -384,15 +379,14 @@ pub fn run(options: &ForkOptions) -> Result<ForkReport> {
         options.memory_sandboxes
     );
     let memory = measure_memory(&pool, &frame, options.memory_sandboxes)?;
-    eprintln!("bench: {} live sandboxes…", options.live);
-    pool.wait_full(Duration::from_secs(120));
-    let (live_set, wall) = live_sandboxes(&pool, &frame, options.live)?;
-    for sandbox in live_set {
-        pool.release(sandbox);
-    }
     let exit_round_trip_us = exit_round_trip(&pool)?;
     let stats = pool.stats();
     drop(pool);
+    eprintln!(
+        "bench: {} live sandboxes over {} worker processes…",
+        options.live, options.live_workers
+    );
+    let live = super::live::measure(&options.template, options.live, options.live_workers)?;
 
     eprintln!("bench: floors…");
     let kvm_create_teardown = kvm_create_floor(&vmm, 200)?;
@@ -407,11 +401,7 @@ pub fn run(options: &ForkOptions) -> Result<ForkReport> {
         fork_to_runnable,
         fork_exec_trivial,
         memory,
-        live: LiveSandboxes {
-            sandboxes: options.live,
-            wall_ms: wall.as_secs_f64() * 1e3,
-            per_sandbox_us: wall.as_secs_f64() * 1e6 / options.live as f64,
-        },
+        live,
         pool_refill_per_sec: stats.refill_rate(),
         floors: Floors {
             kvm_create_teardown,
@@ -454,8 +444,12 @@ pub fn table(r: &ForkReport) -> String {
         r.memory.private_dirty_kib, r.memory.mem_available_delta_kib, r.memory.sandboxes
     ));
     out.push_str(&format!(
-        "{} live sandboxes that ran it  {:.0} ms ({:.0} us each)\n",
-        r.live.sandboxes, r.live.wall_ms, r.live.per_sandbox_us
+        "{} live sandboxes that ran it  {:.0} ms ({:.0} us each) over {} processes; MemAvailable delta {:.0} KiB each\n",
+        r.live.sandboxes,
+        r.live.wall_ms,
+        r.live.per_sandbox_us,
+        r.live.worker_processes,
+        r.live.mem_available_delta_kib
     ));
     out.push_str(&format!(
         "pool refill rate               {:.0} VMs/s per thread\n\n",

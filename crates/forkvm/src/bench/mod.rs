@@ -2,6 +2,7 @@
 //! figure stands beside a floor measured in the same run.
 
 pub mod fork;
+pub mod live;
 pub mod startup;
 
 use std::time::Duration;
