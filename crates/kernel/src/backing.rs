@@ -40,6 +40,8 @@ pub struct Layer {
 pub struct Backing {
     pub base: Arc<File>,
     pub layers: Vec<Layer>,
+    /// Locked views that keep the base file's data resident (see `Pin`).
+    pub pins: Vec<Arc<Pin>>,
 }
 
 impl Backing {
@@ -48,7 +50,19 @@ impl Backing {
         Backing {
             base: Arc::new(base),
             layers: Vec::new(),
+            pins: Vec::new(),
         }
+    }
+
+    /// Locks the base file's data `extents` in memory. The host may otherwise reclaim
+    /// page-cache pages no fork touched for a while (our machines run DAMON with a pageout
+    /// scheme), and every fork would then wait for the disk. Best effort: a failure to lock
+    /// (no `CAP_IPC_LOCK`, limits) is returned for the caller to log, and forks still work.
+    pub fn pin(&mut self, extents: &[(u64, u64)]) -> Result<(), MemoryError> {
+        for &(offset, len) in extents {
+            self.pins.push(Arc::new(Pin::new(&self.base, offset, len)?));
+        }
+        Ok(())
     }
 
     /// The file holding the bytes of the page at `addr`: the topmost layer that has it.
@@ -79,6 +93,57 @@ impl Backing {
             }
         }
         Ok(())
+    }
+}
+
+/// A locked, read-only shared view of part of a file: its pages stay in the page cache.
+#[derive(Debug)]
+pub struct Pin {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the view is read-only and only ever unmapped in Drop; nothing reads through it.
+unsafe impl Send for Pin {}
+// SAFETY: as above; no access through the pointer at all.
+unsafe impl Sync for Pin {}
+
+impl Pin {
+    fn new(file: &File, offset: u64, len: u64) -> Result<Pin, MemoryError> {
+        use std::os::fd::AsRawFd;
+        if len == 0 || !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::BadRange { addr: offset, len });
+        }
+        let len = len as usize;
+        // SAFETY: a new shared read-only mapping at a kernel-chosen address; it aliases no
+        // Rust object and is never written.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+        }
+        let pin = Pin { addr, len };
+        // SAFETY: `addr..addr+len` is the mapping just created.
+        if unsafe { libc::mlock(addr, len) } != 0 {
+            return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+        }
+        Ok(pin)
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new`, is owned by `self`, and nothing refers to
+        // memory inside it.
+        unsafe { libc::munmap(self.addr, self.len) };
     }
 }
 
@@ -228,13 +293,15 @@ mod tests {
         let size = 16 * PAGE_SIZE;
         let base = file_with(&[(0, 1), (PAGE_SIZE, 1), (2 * PAGE_SIZE, 1)], size);
         let layer = file_with(&[(PAGE_SIZE, 2)], size);
-        let backing = Backing {
+        let mut backing = Backing {
             base: Arc::new(base),
             layers: vec![Layer {
                 file: Arc::new(layer),
                 ranges: vec![(PAGE_SIZE, 3 * PAGE_SIZE)],
             }],
+            pins: Vec::new(),
         };
+        backing.pin(&[(0, 3 * PAGE_SIZE)]).unwrap();
         let ram = GuestRam::from_backing(&backing, size).unwrap();
         // Page 2 is in the layer's range but a hole there: zero, not the base's 1.
         assert_eq!([0, 1, 2].map(|p| byte_at(&ram, p * PAGE_SIZE)), [1, 2, 0]);

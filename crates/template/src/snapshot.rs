@@ -318,8 +318,12 @@ pub fn load(dir: &Path, vmm: &Vmm) -> Result<(SnapshotMeta, ForkSource), Snapsho
             path: meta.image_path.clone(),
         });
     }
+    let mut backing = Backing::file(memory);
+    if let Err(e) = backing.pin(&meta.memory_extents) {
+        tracing::warn!(error = %e, "could not lock the snapshot in memory; forks may wait for the disk");
+    }
     let source = ForkSource {
-        backing: Backing::file(memory),
+        backing,
         vcpu: state.vcpu,
         process: state.process,
         image,

@@ -81,6 +81,7 @@ impl Vmm {
             Backing {
                 base: parent.backing.base.clone(),
                 layers,
+                pins: parent.backing.pins.clone(),
             }
         } else {
             // Flatten: everything that can hold data goes into one new base.

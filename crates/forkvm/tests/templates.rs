@@ -1,0 +1,115 @@
+//! End-to-end tests of `forkvm template …` and `forkvm exec` in a private cache directory
+//! (the Debian image is linked in, so nothing is rebuilt).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cache_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-cache-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = forkvm_testkit::default_image();
+    std::os::unix::fs::symlink(&image, dir.join(image.file_name().unwrap())).unwrap();
+    dir
+}
+
+fn forkvm(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forkvm"))
+        .args(args)
+        .env("FORKVM_CACHE_DIR", cache)
+        .output()
+        .expect("running forkvm")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn build_list_show_exec_remove() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let cache = cache_dir("lifecycle");
+    let built = forkvm(&cache, &["template", "build", "py"]);
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    assert!(text(&built.stdout).contains("python3 /opt/forkvm/agent.py numpy"));
+
+    let listed = forkvm(&cache, &["template", "list"]);
+    assert!(
+        text(&listed.stdout).starts_with("py "),
+        "{}",
+        text(&listed.stdout)
+    );
+    let shown = forkvm(&cache, &["template", "show", "py"]);
+    assert!(
+        text(&shown.stdout).contains("format:      1"),
+        "{}",
+        text(&shown.stdout)
+    );
+
+    let exec = forkvm(
+        &cache,
+        &[
+            "exec",
+            "--template",
+            "py",
+            "import numpy, sys\nprint(numpy.eye(2).sum())\nsys.exit(4)",
+        ],
+    );
+    assert_eq!(text(&exec.stdout), "2.0\n");
+    assert_eq!(exec.status.code(), Some(4));
+
+    let failing = forkvm(&cache, &["exec", "--template", "py", "print(1/0)"]);
+    assert_eq!(failing.status.code(), Some(1));
+    assert!(
+        text(&failing.stderr).contains("ZeroDivisionError"),
+        "{}",
+        text(&failing.stderr)
+    );
+
+    let removed = forkvm(&cache, &["template", "rm", "py"]);
+    assert!(removed.status.success());
+    let missing = forkvm(&cache, &["exec", "--template", "py", "pass"]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing.stderr).contains("no template named \"py\""),
+        "{}",
+        text(&missing.stderr)
+    );
+}
+
+#[test]
+fn bad_names_and_failing_entries_are_reported() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let cache = cache_dir("errors");
+    let bad = forkvm(&cache, &["template", "build", "../escape"]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("invalid template name"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    let ended = forkvm(
+        &cache,
+        &[
+            "template",
+            "build",
+            "broken",
+            "--entry",
+            "/usr/bin/python3",
+            "-c",
+            "print('no channel read')",
+        ],
+    );
+    assert!(!ended.status.success());
+    let stderr = text(&ended.stderr);
+    assert!(
+        stderr.contains("ended") && stderr.contains("no channel read"),
+        "{stderr}"
+    );
+    assert!(!cache.join("templates/broken").exists());
+}
