@@ -355,6 +355,13 @@ pub(super) fn raise_fd_limit() {
 
 pub fn run(options: &ForkOptions) -> Result<ForkReport> {
     raise_fd_limit();
+    // First, on a quiet machine: tearing down thousands of VMs from the other phases
+    // leaves the kernel busy for a while.
+    eprintln!(
+        "bench: {} live sandboxes over {} worker processes…",
+        options.live, options.live_workers
+    );
+    let live = super::live::measure(&options.template, options.live, options.live_workers)?;
     let vmm = Arc::new(Vmm::new()?);
     let store = crate::template::store();
     let (_, source) = store.load(&options.template, &vmm)?;
@@ -382,11 +389,6 @@ pub fn run(options: &ForkOptions) -> Result<ForkReport> {
     let exit_round_trip_us = exit_round_trip(&pool)?;
     let stats = pool.stats();
     drop(pool);
-    eprintln!(
-        "bench: {} live sandboxes over {} worker processes…",
-        options.live, options.live_workers
-    );
-    let live = super::live::measure(&options.template, options.live, options.live_workers)?;
 
     eprintln!("bench: floors…");
     let kvm_create_teardown = kvm_create_floor(&vmm, 200)?;
