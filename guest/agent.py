@@ -68,39 +68,63 @@ def reseed():
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        # Its name generator is a random.Random created on first use.
+        tempfile._name_sequence = None
 
 
 def run_code(code, namespace):
-    """Runs `code` as __main__; returns its exit code as the python3 command would."""
+    """Runs `code` as __main__, as the python3 command would: returns the exit code and the
+    type name of an uncaught exception (None if there was none)."""
     try:
         compiled = compile(code, "<string>", "exec")
         exec(compiled, namespace)
-        return 0
+        return 0, None
     except SystemExit as stop:
         status = stop.code
         if status is None:
-            return 0
+            return 0, None
         if isinstance(status, int):
-            return status
+            return status, None
         print(status, file=sys.stderr)
-        return 1
-    except BaseException:  # noqa: B902 - the user's code may raise anything
-        traceback.print_exc()
-        return 1
+        return 1, None
+    except BaseException as error:  # noqa: B902 - the user's code may raise anything
+        # Print the traceback as python3 would: without this frame of the agent.
+        # A MemoryError may leave too little memory to format it: report it anyway.
+        try:
+            traceback.print_exception(type(error), error, error.__traceback__.tb_next)
+        except MemoryError:
+            os.write(2, b"MemoryError\n")
+        return 1, type(error).__name__
+
+
+SESSION_NAMESPACE = {"__name__": "__main__", "__builtins__": builtins}
 
 
 def serve(request):
     started = time.perf_counter_ns()
     reseed()
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
-    code = request.get("code", "")
-    exit_code = run_code(code, namespace)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    os.environ.update(request.get("env") or {})
+    cwd = request.get("cwd")
+    if cwd:
+        os.makedirs(cwd, exist_ok=True)
+        os.chdir(cwd)
+    if request.get("keep_namespace"):
+        namespace = SESSION_NAMESPACE
+    else:
+        namespace = {"__name__": "__main__", "__builtins__": builtins}
+    exit_code, exception = run_code(request.get("code", b""), namespace)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a broken stream must not lose the reply
+            pass
     return {
         "v": PROTOCOL_VERSION,
         "exit_code": exit_code,
         "exec_ns": time.perf_counter_ns() - started,
+        "exception": exception,
     }
 
 

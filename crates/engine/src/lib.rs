@@ -1,24 +1,34 @@
-//! The fork engine's front door: templates loaded once and kept warm in pools, and
-//! `exec`: fork a template, hand the agent a request, collect output and reply, tear the
-//! fork down off the request path.
+//! The fork engine's front door: templates loaded once and kept warm in pools, and `exec`:
+//! fork a template, place the request's files, set its limits, hand the agent the code,
+//! collect output and reply, classify how it ended, and tear the fork down off the
+//! request path.
+
+pub mod request;
+pub mod result;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use forkvm_kernel::host_ops::PlaceError;
 use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_protocol::{FrameError, Reply, Request};
 use forkvm_template::{SnapshotMeta, StoreError, TemplateStore};
 use forkvm_vmm::{Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, Vmm, VmmError};
+
+pub use request::{ExecLimits, ExecRequest, FileIn, LANGUAGES};
+pub use result::{ErrorKind, ExecError, ExecResult, Timings};
 
 /// The request every pooled VM runs before it serves a user's (see `Vmm::warm_up`): it walks
 /// the agent's request path and the common first steps of user code, so KVM's shadow page
 /// tables already cover them.
 pub const WARMUP_CODE: &str = "print(1+1)\nimport json\njson.dumps({'a': [1, 2.5]})\n";
 
-/// Why an exec could not even be attempted (a result that merely failed is an `ExecOutcome`).
+/// Why a request could not be run at all (one that ran and failed is an `ExecResult`).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    #[error("unsupported language {language:?} in this template (it runs: {})", LANGUAGES.join(", "))]
+    UnsupportedLanguage { language: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -27,58 +37,8 @@ pub enum EngineError {
     Frame(#[from] FrameError),
     #[error("delivering the request: {0}")]
     Deliver(#[from] forkvm_vmm::SandboxError),
-}
-
-/// Limits for one exec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExecLimits {
-    pub timeout: Duration,
-    /// Bytes each of stdout and stderr may carry.
-    pub output_bytes: u64,
-}
-
-impl Default for ExecLimits {
-    fn default() -> Self {
-        Self {
-            timeout: Duration::from_secs(30),
-            output_bytes: 1 << 20,
-        }
-    }
-}
-
-/// Where the time of one exec went, in microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Timings {
-    /// Taking a prepared VM and cloning the process state.
-    pub fork_us: u64,
-    /// From delivering the request to the agent's reply (or the end of the sandbox).
-    pub exec_us: u64,
-    pub total_us: u64,
-}
-
-/// What running one request produced.
-#[derive(Debug, Clone)]
-pub struct ExecOutcome {
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    /// The agent's reply, when the code ran to completion.
-    pub reply: Option<Reply>,
-    /// How the sandbox ended, when it did not come back to the agent (timeout, fault, …).
-    pub ended: Option<SandboxExit>,
-    pub timings: Timings,
-}
-
-impl ExecOutcome {
-    /// The exit code the code's process would have had.
-    pub fn exit_code(&self) -> i32 {
-        match (&self.reply, &self.ended) {
-            (Some(reply), _) => reply.exit_code,
-            (None, Some(SandboxExit::Exited(code))) => *code,
-            (None, Some(SandboxExit::Signaled(signal))) => 128 + signal,
-            (None, Some(SandboxExit::Fault(fault))) => 128 + fault.signal,
-            _ => -1,
-        }
-    }
+    #[error("placing a file: {0}")]
+    PlaceFile(#[from] PlaceError),
 }
 
 /// A template loaded from the store, with its warm pool.
@@ -87,11 +47,12 @@ pub struct LoadedTemplate {
     pub pool: Pool,
 }
 
-/// Templates by name, loaded on first use.
+/// Templates by name, loaded on first use, and the limits operators allow.
 pub struct Engine {
     vmm: Arc<Vmm>,
     store: TemplateStore,
     pool_config: PoolConfig,
+    maxima: ExecLimits,
     loaded: Mutex<HashMap<String, Arc<LoadedTemplate>>>,
 }
 
@@ -101,12 +62,23 @@ impl Engine {
             vmm,
             store,
             pool_config,
+            maxima: ExecLimits::maxima(),
             loaded: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Sets the largest limits a request may ask for.
+    pub fn with_maxima(mut self, maxima: ExecLimits) -> Engine {
+        self.maxima = maxima;
+        self
+    }
+
     pub fn vmm(&self) -> &Arc<Vmm> {
         &self.vmm
+    }
+
+    pub fn maxima(&self) -> &ExecLimits {
+        &self.maxima
     }
 
     /// The template `name`, loading (and verifying) it and starting its pool on first use.
@@ -139,41 +111,111 @@ impl Engine {
         stats
     }
 
-    /// Runs `request` in a fresh fork of `template`.
-    pub fn exec(
-        &self,
-        template: &str,
-        request: &Request,
-        limits: ExecLimits,
-    ) -> Result<ExecOutcome, EngineError> {
+    /// Runs `request` in a fresh fork of `template`; the fork is torn down afterwards.
+    pub fn exec(&self, template: &str, request: &ExecRequest) -> Result<ExecResult, EngineError> {
+        check_language(&request.language)?;
         let started = Instant::now();
         let template = self.template(template)?;
-        let frame = forkvm_protocol::encode(request)?;
-        let stdout = CaptureBuffer::default();
-        let stderr = CaptureBuffer::default();
-        let console = Console::new(
-            Input::Empty,
-            Box::new(stdout.clone()),
-            Box::new(stderr.clone()),
-            limits.output_bytes,
-        );
+        let streams = Streams::new();
+        let console = streams.console(request, &request.limits.within(&self.maxima));
         let mut sandbox = template.pool.fork(console)?;
-        let forked = Instant::now();
-        let result = run_request(&mut sandbox, &frame, started + limits.timeout);
-        let finished = Instant::now();
+        let fork_time = started.elapsed();
+        let result = self.run_in(&mut sandbox, request, &streams, false);
         template.pool.release(sandbox);
-        let (reply, ended) = result?;
-        Ok(ExecOutcome {
-            stdout: stdout.take(),
-            stderr: stderr.take(),
+        let mut result = result?;
+        result.timings.fork_us = micros(fork_time);
+        result.timings.total_us = micros(started.elapsed());
+        Ok(result)
+    }
+
+    /// Runs `request` in `sandbox` (parked on its control channel), whose console writes to
+    /// `streams`. With `keep_namespace`, the code runs in the agent's persistent namespace
+    /// (a session). The sandbox is parked again afterwards unless it ended.
+    pub fn run_in(
+        &self,
+        sandbox: &mut Sandbox,
+        request: &ExecRequest,
+        streams: &Streams,
+        keep_namespace: bool,
+    ) -> Result<ExecResult, EngineError> {
+        check_language(&request.language)?;
+        let limits = request.limits.within(&self.maxima);
+        let started = Instant::now();
+        let process = sandbox.process_mut();
+        for file in &request.files {
+            process.place_file(&request.absolute(&file.path), &file.data, file.mode)?;
+        }
+        process.limit_additional_memory(limits.memory_bytes);
+        process.limit_open_files(limits.open_files);
+        sandbox.set_cpu_limit(limits.cpu_time);
+        let frame = forkvm_protocol::encode(&Request {
+            v: forkvm_protocol::VERSION,
+            code: request.code.clone(),
+            env: request.env.clone(),
+            cwd: request.cwd.clone(),
+            keep_namespace,
+        })?;
+        let (reply, ended) = run_request(sandbox, &frame, started + limits.timeout)?;
+        let process = sandbox.process();
+        let unsupported = process.stats().unsupported.clone();
+        let (exit_code, error, truncated) = result::classify(&result::Ending {
             reply,
             ended,
+            memory_refusals: process.memory_limit_refusals(),
+            unsupported: &unsupported,
+            limits: &limits,
+        });
+        let exec_us = micros(started.elapsed());
+        Ok(ExecResult {
+            stdout: streams.stdout.take(),
+            stderr: streams.stderr.take(),
+            stdout_truncated: truncated == Some(forkvm_kernel::file::Stream::Stdout),
+            stderr_truncated: truncated == Some(forkvm_kernel::file::Stream::Stderr),
+            exit_code,
+            error,
             timings: Timings {
-                fork_us: micros(forked - started),
-                exec_us: micros(finished - forked),
-                total_us: micros(finished - started),
+                fork_us: 0,
+                exec_us,
+                total_us: exec_us,
             },
+            unsupported_syscalls: unsupported,
         })
+    }
+}
+
+fn check_language(language: &str) -> Result<(), EngineError> {
+    if LANGUAGES.contains(&language) {
+        Ok(())
+    } else {
+        Err(EngineError::UnsupportedLanguage {
+            language: language.to_string(),
+        })
+    }
+}
+
+/// The buffers a sandbox's stdout and stderr are captured into.
+#[derive(Clone, Default)]
+pub struct Streams {
+    pub stdout: CaptureBuffer,
+    pub stderr: CaptureBuffer,
+}
+
+impl Streams {
+    pub fn new() -> Streams {
+        Streams::default()
+    }
+
+    /// A console writing to these buffers, reading the request's stdin, capped by `limits`.
+    pub fn console(&self, request: &ExecRequest, limits: &ExecLimits) -> Console {
+        Console::new(
+            Input::Bytes {
+                data: request.stdin.clone(),
+                pos: 0,
+            },
+            Box::new(self.stdout.clone()),
+            Box::new(self.stderr.clone()),
+            limits.output_bytes,
+        )
     }
 }
 

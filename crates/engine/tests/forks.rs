@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forkvm_engine::{Engine, ExecLimits, WARMUP_CODE, run_request};
+use forkvm_engine::{Engine, ErrorKind, ExecLimits, ExecRequest, WARMUP_CODE, run_request};
 use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_protocol::Request;
 use forkvm_template::TemplateStore;
@@ -32,15 +32,8 @@ fn engine(store: TemplateStore) -> Engine {
 }
 
 fn run(engine: &Engine, code: &str) -> String {
-    let out = engine
-        .exec("python", &Request::code(code), ExecLimits::default())
-        .unwrap();
-    assert_eq!(
-        out.exit_code(),
-        0,
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = engine.exec("python", &ExecRequest::python(code)).unwrap();
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -204,17 +197,13 @@ fn warm_reset_leaves_memory_identical_to_the_snapshot() {
 fn a_runaway_fork_ends_alone() {
     let Some(store) = store() else { return };
     let engine = engine(store);
-    let out = engine
-        .exec(
-            "python",
-            &Request::code("while True: pass"),
-            ExecLimits {
-                timeout: Duration::from_millis(500),
-                ..ExecLimits::default()
-            },
-        )
-        .unwrap();
-    assert_eq!(out.ended, Some(forkvm_vmm::SandboxExit::Timeout));
+    let mut request = ExecRequest::python("while True: pass");
+    request.limits = ExecLimits {
+        timeout: Duration::from_millis(500),
+        ..ExecLimits::default()
+    };
+    let out = engine.exec("python", &request).unwrap();
+    assert_eq!(out.error.kind, ErrorKind::Timeout);
     assert_eq!(run(&engine, "print('still fine')"), "still fine\n");
 }
 

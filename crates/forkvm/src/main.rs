@@ -33,9 +33,27 @@ enum Command {
         /// Template to fork.
         #[arg(long, default_value = "python")]
         template: String,
+        /// Language of the code (templates run python).
+        #[arg(long, default_value = "python")]
+        language: String,
         /// Wall-clock limit in seconds.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+        /// CPU-time limit in seconds.
+        #[arg(long)]
+        cpu_time: Option<f64>,
+        /// MiB the code may allocate beyond the template.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// A file whose bytes the code reads on stdin.
+        #[arg(long)]
+        stdin: Option<PathBuf>,
+        /// Environment variables (KEY=VALUE), repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Print the whole result as JSON instead of passing output through.
+        #[arg(long)]
+        json: bool,
         /// Code to run, or `-` to read it from stdin.
         code: String,
     },
@@ -55,6 +73,9 @@ enum Command {
         /// Wall-clock limit in seconds.
         #[arg(long)]
         timeout: Option<f64>,
+        /// CPU-time limit in seconds.
+        #[arg(long)]
+        cpu_time: Option<f64>,
         /// Guest memory in MiB (a multiple of 2).
         #[arg(long, default_value_t = 1024)]
         memory: u64,
@@ -210,9 +231,25 @@ fn execute(cli: Cli) -> Result<i32> {
         }
         Command::Exec {
             template,
+            language,
             timeout,
+            cpu_time,
+            memory,
+            stdin,
+            env,
+            json,
             code,
-        } => exec::exec(&template, &code, Duration::from_secs_f64(timeout)),
+        } => exec::exec(exec::ExecOptions {
+            template,
+            code,
+            language,
+            timeout: Duration::from_secs_f64(timeout),
+            cpu_time: cpu_time.map(Duration::from_secs_f64),
+            memory_mib: memory,
+            stdin,
+            env,
+            json,
+        }),
         Command::Template(TemplateCommand::Build {
             name,
             packages,
@@ -282,6 +319,7 @@ fn execute(cli: Cli) -> Result<i32> {
         Command::Run {
             image,
             timeout,
+            cpu_time,
             memory,
             output_limit,
             overlay_limit,
@@ -303,6 +341,7 @@ fn execute(cli: Cli) -> Result<i32> {
                 env,
                 cwd,
                 timeout: timeout.map(Duration::from_secs_f64),
+                cpu_time: cpu_time.map(Duration::from_secs_f64),
                 memory_mib: memory,
                 output_limit,
                 overlay_limit,

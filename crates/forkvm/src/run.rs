@@ -35,6 +35,7 @@ pub struct RunOptions {
     pub env: Vec<String>,
     pub cwd: String,
     pub timeout: Option<Duration>,
+    pub cpu_time: Option<Duration>,
     pub memory_mib: u64,
     pub output_limit: u64,
     pub overlay_limit: u64,
@@ -112,6 +113,7 @@ pub fn run(options: RunOptions) -> Result<i32> {
             .process_mut()
             .set_strace(Some(Box::new(std::io::stderr())));
     }
+    sandbox.set_cpu_limit(options.cpu_time);
     let deadline = options.timeout.map(|t| Instant::now() + t);
     let exit = sandbox.run(deadline);
     let stats = sandbox.process().stats();
@@ -139,6 +141,10 @@ fn report(exit: &SandboxExit, timeout: Option<Duration>) -> i32 {
         SandboxExit::Timeout => {
             let secs = timeout.map_or(0.0, |t| t.as_secs_f64());
             let _ = writeln!(stderr, "forkvm: timeout: stopped after {secs} s");
+            EXIT_TIMEOUT
+        }
+        SandboxExit::CpuTimeout => {
+            let _ = writeln!(stderr, "forkvm: timeout: CPU time limit used up");
             EXIT_TIMEOUT
         }
         SandboxExit::OutputLimit(limit) => {

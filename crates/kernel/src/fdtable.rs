@@ -45,6 +45,12 @@ impl FdTable {
         self.max_fds
     }
 
+    /// Sets the descriptor limit. Descriptors already open above it stay open; new ones
+    /// must fit below it.
+    pub fn set_max_fds(&mut self, max_fds: usize) {
+        self.max_fds = max_fds;
+    }
+
     /// Number of open descriptors.
     pub fn open_count(&self) -> usize {
         self.slots.iter().flatten().count()

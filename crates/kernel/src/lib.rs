@@ -18,6 +18,7 @@ pub mod errno;
 pub mod fdtable;
 pub mod file;
 pub mod fileinfo;
+pub mod host_ops;
 pub mod loader;
 pub mod memory;
 pub mod mm;

@@ -71,6 +71,8 @@ pub struct AddressSpace {
     brk: u64,
     mapped_bytes: u64,
     limit_bytes: u64,
+    /// Requests refused because of `limit_bytes` (not for lack of address space).
+    limit_refusals: u64,
 }
 
 impl AddressSpace {
@@ -83,6 +85,7 @@ impl AddressSpace {
             brk: 0,
             mapped_bytes: 0,
             limit_bytes,
+            limit_refusals: 0,
         };
         let stack = Vma {
             start: layout.stack_start(),
@@ -106,6 +109,16 @@ impl AddressSpace {
 
     pub fn limit_bytes(&self) -> u64 {
         self.limit_bytes
+    }
+
+    /// Sets the cap on total mapped bytes.
+    pub fn set_limit_bytes(&mut self, limit: u64) {
+        self.limit_bytes = limit;
+    }
+
+    /// How many mappings or heap growths the limit refused.
+    pub fn limit_refusals(&self) -> u64 {
+        self.limit_refusals
     }
 
     /// All mappings in address order.
@@ -203,6 +216,7 @@ impl AddressSpace {
         let end = start + len;
         let grown = len - self.overlap_bytes(start, end);
         if self.mapped_bytes + grown > self.limit_bytes {
+            self.limit_refusals += 1;
             return Err(Errno::ENOMEM);
         }
         let replaced = self.carve(start, end);
@@ -327,7 +341,11 @@ impl AddressSpace {
             let free = self.in_user_range(old_top, grow)
                 && new_top <= self.layout.mmap_top()
                 && self.overlap_bytes(old_top, new_top) == 0;
-            if !free || self.mapped_bytes + grow > self.limit_bytes {
+            if !free {
+                return (self.brk, Vec::new());
+            }
+            if self.mapped_bytes + grow > self.limit_bytes {
+                self.limit_refusals += 1;
                 return (self.brk, Vec::new());
             }
             let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;

@@ -5,6 +5,8 @@
 //! nothing is ever found by scanning for a marker. Program output does not travel here at
 //! all: the VMM captures descriptors 1 and 2 itself.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Version every frame carries; the agent refuses others.
@@ -27,13 +29,23 @@ pub enum FrameError {
     Version(u32),
 }
 
-/// Code to run, sent to a parked agent.
+/// Code to run, sent to a parked agent. Stdin and files are not in the frame: the VMM
+/// serves stdin on descriptor 0 and places files in the filesystem before delivering it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub v: u32,
     /// Source code (any bytes; the agent decodes it as UTF-8 the way python3 would).
     #[serde(with = "serde_bytes")]
     pub code: Vec<u8>,
+    /// Environment variables to set before running.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory to change to before running.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Run in the agent's persistent namespace (a session) instead of a fresh `__main__`.
+    #[serde(default)]
+    pub keep_namespace: bool,
 }
 
 impl Request {
@@ -41,6 +53,7 @@ impl Request {
         Request {
             v: VERSION,
             code: code.into(),
+            ..Request::default()
         }
     }
 }
@@ -52,6 +65,9 @@ pub struct Reply {
     pub exit_code: i32,
     /// Time the agent spent running the code, in nanoseconds.
     pub exec_ns: u64,
+    /// Type name of the uncaught exception (`"MemoryError"`, …), if the code raised one.
+    #[serde(default)]
+    pub exception: Option<String>,
 }
 
 /// Encodes `message` as one frame.
@@ -116,6 +132,7 @@ mod tests {
             v: VERSION,
             exit_code: 3,
             exec_ns: 5,
+            exception: None,
         })
         .unwrap();
         assert!(matches!(

@@ -50,6 +50,8 @@ pub enum SandboxExit {
     Fault(Fault),
     /// The wall-clock limit passed.
     Timeout,
+    /// The CPU-time limit was used up.
+    CpuTimeout,
     /// A stream reached its output cap.
     OutputLimit(OutputLimitReached),
     /// The program blocked forever (e.g. a futex wait with no other thread).

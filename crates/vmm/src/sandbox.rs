@@ -1,7 +1,7 @@
 //! A sandbox: one KVM VM with one vCPU running a program in ring 3, and the loop that serves
 //! its syscalls until it ends or parks on the control channel.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use forkvm_kernel::memory::GuestRam;
 use forkvm_kernel::{Entry, ExitReason, Outcome, Process, SyscallArgs, TlsBases};
@@ -13,7 +13,7 @@ use crate::descriptors::SYSCALL_EXIT_RIP;
 use crate::exit::{self, SandboxExit};
 use crate::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, SYSCALL_PORT};
 use crate::vcpu::{self, CpuTemplate, USER_RFLAGS, VcpuSetupError, VcpuState};
-use crate::watchdog::DeadlineGuard;
+use crate::watchdog::{CpuBudget, DeadlineGuard};
 
 /// Errors while creating, resuming or capturing a sandbox's VM.
 #[derive(Debug, Error)]
@@ -59,6 +59,8 @@ pub struct Sandbox {
     user_cs: kvm_segment,
     user_ss: kvm_segment,
     parked: Option<Parked>,
+    /// CPU time each `run_until_request` may use.
+    cpu_limit: Option<Duration>,
 }
 
 /// RFLAGS bits a program may set (as `sysret` restores them): CF PF AF ZF SF TF DF OF AC ID …
@@ -125,7 +127,13 @@ impl Sandbox {
             user_cs,
             user_ss,
             parked,
+            cpu_limit: None,
         }
+    }
+
+    /// Limits the CPU time of every later run (per `run_until_request` call).
+    pub fn set_cpu_limit(&mut self, limit: Option<Duration>) {
+        self.cpu_limit = limit;
     }
 
     pub fn process(&self) -> &Process {
@@ -170,11 +178,21 @@ impl Sandbox {
             return RunResult::AwaitingRequest;
         }
         let guard = deadline.map(DeadlineGuard::arm);
+        let budget = match self.cpu_limit.map(CpuBudget::arm).transpose() {
+            Ok(budget) => budget,
+            Err(e) => {
+                return RunResult::Ended(SandboxExit::Internal(format!(
+                    "arming the CPU-time limit: {e}"
+                )));
+            }
+        };
         self.process.set_deadline(deadline);
         let expired = |guard: &Option<DeadlineGuard>| {
             guard.as_ref().is_some_and(DeadlineGuard::expired)
                 || deadline.is_some_and(|d| Instant::now() >= d)
         };
+        let exhausted =
+            |budget: &Option<CpuBudget>| budget.as_ref().is_some_and(CpuBudget::exhausted);
         loop {
             let step = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(SYSCALL_PORT, _)) => self.serve_syscall(),
@@ -201,6 +219,10 @@ impl Sandbox {
                 Step::Continue if expired(&guard) => {
                     self.process.console_mut().flush();
                     return RunResult::Ended(SandboxExit::Timeout);
+                }
+                Step::Continue if exhausted(&budget) => {
+                    self.process.console_mut().flush();
+                    return RunResult::Ended(SandboxExit::CpuTimeout);
                 }
                 Step::Continue => {}
                 Step::Park => return RunResult::AwaitingRequest,

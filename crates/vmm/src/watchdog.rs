@@ -134,6 +134,79 @@ impl Drop for DeadlineGuard {
     }
 }
 
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec owned by this frame.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// A CPU-time budget for the calling thread (the vCPU thread): a POSIX CPU-time timer sends
+/// the kick signal when the thread has used `budget` more CPU, interrupting `KVM_RUN`.
+/// Dropping disarms it.
+pub struct CpuBudget {
+    timer: libc::timer_t,
+    start: Duration,
+    budget: Duration,
+}
+
+impl CpuBudget {
+    /// Arms a budget of `budget` CPU time from now for the calling thread.
+    pub fn arm(budget: Duration) -> std::io::Result<Self> {
+        watchdog();
+        // SAFETY: `sigevent` is a plain C struct for which all-zero bytes are valid; the
+        // fields that matter are set below.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `timer` are valid for the call; the timer is deleted in Drop.
+        if unsafe { libc::timer_create(libc::CLOCK_THREAD_CPUTIME_ID, &mut event, &mut timer) } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let armed = CpuBudget {
+            timer,
+            start: thread_cpu_time(),
+            budget,
+        };
+        let spec = libc::itimerspec {
+            // Re-fire every 5 ms of CPU in case the first kick lands between KVM_RUN calls.
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 5_000_000,
+            },
+            it_value: libc::timespec {
+                tv_sec: budget.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(budget.subsec_nanos().max(1) as i32),
+            },
+        };
+        // SAFETY: `timer` was created above; `spec` is valid for the call.
+        if unsafe { libc::timer_settime(armed.timer, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(armed)
+    }
+
+    /// True once the thread has used its whole budget.
+    pub fn exhausted(&self) -> bool {
+        thread_cpu_time().saturating_sub(self.start) >= self.budget
+    }
+}
+
+impl Drop for CpuBudget {
+    fn drop(&mut self) {
+        // SAFETY: the timer was created by `arm` and is deleted exactly once, here.
+        unsafe { libc::timer_delete(self.timer) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +218,17 @@ mod tests {
         // SAFETY: pause has no preconditions.
         unsafe { libc::pause() };
         assert!(guard.expired());
+    }
+
+    #[test]
+    fn cpu_budget_interrupts_a_busy_thread() {
+        let budget = CpuBudget::arm(Duration::from_millis(30)).unwrap();
+        let started = Instant::now();
+        while !budget.exhausted() {
+            std::hint::spin_loop();
+            assert!(started.elapsed() < Duration::from_secs(10));
+        }
+        assert!(budget.exhausted());
     }
 
     #[test]

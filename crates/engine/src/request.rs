@@ -1,0 +1,146 @@
+//! What a caller asks the engine to run, and the limits it may ask for.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Languages a template can run. Templates today hold CPython only; other languages need
+/// threads and `execve` in the sandbox first.
+pub const LANGUAGES: &[&str] = &["python"];
+
+/// A file to place in the sandbox before the code runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileIn {
+    /// Absolute path, or relative to the request's working directory.
+    pub path: String,
+    pub data: Vec<u8>,
+    /// Permission bits (default 0o644).
+    pub mode: u32,
+}
+
+/// Per-request limits. Callers pass what the user asked for; `ExecLimits::within` clamps it
+/// to what the operator allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecLimits {
+    /// Wall-clock time from the fork to the reply.
+    pub timeout: Duration,
+    /// CPU time the code may use (`None`: only the wall clock).
+    pub cpu_time: Option<Duration>,
+    /// Bytes the code may map beyond what the template had mapped (its heap and arrays).
+    pub memory_bytes: u64,
+    /// Bytes each of stdout and stderr may carry.
+    pub output_bytes: u64,
+    /// Open descriptors (`RLIMIT_NOFILE`).
+    pub open_files: usize,
+}
+
+impl Default for ExecLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            cpu_time: None,
+            memory_bytes: 512 << 20,
+            output_bytes: 1 << 20,
+            open_files: 256,
+        }
+    }
+}
+
+impl ExecLimits {
+    /// The most an operator allows by default (a server flag can change it).
+    pub fn maxima() -> ExecLimits {
+        ExecLimits {
+            timeout: Duration::from_secs(300),
+            cpu_time: Some(Duration::from_secs(300)),
+            memory_bytes: 4 << 30,
+            output_bytes: 64 << 20,
+            open_files: 4096,
+        }
+    }
+
+    /// These limits, each clamped to `maxima`.
+    pub fn within(self, maxima: &ExecLimits) -> ExecLimits {
+        ExecLimits {
+            timeout: self.timeout.min(maxima.timeout),
+            cpu_time: match (self.cpu_time, maxima.cpu_time) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            memory_bytes: self.memory_bytes.min(maxima.memory_bytes),
+            output_bytes: self.output_bytes.min(maxima.output_bytes),
+            open_files: self.open_files.min(maxima.open_files),
+        }
+    }
+}
+
+/// Code to run and everything it runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub code: Vec<u8>,
+    pub language: String,
+    /// Bytes the code reads from stdin (then end-of-file).
+    pub stdin: Vec<u8>,
+    pub env: BTreeMap<String, String>,
+    /// Working directory (created if missing); default `/root`.
+    pub cwd: Option<String>,
+    pub files: Vec<FileIn>,
+    pub limits: ExecLimits,
+}
+
+impl ExecRequest {
+    /// Python `code` with default limits and nothing else.
+    pub fn python(code: impl Into<Vec<u8>>) -> ExecRequest {
+        ExecRequest {
+            code: code.into(),
+            language: "python".to_string(),
+            stdin: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            files: Vec::new(),
+            limits: ExecLimits::default(),
+        }
+    }
+
+    /// Absolute path of a file to place, resolving it against the working directory.
+    pub(crate) fn absolute(&self, path: &str) -> String {
+        if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!(
+                "{}/{path}",
+                self.cwd.as_deref().unwrap_or("/root").trim_end_matches('/')
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_clamped_to_maxima() {
+        let asked = ExecLimits {
+            timeout: Duration::from_secs(1000),
+            cpu_time: None,
+            memory_bytes: 1,
+            output_bytes: u64::MAX,
+            open_files: 10,
+        };
+        let max = ExecLimits::maxima();
+        let got = asked.within(&max);
+        assert_eq!(got.timeout, max.timeout);
+        assert_eq!(got.cpu_time, max.cpu_time);
+        assert_eq!(got.memory_bytes, 1);
+        assert_eq!(got.output_bytes, max.output_bytes);
+        assert_eq!(got.open_files, 10);
+    }
+
+    #[test]
+    fn relative_files_land_in_the_working_directory() {
+        let mut r = ExecRequest::python("");
+        assert_eq!(r.absolute("a.txt"), "/root/a.txt");
+        r.cwd = Some("/work/".into());
+        assert_eq!(r.absolute("d/a.txt"), "/work/d/a.txt");
+        assert_eq!(r.absolute("/etc/x"), "/etc/x");
+    }
+}

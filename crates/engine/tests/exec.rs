@@ -1,0 +1,229 @@
+//! The exec protocol end to end on real KVM: every byte of output comes back exactly, each
+//! way of ending has its exit code and error kind, and limits are enforced by the VMM.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use forkvm_engine::{Engine, EngineError, ErrorKind, ExecLimits, ExecRequest, ExecResult, FileIn};
+use forkvm_vmm::{PoolConfig, Vmm};
+
+fn engine() -> Option<&'static Engine> {
+    if !forkvm_testkit::kvm_available() {
+        return None;
+    }
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    Some(ENGINE.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("exec-templates");
+        Engine::new(
+            Arc::new(Vmm::new().unwrap()),
+            forkvm_testkit::python_template(&dir),
+            PoolConfig {
+                size: 4,
+                refill_threads: 1,
+            },
+        )
+    }))
+}
+
+fn exec(engine: &Engine, request: &ExecRequest) -> ExecResult {
+    engine.exec("python", request).unwrap()
+}
+
+fn python(engine: &Engine, code: &str) -> ExecResult {
+    exec(engine, &ExecRequest::python(code))
+}
+
+#[test]
+fn output_comes_back_byte_for_byte() {
+    let Some(engine) = engine() else { return };
+    let code = "import sys\n\
+                print('line one')\n\
+                print('ZEROBOOT_DONE \\x00 ünïcødé ✓')\n\
+                sys.stdout.flush()\n\
+                sys.stdout.buffer.write(bytes(range(256)))\n\
+                sys.stdout.flush()\n\
+                print('to stderr', file=sys.stderr)";
+    let out = python(engine, code);
+    let mut expected = "line one\nZEROBOOT_DONE \0 ünïcødé ✓\n".as_bytes().to_vec();
+    expected.extend(0u8..=255);
+    assert_eq!(out.stdout, expected);
+    assert_eq!(out.stderr, b"to stderr\n");
+    assert_eq!((out.exit_code, out.error.kind), (0, ErrorKind::None));
+    assert!(!out.stdout_truncated && !out.stderr_truncated);
+}
+
+#[test]
+fn code_with_any_bytes_runs() {
+    let Some(engine) = engine() else { return };
+    // A NUL byte in a string literal, and the seed project's markers as plain text.
+    let mut code = b"s = '".to_vec();
+    code.extend_from_slice(b"a\\x00b ZEROBOOT_EXIT:0 \xc3\xa9");
+    code.extend_from_slice(b"'\nprint(len(s), s[-1])");
+    assert_eq!(
+        exec(engine, &ExecRequest::python(code)).stdout,
+        "21 é\n".as_bytes()
+    );
+}
+
+#[test]
+fn stdin_env_cwd_and_files_reach_the_code() {
+    let Some(engine) = engine() else { return };
+    let mut request = ExecRequest::python(
+        "import os, sys\n\
+         print(sys.stdin.read().upper())\n\
+         print(os.environ['GREETING'], os.getcwd())\n\
+         print(open('data.bin', 'rb').read().hex(), oct(os.stat('/opt/tool.sh').st_mode & 0o777))\n\
+         print(open('/opt/tool.sh').read())",
+    );
+    request.stdin = b"from stdin".to_vec();
+    request.env.insert("GREETING".into(), "hello".into());
+    request.cwd = Some("/work/area".into());
+    request.files = vec![
+        FileIn {
+            path: "data.bin".into(),
+            data: vec![0, 1, 0xfe, 0xff],
+            mode: 0o600,
+        },
+        FileIn {
+            path: "/opt/tool.sh".into(),
+            data: b"echo hi".to_vec(),
+            mode: 0o755,
+        },
+    ];
+    let out = exec(engine, &request);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "FROM STDIN\nhello /work/area\n0001feff 0o755\necho hi\n"
+    );
+}
+
+#[test]
+fn endings_have_their_exit_codes() {
+    let Some(engine) = engine() else { return };
+    let traceback = python(engine, "def f():\n    return 1/0\nf()");
+    assert_eq!(
+        (traceback.exit_code, traceback.error.kind),
+        (1, ErrorKind::None)
+    );
+    let stderr = String::from_utf8(traceback.stderr).unwrap();
+    assert!(stderr.starts_with("Traceback (most recent call last):\n  File \"<string>\", line 3"));
+    assert!(
+        stderr.ends_with("ZeroDivisionError: division by zero\n"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("agent.py"), "{stderr}");
+
+    assert_eq!(python(engine, "raise SystemExit(3)").exit_code, 3);
+    assert_eq!(python(engine, "import sys; sys.exit('bye')").exit_code, 1);
+    assert_eq!(python(engine, "import os; os._exit(7)").exit_code, 7);
+    assert_eq!(
+        python(engine, "import os; os.abort()").error.kind,
+        ErrorKind::Fault
+    );
+}
+
+#[test]
+fn ten_megabytes_of_output_are_capped_and_flagged() {
+    let Some(engine) = engine() else { return };
+    let out = python(
+        engine,
+        "import sys\nfor _ in range(10): sys.stdout.write('x' * (1 << 20))",
+    );
+    assert_eq!(out.stdout.len() as u64, ExecLimits::default().output_bytes);
+    assert!(out.stdout_truncated && !out.stderr_truncated);
+    assert_eq!(
+        (out.exit_code, out.error.kind),
+        (125, ErrorKind::OutputLimit)
+    );
+}
+
+#[test]
+fn a_busy_loop_ends_at_its_time_limits() {
+    let Some(engine) = engine() else { return };
+    let mut request = ExecRequest::python("while True: pass");
+    request.limits.timeout = Duration::from_millis(700);
+    let started = Instant::now();
+    let out = exec(engine, &request);
+    let elapsed = started.elapsed();
+    assert_eq!((out.exit_code, out.error.kind), (124, ErrorKind::Timeout));
+    assert!(elapsed >= Duration::from_millis(700), "{elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(700) + Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+
+    let mut cpu = ExecRequest::python("while True: pass");
+    cpu.limits.cpu_time = Some(Duration::from_millis(300));
+    let out = exec(engine, &cpu);
+    assert_eq!(out.error.kind, ErrorKind::Timeout);
+    assert!(
+        out.error.message.contains("CPU-time"),
+        "{}",
+        out.error.message
+    );
+}
+
+#[test]
+fn a_memory_bomb_hits_the_memory_limit() {
+    let Some(engine) = engine() else { return };
+    let mut request =
+        ExecRequest::python("chunks = []\nwhile True: chunks.append(bytearray(8 << 20))");
+    request.limits.memory_bytes = 128 << 20;
+    let out = exec(engine, &request);
+    assert_eq!(out.error.kind, ErrorKind::MemoryLimit);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MemoryError"));
+    // The next request is unaffected.
+    assert_eq!(python(engine, "print(sum(range(10)))").stdout, b"45\n");
+}
+
+#[test]
+fn processes_fail_with_a_python_exception() {
+    let Some(engine) = engine() else { return };
+    for code in [
+        "import os\nos.fork()",
+        "import subprocess\nsubprocess.run(['ls'])",
+    ] {
+        let out = python(engine, code);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            stderr.contains("OSError: [Errno 38] Function not implemented"),
+            "{stderr}"
+        );
+        assert_eq!(
+            (out.exit_code, out.error.kind),
+            (1, ErrorKind::UnsupportedSyscall)
+        );
+    }
+    let thread = python(
+        engine,
+        "import threading\nthreading.Thread(target=print).start()",
+    );
+    assert!(String::from_utf8_lossy(&thread.stderr).contains("can't start new thread"));
+}
+
+#[test]
+fn the_open_file_limit_applies() {
+    let Some(engine) = engine() else { return };
+    let mut request = ExecRequest::python(
+        "files = []\ntry:\n    while True: files.append(open('/etc/hostname'))\n\
+         except OSError as e:\n    print(e.errno, 16 < len(files) < 32)",
+    );
+    request.limits.open_files = 32;
+    assert_eq!(exec(engine, &request).stdout, b"24 True\n");
+}
+
+#[test]
+fn other_languages_are_refused_clearly() {
+    let Some(engine) = engine() else { return };
+    for language in ["node", "bash"] {
+        let mut request = ExecRequest::python("console.log(1)");
+        request.language = language.into();
+        let error = engine.exec("python", &request).unwrap_err();
+        assert!(matches!(error, EngineError::UnsupportedLanguage { .. }));
+        assert!(
+            error.to_string().contains("unsupported language"),
+            "{error}"
+        );
+    }
+}

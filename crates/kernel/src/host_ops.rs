@@ -1,0 +1,89 @@
+//! What the host does to a parked process between runs: set a request's limits, place its
+//! files, and read back what happened (limit refusals, unsupported syscalls).
+
+use forkvm_image::{FsError, Kind};
+
+use crate::console::Console;
+use crate::process::Process;
+
+/// Why a file could not be placed into the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error("{path}: path must be absolute and name a file")]
+    BadPath { path: String },
+    #[error("{path}: {source}")]
+    Fs { path: String, source: FsError },
+}
+
+impl Process {
+    /// Lets the program map at most `extra` more bytes than it has mapped now (its heap,
+    /// arrays, buffers), within guest RAM.
+    pub fn limit_additional_memory(&mut self, extra: u64) {
+        let limit = self
+            .mm
+            .mapped_bytes()
+            .saturating_add(extra)
+            .min(self.ram.size());
+        self.mm.set_limit_bytes(limit);
+    }
+
+    /// Caps the descriptor table (`RLIMIT_NOFILE`).
+    pub fn limit_open_files(&mut self, max: usize) {
+        self.files.set_max_fds(max);
+    }
+
+    /// How many allocations the memory limit refused.
+    pub fn memory_limit_refusals(&self) -> u64 {
+        self.mm.limit_refusals()
+    }
+
+    /// Replaces the standard streams (a fork of a session gets its own).
+    pub fn replace_console(&mut self, console: Console) {
+        self.console = console;
+    }
+
+    /// Writes a file into the sandbox's filesystem (creating parent directories and
+    /// replacing an existing file), as if the program had.
+    pub fn place_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), PlaceError> {
+        let bad = || PlaceError::BadPath {
+            path: path.to_string(),
+        };
+        let fs_error = |source| PlaceError::Fs {
+            path: path.to_string(),
+            source,
+        };
+        if !path.starts_with('/') || path.ends_with('/') {
+            return Err(bad());
+        }
+        let mut dir = self.fs.root();
+        let components: Vec<&[u8]> = path
+            .as_bytes()
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
+        let (name, parents) = components.split_last().ok_or_else(bad)?;
+        if *name == b"." || *name == b".." || parents.iter().any(|c| *c == b"..") {
+            return Err(bad());
+        }
+        for component in parents.iter().filter(|c| **c != b".") {
+            dir = match self.fs.lookup(dir, component).map_err(fs_error)? {
+                Some(node) if self.fs.kind(node).map_err(fs_error)? == Kind::Dir => node,
+                Some(_) => return Err(fs_error(FsError::NotDir)),
+                None => self.fs.mkdir(dir, component, 0o755).map_err(fs_error)?,
+            };
+        }
+        let file = match self.fs.lookup(dir, name).map_err(fs_error)? {
+            Some(node) => {
+                self.fs.truncate(node, 0).map_err(fs_error)?;
+                node
+            }
+            None => self
+                .fs
+                .create_file(dir, name, mode & 0o7777)
+                .map_err(fs_error)?,
+        };
+        self.fs.write_at(file, 0, data).map_err(fs_error)?;
+        self.fs.set_mode(file, mode & 0o7777).map_err(fs_error)?;
+        Ok(())
+    }
+}
