@@ -22,7 +22,16 @@ pub use result::{ErrorKind, ExecError, ExecResult, Timings};
 /// The request every pooled VM runs before it serves a user's (see `Vmm::warm_up`): it walks
 /// the agent's request path and the common first steps of user code, so KVM's shadow page
 /// tables already cover them.
-pub const WARMUP_CODE: &str = "print(1+1)\nimport json\njson.dumps({'a': [1, 2.5]})\n";
+pub const WARMUP_CODE: &str = "\
+print(1+1)
+import json
+json.dumps({'a': [1, 2.5], 'b': list(range(1000))})
+import sys
+if 'numpy' in sys.modules:
+    import numpy
+    a = numpy.random.rand(64, 64)
+    (a @ a).sum()
+";
 
 /// Why a request could not be run at all (one that ran and failed is an `ExecResult`).
 #[derive(Debug, thiserror::Error)]

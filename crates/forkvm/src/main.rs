@@ -157,6 +157,16 @@ enum BenchCommand {
         #[arg(long)]
         cold: bool,
     },
+    /// Fork + exec of typical small requests (print, json, a numpy matmul), each beside a
+    /// host `os.fork()` of a warm numpy Python running the same code.
+    Exec {
+        /// Template to fork.
+        #[arg(long, default_value = "python")]
+        template: String,
+        /// Timed runs per workload and side.
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+    },
     /// (internal) One worker process of `bench fork`'s live-sandbox measurement.
     #[command(hide = true)]
     LiveWorker {
@@ -294,6 +304,12 @@ fn execute(cli: Cli) -> Result<i32> {
                 warm: !cold,
             })?;
             eprint!("{}", bench::fork::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Exec { template, samples }) => {
+            let report = bench::exec::run(&template, samples.max(1))?;
+            eprint!("{}", bench::exec::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }

@@ -19,39 +19,6 @@ use super::{Latency, Machine, Stats};
 
 /// Python code the trivial exec runs.
 pub(super) const TRIVIAL: &str = "print(1+1)";
-/// Host script: import numpy, then time `os.fork()` + child exit + wait, and fork + the child
-/// running the trivial code and exiting; prints microsecond samples as JSON.
-const HOST_FORK_SCRIPT: &str = r#"
-import json, os, sys, time
-import numpy
-n = int(sys.argv[1])
-fork_exit, fork_exec = [], []
-for _ in range(n):
-    t = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    fork_exit.append((time.perf_counter() - t) * 1e6)
-for _ in range(n):
-    r, w = os.pipe()
-    t = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.dup2(w, 1)
-        exec(compile("print(1+1)", "<string>", "exec"), {"__name__": "__main__"})
-        sys.stdout.flush()
-        os._exit(0)
-    os.close(w)
-    while os.read(r, 4096):
-        pass
-    os.close(r)
-    os.waitpid(pid, 0)
-    fork_exec.append((time.perf_counter() - t) * 1e6)
-print(json.dumps({"fork_exit": fork_exit, "fork_exec": fork_exec}))
-"#;
-
 /// Memory a live sandbox costs after running the trivial request.
 #[derive(Debug, Serialize)]
 pub struct MemoryPerSandbox {
@@ -107,7 +74,7 @@ pub(super) fn console() -> Console {
     )
 }
 
-fn wait_for_depth(pool: &Pool, depth: usize) {
+pub(super) fn wait_for_depth(pool: &Pool, depth: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while pool.stats().depth < depth && Instant::now() < deadline {
         std::thread::sleep(Duration::from_micros(200));
@@ -261,35 +228,6 @@ fn exit_round_trip(pool: &Pool) -> Result<f64> {
         .with_context(|| format!("round-trip output {text:?}"))
 }
 
-fn host_fork(samples: usize) -> Result<(Latency, Latency)> {
-    let out = Command::new("/usr/bin/python3")
-        .args(["-c", HOST_FORK_SCRIPT, &samples.to_string()])
-        .env("OPENBLAS_NUM_THREADS", "1")
-        .stdin(Stdio::null())
-        .output()
-        .context("running the host fork floor (needs python3-numpy: scripts/setup.sh)")?;
-    if !out.status.success() {
-        bail!(
-            "host fork floor failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    #[derive(serde::Deserialize)]
-    struct Samples {
-        fork_exit: Vec<f64>,
-        fork_exec: Vec<f64>,
-    }
-    let s: Samples = serde_json::from_slice(&out.stdout)?;
-    let to_latency = |v: Vec<f64>| {
-        Latency::of(
-            v.into_iter()
-                .map(|us| Duration::from_secs_f64(us / 1e6))
-                .collect(),
-        )
-    };
-    Ok((to_latency(s.fork_exit), to_latency(s.fork_exec)))
-}
-
 fn bwrap_floor(runs: usize) -> Result<Stats> {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -392,7 +330,8 @@ pub fn run(options: &ForkOptions) -> Result<ForkReport> {
 
     eprintln!("bench: floors…");
     let kvm_create_teardown = kvm_create_floor(&vmm, 200)?;
-    let (host_fork_exit, host_fork_exec) = host_fork(200)?;
+    let host_fork_exit = super::host::fork_exit(200)?;
+    let host_fork_exec = super::host::fork_exec(TRIVIAL, 200)?;
     let bwrap_python = bwrap_floor(10)?;
     Ok(ForkReport {
         machine: Machine::describe(),

@@ -1,7 +1,9 @@
 //! `forkvm bench …`: each command prints JSON on stdout and a table on stderr, and every
 //! figure stands beside a floor measured in the same run.
 
+pub mod exec;
 pub mod fork;
+pub mod host;
 pub mod live;
 pub mod startup;
 

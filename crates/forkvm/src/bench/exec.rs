@@ -1,0 +1,106 @@
+//! `forkvm bench exec`: fork + exec of typical small requests from the warm pool, each
+//! beside the same code run by a host `os.fork()` of a warm numpy Python.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use forkvm_protocol::Request;
+use forkvm_vmm::{Pool, PoolConfig, Vmm};
+use serde::Serialize;
+
+use super::fork::{console, run_trivial, wait_for_depth};
+use super::{Latency, Machine};
+
+/// The workloads: name and Python code.
+const WORKLOADS: &[(&str, &str)] = &[
+    ("print(1+1)", "print(1+1)"),
+    (
+        "json.dumps(list(range(1000)))",
+        "import json; json.dumps(list(range(1000)))",
+    ),
+    (
+        "200x200 numpy matmul",
+        "import numpy as np; a = np.random.rand(200, 200); (a @ a).sum()",
+    ),
+];
+
+/// One workload in forks and on the host.
+#[derive(Debug, Serialize)]
+pub struct ExecWorkload {
+    pub workload: &'static str,
+    /// Fork from the warm pool, deliver the code, run to the agent's reply.
+    pub fork_exec: Latency,
+    /// Host `os.fork()` of a warm numpy Python running the same code.
+    pub host_fork_exec: Latency,
+    /// fork_exec p50 / host p50.
+    pub ratio_p50: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExecReport {
+    pub machine: Machine,
+    pub template: String,
+    pub workloads: Vec<ExecWorkload>,
+}
+
+pub fn run(template: &str, samples: usize) -> Result<ExecReport> {
+    let vmm = Arc::new(Vmm::new()?);
+    let (_, source) = crate::template::store().load(template, &vmm)?;
+    let warmup = forkvm_protocol::encode(&Request::code(forkvm_engine::WARMUP_CODE))?;
+    let pool = Pool::start(vmm, Arc::new(source), PoolConfig::default(), Some(warmup));
+    pool.wait_full(Duration::from_secs(120));
+    let mut workloads = Vec::new();
+    for &(name, code) in WORKLOADS {
+        eprintln!("bench: {name} ({samples} forks)…");
+        let frame = forkvm_protocol::encode(&Request::code(code))?;
+        let mut times = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            wait_for_depth(&pool, 1);
+            let start = Instant::now();
+            let mut sandbox = pool.fork(console())?;
+            run_trivial(&mut sandbox, &frame)?;
+            times.push(start.elapsed());
+            pool.release(sandbox);
+        }
+        let fork_exec = Latency::of(times);
+        let host_fork_exec = super::host::fork_exec(code, samples)?;
+        workloads.push(ExecWorkload {
+            workload: name,
+            ratio_p50: fork_exec.p50_us / host_fork_exec.p50_us,
+            fork_exec,
+            host_fork_exec,
+        });
+    }
+    Ok(ExecReport {
+        machine: Machine::describe(),
+        template: template.to_string(),
+        workloads,
+    })
+}
+
+pub fn table(report: &ExecReport) -> String {
+    let mut out = format!(
+        "forkvm bench exec on {} ({} cores, {}), template {:?}\n\n{:<32} {:>22} {:>22} {:>7}\n",
+        report.machine.cpu,
+        report.machine.cores,
+        report.machine.kvm,
+        report.template,
+        "workload",
+        "fork+exec p50 / p99",
+        "host os.fork p50 / p99",
+        "ratio"
+    );
+    for w in &report.workloads {
+        out.push_str(&format!(
+            "{:<32} {:>9.0} / {:>7.0} us {:>9.0} / {:>7.0} us {:>6.2}x\n",
+            w.workload,
+            w.fork_exec.p50_us,
+            w.fork_exec.p99_us,
+            w.host_fork_exec.p50_us,
+            w.host_fork_exec.p99_us,
+            w.ratio_p50
+        ));
+    }
+    out
+}
