@@ -60,6 +60,47 @@ fn build_list_show_exec_remove() {
     assert_eq!(text(&exec.stdout), "2.0\n");
     assert_eq!(exec.status.code(), Some(4));
 
+    std::fs::write(cache.join("stdin.txt"), b"piped").unwrap();
+    let stdin_arg = cache.join("stdin.txt");
+    let json = forkvm(
+        &cache,
+        &[
+            "exec",
+            "--template",
+            "py",
+            "--json",
+            "--stdin",
+            stdin_arg.to_str().unwrap(),
+            "-e",
+            "K=V",
+            "import os, sys; print(sys.stdin.read(), os.environ['K']); sys.exit(2)",
+        ],
+    );
+    assert_eq!(json.status.code(), Some(2));
+    let reply: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(reply["stdout"], "piped V\n");
+    assert_eq!(reply["exit_code"], 2);
+    assert_eq!(reply["error"]["kind"], "none");
+    assert!(reply["timings"]["total_us"].as_u64().unwrap() > 0);
+
+    let limited = forkvm(
+        &cache,
+        &[
+            "exec",
+            "--template",
+            "py",
+            "--timeout",
+            "0.5",
+            "while True: pass",
+        ],
+    );
+    assert_eq!(limited.status.code(), Some(124));
+    assert!(
+        text(&limited.stderr).contains("timeout"),
+        "{}",
+        text(&limited.stderr)
+    );
+
     let failing = forkvm(&cache, &["exec", "--template", "py", "print(1/0)"]);
     assert_eq!(failing.status.code(), Some(1));
     assert!(
