@@ -5,11 +5,14 @@
 
 pub mod request;
 pub mod result;
+pub mod session;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use forkvm_kernel::file::Stream;
 use forkvm_kernel::host_ops::PlaceError;
 use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_protocol::{FrameError, Reply, Request};
@@ -18,6 +21,7 @@ use forkvm_vmm::{Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, V
 
 pub use request::{ExecLimits, ExecRequest, FileIn, LANGUAGES};
 pub use result::{ErrorKind, ExecError, ExecResult, Timings};
+pub use session::Session;
 
 /// The request every pooled VM runs before it serves a user's (see `Vmm::warm_up`): it walks
 /// the agent's request path and the common first steps of user code, so KVM's shadow page
@@ -48,6 +52,8 @@ pub enum EngineError {
     Deliver(#[from] forkvm_vmm::SandboxError),
     #[error("placing a file: {0}")]
     PlaceFile(#[from] PlaceError),
+    #[error("the session has ended (its code exited or crashed); create a new one")]
+    SessionEnded,
 }
 
 /// A template loaded from the store, with its warm pool.
@@ -178,8 +184,8 @@ impl Engine {
         Ok(ExecResult {
             stdout: streams.stdout.take(),
             stderr: streams.stderr.take(),
-            stdout_truncated: truncated == Some(forkvm_kernel::file::Stream::Stdout),
-            stderr_truncated: truncated == Some(forkvm_kernel::file::Stream::Stderr),
+            stdout_truncated: truncated == Some(Stream::Stdout),
+            stderr_truncated: truncated == Some(Stream::Stderr),
             exit_code,
             error,
             timings: Timings {
@@ -202,11 +208,15 @@ fn check_language(language: &str) -> Result<(), EngineError> {
     }
 }
 
-/// The buffers a sandbox's stdout and stderr are captured into.
+/// Called with every chunk of output as the sandbox writes it (for streaming).
+pub type Tap = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
+
+/// The buffers a sandbox's stdout and stderr are captured into, and an optional tap.
 #[derive(Clone, Default)]
 pub struct Streams {
     pub stdout: CaptureBuffer,
     pub stderr: CaptureBuffer,
+    tap: Option<Tap>,
 }
 
 impl Streams {
@@ -214,17 +224,52 @@ impl Streams {
         Streams::default()
     }
 
+    /// Streams that also hand every chunk to `tap` as it is written.
+    pub fn with_tap(tap: Tap) -> Streams {
+        Streams {
+            tap: Some(tap),
+            ..Streams::default()
+        }
+    }
+
     /// A console writing to these buffers, reading the request's stdin, capped by `limits`.
     pub fn console(&self, request: &ExecRequest, limits: &ExecLimits) -> Console {
+        let writer = |buffer: &CaptureBuffer, stream| -> Box<dyn Write + Send> {
+            Box::new(TapWriter {
+                buffer: buffer.clone(),
+                stream,
+                tap: self.tap.clone(),
+            })
+        };
         Console::new(
             Input::Bytes {
                 data: request.stdin.clone(),
                 pos: 0,
             },
-            Box::new(self.stdout.clone()),
-            Box::new(self.stderr.clone()),
+            writer(&self.stdout, Stream::Stdout),
+            writer(&self.stderr, Stream::Stderr),
             limits.output_bytes,
         )
+    }
+}
+
+/// Captures a stream and hands each chunk to the tap.
+struct TapWriter {
+    buffer: CaptureBuffer,
+    stream: Stream,
+    tap: Option<Tap>,
+}
+
+impl Write for TapWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Some(tap) = &self.tap {
+            tap(self.stream, data);
+        }
+        self.buffer.write(data)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -6,6 +6,17 @@ use forkvm_image::{FsError, Kind};
 use crate::console::Console;
 use crate::process::Process;
 
+/// Why a file could not be read from the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{path}: {source}")]
+    Fs { path: String, source: FsError },
+    #[error("{path}: not a regular file")]
+    NotAFile { path: String },
+    #[error("{path}: {size} bytes is more than the {max}-byte limit")]
+    TooLarge { path: String, size: u64, max: u64 },
+}
+
 /// Why a file could not be placed into the sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum PlaceError {
@@ -40,6 +51,34 @@ impl Process {
     /// Replaces the standard streams (a fork of a session gets its own).
     pub fn replace_console(&mut self, console: Console) {
         self.console = console;
+    }
+
+    /// Reads a whole file from the sandbox's filesystem (symlinks followed, relative paths
+    /// from the root), refusing files larger than `max` bytes.
+    pub fn read_file(&self, path: &str, max: u64) -> Result<Vec<u8>, ReadError> {
+        let fs_error = |source| ReadError::Fs {
+            path: path.to_string(),
+            source,
+        };
+        let node = self
+            .fs
+            .resolve(b"/", path.as_bytes(), true)
+            .map_err(fs_error)?
+            .node;
+        let stat = self.fs.stat(node).map_err(fs_error)?;
+        if stat.kind != Kind::File {
+            return Err(ReadError::NotAFile {
+                path: path.to_string(),
+            });
+        }
+        if stat.size > max {
+            return Err(ReadError::TooLarge {
+                path: path.to_string(),
+                size: stat.size,
+                max,
+            });
+        }
+        Ok(self.fs.contents(node).map_err(fs_error)?.to_vec())
     }
 
     /// Writes a file into the sandbox's filesystem (creating parent directories and

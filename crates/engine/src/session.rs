@@ -1,0 +1,122 @@
+//! Sessions: forks that are kept. The agent runs each request in the session's persistent
+//! namespace, files go in and out between requests, and a session can be forked: it is
+//! snapshotted where it is parked, and each branch starts from exactly that state.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use forkvm_kernel::host_ops::{PlaceError, ReadError};
+use forkvm_vmm::{ForkSource, Sandbox};
+
+use crate::{Engine, EngineError, ExecRequest, ExecResult, Streams};
+
+/// A live sandbox kept between requests.
+pub struct Session {
+    sandbox: Sandbox,
+    /// What this session's memory is a copy-on-write view of (to fork it).
+    source: Arc<ForkSource>,
+    streams: Streams,
+    /// False once the sandbox ended (the code exited or crashed): it cannot run again.
+    alive: bool,
+}
+
+impl Session {
+    /// Whether the session can still run code.
+    pub fn alive(&self) -> bool {
+        self.alive
+    }
+
+    /// Writes a file into the session's filesystem.
+    pub fn put_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), PlaceError> {
+        self.sandbox.process_mut().place_file(path, data, mode)
+    }
+
+    /// Reads a file from the session's filesystem (at most `max` bytes).
+    pub fn get_file(&self, path: &str, max: u64) -> Result<Vec<u8>, ReadError> {
+        self.sandbox.process().read_file(path, max)
+    }
+
+    /// Bytes of host memory the session's guest has made its own (private pages).
+    pub fn private_bytes(&self) -> u64 {
+        self.sandbox
+            .process()
+            .ram()
+            .private_pages()
+            .map_or(0, |pages| {
+                pages.len() as u64 * forkvm_kernel::memory::PAGE_SIZE
+            })
+    }
+
+    /// Takes the sandbox (to tear it down off the request path).
+    pub fn into_sandbox(self) -> Sandbox {
+        self.sandbox
+    }
+}
+
+impl Engine {
+    /// A new session: a fork of `template` kept parked for requests.
+    pub fn create_session(&self, template: &str) -> Result<Session, EngineError> {
+        let loaded = self.template(template)?;
+        let streams = Streams::new();
+        let console = streams.console(&ExecRequest::python(""), &self.maxima);
+        let sandbox = loaded.pool.fork(console)?;
+        Ok(Session {
+            sandbox,
+            source: loaded.pool.source().clone(),
+            streams,
+            alive: true,
+        })
+    }
+
+    /// Runs `request` in the session's namespace. `streams` receive the output (with an
+    /// optional tap for streaming); the session keeps its state for the next request.
+    pub fn session_exec(
+        &self,
+        session: &mut Session,
+        request: &ExecRequest,
+        streams: Streams,
+    ) -> Result<ExecResult, EngineError> {
+        if !session.alive {
+            return Err(EngineError::SessionEnded);
+        }
+        let limits = request.limits.within(&self.maxima);
+        session
+            .sandbox
+            .process_mut()
+            .replace_console(streams.console(request, &limits));
+        session.streams = streams;
+        let started = Instant::now();
+        let result = self.run_in(&mut session.sandbox, request, &session.streams, true)?;
+        session.alive = session.sandbox.parked().is_some();
+        let mut result = result;
+        result.timings.total_us = started.elapsed().as_micros() as u64;
+        Ok(result)
+    }
+
+    /// `count` new sessions, each starting from exactly the state `session` has now.
+    pub fn fork_session(
+        &self,
+        session: &Session,
+        count: usize,
+    ) -> Result<Vec<Session>, EngineError> {
+        if !session.alive {
+            return Err(EngineError::SessionEnded);
+        }
+        let vmm = self.vmm();
+        let source = Arc::new(vmm.snapshot_fork(&session.sandbox, &session.source)?);
+        let mut branches = Vec::with_capacity(count);
+        for _ in 0..count {
+            let streams = Streams::new();
+            let console = streams.console(&ExecRequest::python(""), &self.maxima);
+            let prepared = vmm.prepare_fork(&source)?;
+            let sandbox = vmm.finish_fork(prepared, &source, console)?;
+            branches.push(Session {
+                sandbox,
+                source: source.clone(),
+                streams,
+                alive: true,
+            });
+        }
+        Ok(branches)
+    }
+}

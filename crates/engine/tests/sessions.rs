@@ -1,0 +1,118 @@
+//! Sessions on real KVM: state persists across requests, files go in and out, and forks of a
+//! session branch from exactly its state.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use forkvm_engine::{Engine, EngineError, ExecRequest, Session, Streams};
+use forkvm_vmm::{PoolConfig, Vmm};
+
+fn engine() -> Option<&'static Engine> {
+    if !forkvm_testkit::kvm_available() {
+        return None;
+    }
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    Some(ENGINE.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("session-templates");
+        Engine::new(
+            Arc::new(Vmm::new().unwrap()),
+            forkvm_testkit::python_template(&dir),
+            PoolConfig {
+                size: 2,
+                refill_threads: 1,
+            },
+        )
+    }))
+}
+
+fn run(engine: &Engine, session: &mut Session, code: &str) -> String {
+    let result = engine
+        .session_exec(session, &ExecRequest::python(code), Streams::new())
+        .unwrap();
+    assert_eq!(
+        result.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    String::from_utf8(result.stdout).unwrap()
+}
+
+#[test]
+fn variables_persist_between_requests() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    run(
+        engine,
+        &mut session,
+        "import numpy as np\nx = np.arange(4)\ncount = 1",
+    );
+    run(engine, &mut session, "count += 1");
+    assert_eq!(run(engine, &mut session, "print(x.sum(), count)"), "6 2\n");
+}
+
+#[test]
+fn files_round_trip_byte_for_byte() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    session.put_file("/data/in.bin", &data, 0o644).unwrap();
+    run(
+        engine,
+        &mut session,
+        "d = open('/data/in.bin', 'rb').read()\nopen('/data/out.bin', 'wb').write(d[::-1])",
+    );
+    let back = session.get_file("/data/out.bin", 1 << 20).unwrap();
+    assert_eq!(back, data.iter().rev().copied().collect::<Vec<u8>>());
+    assert!(session.get_file("/data/out.bin", 10).is_err());
+    assert!(session.get_file("/data", 1 << 20).is_err());
+}
+
+#[test]
+fn forks_of_a_session_start_from_its_state_and_diverge() {
+    let Some(engine) = engine() else { return };
+    let mut parent = engine.create_session("python").unwrap();
+    run(
+        engine,
+        &mut parent,
+        "items = ['root']\nopen('/tmp/log', 'w').write('root')",
+    );
+    let mut branches = engine.fork_session(&parent, 3).unwrap();
+    run(engine, &mut parent, "items.append('parent-later')");
+    for (i, branch) in branches.iter_mut().enumerate() {
+        run(
+            engine,
+            branch,
+            &format!("items.append('branch{i}')\nopen('/tmp/log', 'a').write('+{i}')"),
+        );
+    }
+    for (i, branch) in branches.iter_mut().enumerate() {
+        assert_eq!(
+            run(engine, branch, "print(items, open('/tmp/log').read())"),
+            format!("['root', 'branch{i}'] root+{i}\n")
+        );
+    }
+    assert_eq!(
+        run(engine, &mut parent, "print(items, open('/tmp/log').read())"),
+        "['root', 'parent-later'] root\n"
+    );
+}
+
+#[test]
+fn an_ended_session_refuses_more_work() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    let result = engine
+        .session_exec(
+            &mut session,
+            &ExecRequest::python("import os; os._exit(3)"),
+            Streams::new(),
+        )
+        .unwrap();
+    assert_eq!(result.exit_code, 3);
+    assert!(!session.alive());
+    assert!(matches!(
+        engine.session_exec(&mut session, &ExecRequest::python("pass"), Streams::new()),
+        Err(EngineError::SessionEnded)
+    ));
+}
