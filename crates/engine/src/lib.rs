@@ -128,10 +128,19 @@ impl Engine {
 
     /// Runs `request` in a fresh fork of `template`; the fork is torn down afterwards.
     pub fn exec(&self, template: &str, request: &ExecRequest) -> Result<ExecResult, EngineError> {
+        self.exec_with(template, request, Streams::new())
+    }
+
+    /// `exec`, with output captured by `streams` (which may tap it for streaming).
+    pub fn exec_with(
+        &self,
+        template: &str,
+        request: &ExecRequest,
+        streams: Streams,
+    ) -> Result<ExecResult, EngineError> {
         check_language(&request.language)?;
         let started = Instant::now();
         let template = self.template(template)?;
-        let streams = Streams::new();
         let console = streams.console(request, &request.limits.within(&self.maxima));
         let mut sandbox = template.pool.fork(console)?;
         let fork_time = started.elapsed();

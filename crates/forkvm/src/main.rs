@@ -3,6 +3,7 @@
 mod bench;
 mod exec;
 mod run;
+mod serve;
 mod template;
 
 use std::path::PathBuf;
@@ -57,6 +58,50 @@ enum Command {
         /// Code to run, or `-` to read it from stdin.
         code: String,
     },
+    /// Serve the HTTP API (builds the python template on first start). Prints
+    /// `forkvm: listening on http://ADDR` once ready.
+    Serve {
+        /// Address to listen on (loopback by default; port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// API keys file (default: $FORKVM_CACHE_DIR/api_keys.json, created with one key on
+        /// first start).
+        #[arg(long, env = "FORKVM_API_KEYS_FILE")]
+        keys: Option<PathBuf>,
+        /// Turn authentication off (local experiments only; logged loudly).
+        #[arg(long)]
+        no_auth: bool,
+        /// Template that /v1/exec forks.
+        #[arg(long, default_value = "python")]
+        template: String,
+        /// Warm VMs kept ready.
+        #[arg(long, default_value_t = 32)]
+        pool_size: usize,
+        /// Threads refilling the pool.
+        #[arg(long, default_value_t = 1)]
+        refill_threads: usize,
+        /// Executions running at once (default: twice the cores).
+        #[arg(long)]
+        exec_slots: Option<usize>,
+        /// Requests per second per key (sustained).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Requests per key in a burst.
+        #[arg(long, default_value_t = 200.0)]
+        burst: f64,
+        /// Sandboxes per key at once (sessions plus running executions).
+        #[arg(long, default_value_t = 64)]
+        max_sandboxes: usize,
+        /// Largest request body in MiB.
+        #[arg(long, default_value_t = 16)]
+        max_body_mb: usize,
+        /// Idle TTL of sessions that do not ask for one, in seconds.
+        #[arg(long, default_value_t = 300)]
+        session_ttl: u64,
+    },
+    /// API keys for `forkvm serve`.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Templates: programs snapshotted at their first request, which sandboxes fork from.
     #[command(subcommand)]
     Template(TemplateCommand),
@@ -97,6 +142,17 @@ enum Command {
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key named NAME; prints it once (only its hash is stored).
+    Add {
+        name: String,
+        /// Keys file (default: $FORKVM_CACHE_DIR/api_keys.json).
+        #[arg(long, env = "FORKVM_API_KEYS_FILE")]
+        file: Option<PathBuf>,
     },
 }
 
@@ -278,6 +334,38 @@ fn execute(cli: Cli) -> Result<i32> {
             template::build(&spec)?;
             Ok(0)
         }
+        Command::Serve {
+            listen,
+            keys,
+            no_auth,
+            template,
+            pool_size,
+            refill_threads,
+            exec_slots,
+            rate,
+            burst,
+            max_sandboxes,
+            max_body_mb,
+            session_ttl,
+        } => serve::serve(serve::ServeOptions {
+            listen,
+            keys,
+            no_auth,
+            template,
+            pool: forkvm_vmm::PoolConfig {
+                size: pool_size,
+                refill_threads,
+            },
+            exec_slots,
+            fairness: forkvm_server::fairness::FairnessConfig {
+                rate_per_sec: rate,
+                burst,
+                max_sandboxes,
+            },
+            max_body_mb,
+            default_ttl: Duration::from_secs(session_ttl),
+        }),
+        Command::Keys(KeysCommand::Add { name, file }) => serve::add(&name, file),
         Command::Template(TemplateCommand::List) => template::list().map(|()| 0),
         Command::Template(TemplateCommand::Show { name }) => template::show(&name).map(|()| 0),
         Command::Template(TemplateCommand::Rm { name }) => template::remove(&name).map(|()| 0),

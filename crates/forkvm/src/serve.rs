@@ -1,0 +1,151 @@
+//! `forkvm serve`: build the template if missing, warm its pool, and serve the HTTP API;
+//! `forkvm keys add`: create an API key.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use forkvm_engine::Engine;
+use forkvm_server::auth::{KeyStore, add_key};
+use forkvm_server::fairness::FairnessConfig;
+use forkvm_server::{AppState, ServerConfig};
+use forkvm_template::{StoreError, TemplateSpec};
+use forkvm_vmm::{PoolConfig, Vmm};
+
+/// What `forkvm serve` was asked.
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub keys: Option<PathBuf>,
+    pub no_auth: bool,
+    pub template: String,
+    pub pool: PoolConfig,
+    pub exec_slots: Option<usize>,
+    pub fairness: FairnessConfig,
+    pub max_body_mb: usize,
+    pub default_ttl: Duration,
+}
+
+/// The keys file used when none is given.
+pub fn default_keys_file() -> PathBuf {
+    forkvm_template::rootfs::default_cache_dir().join("api_keys.json")
+}
+
+/// The key store to use, creating a first key in the default file on first start.
+fn load_keys(options: &ServeOptions) -> Result<Option<KeyStore>> {
+    if options.no_auth {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (--no-auth): anyone who can reach {} can run code",
+            options.listen
+        );
+        eprintln!(
+            "forkvm: WARNING: authentication is off; anyone who can reach {} can run code",
+            options.listen
+        );
+        return Ok(None);
+    }
+    let path = match &options.keys {
+        Some(path) => path.clone(),
+        None => {
+            let path = default_keys_file();
+            if !path.exists() {
+                std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")))?;
+                let key = add_key(&path, "default")?;
+                eprintln!(
+                    "forkvm: created API key \"default\" (stored hashed in {}); it is shown only now:\n\n    {key}\n",
+                    path.display()
+                );
+            }
+            path
+        }
+    };
+    let keys = KeyStore::load(&path)
+        .with_context(|| format!("loading API keys from {}", path.display()))?;
+    eprintln!(
+        "forkvm: {} API key(s) loaded from {}",
+        keys.len(),
+        path.display()
+    );
+    Ok(Some(keys))
+}
+
+/// Builds the template if the store does not have it.
+fn ensure_template(name: &str, vmm: &Vmm) -> Result<()> {
+    let store = crate::template::store();
+    match store.show(name) {
+        Ok(_) => Ok(()),
+        Err(StoreError::NotFound(_)) if name == "python" => {
+            eprintln!("forkvm: template \"python\" not found; building it (first start)…");
+            forkvm_template::build(&store, vmm, &TemplateSpec::python(name), &mut |step| {
+                eprintln!("forkvm: {step}")
+            })?;
+            Ok(())
+        }
+        Err(e) => bail!("{e}"),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+    eprintln!("forkvm: shutting down, finishing in-flight requests");
+}
+
+pub fn serve(options: ServeOptions) -> Result<i32> {
+    let keys = load_keys(&options)?;
+    let vmm = Arc::new(Vmm::new()?);
+    ensure_template(&options.template, &vmm)?;
+    let engine = Arc::new(Engine::new(vmm, crate::template::store(), options.pool));
+    engine
+        .template(&options.template)
+        .with_context(|| format!("loading template {:?}", options.template))?;
+    let mut config = ServerConfig {
+        template: options.template.clone(),
+        keys,
+        fairness: options.fairness,
+        max_body_bytes: options.max_body_mb << 20,
+        default_ttl: options.default_ttl,
+        ..ServerConfig::default()
+    };
+    if let Some(slots) = options.exec_slots {
+        config.exec_slots = slots;
+    }
+    let state = AppState::new(engine, config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("forkvm-api")
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("binding {}", options.listen))?;
+        let address = listener.local_addr()?;
+        println!("forkvm: listening on http://{address}");
+        std::io::stdout().flush()?;
+        forkvm_server::serve(listener, state, shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(0)
+}
+
+/// `forkvm keys add NAME`: prints the new key (once).
+pub fn add(name: &str, file: Option<PathBuf>) -> Result<i32> {
+    let path = file.unwrap_or_else(default_keys_file);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let key = add_key(&path, name)?;
+    eprintln!(
+        "forkvm: key {name:?} added to {} (only its hash is stored)",
+        path.display()
+    );
+    println!("{key}");
+    Ok(0)
+}

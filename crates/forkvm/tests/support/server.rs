@@ -1,0 +1,129 @@
+//! A real `forkvm serve` on loopback for tests: its own cache directory (the Debian image is
+//! linked in), its own keys, and the flags each test needs.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+/// The cache directory every test server shares (the python template is built once).
+pub fn cache_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("api-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = forkvm_testkit::default_image();
+        let link = dir.join(image.file_name().unwrap());
+        if !link.exists() {
+            std::os::unix::fs::symlink(&image, link).unwrap();
+        }
+        // Build the template once, before servers start in parallel.
+        let status = Command::new(env!("CARGO_BIN_EXE_forkvm"))
+            .args(["template", "build", "python"])
+            .env("FORKVM_CACHE_DIR", &dir)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        dir
+    })
+}
+
+/// Creates a key in `file` and returns it.
+pub fn new_key(file: &Path, name: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkvm"))
+        .args(["keys", "add", name, "--file"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A running server.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    /// Keys named `alice` and `bob`.
+    pub alice: String,
+    pub bob: String,
+}
+
+impl Server {
+    /// Starts `forkvm serve` with extra `flags`.
+    pub fn start(flags: &[&str]) -> Server {
+        let cache = cache_dir();
+        let keys = cache.join(format!("keys-{}.json", uuid_like()));
+        let alice = new_key(&keys, "alice");
+        let bob = new_key(&keys, "bob");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_forkvm"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--pool-size",
+                "4",
+                "--keys",
+            ])
+            .arg(&keys)
+            .args(flags)
+            .env("FORKVM_CACHE_DIR", cache)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("forkvm: listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server {
+            child,
+            base,
+            alice,
+            bob,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill with a valid pid of our own child and a standard signal.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}

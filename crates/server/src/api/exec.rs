@@ -1,0 +1,146 @@
+//! `POST /v1/exec` and `POST /v1/exec/batch`: code in fresh forks of the default template.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use forkvm_engine::{ExecRequest, ExecResult};
+use uuid::Uuid;
+
+use super::{Caller, engine_error, stream};
+use crate::AppState;
+use crate::error::ApiError;
+use crate::wire::{BatchBody, BatchResponse, ExecBody, ExecResponse};
+
+/// Whether the client asked for Server-Sent Events.
+pub fn wants_stream(body: &ExecBody, headers: &HeaderMap) -> bool {
+    body.stream
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+/// Runs `request` in a fresh fork on a blocking thread, within an execution slot.
+async fn run(
+    state: &Arc<AppState>,
+    request: ExecRequest,
+    streams: forkvm_engine::Streams,
+) -> Result<ExecResult, ApiError> {
+    let _slot = state
+        .exec_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+    let engine = state.engine.clone();
+    let template = state.config.template.clone();
+    let result =
+        tokio::task::spawn_blocking(move || engine.exec_with(&template, &request, streams))
+            .await
+            .map_err(|e| ApiError::internal(format!("execution thread failed: {e}")))?
+            .map_err(engine_error)?;
+    state.metrics.record(&result);
+    Ok(result)
+}
+
+/// Run code in a fresh sandbox.
+#[utoipa::path(post, path = "/v1/exec", tag = "exec", request_body = ExecBody,
+    responses(
+        (status = 200, description = "How the code ran (or a text/event-stream of `stdout`, `stderr` and `result` events when streaming)", body = ExecResponse),
+        (status = 400, description = "Malformed JSON", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = crate::error::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::error::ErrorBody),
+        (status = 422, description = "A field has a value that is not allowed", body = crate::error::ErrorBody),
+        (status = 429, description = "Rate limit or sandbox quota reached (see Retry-After)", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn exec(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Json<ExecBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let request = body.to_request(state.engine.maxima(), state.config.default_timeout)?;
+    let permit = state.fairness.reserve(&caller, 1)?;
+    if wants_stream(&body, &headers) {
+        let (streams, tx, rx) = stream::channel();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let event = match run(&state, request, streams).await {
+                Ok(result) => stream::json_event(
+                    "result",
+                    &ExecResponse::from_result(Uuid::now_v7(), &result),
+                ),
+                Err(error) => stream::json_event("error", &error_body(error)),
+            };
+            let _ = tx.send(stream::Message::Final(event));
+        });
+        return Ok(stream::response(rx));
+    }
+    let result = run(&state, request, forkvm_engine::Streams::new()).await?;
+    drop(permit);
+    Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())
+}
+
+pub fn error_body(error: ApiError) -> crate::error::ErrorBody {
+    crate::error::ErrorBody {
+        error: crate::error::ErrorDetail {
+            kind: error.kind.to_string(),
+            message: error.message,
+            field: error.field,
+        },
+    }
+}
+
+/// Run several snippets in parallel, each in its own fresh sandbox.
+#[utoipa::path(post, path = "/v1/exec/batch", tag = "exec", request_body = BatchBody,
+    responses(
+        (status = 200, description = "Results in request order", body = BatchResponse),
+        (status = 422, description = "A field has a value that is not allowed (the field names the execution)", body = crate::error::ErrorBody),
+        (status = 429, description = "Rate limit or sandbox quota reached", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn batch(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    body: Result<Json<BatchBody>, JsonRejection>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    let Json(body) = body?;
+    if body.executions.is_empty() || body.executions.len() > state.config.max_batch {
+        return Err(ApiError::invalid(
+            "executions",
+            format!("give 1 to {} executions", state.config.max_batch),
+        ));
+    }
+    let mut requests = Vec::with_capacity(body.executions.len());
+    for (i, execution) in body.executions.iter().enumerate() {
+        let request = execution
+            .to_request(state.engine.maxima(), state.config.default_timeout)
+            .map_err(|mut e| {
+                e.field = Some(format!("executions[{i}].{}", e.field.unwrap_or_default()));
+                e
+            })?;
+        requests.push(request);
+    }
+    let _permit = state.fairness.reserve(&caller, requests.len())?;
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|request| {
+            let state = state.clone();
+            tokio::spawn(async move { run(&state, request, forkvm_engine::Streams::new()).await })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let result = task
+            .await
+            .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))??;
+        results.push(ExecResponse::from_result(Uuid::now_v7(), &result));
+    }
+    Ok(Json(BatchResponse { results }))
+}

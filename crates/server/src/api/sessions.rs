@@ -1,0 +1,390 @@
+//! Sessions: sandboxes that keep their state between requests, take files in and out, and
+//! fork into branches. Each belongs to the key that created it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use forkvm_engine::{Session, Streams};
+use forkvm_kernel::host_ops::ReadError;
+use uuid::Uuid;
+
+use super::exec::{error_body, wants_stream};
+use super::{Caller, engine_error, stream};
+use crate::AppState;
+use crate::error::ApiError;
+use crate::sessions::SessionEntry;
+use crate::wire::{
+    CreateSessionBody, ExecBody, ExecResponse, FileWritten, ForkBody, ForkResponse, SessionInfo,
+    SessionList,
+};
+
+/// Most branches one fork request may make.
+const MAX_FORK_COUNT: usize = 16;
+
+fn session_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found(format!("no sandbox {raw:?}")))
+}
+
+fn find(state: &AppState, id: &str, caller: &str) -> Result<Arc<SessionEntry>, ApiError> {
+    let uuid = session_id(id)?;
+    state
+        .sessions
+        .get(uuid, caller)
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))
+}
+
+/// Runs `work` on the session on a blocking thread (the sandbox is moved there and back).
+async fn with_session<T: Send + 'static>(
+    entry: &SessionEntry,
+    work: impl FnOnce(&mut Session) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let mut guard = entry.session.lock().await;
+    let mut session = guard
+        .take()
+        .ok_or_else(|| ApiError::not_found("the sandbox was deleted"))?;
+    let joined = tokio::task::spawn_blocking(move || {
+        let value = work(&mut session);
+        (session, value)
+    })
+    .await;
+    match joined {
+        Ok((session, value)) => {
+            *guard = Some(session);
+            entry.touch();
+            Ok(value)
+        }
+        Err(e) => Err(ApiError::internal(format!("sandbox thread failed: {e}"))),
+    }
+}
+
+/// Tears a session down on a blocking thread (unmapping guest RAM, closing the VM).
+fn dispose(session: Session) {
+    tokio::task::spawn_blocking(move || drop(session.into_sandbox()));
+}
+
+/// Create a session.
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sessions", request_body = CreateSessionBody,
+    responses(
+        (status = 201, description = "The new session", body = SessionInfo),
+        (status = 422, description = "A field has a value that is not allowed", body = crate::error::ErrorBody),
+        (status = 429, description = "Sandbox quota reached", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    body: Option<Json<CreateSessionBody>>,
+) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let template = body
+        .template
+        .unwrap_or_else(|| state.config.template.clone());
+    if template != state.config.template {
+        return Err(ApiError::invalid(
+            "template",
+            format!(
+                "unknown template {template:?} (this server serves {:?})",
+                state.config.template
+            ),
+        ));
+    }
+    let ttl = match body.ttl_seconds {
+        None => state.config.default_ttl,
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "ttl_seconds",
+                "ttl_seconds must be positive",
+            ));
+        }
+        Some(s) if Duration::from_secs(s) > state.config.max_ttl => {
+            return Err(ApiError::invalid(
+                "ttl_seconds",
+                format!(
+                    "ttl_seconds may be at most {}",
+                    state.config.max_ttl.as_secs()
+                ),
+            ));
+        }
+        Some(s) => Duration::from_secs(s),
+    };
+    let permit = state.fairness.reserve(&caller, 1)?;
+    let engine = state.engine.clone();
+    let name = template.clone();
+    let session = tokio::task::spawn_blocking(move || engine.create_session(&name))
+        .await
+        .map_err(|e| ApiError::internal(format!("sandbox thread failed: {e}")))?
+        .map_err(engine_error)?;
+    permit.keep();
+    let entry = Arc::new(SessionEntry::new(
+        &caller,
+        &template,
+        body.metadata,
+        ttl,
+        session,
+    ));
+    state.sessions.insert(entry.clone());
+    Ok((StatusCode::CREATED, Json(entry.info())))
+}
+
+/// List the caller's sessions.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sessions",
+    responses((status = 200, description = "The caller's sessions", body = SessionList)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+) -> Json<SessionList> {
+    Json(SessionList {
+        sandboxes: state
+            .sessions
+            .list(&caller)
+            .iter()
+            .map(|e| e.info())
+            .collect(),
+    })
+}
+
+/// Show one session.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session", body = SessionInfo),
+        (status = 404, description = "No such session for this key", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    Ok(Json(find(&state, &id, &caller)?.info()))
+}
+
+/// Delete a session (its memory goes back to the host).
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such session for this key", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let uuid = session_id(&id)?;
+    let entry = state
+        .sessions
+        .remove(uuid, &caller)
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
+    state.fairness.release(&caller, 1);
+    if let Some(session) = entry.session.lock().await.take() {
+        dispose(session);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Run code in a session: variables, imports and files persist between calls.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sessions", request_body = ExecBody,
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "How the code ran (or an event stream)", body = ExecResponse),
+        (status = 404, description = "No such session for this key", body = crate::error::ErrorBody),
+        (status = 409, description = "The session's code has exited; it cannot run more", body = crate::error::ErrorBody),
+        (status = 422, description = "A field has a value that is not allowed", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn exec(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ExecBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let entry = find(&state, &id, &caller)?;
+    let request = body.to_request(state.engine.maxima(), state.config.default_timeout)?;
+    let run = {
+        let state = state.clone();
+        move |streams: Streams| async move {
+            let engine = state.engine.clone();
+            let result = with_session(&entry, move |session| {
+                engine.session_exec(session, &request, streams)
+            })
+            .await?
+            .map_err(engine_error)?;
+            state.metrics.record(&result);
+            Ok::<_, ApiError>(result)
+        }
+    };
+    if wants_stream(&body, &headers) {
+        let (streams, tx, rx) = stream::channel();
+        tokio::spawn(async move {
+            let event = match run(streams).await {
+                Ok(result) => stream::json_event(
+                    "result",
+                    &ExecResponse::from_result(Uuid::now_v7(), &result),
+                ),
+                Err(error) => stream::json_event("error", &error_body(error)),
+            };
+            let _ = tx.send(stream::Message::Final(event));
+        });
+        return Ok(stream::response(rx));
+    }
+    let result = run(Streams::new()).await?;
+    Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())
+}
+
+/// Fork a session into `count` new sessions that start from its exact state.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sessions", request_body = ForkBody,
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The new sessions' ids", body = ForkResponse),
+        (status = 404, description = "No such session for this key", body = crate::error::ErrorBody),
+        (status = 422, description = "count out of range", body = crate::error::ErrorBody),
+        (status = 429, description = "Sandbox quota reached", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn fork(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Option<Json<ForkBody>>,
+) -> Result<Json<ForkResponse>, ApiError> {
+    let count = body.and_then(|Json(b)| b.count).unwrap_or(1);
+    if count == 0 || count > MAX_FORK_COUNT {
+        return Err(ApiError::invalid(
+            "count",
+            format!("count must be between 1 and {MAX_FORK_COUNT}"),
+        ));
+    }
+    let entry = find(&state, &id, &caller)?;
+    let permit = state.fairness.reserve(&caller, count)?;
+    let engine = state.engine.clone();
+    let branches = with_session(&entry, move |session| engine.fork_session(session, count))
+        .await?
+        .map_err(engine_error)?;
+    permit.keep();
+    let mut ids = Vec::with_capacity(branches.len());
+    for branch in branches {
+        let child = Arc::new(SessionEntry::new(
+            &caller,
+            &entry.template,
+            entry.metadata.clone(),
+            entry.ttl,
+            branch,
+        ));
+        ids.push(child.id);
+        state.sessions.insert(child);
+    }
+    Ok(Json(ForkResponse { ids }))
+}
+
+/// Write a file into a session (the raw request body is its contents).
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files/{path}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id"), ("path" = String, Path, description = "Absolute path inside the sandbox, without the leading slash")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Written", body = FileWritten),
+        (status = 404, description = "No such session for this key", body = crate::error::ErrorBody),
+        (status = 413, description = "Larger than the server allows", body = crate::error::ErrorBody),
+        (status = 422, description = "Not a valid file path", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn put_file(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<FileWritten>), ApiError> {
+    let data = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("the file is larger than the server allows")
+        } else {
+            ApiError::invalid("body", e.body_text())
+        }
+    })?;
+    let entry = find(&state, &id, &caller)?;
+    let absolute = format!("/{}", path.trim_start_matches('/'));
+    if absolute.split('/').any(|c| c == "..") {
+        return Err(ApiError::invalid("path", "must not contain `..`"));
+    }
+    let size = data.len() as u64;
+    let target = absolute.clone();
+    with_session(&entry, move |session| {
+        session.put_file(&target, &data, 0o644)
+    })
+    .await?
+    .map_err(|e| ApiError::invalid("path", e.to_string()))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(FileWritten {
+            path: absolute,
+            size,
+        }),
+    ))
+}
+
+/// Read a file from a session (raw bytes).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/{path}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id"), ("path" = String, Path, description = "Absolute path inside the sandbox, without the leading slash")),
+    responses(
+        (status = 200, description = "The file's bytes", content_type = "application/octet-stream"),
+        (status = 404, description = "No such session or file", body = crate::error::ErrorBody),
+        (status = 413, description = "Larger than the server returns", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn get_file(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let entry = find(&state, &id, &caller)?;
+    let absolute = format!("/{}", path.trim_start_matches('/'));
+    let max = state.config.max_file_bytes;
+    let data = with_session(&entry, move |session| session.get_file(&absolute, max))
+        .await?
+        .map_err(|e| match e {
+            ReadError::TooLarge { .. } => ApiError::too_large(e.to_string()),
+            other => ApiError::not_found(other.to_string()),
+        })?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        "application/octet-stream".parse().expect("valid header"),
+    );
+    Ok((headers, data).into_response())
+}
+
+/// Every second, deletes sessions idle past their TTL.
+pub async fn reap_expired(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for entry in state.sessions.take_expired() {
+            state.fairness.release(&entry.owner, 1);
+            state.metrics.sessions_expired.inc();
+            tracing::info!(session = %entry.id, key = %entry.owner, "session expired");
+            if let Some(session) = entry.session.lock().await.take() {
+                dispose(session);
+            }
+        }
+        state.metrics.sessions_live.set(state.sessions.len() as i64);
+    }
+}
+
+/// Tears every session down (at shutdown).
+pub async fn drop_all(state: &AppState) {
+    for entry in state.sessions.take_all() {
+        if let Some(session) = entry.session.lock().await.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(session.into_sandbox())).await;
+        }
+    }
+}

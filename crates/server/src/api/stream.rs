@@ -1,0 +1,77 @@
+//! Server-Sent Events: output chunks while the code runs, then the result.
+//!
+//! Events: `stdout` and `stderr` carry a chunk as a JSON string (invalid UTF-8 replaced);
+//! `result` carries the execution's JSON result; `error` carries an error body.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use forkvm_engine::{Streams, Tap};
+use forkvm_kernel::file::Stream;
+use futures_util::Stream as FuturesStream;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+/// What the blocking side sends to the response.
+pub enum Message {
+    Output(Stream, Vec<u8>),
+    Final(Event),
+}
+
+/// Streams whose output is forwarded as events, and the receiving end.
+pub fn channel() -> (
+    Streams,
+    UnboundedSender<Message>,
+    UnboundedReceiver<Message>,
+) {
+    let (tx, rx) = unbounded_channel();
+    let output = tx.clone();
+    let tap: Tap = Arc::new(move |stream, data: &[u8]| {
+        // A closed channel means the client went away: the code still runs to its end.
+        let _ = output.send(Message::Output(stream, data.to_vec()));
+    });
+    (Streams::with_tap(tap), tx, rx)
+}
+
+fn to_event(message: Message) -> Event {
+    match message {
+        Message::Output(stream, data) => {
+            let name = if stream == Stream::Stderr {
+                "stderr"
+            } else {
+                "stdout"
+            };
+            let text = String::from_utf8_lossy(&data);
+            Event::default()
+                .event(name)
+                .data(serde_json::to_string(&text).expect("a string serializes"))
+        }
+        Message::Final(event) => event,
+    }
+}
+
+/// The SSE response reading `rx` up to and including the final event. (The output tap
+/// stays with the sandbox afterwards, so the channel itself may outlive the request.)
+pub fn response(rx: UnboundedReceiver<Message>) -> Response {
+    let events = futures_util::stream::unfold((rx, false), |(mut rx, finished)| async move {
+        if finished {
+            return None;
+        }
+        let message = rx.recv().await?;
+        let finished = matches!(message, Message::Final(_));
+        Some((Ok(to_event(message)), (rx, finished)))
+    });
+    let events: std::pin::Pin<Box<dyn FuturesStream<Item = Result<Event, Infallible>> + Send>> =
+        Box::pin(events);
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// An event with a JSON payload.
+pub fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
+    Event::default()
+        .event(name)
+        .data(serde_json::to_string(value).expect("API types serialize"))
+}

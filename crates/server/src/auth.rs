@@ -1,0 +1,196 @@
+//! API keys. The keys file stores only SHA-256 hashes with a name for each key; a request's
+//! bearer token is hashed and compared against every stored hash in constant time. Keys are
+//! never logged: requests are attributed by key name.
+//!
+//! File format (`forkvm keys add` writes it):
+//! `{"keys": [{"id": "alice", "sha256": "<64 hex digits>"}]}`
+
+use std::path::Path;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Prefix of generated keys (recognizable in secret scanners).
+pub const KEY_PREFIX: &str = "fvk_";
+
+/// Why the keys file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Malformed { path: String, reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct KeyEntry {
+    id: String,
+    sha256: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct KeysFile {
+    keys: Vec<KeyEntry>,
+}
+
+/// The accepted keys, as hashes.
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    keys: Vec<(String, [u8; 32])>,
+}
+
+fn parse_hex(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl KeyStore {
+    /// Loads the keys file.
+    pub fn load(path: &Path) -> Result<KeyStore, KeysError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| KeysError::Io {
+            path: display.clone(),
+            source,
+        })?;
+        let file: KeysFile = serde_json::from_str(&text).map_err(|e| KeysError::Malformed {
+            path: display.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut keys = Vec::with_capacity(file.keys.len());
+        for entry in file.keys {
+            let hash = parse_hex(&entry.sha256).ok_or_else(|| KeysError::Malformed {
+                path: display.clone(),
+                reason: format!("key {:?}: sha256 must be 64 hex digits", entry.id),
+            })?;
+            keys.push((entry.id, hash));
+        }
+        if keys.is_empty() {
+            return Err(KeysError::Malformed {
+                path: display,
+                reason: "no keys: add one with `forkvm keys add`".into(),
+            });
+        }
+        Ok(KeyStore { keys })
+    }
+
+    /// The name of the key `token` is, if any. Every stored hash is compared, each in
+    /// constant time, so timing says nothing about which key (or how much of it) matched.
+    pub fn identify(&self, token: &str) -> Option<String> {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = None;
+        for (id, hash) in &self.keys {
+            if bool::from(hash.ct_eq(&presented)) {
+                found = Some(id.clone());
+            }
+        }
+        found
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Creates a new random key named `id`, appends its hash to the keys file (creating it),
+/// and returns the key: the only time it is ever shown.
+pub fn add_key(path: &Path, id: &str) -> Result<String, KeysError> {
+    let display = path.display().to_string();
+    let mut file = match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str::<KeysFile>(&text).map_err(|e| KeysError::Malformed {
+            path: display.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeysFile::default(),
+        Err(source) => {
+            return Err(KeysError::Io {
+                path: display,
+                source,
+            });
+        }
+    };
+    if file.keys.iter().any(|k| k.id == id) {
+        return Err(KeysError::Malformed {
+            path: display,
+            reason: format!("a key named {id:?} already exists"),
+        });
+    }
+    let mut secret = [0u8; 32];
+    getrandom(&mut secret);
+    let key = format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
+    file.keys.push(KeyEntry {
+        id: id.to_string(),
+        sha256: hex(&Sha256::digest(key.as_bytes())),
+    });
+    let json = serde_json::to_string_pretty(&file).expect("keys file serializes");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json + "\n")
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| KeysError::Io {
+            path: display,
+            source,
+        })?;
+    Ok(key)
+}
+
+fn getrandom(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`, which we own.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stored_hashed_and_identified() {
+        let dir = std::env::temp_dir().join(format!("forkvm-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.json");
+        let _ = std::fs::remove_file(&path);
+        let alice = add_key(&path, "alice").unwrap();
+        let bob = add_key(&path, "bob").unwrap();
+        assert!(alice.starts_with(KEY_PREFIX) && alice != bob);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains(&alice[KEY_PREFIX.len()..]),
+            "the key itself must not be stored"
+        );
+        let store = KeyStore::load(&path).unwrap();
+        assert_eq!(store.identify(&alice).as_deref(), Some("alice"));
+        assert_eq!(store.identify(&bob).as_deref(), Some("bob"));
+        assert_eq!(store.identify("fvk_wrong"), None);
+        assert!(add_key(&path, "alice").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

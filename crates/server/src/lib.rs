@@ -1,0 +1,165 @@
+//! forkvm's HTTP API (axum on tokio).
+//!
+//! The engine is synchronous and runs on tokio's blocking threads (`spawn_blocking`), a
+//! bounded number at a time: the async runtime never waits on KVM. Authentication and the
+//! per-key rate limit run as middleware before any handler; every error is a JSON body with
+//! a stable kind (see `error`).
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod fairness;
+pub mod metrics;
+pub mod openapi;
+pub mod sessions;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use forkvm_engine::Engine;
+use tokio::sync::Semaphore;
+
+use crate::auth::KeyStore;
+use crate::fairness::{Fairness, FairnessConfig};
+use crate::metrics::Metrics;
+use crate::sessions::SessionStore;
+
+/// Every route the server serves, as (method, path). The OpenAPI document must describe
+/// exactly these (a test checks).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/exec"),
+    ("post", "/v1/exec/batch"),
+    ("get", "/v1/health"),
+    ("get", "/v1/metrics"),
+    ("get", "/v1/openapi.json"),
+    ("post", "/v1/sandboxes"),
+    ("get", "/v1/sandboxes"),
+    ("get", "/v1/sandboxes/{id}"),
+    ("delete", "/v1/sandboxes/{id}"),
+    ("post", "/v1/sandboxes/{id}/exec"),
+    ("post", "/v1/sandboxes/{id}/fork"),
+    ("put", "/v1/sandboxes/{id}/files/{path}"),
+    ("get", "/v1/sandboxes/{id}/files/{path}"),
+];
+
+/// How the server is configured.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The template `/v1/exec` forks and sessions default to.
+    pub template: String,
+    /// `None`: authentication is off (only when explicitly asked for).
+    pub keys: Option<KeyStore>,
+    pub fairness: FairnessConfig,
+    /// Largest request body (JSON or a file upload).
+    pub max_body_bytes: usize,
+    /// Largest file a session download may return.
+    pub max_file_bytes: u64,
+    /// Executions running at once; more wait for a slot.
+    pub exec_slots: usize,
+    /// Executions one batch may hold.
+    pub max_batch: usize,
+    /// Wall-clock limit of an execution that does not ask for one.
+    pub default_timeout: Duration,
+    /// Idle TTL of a session that does not ask for one, and the largest allowed.
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            template: "python".to_string(),
+            keys: None,
+            fairness: FairnessConfig::default(),
+            max_body_bytes: 16 << 20,
+            max_file_bytes: 64 << 20,
+            exec_slots: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_batch: 64,
+            default_timeout: Duration::from_secs(30),
+            default_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub config: ServerConfig,
+    pub sessions: SessionStore,
+    pub fairness: Fairness,
+    pub metrics: Metrics,
+    pub exec_slots: Semaphore,
+}
+
+impl AppState {
+    pub fn new(engine: Arc<Engine>, config: ServerConfig) -> Arc<AppState> {
+        Arc::new(AppState {
+            fairness: Fairness::new(config.fairness),
+            exec_slots: Semaphore::new(config.exec_slots.max(1)),
+            engine,
+            sessions: SessionStore::default(),
+            metrics: Metrics::new(),
+            config,
+        })
+    }
+}
+
+/// The API's router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let public = Router::new()
+        .route("/v1/health", get(api::system::health))
+        .route("/v1/metrics", get(api::system::metrics))
+        .route("/v1/openapi.json", get(api::system::openapi));
+    let protected = Router::new()
+        .route("/v1/exec", post(api::exec::exec))
+        .route("/v1/exec/batch", post(api::exec::batch))
+        .route(
+            "/v1/sandboxes",
+            post(api::sessions::create).get(api::sessions::list),
+        )
+        .route(
+            "/v1/sandboxes/{id}",
+            get(api::sessions::show).delete(api::sessions::delete),
+        )
+        .route("/v1/sandboxes/{id}/exec", post(api::sessions::exec))
+        .route("/v1/sandboxes/{id}/fork", post(api::sessions::fork))
+        .route(
+            "/v1/sandboxes/{id}/files/{*path}",
+            get(api::sessions::get_file).put(api::sessions::put_file),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::middleware::authenticate,
+        ));
+    public
+        .merge(protected)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::middleware::observe,
+        ))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` resolves, then finishes in-flight requests.
+/// Expired sessions are reaped every second.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let reaper = tokio::spawn(api::sessions::reap_expired(state.clone()));
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    reaper.abort();
+    api::sessions::drop_all(&state).await;
+    result
+}

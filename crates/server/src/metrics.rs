@@ -1,0 +1,172 @@
+//! Prometheus metrics: latency histograms, outcomes by error kind, unsupported syscalls by
+//! name, pool and session gauges, and the server's memory.
+
+use forkvm_engine::{Engine, ExecResult};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    fork_seconds: Histogram,
+    exec_seconds: Histogram,
+    total_seconds: Histogram,
+    executions: IntCounterVec,
+    unsupported_syscalls: IntCounterVec,
+    http_responses: IntCounterVec,
+    pub sessions_live: IntGauge,
+    pub sessions_expired: IntCounter,
+    pool_depth: IntGaugeVec,
+    pool_forks: IntGaugeVec,
+    pool_misses: IntGaugeVec,
+    pool_prepared: IntGaugeVec,
+    resident_bytes: IntGauge,
+}
+
+fn latency(name: &str, help: &str) -> Histogram {
+    let buckets = vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 60.0,
+    ];
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
+        };
+        let gauge_vec = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["template"]).expect("valid gauge")
+        };
+        let metrics = Metrics {
+            fork_seconds: latency("forkvm_fork_seconds", "Time to a runnable fork."),
+            exec_seconds: latency(
+                "forkvm_exec_seconds",
+                "Time from delivering the code to its reply.",
+            ),
+            total_seconds: latency("forkvm_total_seconds", "Time of a whole execution."),
+            executions: counter_vec(
+                "forkvm_executions_total",
+                "Executions by how they ended.",
+                &["error_kind"],
+            ),
+            unsupported_syscalls: counter_vec(
+                "forkvm_unsupported_syscalls_total",
+                "Calls of syscalls the sandbox does not provide, by name.",
+                &["syscall"],
+            ),
+            http_responses: counter_vec(
+                "forkvm_http_responses_total",
+                "HTTP responses by status code.",
+                &["status"],
+            ),
+            sessions_live: IntGauge::new("forkvm_sessions_live", "Live sessions.")
+                .expect("valid gauge"),
+            sessions_expired: IntCounter::new(
+                "forkvm_sessions_expired_total",
+                "Sessions deleted after their idle TTL.",
+            )
+            .expect("valid counter"),
+            pool_depth: gauge_vec("forkvm_pool_depth", "Warm VMs ready to fork."),
+            pool_forks: gauge_vec("forkvm_pool_forks_total", "Forks served by the pool."),
+            pool_misses: gauge_vec(
+                "forkvm_pool_misses_total",
+                "Forks that found the pool empty and prepared a VM inline.",
+            ),
+            pool_prepared: gauge_vec("forkvm_pool_prepared_total", "VMs the pool prepared."),
+            resident_bytes: IntGauge::new(
+                "forkvm_resident_bytes",
+                "Resident memory of the server process (guest pages included).",
+            )
+            .expect("valid gauge"),
+            registry,
+        };
+        for collector in [
+            Box::new(metrics.fork_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(metrics.exec_seconds.clone()),
+            Box::new(metrics.total_seconds.clone()),
+            Box::new(metrics.executions.clone()),
+            Box::new(metrics.unsupported_syscalls.clone()),
+            Box::new(metrics.http_responses.clone()),
+            Box::new(metrics.sessions_live.clone()),
+            Box::new(metrics.sessions_expired.clone()),
+            Box::new(metrics.pool_depth.clone()),
+            Box::new(metrics.pool_forks.clone()),
+            Box::new(metrics.pool_misses.clone()),
+            Box::new(metrics.pool_prepared.clone()),
+            Box::new(metrics.resident_bytes.clone()),
+        ] {
+            metrics.registry.register(collector).expect("unique metric");
+        }
+        metrics
+    }
+
+    /// Records one finished execution.
+    pub fn record(&self, result: &ExecResult) {
+        let seconds = |us: u64| us as f64 / 1e6;
+        self.fork_seconds.observe(seconds(result.timings.fork_us));
+        self.exec_seconds.observe(seconds(result.timings.exec_us));
+        self.total_seconds.observe(seconds(result.timings.total_us));
+        self.executions
+            .with_label_values(&[result.error.kind.as_str()])
+            .inc();
+        for (name, count) in &result.unsupported_syscalls {
+            self.unsupported_syscalls
+                .with_label_values(&[name])
+                .inc_by(*count);
+        }
+    }
+
+    pub fn record_status(&self, status: u16) {
+        self.http_responses
+            .with_label_values(&[&status.to_string()])
+            .inc();
+    }
+
+    /// The text exposition, refreshing the gauges read from the engine.
+    pub fn render(&self, engine: &Engine) -> String {
+        for (name, stats) in engine.pool_stats() {
+            self.pool_depth
+                .with_label_values(&[&name])
+                .set(stats.depth as i64);
+            self.pool_forks
+                .with_label_values(&[&name])
+                .set(stats.forks as i64);
+            self.pool_misses
+                .with_label_values(&[&name])
+                .set(stats.misses as i64);
+            self.pool_prepared
+                .with_label_values(&[&name])
+                .set(stats.prepared as i64);
+        }
+        self.resident_bytes.set(resident_bytes() as i64);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding never fails");
+        String::from_utf8(out).expect("metrics are UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Resident set size of this process, from `/proc/self/status`.
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}

@@ -1,0 +1,156 @@
+//! Live sessions: which key owns each, when it was last used, and expiry after its idle TTL.
+//! A session belongs to the key that created it: for any other key it does not exist (404).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use forkvm_engine::Session;
+use uuid::Uuid;
+
+use crate::wire::SessionInfo;
+
+/// One session and its bookkeeping.
+pub struct SessionEntry {
+    pub id: Uuid,
+    pub owner: String,
+    pub template: String,
+    pub metadata: BTreeMap<String, String>,
+    pub ttl: Duration,
+    created: SystemTime,
+    last_used: Mutex<(Instant, SystemTime)>,
+    /// The sandbox; `None` while a request has it out on a blocking thread, or once the
+    /// session is deleted.
+    pub session: tokio::sync::Mutex<Option<Session>>,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl SessionEntry {
+    pub fn new(
+        owner: &str,
+        template: &str,
+        metadata: BTreeMap<String, String>,
+        ttl: Duration,
+        session: Session,
+    ) -> SessionEntry {
+        let now = SystemTime::now();
+        SessionEntry {
+            id: Uuid::now_v7(),
+            owner: owner.to_string(),
+            template: template.to_string(),
+            metadata,
+            ttl,
+            created: now,
+            last_used: Mutex::new((Instant::now(), now)),
+            session: tokio::sync::Mutex::new(Some(session)),
+        }
+    }
+
+    /// Marks the session as used now (restarting its TTL).
+    pub fn touch(&self) {
+        *self.last_used.lock().expect("session lock") = (Instant::now(), SystemTime::now());
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used.lock().expect("session lock").0.elapsed()
+    }
+
+    /// The API's view; `alive` is read without waiting for a running request.
+    pub fn info(&self) -> SessionInfo {
+        let (_, last_used) = *self.last_used.lock().expect("session lock");
+        let alive = match self.session.try_lock() {
+            Ok(guard) => guard.as_ref().is_some_and(Session::alive),
+            Err(_) => true,
+        };
+        SessionInfo {
+            id: self.id,
+            template: self.template.clone(),
+            created_at: unix(self.created),
+            last_used_at: unix(last_used),
+            expires_at: unix(last_used + self.ttl),
+            ttl_seconds: self.ttl.as_secs(),
+            metadata: self.metadata.clone(),
+            alive,
+        }
+    }
+}
+
+/// All live sessions.
+#[derive(Clone, Default)]
+pub struct SessionStore {
+    entries: Arc<Mutex<HashMap<Uuid, Arc<SessionEntry>>>>,
+}
+
+impl SessionStore {
+    pub fn insert(&self, entry: Arc<SessionEntry>) {
+        self.entries
+            .lock()
+            .expect("sessions lock")
+            .insert(entry.id, entry);
+    }
+
+    /// Session `id` if `owner` owns it.
+    pub fn get(&self, id: Uuid, owner: &str) -> Option<Arc<SessionEntry>> {
+        self.entries
+            .lock()
+            .expect("sessions lock")
+            .get(&id)
+            .filter(|e| e.owner == owner)
+            .cloned()
+    }
+
+    /// Removes session `id` if `owner` owns it.
+    pub fn remove(&self, id: Uuid, owner: &str) -> Option<Arc<SessionEntry>> {
+        let mut entries = self.entries.lock().expect("sessions lock");
+        match entries.get(&id) {
+            Some(entry) if entry.owner == owner => entries.remove(&id),
+            _ => None,
+        }
+    }
+
+    /// `owner`'s sessions, oldest first.
+    pub fn list(&self, owner: &str) -> Vec<Arc<SessionEntry>> {
+        let mut list: Vec<_> = self
+            .entries
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .filter(|e| e.owner == owner)
+            .cloned()
+            .collect();
+        list.sort_by_key(|e| e.id);
+        list
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("sessions lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes and returns every session idle longer than its TTL (and not running).
+    pub fn take_expired(&self) -> Vec<Arc<SessionEntry>> {
+        let mut entries = self.entries.lock().expect("sessions lock");
+        let expired: Vec<Uuid> = entries
+            .values()
+            .filter(|e| e.idle_for() > e.ttl && e.session.try_lock().is_ok())
+            .map(|e| e.id)
+            .collect();
+        expired.iter().filter_map(|id| entries.remove(id)).collect()
+    }
+
+    /// Removes and returns every session (at shutdown).
+    pub fn take_all(&self) -> Vec<Arc<SessionEntry>> {
+        self.entries
+            .lock()
+            .expect("sessions lock")
+            .drain()
+            .map(|(_, e)| e)
+            .collect()
+    }
+}
