@@ -1,3 +1,6 @@
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+
 //! A real `forkvm serve` on loopback for tests: its own cache directory (the Debian image is
 //! linked in), its own keys, and the flags each test needs.
 
