@@ -14,6 +14,7 @@
 pub mod backing;
 pub mod console;
 pub mod control;
+pub mod entropy;
 pub mod errno;
 pub mod fdtable;
 pub mod file;

@@ -105,7 +105,7 @@ impl Process {
         };
 
         let mut random = [0u8; 16];
-        crate::syscalls::misc::host_random(&mut random);
+        crate::entropy::host_random(&mut random);
         let aux = [
             (auxv::AT_PHDR, main.phdr),
             (auxv::AT_PHENT, 56),

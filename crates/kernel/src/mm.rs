@@ -179,8 +179,9 @@ impl AddressSpace {
     }
 
     /// Removes `[start, end)` from the map, splitting mappings that straddle its edges, and
-    /// returns the ranges that were mapped (their pages must be discarded by the caller).
-    fn carve(&mut self, start: u64, end: u64) -> Vec<Range> {
+    /// returns the pieces that were mapped there (their pages must be discarded by the
+    /// caller, unless it maps them again).
+    fn cut_out(&mut self, start: u64, end: u64) -> Vec<Vma> {
         let hit: Vec<Vma> = self.overlapping(start, end).copied().collect();
         let mut removed = Vec::with_capacity(hit.len());
         for vma in hit {
@@ -191,11 +192,23 @@ impl AddressSpace {
             if vma.end > end {
                 self.vmas.insert(end, Vma { start: end, ..vma });
             }
-            let cut = (vma.start.max(start), vma.end.min(end));
-            self.mapped_bytes -= cut.1 - cut.0;
-            removed.push(cut);
+            let piece = Vma {
+                start: vma.start.max(start),
+                end: vma.end.min(end),
+                ..vma
+            };
+            self.mapped_bytes -= piece.end - piece.start;
+            removed.push(piece);
         }
         removed
+    }
+
+    /// `cut_out`, returning just the ranges.
+    fn carve(&mut self, start: u64, end: u64) -> Vec<Range> {
+        self.cut_out(start, end)
+            .into_iter()
+            .map(|v| (v.start, v.end))
+            .collect()
     }
 
     /// Maps `[start, start+len)` (page-aligned), replacing whatever was there. Returns the
@@ -289,26 +302,10 @@ impl AddressSpace {
         if !self.is_mapped(start, len) {
             return Err(Errno::ENOMEM);
         }
-        let end = start + len;
-        let hit: Vec<Vma> = self.overlapping(start, end).copied().collect();
-        for vma in hit {
-            self.vmas.remove(&vma.start);
-            if vma.start < start {
-                self.vmas.insert(vma.start, Vma { end: start, ..vma });
-            }
-            if vma.end > end {
-                self.vmas.insert(end, Vma { start: end, ..vma });
-            }
-            let (s, e) = (vma.start.max(start), vma.end.min(end));
-            self.vmas.insert(
-                s,
-                Vma {
-                    start: s,
-                    end: e,
-                    prot,
-                    ..vma
-                },
-            );
+        // `is_mapped` above guarantees `start + len` does not overflow.
+        for piece in self.cut_out(start, start + len) {
+            self.mapped_bytes += piece.end - piece.start;
+            self.vmas.insert(piece.start, Vma { prot, ..piece });
         }
         Ok(())
     }

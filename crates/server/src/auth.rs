@@ -135,7 +135,7 @@ pub fn add_key(path: &Path, id: &str) -> Result<String, KeysError> {
         });
     }
     let mut secret = [0u8; 32];
-    getrandom(&mut secret);
+    forkvm_kernel::entropy::host_random(&mut secret);
     let key = format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
     file.keys.push(KeyEntry {
         id: id.to_string(),
@@ -154,18 +154,6 @@ pub fn add_key(path: &Path, id: &str) -> Result<String, KeysError> {
             source,
         })?;
     Ok(key)
-}
-
-fn getrandom(buf: &mut [u8]) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`, which we own.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        }
-    }
 }
 
 #[cfg(test)]

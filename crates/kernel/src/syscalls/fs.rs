@@ -158,6 +158,11 @@ impl Process {
         if flags & libc::O_TRUNC != 0 && writable && kind == Kind::File {
             self.fs.truncate(resolved.node, 0).map_err(from_fs)?;
         }
+        self.open_node(resolved, status, cloexec)
+    }
+
+    /// Installs a descriptor for a resolved node, holding it open in the filesystem.
+    fn open_node(&mut self, resolved: Resolved, status: i32, cloexec: bool) -> SysResult {
         let object = FileObject::Node {
             node: resolved.node,
             listing: None,
@@ -217,15 +222,7 @@ impl Process {
             return Ok(self.files.open(file, cloexec)? as u64);
         }
         let resolved = self.fs.resolve(b"/", target, true).map_err(from_fs)?;
-        let object = FileObject::Node {
-            node: resolved.node,
-            listing: None,
-        };
-        let fd = self
-            .files
-            .open(OpenFile::new(object, status, resolved.path), cloexec)?;
-        self.fs.open_ref(resolved.node);
-        Ok(fd as u64)
+        self.open_node(resolved, status, cloexec)
     }
 
     /// Attributes of a path (following a final symlink when `follow`).

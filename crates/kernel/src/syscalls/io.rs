@@ -85,7 +85,7 @@ impl Process {
             FileObject::Random => {
                 let n = len.min(CHUNK);
                 let mut data = vec![0u8; n as usize];
-                super::misc::host_random(&mut data);
+                crate::entropy::host_random(&mut data);
                 self.write_user(buf, &data)?;
                 n
             }
@@ -229,28 +229,7 @@ impl Process {
         count: u64,
         offset: Option<i64>,
     ) -> SysResult {
-        let vecs = self.read_iovecs(iov, count)?;
-        let mut offset = offset
-            .map(|o| u64::try_from(o).map_err(|_| Errno::EINVAL))
-            .transpose()?;
-        let mut total = 0;
-        for (base, len) in vecs {
-            if len == 0 {
-                continue;
-            }
-            let at = offset.map_or(At::Cursor, At::Offset);
-            let n = match self.read_into(fd, base, len, at) {
-                Ok(n) => n,
-                Err(e) if total == 0 => return Err(e),
-                Err(_) => break,
-            };
-            total += n;
-            offset = offset.map(|o| o + n);
-            if n < len {
-                break;
-            }
-        }
-        Ok(total)
+        self.transfer_vectored(fd, iov, count, offset, Self::read_into)
     }
 
     pub(crate) fn sys_writev(
@@ -259,6 +238,20 @@ impl Process {
         iov: u64,
         count: u64,
         offset: Option<i64>,
+    ) -> SysResult {
+        self.transfer_vectored(fd, iov, count, offset, Self::write_from)
+    }
+
+    /// `readv`/`writev` and their positional forms: one transfer per iovec until one comes
+    /// up short. An error after some bytes moved ends early with the count so far (as Linux
+    /// does); an ending of the sandbox always propagates.
+    fn transfer_vectored(
+        &mut self,
+        fd: i32,
+        iov: u64,
+        count: u64,
+        offset: Option<i64>,
+        transfer: fn(&mut Self, i32, u64, u64, At) -> SysResult,
     ) -> SysResult {
         let vecs = self.read_iovecs(iov, count)?;
         let mut offset = offset
@@ -270,11 +263,17 @@ impl Process {
                 continue;
             }
             let at = offset.map_or(At::Cursor, At::Offset);
-            let n = match self.write_from(fd, base, len, at) {
+            let n = match transfer(self, fd, base, len, at) {
                 Ok(n) => n,
                 Err(Stop::Errno(e)) if total == 0 => return Err(e.into()),
                 Err(Stop::Errno(_)) => break,
-                Err(exit) => return Err(exit),
+                Err(stop) if total == 0 => return Err(stop),
+                Err(Stop::AwaitingControl) => {
+                    // Not parking after all: the bytes already read are the answer.
+                    self.control.take_pending();
+                    break;
+                }
+                Err(stop) => return Err(stop),
             };
             total += n;
             offset = offset.map(|o| o + n);

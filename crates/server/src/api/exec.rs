@@ -67,20 +67,11 @@ pub async fn exec(
     let request = body.to_request(state.engine.maxima(), state.config.default_timeout)?;
     let permit = state.fairness.reserve(&caller, 1)?;
     if wants_stream(&body, &headers) {
-        let (streams, tx, rx) = stream::channel();
         let state = state.clone();
-        tokio::spawn(async move {
+        return Ok(stream::spawn(move |streams| async move {
             let _permit = permit;
-            let event = match run(&state, request, streams).await {
-                Ok(result) => stream::json_event(
-                    "result",
-                    &ExecResponse::from_result(Uuid::now_v7(), &result),
-                ),
-                Err(error) => stream::json_event("error", &error_body(error)),
-            };
-            let _ = tx.send(stream::Message::Final(event));
-        });
-        return Ok(stream::response(rx));
+            run(&state, request, streams).await
+        }));
     }
     let result = run(&state, request, forkvm_engine::Streams::new()).await?;
     drop(permit);

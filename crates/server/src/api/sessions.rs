@@ -14,7 +14,7 @@ use forkvm_engine::{Session, Streams};
 use forkvm_kernel::host_ops::ReadError;
 use uuid::Uuid;
 
-use super::exec::{error_body, wants_stream};
+use super::exec::wants_stream;
 use super::{Caller, engine_error, stream};
 use crate::AppState;
 use crate::error::ApiError;
@@ -225,18 +225,7 @@ pub async fn exec(
         }
     };
     if wants_stream(&body, &headers) {
-        let (streams, tx, rx) = stream::channel();
-        tokio::spawn(async move {
-            let event = match run(streams).await {
-                Ok(result) => stream::json_event(
-                    "result",
-                    &ExecResponse::from_result(Uuid::now_v7(), &result),
-                ),
-                Err(error) => stream::json_event("error", &error_body(error)),
-            };
-            let _ = tx.send(stream::Message::Final(event));
-        });
-        return Ok(stream::response(rx));
+        return Ok(stream::spawn(run));
     }
     let result = run(Streams::new()).await?;
     Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())

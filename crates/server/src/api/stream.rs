@@ -75,3 +75,25 @@ pub fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
         .event(name)
         .data(serde_json::to_string(value).expect("API types serialize"))
 }
+
+/// Answers with an event stream: runs `run` (given the tapped streams) on a task, sending
+/// output as it comes and the result (or error) last.
+pub fn spawn<F, Fut>(run: F) -> Response
+where
+    F: FnOnce(Streams) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<forkvm_engine::ExecResult, crate::error::ApiError>>
+        + Send,
+{
+    let (streams, tx, rx) = channel();
+    tokio::spawn(async move {
+        let event = match run(streams).await {
+            Ok(result) => json_event(
+                "result",
+                &crate::wire::ExecResponse::from_result(uuid::Uuid::now_v7(), &result),
+            ),
+            Err(error) => json_event("error", &crate::api::exec::error_body(error)),
+        };
+        let _ = tx.send(Message::Final(event));
+    });
+    response(rx)
+}
