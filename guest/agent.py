@@ -128,8 +128,18 @@ def serve(request):
     }
 
 
+# Standard-library modules most code imports: loaded before the snapshot, an `import` of
+# them in a request costs a dictionary lookup instead of file reads and compilation.
+PRELOAD = (
+    "json", "re", "math", "random", "datetime", "collections", "itertools", "functools",
+    "decimal", "fractions", "statistics", "string", "textwrap", "hashlib", "base64",
+    "struct", "io", "csv", "time", "traceback", "dataclasses", "enum", "typing", "pathlib",
+    "tempfile", "copy", "heapq", "bisect", "operator",
+)
+
+
 def main():
-    for module in sys.argv[1:]:
+    for module in PRELOAD + tuple(sys.argv[1:]):
         __import__(module)
     # Move everything imported so far out of the collector's reach: forks then never touch
     # (and so never copy) those pages while collecting garbage.

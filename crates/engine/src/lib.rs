@@ -3,6 +3,7 @@
 //! collect output and reply, classify how it ended, and tear the fork down off the
 //! request path.
 
+pub mod recycle;
 pub mod request;
 pub mod result;
 pub mod session;
@@ -19,6 +20,7 @@ use forkvm_protocol::{FrameError, Reply, Request};
 use forkvm_template::{SnapshotMeta, StoreError, TemplateStore};
 use forkvm_vmm::{Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, Vmm, VmmError};
 
+pub use recycle::{RecycleConfig, Recycler};
 pub use request::{ExecLimits, ExecRequest, FileIn, LANGUAGES};
 pub use result::{ErrorKind, ExecError, ExecResult, Timings};
 pub use session::Session;
@@ -56,10 +58,11 @@ pub enum EngineError {
     SessionEnded,
 }
 
-/// A template loaded from the store, with its warm pool.
+/// A template loaded from the store, with its warm pool and its per-tenant recycled VMs.
 pub struct LoadedTemplate {
     pub meta: SnapshotMeta,
     pub pool: Pool,
+    pub recycler: Recycler,
 }
 
 /// Templates by name, loaded on first use, and the limits operators allow.
@@ -103,14 +106,23 @@ impl Engine {
             return Ok(template.clone());
         }
         let (meta, source) = self.store.load(name, &self.vmm)?;
+        if let Err(e) = source.image.lock_in_memory() {
+            tracing::warn!(error = %e, "could not lock the image in memory; imports may wait for the disk");
+        }
         let warmup = forkvm_protocol::encode(&Request::code(WARMUP_CODE))?;
+        let source = Arc::new(source);
         let pool = Pool::start(
             self.vmm.clone(),
-            Arc::new(source),
+            source.clone(),
             self.pool_config,
             Some(warmup),
         );
-        let template = Arc::new(LoadedTemplate { meta, pool });
+        let recycler = Recycler::start(self.vmm.clone(), source, RecycleConfig::default());
+        let template = Arc::new(LoadedTemplate {
+            meta,
+            pool,
+            recycler,
+        });
         loaded.insert(name.to_string(), template.clone());
         Ok(template)
     }
@@ -128,24 +140,39 @@ impl Engine {
 
     /// Runs `request` in a fresh fork of `template`; the fork is torn down afterwards.
     pub fn exec(&self, template: &str, request: &ExecRequest) -> Result<ExecResult, EngineError> {
-        self.exec_with(template, request, Streams::new())
+        self.exec_with(template, request, Streams::new(), None)
     }
 
-    /// `exec`, with output captured by `streams` (which may tap it for streaming).
+    /// `exec`, with output captured by `streams` (which may tap it for streaming). With a
+    /// `tenant`, the VM may be one this tenant's earlier request used (reset exactly to the
+    /// snapshot), and it is kept for the tenant's next request if it ended cleanly.
     pub fn exec_with(
         &self,
         template: &str,
         request: &ExecRequest,
         streams: Streams,
+        tenant: Option<&str>,
     ) -> Result<ExecResult, EngineError> {
         check_language(&request.language)?;
         let started = Instant::now();
         let template = self.template(template)?;
         let console = streams.console(request, &request.limits.within(&self.maxima));
-        let mut sandbox = template.pool.fork(console)?;
+        let recycled = tenant.and_then(|t| template.recycler.take(t));
+        let mut sandbox = match recycled {
+            Some(vm) => self.vmm.finish_fork(vm, template.pool.source(), console)?,
+            None => template.pool.fork(console)?,
+        };
         let fork_time = started.elapsed();
         let result = self.run_in(&mut sandbox, request, &streams, false);
-        template.pool.release(sandbox);
+        match tenant {
+            // Only a sandbox parked cleanly at its next request is worth resetting.
+            Some(tenant) if sandbox.parked().is_some() => {
+                if let Some(sandbox) = template.recycler.give_back(tenant, sandbox) {
+                    template.pool.release(sandbox);
+                }
+            }
+            _ => template.pool.release(sandbox),
+        }
         let mut result = result?;
         result.timings.fork_us = micros(fork_time);
         result.timings.total_us = micros(started.elapsed());

@@ -227,3 +227,46 @@ fn other_languages_are_refused_clearly() {
         );
     }
 }
+
+#[test]
+fn a_tenants_vm_is_reset_between_its_requests() {
+    let Some(engine) = engine() else { return };
+    let run = |code: &str| {
+        let result = engine
+            .exec_with(
+                "python",
+                &ExecRequest::python(code),
+                forkvm_engine::Streams::new(),
+                Some("tenant-a"),
+            )
+            .unwrap();
+        assert_eq!(
+            result.exit_code,
+            0,
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        String::from_utf8(result.stdout).unwrap()
+    };
+    let template = engine.template("python").unwrap();
+    run(
+        "import builtins, os\nbuiltins.LEFTOVER = 1\nopen('/tmp/leftover', 'w').write('x')\nprint('ok')",
+    );
+    // The reset runs on a background thread; wait for the VM to be kept.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while template.recycler.kept() == 0 {
+        assert!(Instant::now() < deadline, "the VM was not recycled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The next request of the same tenant gets that VM, reset: nothing survived.
+    assert_eq!(
+        run(
+            "import builtins, os\nprint(hasattr(builtins, 'LEFTOVER'), os.path.exists('/tmp/leftover'))"
+        ),
+        "False False\n"
+    );
+    assert!(
+        template.recycler.take("tenant-b").is_none(),
+        "another tenant never gets it"
+    );
+}

@@ -283,3 +283,42 @@ fn long_fork_chains_are_flattened_and_stay_correct() {
         format!("{}\n", expected.join(","))
     );
 }
+
+#[test]
+fn reset_after_hostile_writes_restores_every_page() {
+    let Some(store) = store() else { return };
+    let vmm = Vmm::new().unwrap();
+    let (meta, source) = store.load("python", &vmm).unwrap();
+    let (mut sandbox, out) = fork_of(&vmm, &source);
+    // Writes through the program's own memory, into RAM it never mapped, and a big array.
+    let code = "import ctypes\n\
+                ctypes.memset(0x30000000, 0x41, 3 * 4096)\n\
+                x = bytearray(3 << 20)\n\
+                x[::4096] = b'\\x01' * len(x[::4096])\n\
+                import os\nos.close(os.open('/tmp/f', os.O_CREAT | os.O_WRONLY))\n\
+                print('dirty')";
+    assert_eq!(exec_in(&mut sandbox, &out, code), "dirty\n");
+    let reset = vmm.reset_fork(sandbox, &source, u64::MAX).unwrap().unwrap();
+    let ram = reset.ram();
+    let mut expected = vec![0u8; 4096];
+    let mut actual = vec![0u8; 4096];
+    let mut differing = Vec::new();
+    for page in (0..meta.ram_bytes).step_by(4096) {
+        source.backing.read_page(page, &mut expected).unwrap();
+        ram.read(page, &mut actual).unwrap();
+        if expected != actual {
+            differing.push(page);
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "pages differ after reset: {:x?}",
+        &differing[..differing.len().min(10)]
+    );
+    // And a fork that made too much memory its own is not kept.
+    let (mut big, out) = fork_of(&vmm, &source);
+    let keep_alive = "import builtins\nbuiltins.X = bytearray(64 << 20)\n\
+                      builtins.X[::4096] = b'\\x01' * len(builtins.X[::4096])";
+    exec_in(&mut big, &out, keep_alive);
+    assert!(vmm.reset_fork(big, &source, 16 << 20).unwrap().is_none());
+}

@@ -135,6 +135,15 @@ impl Mapping {
         Ok(Mapping { ptr, len })
     }
 
+    /// Locks the mapping's pages in memory (reading them in first).
+    fn lock(&self) -> io::Result<()> {
+        // SAFETY: `ptr..ptr+len` is our own live mapping; mlock only changes residency.
+        if unsafe { libc::mlock(self.ptr.as_ptr().cast(), self.len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     fn bytes(&self) -> &[u8] {
         // SAFETY: `ptr..ptr+len` is a live readable mapping until Drop, never written. Images
         // are immutable files (written atomically, never modified in place), so the backing
@@ -178,6 +187,14 @@ fn range_within(offset: u64, len: u64, limit: u64) -> Option<std::ops::Range<usi
 }
 
 impl Image {
+    /// Keeps the whole image resident. Without this, the host may evict image pages no
+    /// sandbox touched for a while, and the next sandbox that imports a module waits for the
+    /// disk with its process's address-space lock held, stalling every other sandbox of the
+    /// process. Costs the image's size in (shared) page cache; needs `CAP_IPC_LOCK`.
+    pub fn lock_in_memory(&self) -> io::Result<()> {
+        self.map.lock()
+    }
+
     /// Opens and maps the image at `path`, checking its header and table placement.
     pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
         let path = path.as_ref().to_owned();

@@ -239,6 +239,16 @@ impl GuestRam {
 
     /// Makes every page equal to `backing` again (the backing this RAM was mapped from).
     pub fn reset_to(&self, backing: &Backing) -> Result<ResetStats, MemoryError> {
+        let private = self.private_pages()?;
+        self.reset_with(backing, &private)
+    }
+
+    /// `reset_to`, given the private pages (from `private_pages`, with nothing run since).
+    pub fn reset_with(
+        &self,
+        backing: &Backing,
+        private: &[u64],
+    ) -> Result<ResetStats, MemoryError> {
         let mut stats = ResetStats::default();
         let remapped = merge_ranges(std::mem::take(
             &mut *self.remapped.lock().expect("remap log lock"),
@@ -248,7 +258,7 @@ impl GuestRam {
             stats.remapped_bytes += end - start;
         }
         let mut page = vec![0u8; PAGE_SIZE as usize];
-        for addr in self.private_pages()? {
+        for &addr in private {
             backing.read_page(addr, &mut page)?;
             self.write(addr, &page).map_err(|_| MemoryError::BadRange {
                 addr,

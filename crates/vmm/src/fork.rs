@@ -88,14 +88,35 @@ impl Vmm {
             RunResult::AwaitingRequest => {}
             RunResult::Ended(exit) => return Err(VmmError::Warmup(format!("{exit:?}"))),
         }
+        self.reset_fork(sandbox, source, u64::MAX)?
+            .ok_or_else(|| VmmError::Warmup("the warm-up wrote too much memory".into()))
+    }
+
+    /// Puts a fork of `source` back exactly as the snapshot was (memory byte-for-byte,
+    /// registers) and returns its VM for another request, keeping KVM's shadow page tables
+    /// warm. Returns `None` (and tears the VM down) when the fork made more than
+    /// `max_private_bytes` of memory its own: keeping that much resident for reuse is not
+    /// worth it. The caller decides who may get the VM next (see `forkvm_engine::recycle`).
+    pub fn reset_fork(
+        &self,
+        sandbox: Sandbox,
+        source: &ForkSource,
+        max_private_bytes: u64,
+    ) -> Result<Option<PreparedVm>, VmmError> {
         let (vm, vcpu, process) = sandbox.into_parts();
         let ram = process.into_ram();
-        ram.reset_to(&source.backing)?;
+        let private = ram.private_pages()?;
+        if (private.len() as u64).saturating_mul(forkvm_kernel::memory::PAGE_SIZE)
+            > max_private_bytes
+        {
+            return Ok(None);
+        }
+        ram.reset_with(&source.backing, &private)?;
         source
             .vcpu
             .restore_registers(&vcpu)
             .map_err(SandboxError::Vcpu)?;
-        Ok(PreparedVm { vcpu, vm, ram })
+        Ok(Some(PreparedVm { vcpu, vm, ram }))
     }
 
     /// Turns a prepared VM into a sandbox parked where the snapshot was taken, with fresh

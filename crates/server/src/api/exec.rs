@@ -24,9 +24,11 @@ pub fn wants_stream(body: &ExecBody, headers: &HeaderMap) -> bool {
             .is_some_and(|v| v.contains("text/event-stream"))
 }
 
-/// Runs `request` in a fresh fork on a blocking thread, within an execution slot.
+/// Runs `request` for `caller` in a fresh fork (or one the caller's earlier request used,
+/// reset exactly) on a blocking thread, within an execution slot.
 async fn run(
     state: &Arc<AppState>,
+    caller: &str,
     request: ExecRequest,
     streams: forkvm_engine::Streams,
 ) -> Result<ExecResult, ApiError> {
@@ -37,11 +39,13 @@ async fn run(
         .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
     let engine = state.engine.clone();
     let template = state.config.template.clone();
-    let result =
-        tokio::task::spawn_blocking(move || engine.exec_with(&template, &request, streams))
-            .await
-            .map_err(|e| ApiError::internal(format!("execution thread failed: {e}")))?
-            .map_err(engine_error)?;
+    let tenant = caller.to_string();
+    let result = tokio::task::spawn_blocking(move || {
+        engine.exec_with(&template, &request, streams, Some(&tenant))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("execution thread failed: {e}")))?
+    .map_err(engine_error)?;
     state.metrics.record(&result);
     Ok(result)
 }
@@ -70,10 +74,10 @@ pub async fn exec(
         let state = state.clone();
         return Ok(stream::spawn(move |streams| async move {
             let _permit = permit;
-            run(&state, request, streams).await
+            run(&state, &caller, request, streams).await
         }));
     }
-    let result = run(&state, request, forkvm_engine::Streams::new()).await?;
+    let result = run(&state, &caller, request, forkvm_engine::Streams::new()).await?;
     drop(permit);
     Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())
 }
@@ -123,7 +127,10 @@ pub async fn batch(
         .into_iter()
         .map(|request| {
             let state = state.clone();
-            tokio::spawn(async move { run(&state, request, forkvm_engine::Streams::new()).await })
+            let caller = caller.clone();
+            tokio::spawn(async move {
+                run(&state, &caller, request, forkvm_engine::Streams::new()).await
+            })
         })
         .collect();
     let mut results = Vec::with_capacity(tasks.len());
