@@ -198,7 +198,7 @@ enum BenchCommand {
         live: usize,
         /// Processes the live sandboxes are spread over (VMs in one process slow each
         /// other's copy-on-write faults).
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 32)]
         live_workers: usize,
         /// Live sandboxes the memory measurement averages over.
         #[arg(long, default_value_t = 200)]

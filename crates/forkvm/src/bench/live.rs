@@ -41,7 +41,9 @@ pub fn worker(template: &str, count: usize) -> Result<()> {
         vmm,
         Arc::new(source),
         PoolConfig {
-            size: 16,
+            // Enough to overlap preparing VMs with running them; no idle surplus beyond the
+            // worker's share, since every VM in the process adds to the costs below.
+            size: count.clamp(1, 16),
             refill_threads: 1,
         },
         None,
