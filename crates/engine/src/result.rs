@@ -239,7 +239,6 @@ mod tests {
         Reply {
             v: 1,
             exit_code,
-            exec_ns: 0,
             exception: exception.map(String::from),
         }
     }

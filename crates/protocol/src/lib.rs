@@ -63,8 +63,6 @@ impl Request {
 pub struct Reply {
     pub v: u32,
     pub exit_code: i32,
-    /// Time the agent spent running the code, in nanoseconds.
-    pub exec_ns: u64,
     /// Type name of the uncaught exception (`"MemoryError"`, …), if the code raised one.
     #[serde(default)]
     pub exception: Option<String>,
@@ -131,7 +129,6 @@ mod tests {
         let frame = encode(&Reply {
             v: VERSION,
             exit_code: 3,
-            exec_ns: 5,
             exception: None,
         })
         .unwrap();
