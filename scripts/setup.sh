@@ -3,11 +3,13 @@
 #   mmdebstrap  builds the sandbox root filesystem from Debian packages
 #   gcc, libc6-dev  compile the small static programs the KVM tests run
 #   bubblewrap  the container floor `forkvm bench` measures against
-#   python3, python3-numpy  the host-side floors of the benchmarks (the same Debian
-#               binaries the sandbox runs) and the stdlib comparison test
+#   python3, python3-numpy, libopenblas0-pthread, python3-pandas, python3-sklearn
+#               the host side of the benchmarks and of the numeric tests: the same Debian
+#               binaries the sandbox runs, with the BLAS a normal numpy install selects
 set -euo pipefail
 
-packages=(mmdebstrap gcc libc6-dev bubblewrap python3 python3-numpy ca-certificates)
+packages=(mmdebstrap gcc libc6-dev bubblewrap python3 python3-numpy libopenblas0-pthread
+    python3-pandas python3-sklearn ca-certificates)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -293,7 +293,7 @@ fn reset_after_hostile_writes_restores_every_page() {
     // Writes through the program's own memory, into RAM it never mapped, and a big array.
     let code = "import ctypes\n\
                 ctypes.memset(0x30000000, 0x41, 3 * 4096)\n\
-                x = bytearray(3 << 20)\n\
+                x = bytearray(40 << 20)\n\
                 x[::4096] = b'\\x01' * len(x[::4096])\n\
                 import os\nos.close(os.open('/tmp/f', os.O_CREAT | os.O_WRONLY))\n\
                 print('dirty')";

@@ -223,6 +223,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 300)]
         samples: usize,
     },
+    /// Compute in a fork beside the same Python programs on the host: a pure-Python loop,
+    /// json, regex, numpy matmul and SVD, a pandas group-by, a scikit-learn fit, and first
+    /// touch of 100 MiB and 1 GiB. Each row is the ratio of the medians.
+    Compute {
+        /// Template to fork (the default one is built on first use, with pandas and
+        /// scikit-learn, and 4 GiB of RAM for the 1 GiB row).
+        #[arg(long, default_value = bench::compute::TEMPLATE)]
+        template: String,
+    },
     /// (internal) One worker process of `bench fork`'s live-sandbox measurement.
     #[command(hide = true)]
     LiveWorker {
@@ -398,6 +407,12 @@ fn execute(cli: Cli) -> Result<i32> {
         Command::Bench(BenchCommand::Exec { template, samples }) => {
             let report = bench::exec::run(&template, samples.max(1))?;
             eprint!("{}", bench::exec::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Compute { template }) => {
+            let report = bench::compute::run(&template)?;
+            eprint!("{}", bench::compute::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }

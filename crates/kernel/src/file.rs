@@ -44,6 +44,8 @@ pub enum FileObject {
     Pipe { id: usize, write_end: bool },
     /// The control channel to the VMM (`crate::control`).
     Control,
+    /// A read-only file generated when it was opened (`/proc/self/maps` …, see `procfs`).
+    Generated(Arc<Vec<u8>>),
 }
 
 /// An open file description.

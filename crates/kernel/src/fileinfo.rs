@@ -6,9 +6,11 @@ use forkvm_image::{Kind, Stat, Timespec};
 use crate::file::DirEntry;
 
 /// Device number reported for the sandbox filesystem.
-const FS_DEV: u64 = 0x2a;
+pub(crate) const FS_DEV: u64 = 0x2a;
 /// `st_dev` of the synthetic device files.
 const DEVTMPFS_DEV: u64 = 0x5;
+/// `st_dev` of generated `/proc` files.
+const PROC_DEV: u64 = 0x16;
 
 /// File attributes, whatever the file is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +68,17 @@ impl FileStat {
             atime: epoch,
             mtime: epoch,
             ctime: epoch,
+        }
+    }
+
+    /// A generated `/proc` file: a regular file of size 0, as procfs reports them (readers
+    /// read until end-of-file rather than trusting the size).
+    pub fn proc_file() -> Self {
+        Self {
+            dev: PROC_DEV,
+            mode: libc::S_IFREG | 0o444,
+            rdev: 0,
+            ..Self::device(libc::S_IFREG | 0o444, (0, 0), 0x1000)
         }
     }
 

@@ -25,6 +25,7 @@ pub mod memory;
 pub mod mm;
 pub mod pipe;
 pub mod process;
+pub mod procfs;
 pub mod signals;
 pub mod stack;
 pub mod stats;

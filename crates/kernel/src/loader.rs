@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::console::Console;
 use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
-use crate::mm::VmaKind;
+use crate::mm::{FileView, Vma, VmaKind};
 use crate::process::{Limits, Process, identity};
 use crate::stack::{self, StackSpec, auxv};
 
@@ -223,12 +223,23 @@ impl Process {
             let start = page_align_down(bias + ph.p_vaddr);
             let end = page_align_up(bias + ph.p_vaddr + ph.p_memsz)
                 .ok_or_else(|| bad("segment end overflows"))?;
+            let lead = (bias + ph.p_vaddr) - start;
             let replaced = self
                 .mm
-                .map_fixed(start, end - start, segment_prot(ph.p_flags), VmaKind::File)
+                .map_fixed(Vma {
+                    start,
+                    end,
+                    prot: segment_prot(ph.p_flags),
+                    kind: VmaKind::File,
+                    shared: false,
+                    file: Some(FileView {
+                        path: path.into(),
+                        ino: node.ino(),
+                        offset: ph.p_offset - lead,
+                    }),
+                })
                 .map_err(no_memory)?;
             self.discard(&replaced).map_err(no_memory)?;
-            let lead = (bias + ph.p_vaddr) - start;
             self.populate_from_file(node, start, ph.p_filesz + lead, ph.p_offset - lead)
                 .map_err(no_memory)?;
         }

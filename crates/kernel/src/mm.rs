@@ -7,11 +7,12 @@
 //! hardware.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use syscalls::Errno;
 
-use crate::memory::{PAGE_SIZE, page_align_up};
+use crate::memory::{HUGE_PAGE_SIZE, PAGE_SIZE, page_align_up};
 
 /// What backs a mapping (for accounting and diagnostics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,14 +27,82 @@ pub enum VmaKind {
     Stack,
 }
 
+/// The file a mapping was made from, as `/proc/self/maps` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileView {
+    /// The path the file was opened by.
+    pub path: Arc<[u8]>,
+    /// Its inode number (as `stat` reports it).
+    pub ino: u64,
+    /// Offset in the file of the mapping's first byte.
+    pub offset: u64,
+}
+
 /// One contiguous mapping `[start, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vma {
     pub start: u64,
     pub end: u64,
     /// `PROT_*` bits as the program last set them.
     pub prot: u32,
     pub kind: VmaKind,
+    /// Made with `MAP_SHARED` (only read-only file mappings can be).
+    pub shared: bool,
+    /// The file behind a `VmaKind::File` mapping.
+    pub file: Option<FileView>,
+}
+
+impl Vma {
+    /// A private mapping with no file behind it.
+    pub fn anonymous(start: u64, end: u64, prot: u32, kind: VmaKind) -> Vma {
+        Vma {
+            start,
+            end,
+            prot,
+            kind,
+            shared: false,
+            file: None,
+        }
+    }
+
+    /// The part of this mapping inside `[start, end)` (which must overlap it), with the file
+    /// offset moved along.
+    fn piece(&self, start: u64, end: u64) -> Vma {
+        let start = start.max(self.start);
+        let file = self.file.as_ref().map(|f| FileView {
+            offset: f.offset + (start - self.start),
+            ..f.clone()
+        });
+        Vma {
+            start,
+            end: end.min(self.end),
+            file,
+            ..self.clone()
+        }
+    }
+
+    /// This mapping's attributes as they apply from `addr` (inside it) on: the file offset
+    /// of `addr`.
+    pub fn piece_from(&self, addr: u64) -> Vma {
+        self.piece(addr, self.end)
+    }
+
+    /// Whether `next` continues this mapping seamlessly (same attributes, adjacent, and for
+    /// files the next bytes of the same file): Linux shows such neighbours as one mapping.
+    pub fn continues_into(&self, next: &Vma) -> bool {
+        let file_continues = match (&self.file, &next.file) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.ino == b.ino && a.path == b.path && a.offset + (self.end - self.start) == b.offset
+            }
+            _ => false,
+        };
+        self.end == next.start
+            && self.prot == next.prot
+            && self.kind == next.kind
+            && self.shared == next.shared
+            && file_continues
+    }
 }
 
 /// A range of guest RAM whose previous contents must be discarded (zeroed).
@@ -87,12 +156,12 @@ impl AddressSpace {
             limit_bytes,
             limit_refusals: 0,
         };
-        let stack = Vma {
-            start: layout.stack_start(),
-            end: layout.user_end,
-            prot: (libc::PROT_READ | libc::PROT_WRITE) as u32,
-            kind: VmaKind::Stack,
-        };
+        let stack = Vma::anonymous(
+            layout.stack_start(),
+            layout.user_end,
+            (libc::PROT_READ | libc::PROT_WRITE) as u32,
+            VmaKind::Stack,
+        );
         space.mapped_bytes = stack.end - stack.start;
         space.vmas.insert(stack.start, stack);
         space
@@ -182,21 +251,17 @@ impl AddressSpace {
     /// returns the pieces that were mapped there (their pages must be discarded by the
     /// caller, unless it maps them again).
     fn cut_out(&mut self, start: u64, end: u64) -> Vec<Vma> {
-        let hit: Vec<Vma> = self.overlapping(start, end).copied().collect();
+        let hit: Vec<Vma> = self.overlapping(start, end).cloned().collect();
         let mut removed = Vec::with_capacity(hit.len());
         for vma in hit {
             self.vmas.remove(&vma.start);
             if vma.start < start {
-                self.vmas.insert(vma.start, Vma { end: start, ..vma });
+                self.vmas.insert(vma.start, vma.piece(vma.start, start));
             }
             if vma.end > end {
-                self.vmas.insert(end, Vma { start: end, ..vma });
+                self.vmas.insert(end, vma.piece(end, vma.end));
             }
-            let piece = Vma {
-                start: vma.start.max(start),
-                end: vma.end.min(end),
-                ..vma
-            };
+            let piece = vma.piece(start, end);
             self.mapped_bytes -= piece.end - piece.start;
             removed.push(piece);
         }
@@ -211,39 +276,50 @@ impl AddressSpace {
             .collect()
     }
 
-    /// Maps `[start, start+len)` (page-aligned), replacing whatever was there. Returns the
-    /// replaced ranges, whose old contents the caller must discard.
-    pub fn map_fixed(
-        &mut self,
-        start: u64,
-        len: u64,
-        prot: u32,
-        kind: VmaKind,
-    ) -> Result<Vec<Range>, Errno> {
-        if !start.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+    /// Maps `vma` (page-aligned), replacing whatever was there. Returns the replaced ranges,
+    /// whose old contents the caller must discard.
+    pub fn map_fixed(&mut self, vma: Vma) -> Result<Vec<Range>, Errno> {
+        let (start, end) = (vma.start, vma.end);
+        if !start.is_multiple_of(PAGE_SIZE) || end <= start || !end.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
+        let len = end - start;
         if !self.in_user_range(start, len) {
             return Err(Errno::ENOMEM);
         }
-        let end = start + len;
         let grown = len - self.overlap_bytes(start, end);
         if self.mapped_bytes + grown > self.limit_bytes {
             self.limit_refusals += 1;
             return Err(Errno::ENOMEM);
         }
         let replaced = self.carve(start, end);
-        self.vmas.insert(
-            start,
-            Vma {
-                start,
-                end,
-                prot,
-                kind,
-            },
-        );
+        self.vmas.insert(start, vma);
         self.mapped_bytes += len;
         Ok(replaced)
+    }
+
+    /// The 2 MiB blocks overlapping `[start, end)` in which nothing outside `[start, end)` is
+    /// mapped, as merged ranges. Right after `[start, end)` was mapped afresh, every byte of
+    /// such a block reads as zero (the rest of the block is unmapped), so its backing can be
+    /// swapped for huge pages without copying anything.
+    pub fn huge_blocks_only_in(&self, start: u64, end: u64) -> Vec<Range> {
+        let mut blocks: Vec<Range> = Vec::new();
+        let mut block = start & !(HUGE_PAGE_SIZE - 1);
+        while block < end {
+            let block_end = block + HUGE_PAGE_SIZE;
+            let alone = block >= self.layout.user_start
+                && block_end <= self.layout.user_end
+                && self.overlap_bytes(block, start.max(block)) == 0
+                && self.overlap_bytes(end.min(block_end), block_end) == 0;
+            if alone {
+                match blocks.last_mut() {
+                    Some(last) if last.1 == block => last.1 = block_end,
+                    _ => blocks.push((block, block_end)),
+                }
+            }
+            block = block_end;
+        }
+        blocks
     }
 
     /// Finds a free, page-aligned range of `len` bytes: at `hint` if that range is free,
@@ -346,15 +422,8 @@ impl AddressSpace {
                 return (self.brk, Vec::new());
             }
             let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
-            self.vmas.insert(
-                old_top,
-                Vma {
-                    start: old_top,
-                    end: new_top,
-                    prot: rw,
-                    kind: VmaKind::Heap,
-                },
-            );
+            self.vmas
+                .insert(old_top, Vma::anonymous(old_top, new_top, rw, VmaKind::Heap));
             self.mapped_bytes += grow;
             self.brk = requested;
             (requested, Vec::new())
@@ -399,7 +468,8 @@ mod tests {
         let mut s = space();
         let a = s.find_free(0x2000, 0).unwrap();
         assert_eq!(a + 0x2000, s.layout().mmap_top());
-        s.map_fixed(a, 0x2000, RW, VmaKind::Anonymous).unwrap();
+        s.map_fixed(Vma::anonymous(a, a + 0x2000, RW, VmaKind::Anonymous))
+            .unwrap();
         let b = s.find_free(0x1000, 0).unwrap();
         assert_eq!(b + 0x1000, a);
         s.unmap(a, 0x2000).unwrap();
@@ -412,8 +482,13 @@ mod tests {
     #[test]
     fn partial_unmap_splits() {
         let mut s = space();
-        s.map_fixed(0x40_0000, 0x4000, RW, VmaKind::Anonymous)
-            .unwrap();
+        s.map_fixed(Vma::anonymous(
+            0x40_0000,
+            0x40_0000 + 0x4000,
+            RW,
+            VmaKind::Anonymous,
+        ))
+        .unwrap();
         let removed = s.unmap(0x40_1000, 0x1000).unwrap();
         assert_eq!(removed, vec![(0x40_1000, 0x40_2000)]);
         assert!(s.is_mapped(0x40_0000, 0x1000));
@@ -424,9 +499,20 @@ mod tests {
     #[test]
     fn is_mapped_spans_adjacent_vmas() {
         let mut s = space();
-        s.map_fixed(0x40_0000, 0x1000, RW, VmaKind::Anonymous)
-            .unwrap();
-        s.map_fixed(0x40_1000, 0x1000, RW, VmaKind::File).unwrap();
+        s.map_fixed(Vma::anonymous(
+            0x40_0000,
+            0x40_0000 + 0x1000,
+            RW,
+            VmaKind::Anonymous,
+        ))
+        .unwrap();
+        s.map_fixed(Vma::anonymous(
+            0x40_1000,
+            0x40_1000 + 0x1000,
+            RW,
+            VmaKind::File,
+        ))
+        .unwrap();
         assert!(s.is_mapped(0x40_0800, 0x1000));
         assert!(!s.is_mapped(0x40_0800, 0x2000));
         assert!(!s.is_mapped(u64::MAX - 1, 4));
@@ -438,15 +524,33 @@ mod tests {
         let stack = s.mapped_bytes();
         s.limit_bytes = stack + 0x2000;
         assert!(
-            s.map_fixed(0x40_0000, 0x2000, RW, VmaKind::Anonymous)
-                .is_ok()
+            s.map_fixed(Vma::anonymous(
+                0x40_0000,
+                0x40_0000 + 0x2000,
+                RW,
+                VmaKind::Anonymous
+            ))
+            .is_ok()
         );
         assert_eq!(
-            s.map_fixed(0x50_0000, 0x1000, RW, VmaKind::Anonymous),
+            s.map_fixed(Vma::anonymous(
+                0x50_0000,
+                0x50_0000 + 0x1000,
+                RW,
+                VmaKind::Anonymous
+            )),
             Err(Errno::ENOMEM)
         );
         // Replacing an existing mapping does not grow the total.
-        assert!(s.map_fixed(0x40_0000, 0x1000, RW, VmaKind::File).is_ok());
+        assert!(
+            s.map_fixed(Vma::anonymous(
+                0x40_0000,
+                0x40_0000 + 0x1000,
+                RW,
+                VmaKind::File
+            ))
+            .is_ok()
+        );
     }
 
     #[test]
@@ -459,16 +563,26 @@ mod tests {
         assert_eq!(now, 0x60_2000);
         assert_eq!(discarded, vec![(0x60_2000, 0x60_5000)]);
         assert_eq!(s.set_brk(0x10).0, 0x60_2000);
-        s.map_fixed(0x70_0000, 0x1000, RW, VmaKind::Anonymous)
-            .unwrap();
+        s.map_fixed(Vma::anonymous(
+            0x70_0000,
+            0x70_0000 + 0x1000,
+            RW,
+            VmaKind::Anonymous,
+        ))
+        .unwrap();
         assert_eq!(s.set_brk(0x80_0000).0, 0x60_2000);
     }
 
     #[test]
     fn protect_requires_mapping() {
         let mut s = space();
-        s.map_fixed(0x40_0000, 0x3000, RW, VmaKind::Anonymous)
-            .unwrap();
+        s.map_fixed(Vma::anonymous(
+            0x40_0000,
+            0x40_0000 + 0x3000,
+            RW,
+            VmaKind::Anonymous,
+        ))
+        .unwrap();
         s.protect(0x40_1000, 0x1000, 0).unwrap();
         assert_eq!(s.vma_at(0x40_1000).unwrap().prot, 0);
         assert_eq!(s.vma_at(0x40_2000).unwrap().prot, RW);
@@ -476,14 +590,86 @@ mod tests {
     }
 
     #[test]
+    fn huge_blocks_are_those_nothing_else_maps() {
+        const HUGE: u64 = HUGE_PAGE_SIZE;
+        let mut s = space();
+        // A neighbour in the block below the range, none above it.
+        s.map_fixed(Vma::anonymous(
+            4 * HUGE - 0x1000,
+            4 * HUGE,
+            RW,
+            VmaKind::Anonymous,
+        ))
+        .unwrap();
+        let (start, end) = (4 * HUGE + 0x3000, 8 * HUGE + 0x5000);
+        s.map_fixed(Vma::anonymous(start, end, RW, VmaKind::Anonymous))
+            .unwrap();
+        // The block holding `start` is free apart from the range (the neighbour ends at its
+        // base); the partial block at the end has nothing else in it either.
+        assert_eq!(
+            s.huge_blocks_only_in(start, end),
+            vec![(4 * HUGE, 9 * HUGE)]
+        );
+        s.map_fixed(Vma::anonymous(
+            9 * HUGE - 0x1000,
+            9 * HUGE,
+            RW,
+            VmaKind::Anonymous,
+        ))
+        .unwrap();
+        assert_eq!(
+            s.huge_blocks_only_in(start, end),
+            vec![(4 * HUGE, 8 * HUGE)]
+        );
+        // Blocks reaching below the user range (the system area) never qualify.
+        assert!(s.huge_blocks_only_in(0x10_0000, 0x18_0000).is_empty());
+    }
+
+    #[test]
+    fn split_file_mappings_keep_their_offsets() {
+        let mut s = space();
+        let file = FileView {
+            path: b"/lib/x.so".as_slice().into(),
+            ino: 9,
+            offset: 0x1000,
+        };
+        s.map_fixed(Vma {
+            file: Some(file),
+            ..Vma::anonymous(0x40_0000, 0x40_4000, RW, VmaKind::File)
+        })
+        .unwrap();
+        s.protect(0x40_1000, 0x1000, 0).unwrap();
+        let offsets: Vec<u64> = s
+            .vmas()
+            .filter_map(|v| v.file.as_ref().map(|f| f.offset))
+            .collect();
+        assert_eq!(offsets, vec![0x1000, 0x2000, 0x3000]);
+        let vmas: Vec<&Vma> = s.vmas().collect();
+        assert!(!vmas[0].continues_into(vmas[1]), "protection differs");
+        s.protect(0x40_1000, 0x1000, RW).unwrap();
+        let vmas: Vec<&Vma> = s.vmas().collect();
+        assert!(vmas[0].continues_into(vmas[1]) && vmas[1].continues_into(vmas[2]));
+    }
+
+    #[test]
     fn rejects_outside_user_range() {
         let mut s = space();
         assert_eq!(
-            s.map_fixed(0x1000, 0x1000, RW, VmaKind::Anonymous),
+            s.map_fixed(Vma::anonymous(
+                0x1000,
+                0x1000 + 0x1000,
+                RW,
+                VmaKind::Anonymous
+            )),
             Err(Errno::ENOMEM)
         );
         assert_eq!(
-            s.map_fixed(0x1000_0000, 0x1000, RW, VmaKind::Anonymous),
+            s.map_fixed(Vma::anonymous(
+                0x1000_0000,
+                0x1000_0000 + 0x1000,
+                RW,
+                VmaKind::Anonymous
+            )),
             Err(Errno::ENOMEM)
         );
     }

@@ -489,3 +489,121 @@ fn memory_limit_refuses_big_mappings() {
     assert_eq!(h.sys(libc::SYS_munmap, &[half as u64, 512 << 10]), 0);
     assert!(h.mmap_anon(256 << 10) > 0);
 }
+
+const HUGE: u64 = 2 << 20;
+
+/// The host's view of the host mapping that contains `host_addr` (from this test process's
+/// own `/proc/self/smaps`): its `VmFlags` line and its `AnonHugePages` in KiB.
+fn host_smaps_at(host_addr: u64) -> (String, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
+    let mut inside = false;
+    let (mut flags, mut huge_kib) = (String::new(), 0);
+    for line in smaps.lines() {
+        let range = line.split(' ').next().unwrap_or("");
+        if let Some((start, end)) = range.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            inside = (start..end).contains(&host_addr);
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("VmFlags:") {
+            flags = rest.trim().to_string();
+        } else if let Some(rest) = line.strip_prefix("AnonHugePages:") {
+            huge_kib = rest.trim().trim_end_matches(" kB").parse().unwrap_or(0);
+        }
+    }
+    (flags, huge_kib)
+}
+
+/// Whether this host gives transparent huge pages to `MADV_HUGEPAGE` ranges.
+fn host_has_thp() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| mode.contains("[always]") || mode.contains("[madvise]"))
+}
+
+#[test]
+fn large_anonymous_mappings_get_huge_page_backing() {
+    let mut h = Harness::new();
+    let len = 9 * HUGE + 5 * PAGE;
+    let addr = h.mmap_anon(len) as u64;
+    let host = h.process.ram().host_base();
+    // Every 2 MiB block that lies inside the mapping is advised for huge pages on the host
+    // ("hg"); the mapping's top block is shared with the scratch mapping above it, so it
+    // keeps its 4 KiB pages.
+    let first_block = addr.next_multiple_of(HUGE);
+    let (flags, _) = host_smaps_at(host + first_block);
+    assert!(flags.contains("hg"), "interior block not advised: {flags}");
+    let top_block = (addr + len - 1) & !(HUGE - 1);
+    if top_block + HUGE > h.scratch {
+        let (flags, _) = host_smaps_at(host + top_block);
+        assert!(
+            !flags.contains("hg"),
+            "block shared with the scratch: {flags}"
+        );
+    }
+    // Reads as zero; written pages keep their bytes; the guest sees ordinary memory.
+    assert_eq!(h.peek(addr, 64), vec![0; 64]);
+    for offset in (0..len).step_by(PAGE as usize) {
+        h.poke(addr + offset, &[0xa5]);
+    }
+    assert_eq!(h.peek(addr + len - PAGE, 1), vec![0xa5]);
+    if host_has_thp() {
+        let (_, huge_kib) = host_smaps_at(host + first_block);
+        assert!(huge_kib >= 2048, "no huge page behind a touched block");
+    }
+    // Unmapping discards the contents: mapped again, the range reads as zero.
+    assert_eq!(h.sys(libc::SYS_munmap, &[addr, len]), 0);
+    assert_eq!(h.mmap_anon(len) as u64, addr);
+    assert_eq!(h.peek(addr + len - PAGE, 1), vec![0]);
+    assert_eq!(h.peek(first_block + HUGE, 1), vec![0]);
+}
+
+#[test]
+fn small_mappings_and_thread_stacks_stay_on_small_pages() {
+    let mut h = Harness::new();
+    let host = h.process.ram().host_base();
+    let small = h.mmap_anon(64 * 1024) as u64;
+    let (flags, _) = host_smaps_at(host + small);
+    assert!(
+        !flags.contains("hg"),
+        "a 64 KiB mapping was advised: {flags}"
+    );
+    let stack_flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK) as u64;
+    let stack = h.sys(libc::SYS_mmap, &[0, 8 << 20, RW, stack_flags, u64::MAX, 0]) as u64;
+    let (flags, _) = host_smaps_at(host + stack.next_multiple_of(HUGE));
+    assert!(!flags.contains("hg"), "a thread stack was advised: {flags}");
+}
+
+#[test]
+fn the_heap_gets_huge_page_backing_as_it_grows_into_new_blocks() {
+    let mut h = Harness::with(Options {
+        spawn_tiny: true,
+        ..Options::default()
+    });
+    let host = h.process.ram().host_base();
+    let start = h.sys(libc::SYS_brk, &[0]) as u64;
+    // The heap's first block holds the program's data too: never swapped.
+    h.poke(start, b"heap data");
+    let top = h.sys(libc::SYS_brk, &[start + 3 * HUGE]) as u64;
+    assert_eq!(top, start + 3 * HUGE);
+    assert_eq!(h.peek(start, 9), b"heap data");
+    let (flags, _) = host_smaps_at(host + (start & !(HUGE - 1)));
+    assert!(
+        !flags.contains("hg"),
+        "the program's block was swapped: {flags}"
+    );
+    let next_block = start.next_multiple_of(HUGE);
+    let (flags, _) = host_smaps_at(host + next_block);
+    assert!(
+        flags.contains("hg"),
+        "the heap's new block is not advised: {flags}"
+    );
+    // Growing by a page into a block already backed does nothing visible.
+    h.poke(top - 1, &[7]);
+    let top = h.sys(libc::SYS_brk, &[top + PAGE]) as u64;
+    assert_eq!(h.peek(top - PAGE - 1, 1), vec![7]);
+}

@@ -144,10 +144,39 @@ pub fn user_segments() -> (kvm_segment, kvm_segment) {
     (segment(USER_CS, true), segment(USER_DS, false))
 }
 
-/// The host's CPUID as KVM offers it to guests, read once per process.
+/// Ring-3 instruction-set features that KVM's supported list can leave out although the CPU
+/// executes them natively in guest user mode: `(leaf, subleaf, register 0=eax..3=edx, bits)`.
+/// kvm_pvm omits LZCNT (`ABM`), which makes glibc treat the CPU as below x86-64-v3 and
+/// steers libraries to slower code. Each bit is claimed only where the host CPU has it.
+const NATIVE_USER_FEATURES: &[(u32, u32, usize, u32)] = &[(0x8000_0001, 0, 2, 1 << 5)];
+
+/// The host's CPUID as KVM offers it to guests, completed with [`NATIVE_USER_FEATURES`]
+/// the host CPU has.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VcpuSetupError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(VcpuSetupError::GetSupportedCpuid)
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VcpuSetupError::GetSupportedCpuid)?;
+    complete_user_features(&mut cpuid);
+    Ok(cpuid)
+}
+
+fn complete_user_features(cpuid: &mut CpuId) {
+    for &(leaf, subleaf, register, bits) in NATIVE_USER_FEATURES {
+        let host = std::arch::x86_64::__cpuid_count(leaf, subleaf);
+        let host = [host.eax, host.ebx, host.ecx, host.edx][register] & bits;
+        let entry = cpuid
+            .as_mut_slice()
+            .iter_mut()
+            .find(|e| e.function == leaf && e.index == subleaf);
+        if let Some(entry) = entry {
+            *[
+                &mut entry.eax,
+                &mut entry.ebx,
+                &mut entry.ecx,
+                &mut entry.edx,
+            ][register] |= host;
+        }
+    }
 }
 
 /// XCR0 value enabling every state component the CPUID allows (x87, SSE, AVX, AVX-512 …),

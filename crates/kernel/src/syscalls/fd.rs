@@ -55,13 +55,12 @@ impl Process {
 
     pub(crate) fn sys_lseek(&mut self, fd: i32, offset: i64, whence: i32) -> SysResult {
         let file = self.files.get(fd)?;
-        let FileObject::Node { node, .. } = &file.object else {
-            return match file.object {
-                FileObject::Null | FileObject::Zero | FileObject::Random => Ok(0),
-                _ => Err(Errno::ESPIPE.into()),
-            };
+        let size = match &file.object {
+            FileObject::Node { node, .. } => self.fs.stat(*node).map_err(from_fs)?.size,
+            FileObject::Generated(content) => content.len() as u64,
+            FileObject::Null | FileObject::Zero | FileObject::Random => return Ok(0),
+            _ => return Err(Errno::ESPIPE.into()),
         };
-        let size = self.fs.stat(*node).map_err(from_fs)?.size;
         let current = file.offset;
         let target = match whence {
             libc::SEEK_SET => offset,
@@ -209,6 +208,7 @@ impl Process {
             FileObject::Zero => FileStat::device(libc::S_IFCHR | 0o666, (1, 5), 2),
             FileObject::Random => FileStat::device(libc::S_IFCHR | 0o666, (1, 9), 3),
             FileObject::Control => FileStat::device(libc::S_IFSOCK | 0o600, (0, 0), 99),
+            FileObject::Generated(_) => FileStat::proc_file(),
             FileObject::Pipe { id, .. } => {
                 let mut stat = FileStat::device(libc::S_IFIFO | 0o600, (0, 0), 100 + *id as u64);
                 stat.size = self.pipes.get(*id).map_or(0, |p| p.data.len() as u64);

@@ -11,6 +11,7 @@ use crate::errno::from_fs;
 use crate::file::{FileObject, OpenFile, Stream};
 use crate::fileinfo::FileStat;
 use crate::process::Process;
+use crate::procfs::{ProcFile, proc_self_entry};
 
 /// Longest path argument (`PATH_MAX`).
 const PATH_MAX: usize = 4096;
@@ -20,6 +21,8 @@ enum Special {
     Device(FileObject),
     /// A symlink-like entry (`/proc/self/exe`, `/proc/self/fd/N`, `/dev/stdout` …).
     Link(Vec<u8>),
+    /// A file generated when opened (`/proc/self/maps` …).
+    Proc(ProcFile),
 }
 
 /// Lexically normalizes an absolute path (`.`, `..`, repeated slashes); good enough to
@@ -95,11 +98,17 @@ impl Process {
             b"/dev/stdin" => Special::Link(b"/proc/self/fd/0".to_vec()),
             b"/dev/stdout" => Special::Link(b"/proc/self/fd/1".to_vec()),
             b"/dev/stderr" => Special::Link(b"/proc/self/fd/2".to_vec()),
-            b"/proc/self/exe" => Special::Link(self.exe_path.clone()),
-            b"/proc/self/cwd" => Special::Link(self.cwd.clone()),
-            p if p.starts_with(b"/proc/self/fd/") => return fd_link(&p[14..]),
             p if p.starts_with(b"/dev/fd/") => return fd_link(&p[8..]),
-            _ => return None,
+            p => {
+                if let Some(file) = ProcFile::from_path(p) {
+                    return Some(Special::Proc(file));
+                }
+                match proc_self_entry(p)? {
+                    b"exe" => Special::Link(self.exe_path.clone()),
+                    b"cwd" => Special::Link(self.cwd.clone()),
+                    entry => return fd_link(entry.strip_prefix(b"fd/")?),
+                }
+            }
         })
     }
 
@@ -128,6 +137,14 @@ impl Process {
             }
             Some(Special::Link(target)) => {
                 return self.open_link_target(&target, status, cloexec);
+            }
+            Some(Special::Proc(file)) => {
+                if flags & libc::O_ACCMODE != libc::O_RDONLY {
+                    return Err(Errno::EACCES.into());
+                }
+                let object = FileObject::Generated(self.proc_file(file).into());
+                let file = OpenFile::new(object, status, absolute);
+                return Ok(self.files.open(file, cloexec)? as u64);
             }
             None => {}
         }
@@ -257,6 +274,7 @@ impl Process {
                 stat.size = target.len() as u64;
                 return Ok(stat);
             }
+            Some(Special::Proc(_)) => return Ok(FileStat::proc_file()),
             None => {}
         }
         let resolved = self.fs.resolve(&base, path, follow).map_err(from_fs)?;
@@ -340,7 +358,7 @@ impl Process {
         let absolute = self.absolute(&base, &path);
         let target = match self.special(&absolute) {
             Some(Special::Link(target)) => target,
-            Some(Special::Device(_)) => return Err(Errno::EINVAL.into()),
+            Some(Special::Device(_) | Special::Proc(_)) => return Err(Errno::EINVAL.into()),
             None => {
                 let resolved = self.fs.resolve(&base, &path, false).map_err(from_fs)?;
                 if self.fs.kind(resolved.node).map_err(from_fs)? != Kind::Symlink {

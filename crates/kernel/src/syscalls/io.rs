@@ -45,10 +45,19 @@ impl Process {
             return Err(Errno::EBADF.into());
         }
         let object = file.object.clone();
-        if matches!(at, At::Offset(_)) && !matches!(object, FileObject::Node { .. }) {
+        if matches!(at, At::Offset(_))
+            && !matches!(object, FileObject::Node { .. } | FileObject::Generated(_))
+        {
             return Err(Errno::ESPIPE.into());
         }
         let n = match object {
+            FileObject::Generated(content) => {
+                let offset = self.io_offset(fd, at)?;
+                let start = usize::try_from(offset).map_or(content.len(), |o| o.min(content.len()));
+                let end = start.saturating_add(len as usize).min(content.len());
+                self.write_user(buf, &content[start..end])?;
+                (end - start) as u64
+            }
             FileObject::Node { node, .. } => {
                 if self.fs.kind(node).map_err(from_fs)? == Kind::Dir {
                     return Err(Errno::EISDIR.into());
@@ -167,6 +176,7 @@ impl Process {
                 Ok(len)
             }
             FileObject::Null | FileObject::Zero | FileObject::Random => Ok(len),
+            FileObject::Generated(_) => Err(Errno::EBADF.into()),
             FileObject::Pipe { id, .. } => {
                 let nonblocking = file_flags_nonblocking(self, fd)?;
                 self.pipe_write(id, buf, len, nonblocking)
