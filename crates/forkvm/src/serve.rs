@@ -12,7 +12,7 @@ use forkvm_engine::Engine;
 use forkvm_server::auth::{KeyStore, add_key};
 use forkvm_server::fairness::FairnessConfig;
 use forkvm_server::{AppState, ServerConfig};
-use forkvm_template::{StoreError, TemplateSpec};
+use forkvm_template::{SnapshotError, StoreError, TemplateSpec};
 use forkvm_vmm::{PoolConfig, Vmm};
 
 /// What `forkvm serve` was asked.
@@ -71,13 +71,16 @@ fn load_keys(options: &ServeOptions) -> Result<Option<KeyStore>> {
     Ok(Some(keys))
 }
 
-/// Builds the template if the store does not have it.
+/// Builds the default template if the store does not have it, or has it in a snapshot
+/// format this forkvm no longer reads (it is ours to rebuild, in about a second).
 fn ensure_template(name: &str, vmm: &Vmm) -> Result<()> {
     let store = crate::template::store();
     match store.show(name) {
         Ok(_) => Ok(()),
-        Err(StoreError::NotFound(_)) if name == "python" => {
-            eprintln!("forkvm: template \"python\" not found; building it (first start)…");
+        Err(StoreError::NotFound(_) | StoreError::Snapshot(SnapshotError::Format { .. }))
+            if name == "python" =>
+        {
+            eprintln!("forkvm: template \"python\" missing or from an older forkvm; building it…");
             forkvm_template::build(&store, vmm, &TemplateSpec::python(name), &mut |step| {
                 eprintln!("forkvm: {step}")
             })?;

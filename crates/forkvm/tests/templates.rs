@@ -43,7 +43,10 @@ fn build_list_show_exec_remove() {
     );
     let shown = forkvm(&cache, &["template", "show", "py"]);
     assert!(
-        text(&shown.stdout).contains("format:      1"),
+        text(&shown.stdout).contains(&format!(
+            "format:      {}",
+            forkvm_template::snapshot::SNAPSHOT_FORMAT
+        )),
         "{}",
         text(&shown.stdout)
     );

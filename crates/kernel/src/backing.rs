@@ -17,7 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestRam, HUGE_PAGE_SIZE, MemoryError, PAGE_SIZE};
 
 /// `/proc/self/pagemap` flag: the page is present in RAM.
 const PM_PRESENT: u64 = 1 << 63;
@@ -208,7 +208,7 @@ impl GuestRam {
 
     /// Calls `visit(guest_address, pagemap_entry)` for each page of `[start, end)` (page
     /// aligned, inside RAM), from the host's `/proc/self/pagemap`.
-    fn walk_pagemap(
+    pub(crate) fn walk_pagemap(
         &self,
         start: u64,
         end: u64,
@@ -247,6 +247,33 @@ impl GuestRam {
             }
         })?;
         Ok(pages)
+    }
+
+    /// The 2 MiB blocks of `[start, end)` (2 MiB aligned) with no page resident on the host,
+    /// as merged ranges.
+    pub fn untouched_huge_blocks(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, u64)>, MemoryError> {
+        let mut touched = Vec::new();
+        self.walk_pagemap(start, end, |addr, flags| {
+            let block = addr & !(HUGE_PAGE_SIZE - 1);
+            if flags & PM_PRESENT != 0 && touched.last() != Some(&block) {
+                touched.push(block);
+            }
+        })?;
+        let mut blocks: Vec<(u64, u64)> = Vec::new();
+        for block in (start..end).step_by(HUGE_PAGE_SIZE as usize) {
+            if touched.binary_search(&block).is_ok() {
+                continue;
+            }
+            match blocks.last_mut() {
+                Some(last) if last.1 == block => last.1 = block + HUGE_PAGE_SIZE,
+                _ => blocks.push((block, block + HUGE_PAGE_SIZE)),
+            }
+        }
+        Ok(blocks)
     }
 
     /// Which pages of `[start, end)` (page aligned) are resident on the host, and whose.
@@ -312,6 +339,7 @@ impl GuestRam {
             })?;
             stats.restored_pages += 1;
         }
+        self.host_pages.lock().expect("host pages lock").forget();
         Ok(stats)
     }
 }

@@ -19,6 +19,7 @@ pub mod errno;
 pub mod fdtable;
 pub mod file;
 pub mod fileinfo;
+pub mod freed;
 pub mod host_ops;
 pub mod loader;
 pub mod memory;
@@ -31,6 +32,7 @@ pub mod stack;
 pub mod stats;
 mod strace;
 pub mod syscalls;
+pub mod vdso;
 
 pub use console::{CaptureBuffer, Console, Input, OutputLimitReached};
 pub use loader::{Entry, SpawnConfig, SpawnError};

@@ -103,6 +103,10 @@ impl Process {
             }
             None => (main.entry, 0),
         };
+        let vdso = process.map_vdso().map_err(|errno| SpawnError::NoMemory {
+            path: "[vdso]".into(),
+            errno,
+        })?;
 
         let mut random = [0u8; 16];
         crate::entropy::host_random(&mut random);
@@ -122,6 +126,7 @@ impl Process {
             (auxv::AT_HWCAP, host_hwcap()),
             (auxv::AT_HWCAP2, 0),
             (auxv::AT_CLKTCK, 100),
+            (auxv::AT_SYSINFO_EHDR, vdso.image),
         ];
         let spec = StackSpec {
             argv: &config.argv,

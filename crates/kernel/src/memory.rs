@@ -20,6 +20,8 @@ use std::sync::Mutex;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use crate::freed::HostPages;
+
 /// Host page size; guest pages are the same size.
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -70,6 +72,8 @@ pub struct GuestRam {
     /// Ranges whose host pages were replaced since the mapping was made (discarded, mapped
     /// from an image file, moved): what `reset_to` must map back from the base file.
     pub(crate) remapped: Mutex<Vec<(u64, u64)>>,
+    /// Which ranges are host-anonymous, and which unmapped ones are kept zeroed (`freed`).
+    pub(crate) host_pages: Mutex<HostPages>,
 }
 
 // SAFETY: the mapping is owned by `self` and lives until Drop; the raw base pointer is only
@@ -122,11 +126,16 @@ impl GuestRam {
         })?;
         let memory = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| unmap_on_error(MemoryError::Region(e.to_string())))?;
+        let host_pages = match file {
+            Some(_) => HostPages::default(),
+            None => HostPages::all_anonymous(size),
+        };
         Ok(Self {
             memory,
             host_base,
             size,
             remapped: Mutex::new(Vec::new()),
+            host_pages: Mutex::new(host_pages),
         })
     }
 
@@ -222,7 +231,19 @@ impl GuestRam {
         if ret == libc::MAP_FAILED {
             return Err(MemoryError::Remap(std::io::Error::last_os_error()));
         }
+        self.host_pages
+            .lock()
+            .expect("host pages lock")
+            .replaced_with_anonymous(addr, addr + len);
         Ok(())
+    }
+
+    /// Zeroes `[addr, addr+len)` (page aligned) by writing, keeping its host pages (and KVM's
+    /// mappings of them): for pages the program touched and will likely touch again.
+    pub(crate) fn zero_in_place(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        self.check_pages(addr, len)?;
+        self.fill_zero(addr, len)
+            .map_err(|_| MemoryError::BadRange { addr, len })
     }
 
     /// `discard` for a 2 MiB-aligned range, asking the host to back it with transparent huge
@@ -242,6 +263,25 @@ impl GuestRam {
             tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE refused");
         }
         Ok(())
+    }
+
+    /// Faults in `[addr, addr+len)` (page aligned) on the host, writable, as a first write
+    /// by the guest would (`MADV_POPULATE_WRITE`), in one call. Best effort: a host that
+    /// cannot (Linux before 5.14, memory pressure) leaves the pages to fault on first touch.
+    pub fn populate(&self, addr: u64, len: u64) {
+        /// `MADV_POPULATE_WRITE` (Linux 5.14), not yet in the `libc` crate.
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let Ok(host) = self.check_pages(addr, len) else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        // SAFETY: advice on a range inside our own mapping (checked); populating writes no
+        // byte the guest can see (anonymous pages are zero, private file pages are copied).
+        if unsafe { libc::madvise(host, len as usize, MADV_POPULATE_WRITE) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_POPULATE_WRITE refused");
+        }
     }
 
     /// Maps `len` bytes of `file` at `offset` copy-on-write over `[addr, addr+len)`: file pages
@@ -293,6 +333,10 @@ impl GuestRam {
         if ret == libc::MAP_FAILED {
             return Err(MemoryError::Remap(std::io::Error::last_os_error()));
         }
+        self.host_pages
+            .lock()
+            .expect("host pages lock")
+            .replaced_with_file(addr, addr + len);
         Ok(())
     }
 
@@ -322,6 +366,14 @@ impl GuestRam {
         };
         if ret == libc::MAP_FAILED {
             return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+        }
+        {
+            let mut pages = self.host_pages.lock().expect("host pages lock");
+            if pages.is_anonymous(from, from + len) {
+                pages.replaced_with_anonymous(to, to + len);
+            } else {
+                pages.replaced_with_file(to, to + len);
+            }
         }
         self.discard(from, len)
     }

@@ -25,6 +25,10 @@ pub enum VmaKind {
     Heap,
     /// The main thread's stack.
     Stack,
+    /// The vDSO's clock page (`[vvar]`), which the VMM keeps current.
+    Vvar,
+    /// The vDSO's code (`[vdso]`).
+    Vdso,
 }
 
 /// The file a mapping was made from, as `/proc/self/maps` names it.

@@ -145,6 +145,8 @@ fn vma_name(vma: &Vma) -> Option<std::borrow::Cow<'_, str>> {
         (Some(file), _) => Some(String::from_utf8_lossy(&file.path)),
         (None, VmaKind::Heap) => Some("[heap]".into()),
         (None, VmaKind::Stack) => Some("[stack]".into()),
+        (None, VmaKind::Vvar) => Some("[vvar]".into()),
+        (None, VmaKind::Vdso) => Some("[vdso]".into()),
         _ => None,
     }
 }

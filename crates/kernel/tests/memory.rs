@@ -560,6 +560,10 @@ fn large_anonymous_mappings_get_huge_page_backing() {
     assert_eq!(h.mmap_anon(len) as u64, addr);
     assert_eq!(h.peek(addr + len - PAGE, 1), vec![0]);
     assert_eq!(h.peek(first_block + HUGE, 1), vec![0]);
+    // And its blocks are on huge pages again (the part of the lowest huge page that lay
+    // below the mapping stays resident, but does not stop the others).
+    let (flags, _) = host_smaps_at(host + first_block + HUGE);
+    assert!(flags.contains("hg"), "not advised after a remap: {flags}");
 }
 
 #[test]
@@ -606,4 +610,32 @@ fn the_heap_gets_huge_page_backing_as_it_grows_into_new_blocks() {
     h.poke(top - 1, &[7]);
     let top = h.sys(libc::SYS_brk, &[top + PAGE]) as u64;
     assert_eq!(h.peek(top - PAGE - 1, 1), vec![7]);
+}
+
+#[test]
+fn small_fresh_mappings_are_populated_on_the_host_and_reservations_are_not() {
+    let mut h = Harness::new();
+    let resident = |h: &Harness, addr: u64, len: u64| {
+        h.process
+            .ram()
+            .residency(addr, addr + len)
+            .unwrap()
+            .resident_pages
+    };
+    let small = h.mmap_anon(320 << 10) as u64;
+    assert_eq!(
+        resident(&h, small, 320 << 10),
+        80,
+        "a malloc-sized block is populated"
+    );
+    assert_eq!(h.peek(small, 4096), vec![0; 4096]);
+    let reserve = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE) as u64;
+    let sparse = h.sys(libc::SYS_mmap, &[0, 256 << 10, RW, reserve, u64::MAX, 0]) as u64;
+    assert_eq!(
+        resident(&h, sparse, 256 << 10),
+        0,
+        "MAP_NORESERVE is left alone"
+    );
+    let none = h.sys(libc::SYS_mmap, &[0, 256 << 10, 0, ANON, u64::MAX, 0]) as u64;
+    assert_eq!(resident(&h, none, 256 << 10), 0, "PROT_NONE is left alone");
 }

@@ -82,6 +82,7 @@ impl Vmm {
             1 << 20,
         );
         let mut sandbox = self.finish_fork(prepared, source, console)?;
+        sandbox.process_mut().set_huge_pages(false);
         sandbox.deliver_request(frame)?;
         let deadline = Instant::now() + WARMUP_TIMEOUT;
         match sandbox.run_until_request(Some(deadline)) {
@@ -131,6 +132,12 @@ impl Vmm {
         let process =
             Process::from_state(ram, source.image.clone(), source.process.clone(), console)
                 .map_err(VmmError::Process)?;
-        Ok(Sandbox::from_restored(vm, vcpu, process, &source.vcpu))
+        Ok(Sandbox::from_restored(
+            vm,
+            vcpu,
+            process,
+            &source.vcpu,
+            self.cpu(),
+        ))
     }
 }

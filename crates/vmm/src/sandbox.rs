@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use forkvm_kernel::memory::GuestRam;
+use forkvm_kernel::vdso::GuestTsc;
 use forkvm_kernel::{Entry, ExitReason, Outcome, Process, SyscallArgs, TlsBases};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
@@ -61,6 +62,8 @@ pub struct Sandbox {
     parked: Option<Parked>,
     /// CPU time each `run_until_request` may use.
     cpu_limit: Option<Duration>,
+    /// The guest TSC, for the vDSO's clock page (None: the page stays disabled).
+    tsc: Option<GuestTsc>,
 }
 
 /// RFLAGS bits a program may set (as `sysret` restores them): CF PF AF ZF SF TF DF OF AC ID …
@@ -96,18 +99,27 @@ impl Sandbox {
         let vcpu = vm.create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
         vcpu::configure(&vcpu, cpu, entry.rip, entry.rsp)?;
         let sregs = vcpu.get_sregs().map_err(SandboxError::GetSregs)?;
-        Ok(Self::assemble(vm, vcpu, process, sregs.cs, sregs.ss, None))
+        let mut sandbox = Self::assemble(vm, vcpu, process, sregs.cs, sregs.ss, None, cpu.tsc);
+        sandbox.process.refresh_clock(cpu.tsc);
+        Ok(sandbox)
     }
 
     /// A sandbox from a VM whose vCPU was restored to `state`, parked on the control channel
     /// (a fork of a snapshot).
-    pub fn from_restored(vm: VmFd, vcpu: VcpuFd, process: Process, state: &VcpuState) -> Self {
+    /// Its clock page is refreshed when a request is delivered.
+    pub fn from_restored(
+        vm: VmFd,
+        vcpu: VcpuFd,
+        process: Process,
+        state: &VcpuState,
+        cpu: &CpuTemplate,
+    ) -> Self {
         let (user_cs, user_ss) = vcpu::user_segments();
         let parked = Parked {
             regs: state.regs,
             sregs: state.sregs,
         };
-        Self::assemble(vm, vcpu, process, user_cs, user_ss, Some(parked))
+        Self::assemble(vm, vcpu, process, user_cs, user_ss, Some(parked), cpu.tsc)
     }
 
     fn assemble(
@@ -117,6 +129,7 @@ impl Sandbox {
         user_cs: kvm_segment,
         user_ss: kvm_segment,
         parked: Option<Parked>,
+        tsc: Option<GuestTsc>,
     ) -> Self {
         vcpu.set_sync_valid_reg(SyncReg::Register);
         vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
@@ -128,6 +141,7 @@ impl Sandbox {
             user_ss,
             parked,
             cpu_limit: None,
+            tsc,
         }
     }
 
@@ -237,6 +251,7 @@ impl Sandbox {
     /// Completes the parked control-channel read with `request` and lets the program go on.
     pub fn deliver_request(&mut self, request: &[u8]) -> Result<(), SandboxError> {
         let parked = self.parked.take().ok_or(SandboxError::NotParked)?;
+        self.process.refresh_clock(self.tsc);
         let value = self
             .process
             .complete_control_read(request)

@@ -4,6 +4,7 @@
 //! state (XCR0) are set directly through KVM. Order matters only in that CPUID must be set
 //! before XCR0 (KVM validates XCR0 against the guest's CPUID).
 
+use forkvm_kernel::vdso::GuestTsc;
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs,
     kvm_xsave,
@@ -47,6 +48,8 @@ pub enum VcpuSetupError {
     GetSupportedCpuid(kvm_ioctls::Error),
     #[error("KVM_SET_CPUID2: {0}")]
     SetCpuid(kvm_ioctls::Error),
+    #[error("pinning the TSC offset (KVM_VCPU_TSC_OFFSET): {0}")]
+    PinTsc(kvm_ioctls::Error),
     #[error("KVM_GET_SREGS: {0}")]
     GetSregs(kvm_ioctls::Error),
     #[error("KVM_SET_SREGS: {0}")]
@@ -115,9 +118,7 @@ impl VcpuState {
     /// against it), XCR0 before XSAVE (the XSAVE image may only use enabled components),
     /// and SET_REGS last because SET_SREGS/XSAVE do not touch the general registers.
     pub fn restore(&self, vcpu: &VcpuFd, cpu: &CpuTemplate) -> Result<(), VcpuSetupError> {
-        vcpu.set_cpuid2(&cpu.cpuid)
-            .map_err(VcpuSetupError::SetCpuid)?;
-        set_syscall_msrs(vcpu)?;
+        cpu.apply(vcpu)?;
         self.restore_registers(vcpu)
     }
 
@@ -190,18 +191,33 @@ pub fn supported_xcr0(cpuid: &CpuId) -> u64 {
         .unwrap_or(0x3)
 }
 
-/// Everything that is the same for all vCPUs of all sandboxes (CPUID and XCR0).
+/// Everything that is the same for all vCPUs of all sandboxes (CPUID, XCR0, the TSC).
 #[derive(Clone)]
 pub struct CpuTemplate {
     pub cpuid: CpuId,
     pub xcr0: u64,
+    /// The guest TSC, when every vCPU's is pinned to the host's (see `tsc`).
+    pub tsc: Option<GuestTsc>,
 }
 
 impl CpuTemplate {
     pub fn from_host(kvm: &Kvm) -> Result<Self, VcpuSetupError> {
         let cpuid = supported_cpuid(kvm)?;
         let xcr0 = supported_xcr0(&cpuid);
-        Ok(Self { cpuid, xcr0 })
+        let tsc = crate::tsc::probe(kvm);
+        Ok(Self { cpuid, xcr0, tsc })
+    }
+
+    /// The settings of a new vCPU that come before any register: CPUID, syscall MSRs, and
+    /// the TSC offset.
+    fn apply(&self, vcpu: &VcpuFd) -> Result<(), VcpuSetupError> {
+        vcpu.set_cpuid2(&self.cpuid)
+            .map_err(VcpuSetupError::SetCpuid)?;
+        set_syscall_msrs(vcpu)?;
+        if self.tsc.is_some() {
+            crate::tsc::pin_to_host(vcpu).map_err(VcpuSetupError::PinTsc)?;
+        }
+        Ok(())
     }
 }
 
@@ -213,12 +229,10 @@ pub fn configure(
     rip: u64,
     rsp: u64,
 ) -> Result<(), VcpuSetupError> {
-    vcpu.set_cpuid2(&cpu.cpuid)
-        .map_err(VcpuSetupError::SetCpuid)?;
+    cpu.apply(vcpu)?;
     let mut sregs = vcpu.get_sregs().map_err(VcpuSetupError::GetSregs)?;
     set_system_registers(&mut sregs);
     vcpu.set_sregs(&sregs).map_err(VcpuSetupError::SetSregs)?;
-    set_syscall_msrs(vcpu)?;
 
     let mut xcrs = kvm_xcrs {
         nr_xcrs: 1,

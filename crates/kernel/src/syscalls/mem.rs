@@ -3,9 +3,9 @@
 //! All bookkeeping (see `mm`); page contents are managed through `GuestRam`: unmapped pages
 //! are discarded to zero, file mappings are populated from the filesystem.
 //!
-//! Sizable anonymous memory is backed with huge pages where that needs no copying (see
-//! `back_fresh_anonymous`): on this KVM, first-touch faults are the cost that dominates
-//! large allocations.
+//! Fresh anonymous memory is made cheap to touch for the first time (huge pages for sizable
+//! ranges, host-side population for small ones; see `prepare_fresh_anonymous`): on this
+//! KVM, first-touch faults are the cost that dominates allocation-heavy code.
 
 use syscalls::Errno;
 
@@ -15,36 +15,68 @@ use crate::memory::{PAGE_SIZE, page_align_up};
 use crate::mm::{FileView, Vma, VmaKind};
 use crate::process::Process;
 
-/// Anonymous mappings (and `mremap` growths) at least this large get huge-page backing.
-/// Smaller ones stay on 4 KiB pages, so a program with many small mappings does not pay
-/// 2 MiB of host memory for each. CPython's object arenas are exactly 1 MiB, so a heap of
-/// many small objects qualifies; the heap (`brk`) always does, as it only grows at its end.
+/// Anonymous mappings (and `mremap` growths) at least this large get huge-page backing;
+/// smaller ones are populated instead (see `prepare_fresh_anonymous`), so a program with
+/// many small mappings does not pay 2 MiB of host memory for each. CPython's object arenas
+/// are exactly 1 MiB, so a heap of many small objects qualifies; the heap (`brk`) always
+/// does, as it only grows at its end.
 const HUGE_BACKING_MIN: u64 = 1 << 20;
 
 impl Process {
     pub(crate) fn sys_brk(&mut self, requested: u64) -> SysResult {
         let old_top = page_align_up(self.mm.brk()).unwrap_or(u64::MAX);
-        let (now, discarded) = self.mm.set_brk(requested);
-        self.discard(&discarded)?;
+        let (now, released) = self.mm.set_brk(requested);
+        self.release_unmapped(&released)?;
         if let Some(new_top) = page_align_up(now).filter(|&top| top > old_top) {
-            self.back_fresh_anonymous(old_top, new_top)?;
+            self.ram.reuse(old_top, new_top - old_top);
+            self.back_free_blocks_with_huge_pages(old_top, new_top)?;
         }
         Ok(now)
     }
 
-    /// Gives huge-page backing to the 2 MiB blocks of `[start, end)`, a range just mapped
-    /// anonymous (so reading as zero), in which nothing else is mapped: the rest of such a
-    /// block is unmapped, so it reads as zero too, and swapping the block's backing for fresh
-    /// huge pages changes no byte the program can see. KVM then maps each block the program
-    /// touches with one fault instead of 512.
-    fn back_fresh_anonymous(&self, start: u64, end: u64) -> Result<(), Errno> {
-        for (block, block_end) in self.mm.huge_blocks_only_in(start, end) {
-            self.ram
-                .back_with_huge_pages(block, block_end - block)
-                .map_err(|e| {
-                    tracing::error!(error = %e, "backing guest pages with huge pages failed");
-                    Errno::ENOMEM
-                })?;
+    /// Prepares `[start, end)`, a range just mapped anonymous (so reading as zero), for its
+    /// first touch, which on this KVM costs a host fault and a shadow-paging fault per page.
+    ///
+    /// A range of `HUGE_BACKING_MIN` or more gets huge-page backing for each 2 MiB block of
+    /// it in which nothing else is mapped: the rest of such a block is unmapped, so it reads
+    /// as zero too, and swapping its backing changes no byte the program can see. KVM then
+    /// maps the block with one fault instead of 512. Blocks holding pages touched before are
+    /// left alone: those were kept zeroed when the program unmapped them (`freed`), or are
+    /// the rest of a huge page it gave back in part, and KVM maps them already.
+    ///
+    /// A smaller range is populated on the host now, in one call: such a mapping is
+    /// typically one malloc'd block, about to be used whole. KVM then maps 8 present
+    /// neighbours per fault (its fault-time prefetch), and the host's faults are taken in
+    /// bulk instead of one exit each. (Larger ranges are not: a 1 MiB CPython arena or a
+    /// BLAS buffer is used a little at a time, and populating the rest cost more than it
+    /// saved in small requests.)
+    fn prepare_fresh_anonymous(&self, start: u64, end: u64) -> Result<(), Errno> {
+        if end - start < HUGE_BACKING_MIN {
+            self.ram.populate(start, end - start);
+            return Ok(());
+        }
+        self.back_free_blocks_with_huge_pages(start, end)
+    }
+
+    /// The huge-page half of `prepare_fresh_anonymous`, which the heap always gets: it only
+    /// grows at its end, a little at a time, so each new block it reaches fills up.
+    fn back_free_blocks_with_huge_pages(&self, start: u64, end: u64) -> Result<(), Errno> {
+        if !self.huge_pages {
+            return Ok(());
+        }
+        for (first, last) in self.mm.huge_blocks_only_in(start, end) {
+            let fresh = self.ram.untouched_huge_blocks(first, last).map_err(|e| {
+                tracing::error!(error = %e, "reading guest page residency failed");
+                Errno::ENOMEM
+            })?;
+            for (block, block_end) in fresh {
+                self.ram
+                    .back_with_huge_pages(block, block_end - block)
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "backing guest pages with huge pages failed");
+                        Errno::ENOMEM
+                    })?;
+            }
         }
         Ok(())
     }
@@ -118,13 +150,17 @@ impl Process {
             shared: kind == libc::MAP_SHARED,
             file: file_view,
         })?;
-        self.discard(&replaced)?;
+        self.release_unmapped(&replaced)?;
+        self.ram.reuse(start, len);
         match node {
             Some(node) => self.populate_from_file(node, start, len, offset)?,
             // Thread stacks (MAP_STACK) are mostly untouched: Linux keeps them off huge pages
-            // too.
-            None if len >= HUGE_BACKING_MIN && flags & libc::MAP_STACK == 0 => {
-                self.back_fresh_anonymous(start, start + len)?;
+            // too. Inaccessible and unreserved mappings are address space set aside, not
+            // memory about to be used.
+            None if flags & (libc::MAP_STACK | libc::MAP_NORESERVE) == 0
+                && prot != libc::PROT_NONE =>
+            {
+                self.prepare_fresh_anonymous(start, start + len)?;
             }
             None => {}
         }
@@ -133,7 +169,7 @@ impl Process {
 
     pub(crate) fn sys_munmap(&mut self, addr: u64, len: u64) -> SysResult {
         let removed = self.mm.unmap(addr, len)?;
-        self.discard(&removed)?;
+        self.release_unmapped(&removed)?;
         Ok(0)
     }
 
@@ -187,7 +223,7 @@ impl Process {
         if new_len <= old_len {
             let removed = self.mm.unmap(old + new_len, old_len - new_len);
             if let Ok(removed) = removed {
-                self.discard(&removed)?;
+                self.release_unmapped(&removed)?;
             }
             return Ok(old);
         }
@@ -205,8 +241,9 @@ impl Process {
         };
         let anonymous = vma.file.is_none();
         if tail_free && self.mm.map_fixed(grown(tail, tail_end)).is_ok() {
-            if anonymous && grow >= HUGE_BACKING_MIN {
-                self.back_fresh_anonymous(tail, tail_end)?;
+            self.ram.reuse(tail, grow);
+            if anonymous {
+                self.prepare_fresh_anonymous(tail, tail_end)?;
             }
             return Ok(old);
         }
@@ -215,14 +252,15 @@ impl Process {
         }
         let target = self.mm.find_free(new_len, 0)?;
         self.mm.map_fixed(grown(target, target + new_len))?;
+        self.ram.reuse(target, new_len);
         self.ram.move_pages(old, target, old_len).map_err(|e| {
             tracing::error!(error = %e, "moving guest pages failed");
             Errno::ENOMEM
         })?;
         // The old range is already zero (move_pages leaves zero pages behind).
         self.mm.unmap(old, old_len)?;
-        if anonymous && grow >= HUGE_BACKING_MIN {
-            self.back_fresh_anonymous(target + old_len, target + new_len)?;
+        if anonymous {
+            self.prepare_fresh_anonymous(target + old_len, target + new_len)?;
         }
         Ok(target)
     }
