@@ -13,7 +13,9 @@ use std::sync::{Arc, OnceLock};
 use arbitrary::Arbitrary;
 use forkvm_image::{Fs, Image};
 use forkvm_kernel::memory::GuestRam;
-use forkvm_kernel::{Console, Input, Limits, Outcome, Process, SpawnConfig, SyscallArgs, TlsBases};
+use forkvm_kernel::{
+    Console, DetachedFpu, Input, Limits, Outcome, Process, SpawnConfig, UserContext,
+};
 use libfuzzer_sys::fuzz_target;
 
 // The image tree and builder the kernel's integration tests use.
@@ -235,15 +237,10 @@ fn new_process(spawn: bool, stdin: Vec<u8>) -> (Process, u64) {
     } else {
         Process::new(ram, fs, console, b"/etc", LIMITS, USER_START).expect("process")
     };
-    // Sleeps never outlast the deadline: a fuzzed nanosleep returns at once.
-    process.set_deadline(Some(std::time::Instant::now()));
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-    let call = SyscallArgs {
-        nr: libc::SYS_mmap as u64,
-        args: [0, SCRATCH_LEN, prot, flags, u64::MAX, 0],
-    };
-    let scratch = match process.handle_syscall(call, &mut TlsBases::default()) {
+    let mut ctx = context(libc::SYS_mmap as u64, [0, SCRATCH_LEN, prot, flags, u64::MAX, 0]);
+    let scratch = match process.handle_syscall(&mut ctx, &mut DetachedFpu::default()) {
         Outcome::Return(addr) if addr.is_multiple_of(PAGE) && addr >= USER_START => addr,
         other => panic!("scratch mmap failed: {other:?}"),
     };
@@ -336,23 +333,36 @@ fn check_consistency(process: &mut Process) {
     );
 }
 
+/// A thread's context making syscall `nr` with `args`.
+fn context(nr: u64, args: [u64; 6]) -> UserContext {
+    let mut ctx = UserContext::default();
+    let r = &mut ctx.regs;
+    r.rax = nr;
+    [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = args;
+    ctx
+}
+
 fuzz_target!(|program: Program| {
     let (mut process, scratch) = new_process(program.spawn, program.stdin);
-    let mut tls = TlsBases::default();
+    // The "vCPU": whichever thread the syscall layer switched to makes the next call.
+    let mut ctx = UserContext::default();
+    let mut fpu = DetachedFpu::default();
     for call in program.calls.iter().take(MAX_CALLS) {
         place(&process, scratch, &call.fills);
         let args = call.args.map(|a| a.resolve(scratch));
-        let syscall = SyscallArgs {
-            nr: call.number.resolve(),
-            args,
-        };
-        let outcome = process.handle_syscall(syscall, &mut tls);
+        let fresh = context(call.number.resolve(), args);
+        ctx.regs = fresh.regs;
+        let syscall = ctx.syscall();
+        let outcome = process.handle_syscall(&mut ctx, &mut fpu);
         check_consistency(&mut process);
         match outcome {
             Outcome::Return(value) => {
                 assert!(value as i64 >= -4095, "{syscall:?} returned {value:#x}");
+                assert_eq!(ctx.regs.rax, value);
             }
-            Outcome::Exit(_) | Outcome::AwaitingControl => break,
+            Outcome::Switched => {}
+            // Every thread waits for a deadline: the program would only sleep from here.
+            Outcome::Idle(_) | Outcome::Exit(_) | Outcome::AwaitingControl => break,
         }
     }
 });

@@ -41,7 +41,7 @@ const MODULES: &[&str] = &[
 const EXCLUDED: &[(&str, &str)] = &[("test_io", "*SignalsTest*")];
 
 /// Total passing tests across `MODULES` must not fall below this (raise it as it grows).
-const PASS_FLOOR: u32 = 5109;
+const PASS_FLOOR: u32 = 5134;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {

@@ -32,7 +32,7 @@ impl Process {
     pub fn limit_additional_memory(&mut self, extra: u64) {
         let limit = self
             .mm
-            .mapped_bytes()
+            .charged_bytes()
             .saturating_add(extra)
             .min(self.ram.size());
         self.mm.set_limit_bytes(limit);

@@ -13,6 +13,7 @@
 
 pub mod backing;
 pub mod console;
+pub mod context;
 pub mod control;
 pub mod entropy;
 pub mod errno;
@@ -31,10 +32,13 @@ pub mod signals;
 pub mod stack;
 pub mod stats;
 mod strace;
+mod switch;
 pub mod syscalls;
+pub mod threads;
 pub mod vdso;
 
 pub use console::{CaptureBuffer, Console, Input, OutputLimitReached};
+pub use context::{DetachedFpu, Fpu, FpuError, FpuState, UserContext, UserRegs};
 pub use loader::{Entry, SpawnConfig, SpawnError};
-pub use process::{Limits, Process, ProcessState, TlsBases};
+pub use process::{Limits, Process, ProcessState};
 pub use syscalls::{ExitReason, Outcome, SyscallArgs, syscall_name};

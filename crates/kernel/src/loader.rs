@@ -237,6 +237,7 @@ impl Process {
                     prot: segment_prot(ph.p_flags),
                     kind: VmaKind::File,
                     shared: false,
+                    reserved: false,
                     file: Some(FileView {
                         path: path.into(),
                         ino: node.ino(),

@@ -52,6 +52,11 @@ pub struct Vma {
     pub kind: VmaKind,
     /// Made with `MAP_SHARED` (only read-only file mappings can be).
     pub shared: bool,
+    /// Address space set aside rather than memory about to be used (`MAP_STACK`, as
+    /// thread stacks are, or `MAP_NORESERVE`): not charged to the memory limit, since its
+    /// untouched pages cost nothing. Reservations may not use up the last
+    /// `RESERVATION_HEADROOM` of the address space.
+    pub reserved: bool,
     /// The file behind a `VmaKind::File` mapping.
     pub file: Option<FileView>,
 }
@@ -65,6 +70,7 @@ impl Vma {
             prot,
             kind,
             shared: false,
+            reserved: false,
             file: None,
         }
     }
@@ -105,9 +111,16 @@ impl Vma {
             && self.prot == next.prot
             && self.kind == next.kind
             && self.shared == next.shared
+            && self.reserved == next.reserved
             && file_continues
     }
 }
+
+/// Address space that reservations (`Vma::reserved`) leave free, for the memory a program
+/// uses (or an eighth of the address space, if that is less): a thousand thread stacks end
+/// in `ENOMEM` (a clean `EAGAIN` from `pthread_create`) while the program can still
+/// allocate.
+pub const RESERVATION_HEADROOM: u64 = 64 << 20;
 
 /// A range of guest RAM whose previous contents must be discarded (zeroed).
 pub type Range = (u64, u64);
@@ -142,7 +155,10 @@ pub struct AddressSpace {
     vmas: BTreeMap<u64, Vma>,
     brk_start: u64,
     brk: u64,
+    /// Bytes mapped in all (the address space in use).
     mapped_bytes: u64,
+    /// Bytes mapped that count against the limit (all but reservations).
+    charged_bytes: u64,
     limit_bytes: u64,
     /// Requests refused because of `limit_bytes` (not for lack of address space).
     limit_refusals: u64,
@@ -157,6 +173,7 @@ impl AddressSpace {
             brk_start: 0,
             brk: 0,
             mapped_bytes: 0,
+            charged_bytes: 0,
             limit_bytes,
             limit_refusals: 0,
         };
@@ -167,6 +184,7 @@ impl AddressSpace {
             VmaKind::Stack,
         );
         space.mapped_bytes = stack.end - stack.start;
+        space.charged_bytes = space.mapped_bytes;
         space.vmas.insert(stack.start, stack);
         space
     }
@@ -175,9 +193,14 @@ impl AddressSpace {
         self.layout
     }
 
-    /// Total bytes mapped (what the memory limit counts).
+    /// Total bytes mapped.
     pub fn mapped_bytes(&self) -> u64 {
         self.mapped_bytes
+    }
+
+    /// Bytes mapped that the memory limit counts (all but reservations).
+    pub fn charged_bytes(&self) -> u64 {
+        self.charged_bytes
     }
 
     pub fn limit_bytes(&self) -> u64 {
@@ -267,6 +290,9 @@ impl AddressSpace {
             }
             let piece = vma.piece(start, end);
             self.mapped_bytes -= piece.end - piece.start;
+            if !piece.reserved {
+                self.charged_bytes -= piece.end - piece.start;
+            }
             removed.push(piece);
         }
         removed
@@ -291,14 +317,26 @@ impl AddressSpace {
         if !self.in_user_range(start, len) {
             return Err(Errno::ENOMEM);
         }
-        let grown = len - self.overlap_bytes(start, end);
-        if self.mapped_bytes + grown > self.limit_bytes {
+        let overlap_charged: u64 = self
+            .overlapping(start, end)
+            .filter(|v| !v.reserved)
+            .map(|v| v.end.min(end) - v.start.max(start))
+            .sum();
+        let charged = self.charged_bytes - overlap_charged + if vma.reserved { 0 } else { len };
+        if charged > self.charged_bytes && charged > self.limit_bytes {
             self.limit_refusals += 1;
+            return Err(Errno::ENOMEM);
+        }
+        let mapped = self.mapped_bytes - self.overlap_bytes(start, end) + len;
+        let space = self.layout.user_end - self.layout.user_start;
+        let headroom = RESERVATION_HEADROOM.min(space / 8);
+        if vma.reserved && mapped > self.mapped_bytes && space.saturating_sub(mapped) < headroom {
             return Err(Errno::ENOMEM);
         }
         let replaced = self.carve(start, end);
         self.vmas.insert(start, vma);
-        self.mapped_bytes += len;
+        self.mapped_bytes = mapped;
+        self.charged_bytes = charged;
         Ok(replaced)
     }
 
@@ -385,6 +423,9 @@ impl AddressSpace {
         // `is_mapped` above guarantees `start + len` does not overflow.
         for piece in self.cut_out(start, start + len) {
             self.mapped_bytes += piece.end - piece.start;
+            if !piece.reserved {
+                self.charged_bytes += piece.end - piece.start;
+            }
             self.vmas.insert(piece.start, Vma { prot, ..piece });
         }
         Ok(())
@@ -421,7 +462,7 @@ impl AddressSpace {
             if !free {
                 return (self.brk, Vec::new());
             }
-            if self.mapped_bytes + grow > self.limit_bytes {
+            if self.charged_bytes + grow > self.limit_bytes {
                 self.limit_refusals += 1;
                 return (self.brk, Vec::new());
             }
@@ -429,6 +470,7 @@ impl AddressSpace {
             self.vmas
                 .insert(old_top, Vma::anonymous(old_top, new_top, rw, VmaKind::Heap));
             self.mapped_bytes += grow;
+            self.charged_bytes += grow;
             self.brk = requested;
             (requested, Vec::new())
         } else {
@@ -653,6 +695,36 @@ mod tests {
         s.protect(0x40_1000, 0x1000, RW).unwrap();
         let vmas: Vec<&Vma> = s.vmas().collect();
         assert!(vmas[0].continues_into(vmas[1]) && vmas[1].continues_into(vmas[2]));
+    }
+
+    #[test]
+    fn reservations_are_not_charged_but_leave_headroom() {
+        let mut s = space();
+        s.limit_bytes = s.charged_bytes() + 0x10_0000;
+        let reserve = |start: u64, len: u64| Vma {
+            reserved: true,
+            ..Vma::anonymous(start, start + len, RW, VmaKind::Anonymous)
+        };
+        // 16 MiB of thread stack under a 1 MiB limit: address space, not memory.
+        s.map_fixed(reserve(0x100_0000, 0x100_0000)).unwrap();
+        assert_eq!(s.charged_bytes(), s.mapped_bytes() - 0x100_0000);
+        s.map_fixed(Vma::anonymous(0x40_0000, 0x50_0000, RW, VmaKind::Anonymous))
+            .unwrap();
+        assert_eq!(
+            s.map_fixed(Vma::anonymous(0x60_0000, 0x60_1000, RW, VmaKind::Anonymous)),
+            Err(Errno::ENOMEM),
+            "the limit still holds for the rest"
+        );
+        // Reservations stop short of the last eighth of the address space.
+        let space = s.layout().user_end - s.layout().user_start;
+        let free = space - s.mapped_bytes();
+        let too_much = free - space / 8 + 0x1000;
+        assert_eq!(
+            s.map_fixed(reserve(0x300_0000, too_much & !0xfff)),
+            Err(Errno::ENOMEM)
+        );
+        s.unmap(0x100_0000, 0x100_0000).unwrap();
+        assert_eq!(s.charged_bytes(), s.mapped_bytes());
     }
 
     #[test]

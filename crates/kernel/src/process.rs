@@ -17,6 +17,7 @@ use crate::mm::{AddressSpace, Layout, Range};
 use crate::pipe::Pipes;
 use crate::signals::SignalState;
 use crate::stats::SyscallStats;
+use crate::threads::{Threads, Tid};
 use crate::vdso::VdsoPlacement;
 
 /// Fixed identity the sandbox reports (it is alone in its own "system").
@@ -46,13 +47,6 @@ impl Default for Limits {
     }
 }
 
-/// FS and GS bases, the only ring-3 state besides GPRs that syscalls change.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TlsBases {
-    pub fs: u64,
-    pub gs: u64,
-}
-
 /// Everything about a process except its memory contents, vCPU and standard streams: what a
 /// snapshot stores and what each fork starts from. Cloning is cheap (the filesystem overlay
 /// clones in O(1); the rest is small tables).
@@ -67,7 +61,7 @@ pub struct ProcessState {
     pub(crate) signals: SignalState,
     pub(crate) exe_path: Vec<u8>,
     pub(crate) umask: u32,
-    pub(crate) clear_child_tid: u64,
+    pub(crate) threads: Threads,
     pub(crate) vdso: Option<VdsoPlacement>,
 }
 
@@ -97,12 +91,11 @@ pub struct Process {
     pub(crate) stats: SyscallStats,
     pub(crate) exe_path: Vec<u8>,
     pub(crate) umask: u32,
-    pub(crate) clear_child_tid: u64,
+    /// The threads and which one is on the vCPU.
+    pub(crate) threads: Threads,
     /// Where the vDSO and its clock page are (none for a process that loaded no program).
     pub(crate) vdso: Option<VdsoPlacement>,
     pub(crate) start_time: std::time::Instant,
-    /// When the wall-clock limit ends the sandbox: sleeps never run past it.
-    pub(crate) deadline: Option<std::time::Instant>,
     /// Where `--strace` lines go, when tracing.
     pub(crate) strace: Option<Box<dyn std::io::Write + Send>>,
     /// Whether sizable anonymous memory gets huge-page backing (see `syscalls::mem`).
@@ -153,10 +146,9 @@ impl Process {
             stats: SyscallStats::default(),
             exe_path: Vec::new(),
             umask: 0o022,
-            clear_child_tid: 0,
+            threads: Threads::new(identity::PID as Tid),
             vdso: None,
             start_time: std::time::Instant::now(),
-            deadline: None,
             strace: None,
             huge_pages: true,
         })
@@ -174,7 +166,7 @@ impl Process {
             signals: self.signals.clone(),
             exe_path: self.exe_path.clone(),
             umask: self.umask,
-            clear_child_tid: self.clear_child_tid,
+            threads: self.threads.clone(),
             vdso: self.vdso,
         }
     }
@@ -206,10 +198,9 @@ impl Process {
             stats: SyscallStats::default(),
             exe_path: state.exe_path,
             umask: state.umask,
-            clear_child_tid: state.clear_child_tid,
+            threads: state.threads,
             vdso: state.vdso,
             start_time: std::time::Instant::now(),
-            deadline: None,
             strace: None,
             huge_pages: true,
         })
@@ -245,11 +236,6 @@ impl Process {
     /// What the program wrote to the control channel since the last call.
     pub fn take_control_output(&mut self) -> Vec<u8> {
         self.control.take_outbound()
-    }
-
-    /// Sets the wall-clock deadline the VMM enforces (sleeps stop at it).
-    pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
-        self.deadline = deadline;
     }
 
     /// Turns huge-page backing of new anonymous memory on or off. A warm pool's warm-up

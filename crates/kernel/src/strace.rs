@@ -111,6 +111,14 @@ impl Process {
                 }
             }
             Outcome::AwaitingControl => line.push_str(" = ? (waiting for the VMM)"),
+            Outcome::Switched => {
+                let _ = write!(
+                    line,
+                    " = ? (blocked; thread {} runs)",
+                    self.threads.current()
+                );
+            }
+            Outcome::Idle(_) => line.push_str(" = ? (blocked; every thread waits)"),
             Outcome::Exit(ExitReason::Exited(code)) => {
                 let _ = write!(line, " = ? (exit {code})");
             }

@@ -5,16 +5,20 @@ use std::time::{Duration, Instant};
 
 use forkvm_kernel::memory::GuestRam;
 use forkvm_kernel::vdso::GuestTsc;
-use forkvm_kernel::{Entry, ExitReason, Outcome, Process, SyscallArgs, TlsBases};
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
+use forkvm_kernel::{
+    Entry, ExitReason, Fpu, FpuError, FpuState, Outcome, Process, UserContext, UserRegs,
+};
+use kvm_bindings::{
+    kvm_regs, kvm_segment, kvm_sregs, kvm_sync_regs, kvm_userspace_memory_region, kvm_xsave,
+};
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 
 use crate::descriptors::SYSCALL_EXIT_RIP;
 use crate::exit::{self, SandboxExit};
-use crate::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, SYSCALL_PORT};
+use crate::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, SYSCALL_PORT, USER_START};
 use crate::vcpu::{self, CpuTemplate, USER_RFLAGS, VcpuSetupError, VcpuState};
-use crate::watchdog::{CpuBudget, DeadlineGuard};
+use crate::watchdog::{CpuBudget, DeadlineGuard, SchedulerAlarm};
 
 /// Errors while creating, resuming or capturing a sandbox's VM.
 #[derive(Debug, Error)]
@@ -200,7 +204,8 @@ impl Sandbox {
                 )));
             }
         };
-        self.process.set_deadline(deadline);
+        // Created when the program first has something for the scheduler to time.
+        let mut alarm: Option<SchedulerAlarm> = None;
         let expired = |guard: &Option<DeadlineGuard>| {
             guard.as_ref().is_some_and(DeadlineGuard::expired)
                 || deadline.is_some_and(|d| Instant::now() >= d)
@@ -208,7 +213,12 @@ impl Sandbox {
         let exhausted =
             |budget: &Option<CpuBudget>| budget.as_ref().is_some_and(CpuBudget::exhausted);
         loop {
-            let step = match self.vcpu.run() {
+            if let Err(e) = self.set_alarm(&mut alarm) {
+                return RunResult::Ended(SandboxExit::Internal(format!(
+                    "arming the scheduler's timer: {e}"
+                )));
+            }
+            let mut step = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(SYSCALL_PORT, _)) => self.serve_syscall(),
                 Ok(VcpuExit::IoOut(port, _))
                     if (EXCEPTION_PORT_BASE..EXCEPTION_PORT_BASE + EXCEPTION_VECTORS)
@@ -221,14 +231,27 @@ impl Sandbox {
                 Ok(VcpuExit::IoOut(port, _)) => Step::End(SandboxExit::Internal(format!(
                     "unexpected I/O to port {port:#x}"
                 ))),
-                Ok(VcpuExit::Intr) => Step::Continue,
+                Ok(VcpuExit::Intr) => self.maybe_preempt(),
                 Ok(VcpuExit::Shutdown) => Step::End(exit::triple_fault(&self.vcpu.sync_regs())),
                 Ok(other) => Step::End(SandboxExit::Internal(format!(
                     "unexpected vCPU exit: {other:?}"
                 ))),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.maybe_preempt()
+                }
                 Err(e) => Step::End(SandboxExit::Internal(format!("KVM_RUN failed: {e}"))),
             };
+            // Every thread waits: sleep until the first of them is due (or the sandbox's
+            // own deadline), then let the scheduler pick.
+            while let Step::Idle(until, mut ctx) = step {
+                if !idle_until(until, deadline) {
+                    step = Step::Continue;
+                    break;
+                }
+                let mut fpu = VcpuFpu(&self.vcpu);
+                let outcome = self.process.resume(&mut ctx, &mut fpu);
+                step = self.finish(outcome, ctx);
+            }
             match step {
                 Step::Continue if expired(&guard) => {
                     self.process.console_mut().flush();
@@ -238,7 +261,7 @@ impl Sandbox {
                     self.process.console_mut().flush();
                     return RunResult::Ended(SandboxExit::CpuTimeout);
                 }
-                Step::Continue => {}
+                Step::Continue | Step::Idle(..) => {}
                 Step::Park => return RunResult::AwaitingRequest,
                 Step::End(exit) => {
                     self.process.console_mut().flush();
@@ -259,44 +282,46 @@ impl Sandbox {
         let sync = self.vcpu.sync_regs_mut();
         sync.regs = parked.regs;
         sync.sregs = parked.sregs;
-        let tls = TlsBases {
-            fs: parked.sregs.fs.base,
-            gs: parked.sregs.gs.base,
-        };
-        self.return_to_user(value, tls);
+        let mut ctx = syscall_context(sync);
+        ctx.regs.rax = value;
+        self.load_context(&ctx);
         Ok(())
     }
 
     fn serve_syscall(&mut self) -> Step {
-        let sync = self.vcpu.sync_regs_mut();
+        let sync = self.vcpu.sync_regs();
         // Only the stub writes this port (the TSS bitmap denies the rest). On kvm_pvm the stub
         // itself runs with the user code segment, so a program could also jump to it: that
         // is just another way to make a syscall, with registers it chose either way.
         if sync.regs.rip != SYSCALL_EXIT_RIP {
             return Step::End(exit::forged_port_write(sync.regs.rip));
         }
-        let r = &sync.regs;
-        let call = SyscallArgs {
-            nr: r.rax,
-            args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9],
-        };
-        let mut tls = TlsBases {
-            fs: sync.sregs.fs.base,
-            gs: sync.sregs.gs.base,
-        };
-        match self.process.handle_syscall(call, &mut tls) {
-            Outcome::Return(value) => {
-                self.return_to_user(value, tls);
+        let mut ctx = syscall_context(&sync);
+        let mut fpu = VcpuFpu(&self.vcpu);
+        let outcome = self.process.handle_syscall(&mut ctx, &mut fpu);
+        if outcome == Outcome::AwaitingControl {
+            let sync = self.vcpu.sync_regs();
+            self.parked = Some(Parked {
+                regs: sync.regs,
+                sregs: sync.sregs,
+            });
+            return Step::Park;
+        }
+        self.finish(outcome, ctx)
+    }
+
+    /// Applies what the syscall layer decided: the (possibly other) thread's context goes
+    /// into the vCPU, or the sandbox idles or ends.
+    fn finish(&mut self, outcome: Outcome, ctx: UserContext) -> Step {
+        match outcome {
+            Outcome::Return(_) | Outcome::Switched => {
+                self.load_context(&ctx);
                 Step::Continue
             }
-            Outcome::AwaitingControl => {
-                let sync = self.vcpu.sync_regs();
-                self.parked = Some(Parked {
-                    regs: sync.regs,
-                    sregs: sync.sregs,
-                });
-                Step::Park
-            }
+            Outcome::Idle(until) => Step::Idle(until, ctx),
+            Outcome::AwaitingControl => Step::End(SandboxExit::Internal(
+                "a thread parked on the control channel while switching".into(),
+            )),
             Outcome::Exit(reason) => Step::End(match reason {
                 ExitReason::Exited(code) => SandboxExit::Exited(code),
                 ExitReason::Signaled(signal) => SandboxExit::Signaled(signal),
@@ -306,27 +331,81 @@ impl Sandbox {
         }
     }
 
-    /// Finishes a syscall as `sysretq` would: `rax` = value, rip from rcx, rflags from r11,
-    /// user segments (kvm_pvm cannot run sysretq in its emulated ring 0). The sync area must
-    /// hold the full registers of the syscall exit.
-    fn return_to_user(&mut self, value: u64, tls: TlsBases) {
+    /// `KVM_RUN` was interrupted: if the scheduler wants the vCPU for another thread, the
+    /// running one is saved as it is (mid-instruction-stream) and the next one loaded.
+    fn maybe_preempt(&mut self) -> Step {
+        if !self.process.should_preempt() {
+            return Step::Continue;
+        }
+        let sync = self.vcpu.sync_regs();
+        // Between its `syscall` and the stub's exit the thread is in the system area: let
+        // it finish the syscall first.
+        if sync.regs.rip < USER_START {
+            return Step::Continue;
+        }
+        let mut ctx = live_context(&sync);
+        let mut fpu = VcpuFpu(&self.vcpu);
+        let outcome = self.process.preempt(&mut ctx, &mut fpu);
+        self.finish(outcome, ctx)
+    }
+
+    /// Arms (or disarms) the alarm that interrupts `KVM_RUN` when the scheduler next has
+    /// something to do; creates it the first time it is needed.
+    fn set_alarm(&self, alarm: &mut Option<SchedulerAlarm>) -> std::io::Result<()> {
+        let at = self.process.next_interrupt();
+        match alarm {
+            Some(alarm) => alarm.set(at),
+            None if at.is_some() => {
+                let mut new = SchedulerAlarm::new()?;
+                new.set(at)?;
+                *alarm = Some(new);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Puts a thread's user context into the vCPU, as `sysretq` would for a syscall's
+    /// return: rip and rflags from the context (rflags masked so IOPL stays 0), user code and
+    /// stack segments, FS and GS bases. The system registers are written only when they
+    /// differ, which is the expensive part of the round trip.
+    fn load_context(&mut self, ctx: &UserContext) {
+        let user_cs = self.user_cs;
+        let user_ss = self.user_ss;
         let sync = self.vcpu.sync_regs_mut();
-        sync.regs.rax = value;
-        sync.regs.rip = sync.regs.rcx;
-        sync.regs.rflags = (sync.regs.r11 & USER_RFLAGS_MASK) | USER_RFLAGS;
+        let r = &ctx.regs;
+        sync.regs = kvm_regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: (r.rflags & USER_RFLAGS_MASK) | USER_RFLAGS,
+        };
         // kvm_pvm runs the stub with the user segments already loaded; hardware
-        // virtualization is in ring 0 there. Writing system registers is the expensive
-        // part of the round trip, so do it only when something differs.
+        // virtualization is in ring 0 there.
         let sregs = &mut sync.sregs;
-        let needs_sregs = sregs.cs.selector != self.user_cs.selector
-            || sregs.ss.selector != self.user_ss.selector
-            || sregs.fs.base != tls.fs
-            || sregs.gs.base != tls.gs;
+        let needs_sregs = sregs.cs.selector != user_cs.selector
+            || sregs.ss.selector != user_ss.selector
+            || sregs.fs.base != ctx.fs_base
+            || sregs.gs.base != ctx.gs_base;
         if needs_sregs {
-            sregs.cs = self.user_cs;
-            sregs.ss = self.user_ss;
-            sregs.fs.base = tls.fs;
-            sregs.gs.base = tls.gs;
+            sregs.cs = user_cs;
+            sregs.ss = user_ss;
+            sregs.fs.base = ctx.fs_base;
+            sregs.gs.base = ctx.gs_base;
         }
         self.vcpu.set_sync_dirty_reg(SyncReg::Register);
         if needs_sregs {
@@ -335,8 +414,94 @@ impl Sandbox {
     }
 }
 
+/// The registers of a thread at a syscall exit, as user mode sees them after `syscall`:
+/// the return address (which the CPU put in rcx) as rip, the saved flags (r11) as rflags.
+fn syscall_context(sync: &kvm_sync_regs) -> UserContext {
+    let mut ctx = live_context(sync);
+    ctx.regs.rip = sync.regs.rcx;
+    ctx.regs.rflags = sync.regs.r11;
+    ctx
+}
+
+/// The registers of a thread stopped in user mode, as they are.
+fn live_context(sync: &kvm_sync_regs) -> UserContext {
+    let r = &sync.regs;
+    UserContext {
+        regs: UserRegs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        },
+        fs_base: sync.sregs.fs.base,
+        gs_base: sync.sregs.gs.base,
+    }
+}
+
+/// Waits until `until` (`CLOCK_MONOTONIC` ns), or returns false at once if `deadline` comes
+/// first (the caller's loop then sees the deadline and ends the sandbox).
+fn idle_until(until: u64, deadline: Option<Instant>) -> bool {
+    let now = forkvm_kernel::threads::monotonic_ns();
+    let wait = Duration::from_nanos(until.saturating_sub(now));
+    match deadline {
+        Some(deadline) if Instant::now() + wait > deadline => {
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            false
+        }
+        _ => {
+            std::thread::sleep(wait);
+            true
+        }
+    }
+}
+
+/// The vCPU's vector state (XSAVE), which the syscall layer saves and loads when it
+/// switches threads.
+struct VcpuFpu<'a>(&'a VcpuFd);
+
+impl Fpu for VcpuFpu<'_> {
+    fn save(&mut self) -> FpuState {
+        match self.0.get_xsave() {
+            Ok(xsave) => FpuState(xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect()),
+            Err(e) => {
+                tracing::error!(error = %e, "KVM_GET_XSAVE failed");
+                FpuState::default()
+            }
+        }
+    }
+
+    fn load(&mut self, state: &FpuState) -> Result<(), FpuError> {
+        let mut xsave = kvm_xsave::default();
+        if state.0.len() != xsave.region.len() * 4 {
+            return Err(FpuError);
+        }
+        for (word, bytes) in xsave.region.iter_mut().zip(state.0.chunks_exact(4)) {
+            *word = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
+        }
+        // SAFETY: `xsave` is a fully initialized legacy-size `kvm_xsave` (4 KiB region, no
+        // trailing extension), which is exactly what KVM_SET_XSAVE reads.
+        unsafe { self.0.set_xsave(&xsave) }.map_err(|_| FpuError)
+    }
+}
+
 enum Step {
     Continue,
     Park,
+    /// Every thread waits until this `CLOCK_MONOTONIC` time; the context to resume with.
+    Idle(u64, UserContext),
     End(SandboxExit),
 }

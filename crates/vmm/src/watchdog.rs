@@ -207,6 +207,77 @@ impl Drop for CpuBudget {
     }
 }
 
+/// Interrupts `KVM_RUN` on the thread that made it at a chosen `CLOCK_MONOTONIC` time: the
+/// thread scheduler's time slices and the deadlines of waiting threads. After firing it
+/// re-fires every millisecond, in case the kick lands between `KVM_RUN` calls, until it is
+/// set again.
+pub struct SchedulerAlarm {
+    timer: libc::timer_t,
+    /// The time it is set for (`CLOCK_MONOTONIC` ns), if any.
+    armed_at: Option<u64>,
+}
+
+impl SchedulerAlarm {
+    /// A disarmed alarm for the calling thread.
+    pub fn new() -> std::io::Result<Self> {
+        watchdog();
+        // SAFETY: `sigevent` is a plain C struct for which all-zero bytes are valid; the
+        // fields that matter are set below.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `timer` are valid for the call; the timer is deleted in Drop.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SchedulerAlarm {
+            timer,
+            armed_at: None,
+        })
+    }
+
+    /// Sets the alarm for `at` (`CLOCK_MONOTONIC` ns), or disarms it (`None`).
+    pub fn set(&mut self, at: Option<u64>) -> std::io::Result<()> {
+        if at == self.armed_at {
+            return Ok(());
+        }
+        let spec = match at {
+            Some(at) => libc::itimerspec {
+                it_interval: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 1_000_000,
+                },
+                it_value: libc::timespec {
+                    tv_sec: (at / 1_000_000_000) as libc::time_t,
+                    // Zero would disarm the timer.
+                    tv_nsec: ((at % 1_000_000_000) as libc::c_long).max(1),
+                },
+            },
+            // SAFETY: all-zero is a valid itimerspec (it disarms).
+            None => unsafe { std::mem::zeroed() },
+        };
+        // SAFETY: `timer` was created in `new`; `spec` is valid for the call.
+        let rc = unsafe {
+            libc::timer_settime(self.timer, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.armed_at = at;
+        Ok(())
+    }
+}
+
+impl Drop for SchedulerAlarm {
+    fn drop(&mut self) {
+        // SAFETY: the timer was created by `new` and is deleted exactly once, here.
+        unsafe { libc::timer_delete(self.timer) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

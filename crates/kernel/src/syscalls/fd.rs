@@ -6,12 +6,13 @@ use std::sync::Arc;
 use forkvm_image::Kind;
 use syscalls::Errno;
 
-use super::SysResult;
+use super::{Stop, SysResult};
 use crate::errno::from_fs;
 use crate::file::{DirEntry, FileObject};
 use crate::fileinfo::{self, FileStat};
 use crate::pipe::PIPE_CAPACITY;
 use crate::process::Process;
+use crate::threads::{Resume, Wait, monotonic_ns};
 
 /// Largest `getdents64` buffer we fill in one call.
 const MAX_DIRENT_BUFFER: u64 = 16 << 20;
@@ -28,7 +29,11 @@ impl Process {
     fn release(&mut self, object: FileObject) {
         match object {
             FileObject::Node { node, .. } => self.fs.close_ref(node),
-            FileObject::Pipe { id, write_end } => self.pipes.release(id, write_end),
+            FileObject::Pipe { id, write_end } => {
+                self.pipes.release(id, write_end);
+                // A reader may now see end-of-file, a writer a broken pipe.
+                self.threads.wake_io();
+            }
             _ => {}
         }
     }
@@ -325,9 +330,39 @@ impl Process {
         Ok(0)
     }
 
+    /// `poll`: `timeout_ms` negative waits without limit, zero does not wait.
+    pub(crate) fn sys_poll(&mut self, fds: u64, count: u64, timeout_ms: i32) -> SysResult {
+        let now = monotonic_ns();
+        let deadline = match timeout_ms {
+            t if t < 0 => PollDeadline::Never,
+            0 => PollDeadline::Now,
+            t => match self
+                .threads
+                .restart_deadline()
+                .unwrap_or_else(|| now.saturating_add(t as u64 * 1_000_000))
+            {
+                at if at <= now => PollDeadline::Now,
+                at => PollDeadline::At(at),
+            },
+        };
+        self.poll_or_block(fds, count, deadline)
+    }
+
+    /// `ppoll`: a null timeout waits without limit. (The signal mask argument takes effect
+    /// only while waiting, and no signal is delivered while a thread waits here yet.)
+    pub(crate) fn sys_ppoll(&mut self, fds: u64, count: u64, timeout: u64) -> SysResult {
+        let deadline = match self.wait_deadline(timeout, false, false)? {
+            None => PollDeadline::Never,
+            Some(at) if at <= monotonic_ns() => PollDeadline::Now,
+            Some(at) => PollDeadline::At(at),
+        };
+        self.poll_or_block(fds, count, deadline)
+    }
+
     /// Files and devices never block and the host streams are treated as ready (a read of
-    /// stdin returns what there is); pipes are ready as their buffers say.
-    pub(crate) fn sys_poll(&mut self, fds: u64, count: u64, _timeout: i32) -> SysResult {
+    /// stdin returns what there is); pipes are ready as their buffers say. With nothing
+    /// ready, the thread waits for any I/O in the sandbox, then looks again.
+    fn poll_or_block(&mut self, fds: u64, count: u64, deadline: PollDeadline) -> SysResult {
         if count > self.files.max_fds() as u64 {
             return Err(Errno::EINVAL.into());
         }
@@ -353,7 +388,30 @@ impl Process {
                 ready += 1;
             }
         }
+        if ready == 0 {
+            match deadline {
+                PollDeadline::Now => {}
+                PollDeadline::Never => return Err(Stop::Block(Self::io_wait())),
+                PollDeadline::At(at) => {
+                    return Err(Stop::Block(Wait {
+                        deadline_ns: Some(at),
+                        on_timeout: Resume::Restart,
+                        ..Self::io_wait()
+                    }));
+                }
+            }
+        }
         self.write_user(fds, &raw)?;
         Ok(ready)
     }
+}
+
+/// When a `poll` with nothing ready stops waiting.
+#[derive(Debug, Clone, Copy)]
+enum PollDeadline {
+    /// At once (a zero timeout).
+    Now,
+    Never,
+    /// At this `CLOCK_MONOTONIC` time.
+    At(u64),
 }

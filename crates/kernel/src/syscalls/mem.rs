@@ -148,6 +148,7 @@ impl Process {
             prot: prot as u32,
             kind: vma_kind,
             shared: kind == libc::MAP_SHARED,
+            reserved: node.is_none() && flags & (libc::MAP_STACK | libc::MAP_NORESERVE) != 0,
             file: file_view,
         })?;
         self.release_unmapped(&replaced)?;

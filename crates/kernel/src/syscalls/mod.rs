@@ -6,18 +6,22 @@
 
 pub(crate) mod fd;
 pub(crate) mod fs;
+pub(crate) mod futex;
 pub(crate) mod io;
 pub(crate) mod mem;
 pub(crate) mod misc;
 pub(crate) mod namespace;
 pub(crate) mod pipe;
 pub(crate) mod proc;
+pub(crate) mod thread;
 pub(crate) mod time;
 
 use syscalls::{Errno, Sysno};
 
 use crate::console::OutputLimitReached;
-use crate::process::{Process, TlsBases};
+use crate::context::{Fpu, UserContext};
+use crate::process::Process;
+use crate::threads::{Resume, Wait};
 
 /// Why the program stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +39,14 @@ pub enum ExitReason {
 /// What the VMM should do after a syscall.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Resume the program with this value in `rax`.
+    /// Resume the same thread; its context's `rax` holds this value.
     Return(u64),
+    /// The context and vector state now hold the thread to run next (another one, or the
+    /// same one resumed): load them into the vCPU and go on.
+    Switched,
+    /// No thread can run before this `CLOCK_MONOTONIC` time (nanoseconds): wait until then,
+    /// then call `Process::resume`.
+    Idle(u64),
     /// End the sandbox.
     Exit(ExitReason),
     /// The program is reading the control channel and nothing is queued: park the vCPU at
@@ -50,6 +60,12 @@ pub(crate) enum Stop {
     Errno(Errno),
     Exit(ExitReason),
     AwaitingControl,
+    /// The calling thread blocks until the wait ends.
+    Block(Wait),
+    /// The calling thread lets others run first (`sched_yield`).
+    Yield,
+    /// The calling thread has ended (`exit` of one of several threads).
+    ThreadExit,
 }
 
 impl From<Errno> for Stop {
@@ -76,16 +92,39 @@ pub fn syscall_name(nr: u64) -> &'static str {
 }
 
 impl Process {
-    /// Serves one syscall. `tls` holds the FS/GS bases, which `arch_prctl` may change.
-    pub fn handle_syscall(&mut self, call: SyscallArgs, tls: &mut TlsBases) -> Outcome {
+    /// Serves the syscall the current thread is making: `ctx` is its user context (the
+    /// number in `rax`, `rip` the return address), and `fpu` the vCPU's vector state. The
+    /// result goes into `ctx`'s `rax`; when the thread blocks, yields or ends, `ctx` and
+    /// `fpu` are switched to the next thread's (`Outcome::Switched`).
+    pub fn handle_syscall(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
+        let call = ctx.syscall();
         let name = syscall_name(call.nr);
         self.stats.record(name);
-        let result = self.dispatch(call, tls);
+        let result = self.dispatch(call, ctx, fpu);
+        if !matches!(result, Err(Stop::Block(_))) {
+            self.threads.clear_restart_deadline();
+        }
         let outcome = match result {
-            Ok(value) => Outcome::Return(value),
-            Err(Stop::Errno(e)) => Outcome::Return((-i64::from(e.into_raw())) as u64),
+            Ok(value) => {
+                ctx.regs.rax = value;
+                Outcome::Return(value)
+            }
+            Err(Stop::Errno(e)) => {
+                let value = (-i64::from(e.into_raw())) as u64;
+                ctx.regs.rax = value;
+                Outcome::Return(value)
+            }
             Err(Stop::Exit(reason)) => Outcome::Exit(reason),
             Err(Stop::AwaitingControl) => Outcome::AwaitingControl,
+            Err(Stop::Block(wait)) => {
+                self.threads.block_current(wait);
+                self.reschedule(ctx, fpu)
+            }
+            Err(Stop::Yield) => {
+                self.threads.requeue_current(Resume::Return(0));
+                self.reschedule(ctx, fpu)
+            }
+            Err(Stop::ThreadExit) => self.reschedule(ctx, fpu),
         };
         if self.strace.is_some() {
             self.trace(call, &outcome);
@@ -93,7 +132,12 @@ impl Process {
         outcome
     }
 
-    fn dispatch(&mut self, call: SyscallArgs, tls: &mut TlsBases) -> SysResult {
+    fn dispatch(
+        &mut self,
+        call: SyscallArgs,
+        ctx: &mut UserContext,
+        fpu: &mut dyn Fpu,
+    ) -> SysResult {
         let a = call.args;
         let Some(sysno) = usize::try_from(call.nr).ok().and_then(Sysno::new) else {
             return self.unsupported("unknown");
@@ -138,7 +182,7 @@ impl Process {
             Sysno::fchdir => self.sys_fchdir(a[0] as i32),
             Sysno::fstatfs => self.sys_fstatfs(a[0] as i32, a[1]),
             Sysno::poll => self.sys_poll(a[0], a[1], a[2] as i32),
-            Sysno::ppoll => self.sys_poll(a[0], a[1], 0),
+            Sysno::ppoll => self.sys_ppoll(a[0], a[1], a[2]),
 
             // Paths.
             Sysno::open => self.sys_openat(libc::AT_FDCWD, a[0], a[1] as i32, a[2] as u32),
@@ -189,16 +233,20 @@ impl Process {
             ))),
 
             // Process.
-            Sysno::exit | Sysno::exit_group => Err(Stop::Exit(ExitReason::Exited(a[0] as i32))),
-            Sysno::arch_prctl => self.sys_arch_prctl(a[0] as i32, a[1], tls),
+            Sysno::exit => self.sys_exit(a[0] as i32),
+            Sysno::exit_group => Err(Stop::Exit(ExitReason::Exited(a[0] as i32))),
+            Sysno::arch_prctl => self.sys_arch_prctl(a[0] as i32, a[1], ctx),
             Sysno::set_tid_address => {
-                self.clear_child_tid = a[0];
-                Ok(crate::process::identity::PID)
+                self.threads.set_clear_child_tid(a[0]);
+                Ok(u64::from(self.threads.current()))
             }
-            Sysno::set_robust_list => Ok(0),
-            Sysno::get_robust_list => Err(Errno::ENOSYS.into()),
+            Sysno::set_robust_list => self.sys_set_robust_list(a[0], a[1]),
+            Sysno::get_robust_list => self.sys_get_robust_list(a[0] as i32, a[1], a[2]),
             Sysno::rseq => Err(Errno::ENOSYS.into()),
-            Sysno::getpid | Sysno::gettid => Ok(crate::process::identity::PID),
+            Sysno::clone => self.sys_clone(a[0], a[1], a[2], a[3], a[4], ctx, fpu),
+            Sysno::clone3 => self.sys_clone3(a[0], a[1], ctx, fpu),
+            Sysno::getpid => Ok(crate::process::identity::PID),
+            Sysno::gettid => Ok(u64::from(self.threads.current())),
             Sysno::getppid => Ok(crate::process::identity::PPID),
             Sysno::getpgrp | Sysno::getpgid | Sysno::getsid => Ok(crate::process::identity::PID),
             Sysno::setpgid | Sysno::setsid => Err(Errno::EPERM.into()),
@@ -216,7 +264,7 @@ impl Process {
             Sysno::times => self.sys_times(a[0]),
             Sysno::sched_getaffinity => self.sys_sched_getaffinity(a[0] as i32, a[1], a[2]),
             Sysno::sched_setaffinity => Ok(0),
-            Sysno::sched_yield => Ok(0),
+            Sysno::sched_yield => self.sys_sched_yield(),
             Sysno::sched_getscheduler => Ok(0),
             Sysno::sched_getparam => self
                 .write_user(a[1], &0u32.to_le_bytes())
@@ -227,11 +275,15 @@ impl Process {
             Sysno::getcpu => self.sys_getcpu(a[0], a[1]),
             Sysno::prctl => self.sys_prctl(a[0] as i32, a[1]),
             Sysno::capget => self.sys_capget(a[1]),
-            Sysno::futex => self.sys_futex(a[0], a[1] as i32, a[2] as u32, a[3]),
+            Sysno::futex => self.sys_futex(a[0], a[1] as i32, a[2] as u32, a[3], a[4], a[5] as u32),
             Sysno::wait4 | Sysno::waitid => Err(Errno::ECHILD.into()),
             Sysno::kill => self.sys_kill(a[0] as i64, a[1] as i32),
-            Sysno::tgkill => self.sys_kill(a[1] as i64, a[2] as i32),
-            Sysno::tkill => self.sys_kill(a[0] as i64, a[1] as i32),
+            Sysno::tgkill => self.sys_tgkill(a[0] as i64, a[1] as i64, a[2] as i32),
+            Sysno::tkill => self.sys_tgkill(
+                crate::process::identity::PID as i64,
+                a[0] as i64,
+                a[1] as i32,
+            ),
 
             // Signals (recorded, never delivered asynchronously).
             Sysno::rt_sigaction => self.sys_rt_sigaction(a[0] as i32, a[1], a[2], a[3]),
@@ -255,9 +307,7 @@ impl Process {
 
             // Not available in a single-threaded, kernel-less sandbox: clean errors, so
             // Python raises an exception instead of hanging.
-            Sysno::clone | Sysno::clone3 | Sysno::fork | Sysno::vfork => {
-                self.refuse(name_of(sysno), Errno::ENOSYS)
-            }
+            Sysno::fork | Sysno::vfork => self.refuse(name_of(sysno), Errno::ENOSYS),
             Sysno::execve | Sysno::execveat => self.refuse(name_of(sysno), Errno::ENOSYS),
             Sysno::socket | Sysno::socketpair => self.refuse(name_of(sysno), Errno::EACCES),
             Sysno::pipe => self.sys_pipe2(a[0], 0),

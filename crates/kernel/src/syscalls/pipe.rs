@@ -6,6 +6,7 @@ use super::{ExitReason, Stop, SysResult};
 use crate::file::{FileObject, OpenFile};
 use crate::process::Process;
 use crate::signals::default_terminates;
+use crate::threads::{Resume, Wait, WaitOn};
 
 impl Process {
     pub(crate) fn sys_pipe2(&mut self, fds: u64, flags: i32) -> SysResult {
@@ -72,9 +73,7 @@ impl Process {
             if nonblocking {
                 return Err(Errno::EAGAIN.into());
             }
-            return Err(Stop::Exit(ExitReason::Deadlock(
-                "read from an empty pipe whose only writer is the reading thread itself".into(),
-            )));
+            return Err(Stop::Block(Self::io_wait()));
         }
         let n = (len as usize).min(pipe.data.len());
         let bytes: Vec<u8> = pipe.data.iter().take(n).copied().collect();
@@ -82,6 +81,7 @@ impl Process {
         if let Some(pipe) = self.pipes.get_mut(id) {
             pipe.data.drain(..n);
         }
+        self.threads.wake_io();
         Ok(n as u64)
     }
 
@@ -105,16 +105,26 @@ impl Process {
             if nonblocking {
                 return Err(Errno::EAGAIN.into());
             }
-            return Err(Stop::Exit(ExitReason::Deadlock(
-                "write to a full pipe whose only reader is the writing thread itself".into(),
-            )));
+            return Err(Stop::Block(Self::io_wait()));
         }
         let n = (len as usize).min(room);
         let bytes = self.read_user(buf, n)?;
         if let Some(pipe) = self.pipes.get_mut(id) {
             pipe.data.extend(bytes);
         }
+        self.threads.wake_io();
         Ok(n as u64)
+    }
+
+    /// Waiting for a descriptor to become ready, with no deadline: the syscall is made again
+    /// when any I/O happens (a read or write that blocks forever with no other thread able
+    /// to help ends the sandbox as a deadlock).
+    pub(crate) fn io_wait() -> Wait {
+        Wait {
+            on: WaitOn::Io,
+            deadline_ns: None,
+            on_timeout: Resume::Restart,
+        }
     }
 
     pub(crate) fn pipe_poll(&self, id: usize, write_end: bool, events: i16) -> i16 {

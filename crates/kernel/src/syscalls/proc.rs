@@ -3,7 +3,8 @@
 use syscalls::Errno;
 
 use super::{ExitReason, Stop, SysResult};
-use crate::process::{Process, TlsBases, identity};
+use crate::context::UserContext;
+use crate::process::{Process, identity};
 use crate::signals::{NSIG, SigAction, default_terminates};
 
 const ARCH_SET_GS: i32 = 0x1001;
@@ -19,8 +20,6 @@ const USER_ADDR_MAX: u64 = 0x7fff_ffff_ffff;
 /// Number of resource limits Linux defines (`RLIM_NLIMITS`).
 const RLIMIT_COUNT: u32 = 16;
 
-const FUTEX_CMD_MASK: i32 = !(libc::FUTEX_PRIVATE_FLAG | libc::FUTEX_CLOCK_REALTIME);
-
 fn utsname_field(value: &[u8]) -> [u8; 65] {
     let mut field = [0u8; 65];
     field[..value.len()].copy_from_slice(value);
@@ -28,21 +27,32 @@ fn utsname_field(value: &[u8]) -> [u8; 65] {
 }
 
 impl Process {
-    pub(crate) fn sys_arch_prctl(&mut self, code: i32, addr: u64, tls: &mut TlsBases) -> SysResult {
+    pub(crate) fn sys_arch_prctl(
+        &mut self,
+        code: i32,
+        addr: u64,
+        ctx: &mut UserContext,
+    ) -> SysResult {
         match code {
             ARCH_SET_FS | ARCH_SET_GS => {
                 if addr > USER_ADDR_MAX {
                     return Err(Errno::EPERM.into());
                 }
                 if code == ARCH_SET_FS {
-                    tls.fs = addr;
+                    ctx.fs_base = addr;
                 } else {
-                    tls.gs = addr;
+                    ctx.gs_base = addr;
                 }
                 Ok(0)
             }
-            ARCH_GET_FS => self.write_u64(addr, tls.fs).map(|_| 0).map_err(Stop::from),
-            ARCH_GET_GS => self.write_u64(addr, tls.gs).map(|_| 0).map_err(Stop::from),
+            ARCH_GET_FS => self
+                .write_u64(addr, ctx.fs_base)
+                .map(|_| 0)
+                .map_err(Stop::from),
+            ARCH_GET_GS => self
+                .write_u64(addr, ctx.gs_base)
+                .map(|_| 0)
+                .map_err(Stop::from),
             ARCH_GET_CPUID => Ok(1),
             ARCH_SET_CPUID => Err(Errno::ENODEV.into()),
             _ => Err(Errno::EINVAL.into()),
@@ -78,7 +88,7 @@ impl Process {
         let mut b = vec![0u8; 112];
         let uptime = self.start_time.elapsed().as_secs() + 1;
         let total = self.mm.limit_bytes();
-        let free = total.saturating_sub(self.mm.mapped_bytes());
+        let free = total.saturating_sub(self.mm.charged_bytes());
         b[0..8].copy_from_slice(&uptime.to_le_bytes());
         b[32..40].copy_from_slice(&total.to_le_bytes());
         b[40..48].copy_from_slice(&free.to_le_bytes());
@@ -214,30 +224,6 @@ impl Process {
             self.write_user(data, &[0u8; 24])?;
         }
         Ok(0)
-    }
-
-    /// There is exactly one thread, so a wait that would block can never be woken.
-    pub(crate) fn sys_futex(&mut self, addr: u64, op: i32, value: u32, timeout: u64) -> SysResult {
-        match op & FUTEX_CMD_MASK {
-            libc::FUTEX_WAIT | libc::FUTEX_WAIT_BITSET => {
-                let current =
-                    u32::from_le_bytes(self.read_user(addr, 4)?.try_into().expect("4 bytes"));
-                if current != value {
-                    return Err(Errno::EAGAIN.into());
-                }
-                if timeout != 0 {
-                    return Err(Errno::ETIMEDOUT.into());
-                }
-                Err(Stop::Exit(ExitReason::Deadlock(format!(
-                    "futex wait on {addr:#x} with no other thread to wake it"
-                ))))
-            }
-            libc::FUTEX_WAKE | libc::FUTEX_WAKE_BITSET => {
-                self.check_user(addr, 4)?;
-                Ok(0)
-            }
-            _ => Err(Errno::ENOSYS.into()),
-        }
     }
 
     pub(crate) fn sys_kill(&mut self, pid: i64, signal: i32) -> SysResult {

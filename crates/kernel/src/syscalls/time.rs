@@ -1,15 +1,13 @@
-//! Clocks and sleeping, answered from the host clock (no vDSO is mapped, so glibc always asks
-//! us): a fork of an old snapshot reads the true current time.
-
-use std::time::Duration;
+//! Clocks and sleeping, answered from the host clock (the vDSO answers most clock reads in
+//! the guest; these are the rest): a fork of an old snapshot reads the true current time.
+//! A sleep blocks only the calling thread.
 
 use syscalls::Errno;
+use vm_memory::ByteValued;
 
-use super::SysResult;
+use super::{Stop, SysResult};
 use crate::process::Process;
-
-/// Longest single sleep we honour; the wall-clock limit ends the sandbox long before.
-const MAX_SLEEP: Duration = Duration::from_secs(24 * 3600);
+use crate::threads::{Resume, Wait, WaitOn, monotonic_ns};
 
 fn host_clock(clock: i32) -> Result<libc::timespec, Errno> {
     let host_clock = match clock {
@@ -38,32 +36,69 @@ fn host_clock(clock: i32) -> Result<libc::timespec, Errno> {
     Ok(ts)
 }
 
+/// `struct timespec` as the program reads and writes it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Timespec {
+    pub tv_sec: i64,
+    pub tv_nsec: i64,
+}
+
+// SAFETY: two `i64`s, `repr(C)`, no padding: every byte pattern is a value.
+unsafe impl ByteValued for Timespec {}
+
+const _: () = assert!(std::mem::size_of::<Timespec>() == 16);
+
+impl Timespec {
+    /// Nanoseconds, for a valid non-negative value (`None` otherwise).
+    pub(crate) fn as_ns(&self) -> Option<u64> {
+        if self.tv_sec < 0 || !(0..1_000_000_000).contains(&self.tv_nsec) {
+            return None;
+        }
+        (self.tv_sec as u64)
+            .checked_mul(1_000_000_000)?
+            .checked_add(self.tv_nsec as u64)
+    }
+
+    /// A host clock now.
+    pub(crate) fn now(clock: i32) -> Timespec {
+        host_clock(clock).map_or(Timespec::default(), |ts| Timespec {
+            tv_sec: ts.tv_sec,
+            tv_nsec: ts.tv_nsec,
+        })
+    }
+}
+
 fn timespec_bytes(sec: i64, nsec: i64) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&sec.to_le_bytes());
-    b[8..].copy_from_slice(&nsec.to_le_bytes());
-    b
+    let ts = Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    };
+    ts.as_slice().try_into().expect("16 bytes")
 }
 
 impl Process {
-    /// Sleeps for `duration`, but never past the sandbox's deadline: the VMM ends a sandbox
-    /// whose wall-clock limit passed when the syscall returns.
-    pub(crate) fn sleep(&self, duration: Duration) {
-        let mut duration = duration.min(MAX_SLEEP);
-        if let Some(deadline) = self.deadline {
-            duration = duration.min(deadline.saturating_duration_since(std::time::Instant::now()));
-        }
-        std::thread::sleep(duration);
+    /// Reads a `struct timespec` argument; `EINVAL` unless it is a valid, non-negative time.
+    pub(crate) fn read_timespec_value(&self, addr: u64) -> Result<Timespec, Errno> {
+        let mut ts = Timespec::default();
+        ts.as_mut_slice()
+            .copy_from_slice(&self.read_user(addr, std::mem::size_of::<Timespec>())?);
+        ts.as_ns().ok_or(Errno::EINVAL)?;
+        Ok(ts)
     }
 
-    fn read_timespec(&self, addr: u64) -> Result<Duration, Errno> {
-        let b = self.read_user(addr, 16)?;
-        let sec = i64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-        let nsec = i64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
-        if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
-            return Err(Errno::EINVAL);
+    /// Blocks the calling thread until `deadline` (`CLOCK_MONOTONIC` ns); the syscall then
+    /// returns 0. Other threads run meanwhile; with none, the VMM waits (never past the
+    /// sandbox's own deadline, which ends it).
+    fn sleep_until(&self, deadline: u64) -> SysResult {
+        if deadline <= monotonic_ns() {
+            return Ok(0);
         }
-        Ok(Duration::new(sec as u64, nsec as u32))
+        Err(Stop::Block(Wait {
+            on: WaitOn::Sleep,
+            deadline_ns: Some(deadline),
+            on_timeout: Resume::Return(0),
+        }))
     }
 
     pub(crate) fn sys_clock_gettime(&mut self, clock: i32, out: u64) -> SysResult {
@@ -97,12 +132,14 @@ impl Process {
     }
 
     pub(crate) fn sys_nanosleep(&mut self, request: u64, remaining: u64) -> SysResult {
-        let duration = self.read_timespec(request)?;
-        self.sleep(duration);
-        if remaining != 0 {
-            self.write_user(remaining, &timespec_bytes(0, 0))?;
+        if request == 0 {
+            return Err(Errno::EFAULT.into());
         }
-        Ok(0)
+        let deadline = self.wait_deadline(request, false, false)?;
+        if remaining != 0 {
+            self.check_user(remaining, 16)?;
+        }
+        self.sleep_until(deadline.unwrap_or(0))
     }
 
     pub(crate) fn sys_clock_nanosleep(
@@ -112,19 +149,22 @@ impl Process {
         request: u64,
         remaining: u64,
     ) -> SysResult {
-        let target = self.read_timespec(request)?;
-        let duration = if flags & libc::TIMER_ABSTIME != 0 {
-            let now = host_clock(clock)?;
-            let now = Duration::new(now.tv_sec.max(0) as u64, now.tv_nsec as u32);
-            target.saturating_sub(now)
-        } else {
-            host_clock(clock)?;
-            target
-        };
-        self.sleep(duration);
-        if remaining != 0 && flags & libc::TIMER_ABSTIME == 0 {
-            self.write_user(remaining, &timespec_bytes(0, 0))?;
+        host_clock(clock)?;
+        if request == 0 {
+            return Err(Errno::EFAULT.into());
         }
-        Ok(0)
+        if matches!(
+            clock,
+            libc::CLOCK_PROCESS_CPUTIME_ID | libc::CLOCK_THREAD_CPUTIME_ID
+        ) {
+            return Err(Errno::EINVAL.into());
+        }
+        let absolute = flags & libc::TIMER_ABSTIME != 0;
+        let realtime = matches!(clock, libc::CLOCK_REALTIME | libc::CLOCK_TAI);
+        let deadline = self.wait_deadline(request, absolute, realtime)?;
+        if remaining != 0 && !absolute {
+            self.check_user(remaining, 16)?;
+        }
+        self.sleep_until(deadline.unwrap_or(0))
     }
 }

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use forkvm_image::{Fs, Image, build_image};
 use forkvm_kernel::memory::GuestRam;
-use forkvm_kernel::{Console, Input, Limits, Outcome, Process, SpawnConfig, SyscallArgs, TlsBases};
+use forkvm_kernel::{
+    Console, DetachedFpu, Input, Limits, Outcome, Process, SpawnConfig, UserContext,
+};
 
 /// Guest RAM of every test process.
 pub const RAM_SIZE: u64 = 64 << 20;
@@ -146,7 +148,9 @@ impl Default for Options {
 /// A process over the test image plus what the tests need to drive it.
 pub struct Harness {
     pub process: Process,
-    pub tls: TlsBases,
+    /// The vCPU: the context of the thread that makes the next syscall.
+    pub ctx: UserContext,
+    pub fpu: DetachedFpu,
     /// Base of the anonymous read-write scratch mapping.
     pub scratch: u64,
     pub stdout: Captured,
@@ -195,7 +199,8 @@ impl Harness {
         };
         let mut harness = Self {
             process,
-            tls: TlsBases::default(),
+            ctx: UserContext::default(),
+            fpu: DetachedFpu::default(),
             scratch: 0,
             stdout,
             stderr,
@@ -217,15 +222,15 @@ impl Harness {
         harness
     }
 
-    /// Runs one syscall and returns what the VMM would do.
+    /// Runs one syscall, as the thread whose context `ctx` holds, and returns what the VMM
+    /// would do (after a switch, `ctx` holds the next thread's context).
     pub fn call(&mut self, nr: i64, args: &[u64]) -> Outcome {
         let mut all = [0u64; 6];
         all[..args.len()].copy_from_slice(args);
-        let call = SyscallArgs {
-            nr: nr as u64,
-            args: all,
-        };
-        self.process.handle_syscall(call, &mut self.tls)
+        let r = &mut self.ctx.regs;
+        r.rax = nr as u64;
+        [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = all;
+        self.process.handle_syscall(&mut self.ctx, &mut self.fpu)
     }
 
     /// Runs one syscall that must return (not end the process); negative is `-errno`.
@@ -234,6 +239,7 @@ impl Harness {
             Outcome::Return(value) => value as i64,
             Outcome::Exit(reason) => panic!("syscall {nr} ended the process: {reason:?}"),
             Outcome::AwaitingControl => panic!("syscall {nr} parked on the control channel"),
+            other => panic!("syscall {nr} blocked its thread: {other:?}"),
         }
     }
 

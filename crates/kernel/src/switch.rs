@@ -1,0 +1,92 @@
+//! Switching the vCPU between threads (the scheduling policy is in `threads`).
+//!
+//! The VMM runs whichever thread's context the syscall layer hands it. When the running
+//! thread blocks, yields, exits or is preempted, the syscall layer saves its context, picks
+//! the next thread, and puts that one's context (and, when it differs, vector state) in
+//! place. When no thread can run, the VMM waits until the earliest deadline and asks again.
+
+use crate::context::{Fpu, UserContext};
+use crate::process::Process;
+use crate::syscalls::{ExitReason, Outcome};
+use crate::threads::{Decision, Resume, Tid, monotonic_ns};
+
+impl Process {
+    /// The current thread left the vCPU (its state says why): saves its context and runs
+    /// the next thread.
+    pub(crate) fn reschedule(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
+        self.threads.save_current(ctx);
+        self.resume(ctx, fpu)
+    }
+
+    /// Runs the next runnable thread: its context replaces `ctx` and its vector state is
+    /// loaded (`Outcome::Switched`). With none runnable: `Idle` until the earliest
+    /// deadline, after which the VMM calls this again, or a deadlock when there is none.
+    pub fn resume(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
+        let now = monotonic_ns();
+        match self.threads.decide(now) {
+            Decision::Run(tid) => {
+                if let Err(reason) = self.take_fpu(tid, fpu) {
+                    return Outcome::Exit(reason);
+                }
+                let (context, resume) = self
+                    .threads
+                    .run(tid, now)
+                    .expect("the scheduler picks runnable threads");
+                *ctx = context;
+                match resume {
+                    Resume::Continue => {}
+                    Resume::Return(value) => ctx.regs.rax = value,
+                    // Back to the `syscall` instruction (2 bytes), `rax` still the number.
+                    Resume::Restart => ctx.regs.rip = ctx.regs.rip.wrapping_sub(2),
+                }
+                Outcome::Switched
+            }
+            Decision::Idle(until) => Outcome::Idle(until),
+            Decision::Deadlock => Outcome::Exit(ExitReason::Deadlock(format!(
+                "every thread waits for something no thread can do: {}",
+                self.threads.describe_waits()
+            ))),
+        }
+    }
+
+    /// Makes the vCPU hold `tid`'s vector state, saving the previous owner's.
+    fn take_fpu(&mut self, tid: Tid, fpu: &mut dyn Fpu) -> Result<(), ExitReason> {
+        let (owner, owner_alive) = self.threads.fpu_owner();
+        if owner == tid {
+            return Ok(());
+        }
+        if owner_alive {
+            self.threads.store_fpu(owner, fpu.save());
+        }
+        if let Some(state) = self.threads.fpu_of(tid) {
+            fpu.load(state)
+                .map_err(|_| ExitReason::Signaled(libc::SIGSEGV))?;
+        }
+        self.threads.set_fpu_owner(tid);
+        Ok(())
+    }
+
+    /// Whether the VMM should take the vCPU from the running thread now (its time slice is
+    /// over and another thread is runnable, or a waiting thread's deadline came).
+    pub fn should_preempt(&mut self) -> bool {
+        self.threads.current_is_running() && self.threads.should_preempt(monotonic_ns())
+    }
+
+    /// Takes the vCPU from the running thread, whose live context is `ctx`, and runs the
+    /// next one.
+    pub fn preempt(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
+        self.threads.requeue_current(Resume::Continue);
+        self.reschedule(ctx, fpu)
+    }
+
+    /// When (`CLOCK_MONOTONIC` nanoseconds) the VMM should interrupt the running thread for
+    /// the scheduler; `None` while only one thread can run and none waits with a deadline.
+    pub fn next_interrupt(&self) -> Option<u64> {
+        self.threads.next_interrupt()
+    }
+
+    /// How many threads the process has.
+    pub fn thread_count(&self) -> usize {
+        self.threads.count()
+    }
+}
