@@ -15,6 +15,7 @@ pub mod backing;
 pub mod console;
 pub mod context;
 pub mod control;
+pub mod delivery;
 pub mod entropy;
 pub mod errno;
 pub mod fdtable;
@@ -35,6 +36,7 @@ mod strace;
 mod switch;
 pub mod syscalls;
 pub mod threads;
+pub mod timers;
 pub mod vdso;
 
 pub use console::{CaptureBuffer, Console, Input, OutputLimitReached};

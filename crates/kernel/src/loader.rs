@@ -127,6 +127,7 @@ impl Process {
             (auxv::AT_HWCAP2, 0),
             (auxv::AT_CLKTCK, 100),
             (auxv::AT_SYSINFO_EHDR, vdso.image),
+            (auxv::AT_MINSIGSTKSZ, crate::delivery::MIN_SIGNAL_STACK),
         ];
         let spec = StackSpec {
             argv: &config.argv,

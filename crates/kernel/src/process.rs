@@ -18,6 +18,7 @@ use crate::pipe::Pipes;
 use crate::signals::SignalState;
 use crate::stats::SyscallStats;
 use crate::threads::{Threads, Tid};
+use crate::timers::Timers;
 use crate::vdso::VdsoPlacement;
 
 /// Fixed identity the sandbox reports (it is alone in its own "system").
@@ -62,6 +63,7 @@ pub struct ProcessState {
     pub(crate) exe_path: Vec<u8>,
     pub(crate) umask: u32,
     pub(crate) threads: Threads,
+    pub(crate) timers: Timers,
     pub(crate) vdso: Option<VdsoPlacement>,
 }
 
@@ -93,6 +95,8 @@ pub struct Process {
     pub(crate) umask: u32,
     /// The threads and which one is on the vCPU.
     pub(crate) threads: Threads,
+    /// Timers that raise signals.
+    pub(crate) timers: Timers,
     /// Where the vDSO and its clock page are (none for a process that loaded no program).
     pub(crate) vdso: Option<VdsoPlacement>,
     pub(crate) start_time: std::time::Instant,
@@ -147,6 +151,7 @@ impl Process {
             exe_path: Vec::new(),
             umask: 0o022,
             threads: Threads::new(identity::PID as Tid),
+            timers: Timers::default(),
             vdso: None,
             start_time: std::time::Instant::now(),
             strace: None,
@@ -167,6 +172,7 @@ impl Process {
             exe_path: self.exe_path.clone(),
             umask: self.umask,
             threads: self.threads.clone(),
+            timers: self.timers.clone(),
             vdso: self.vdso,
         }
     }
@@ -199,6 +205,7 @@ impl Process {
             exe_path: state.exe_path,
             umask: state.umask,
             threads: state.threads,
+            timers: state.timers,
             vdso: state.vdso,
             start_time: std::time::Instant::now(),
             strace: None,

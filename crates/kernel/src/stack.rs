@@ -23,6 +23,7 @@ pub mod auxv {
     pub const AT_HWCAP2: u64 = 26;
     pub const AT_EXECFN: u64 = 31;
     pub const AT_SYSINFO_EHDR: u64 = 33;
+    pub const AT_MINSIGSTKSZ: u64 = 51;
 }
 
 /// Everything that goes on the initial stack.

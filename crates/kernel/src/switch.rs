@@ -23,6 +23,7 @@ impl Process {
     /// deadline, after which the VMM calls this again, or a deadlock when there is none.
     pub fn resume(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
         let now = monotonic_ns();
+        self.fire_timers(now);
         match self.threads.decide(now) {
             Decision::Run(tid) => {
                 if let Err(reason) = self.take_fpu(tid, fpu) {
@@ -33,15 +34,22 @@ impl Process {
                     .run(tid, now)
                     .expect("the scheduler picks runnable threads");
                 *ctx = context;
+                let mut interrupted = None;
                 match resume {
                     Resume::Continue => {}
                     Resume::Return(value) => ctx.regs.rax = value,
                     // Back to the `syscall` instruction (2 bytes), `rax` still the number.
                     Resume::Restart => ctx.regs.rip = ctx.regs.rip.wrapping_sub(2),
+                    Resume::Interrupted(wake) => interrupted = Some(wake),
                 }
-                Outcome::Switched
+                self.back_to_user(ctx, fpu, Outcome::Switched, interrupted)
             }
-            Decision::Idle(until) => Outcome::Idle(until),
+            Decision::Idle(until) => {
+                Outcome::Idle(self.next_timer().map_or(until, |t| t.min(until)))
+            }
+            Decision::Deadlock if self.next_timer().is_some() => {
+                Outcome::Idle(self.next_timer().unwrap_or(now))
+            }
             Decision::Deadlock => Outcome::Exit(ExitReason::Deadlock(format!(
                 "every thread waits for something no thread can do: {}",
                 self.threads.describe_waits()
@@ -66,23 +74,38 @@ impl Process {
         Ok(())
     }
 
-    /// Whether the VMM should take the vCPU from the running thread now (its time slice is
-    /// over and another thread is runnable, or a waiting thread's deadline came).
-    pub fn should_preempt(&mut self) -> bool {
-        self.threads.current_is_running() && self.threads.should_preempt(monotonic_ns())
+    /// Whether the VMM should interrupt the running thread now: its time slice is over and
+    /// another thread is runnable, a waiting thread's deadline or a timer came, or it has a
+    /// signal to take.
+    pub fn wants_interrupt(&mut self) -> bool {
+        if !self.threads.current_is_running() {
+            return false;
+        }
+        let now = monotonic_ns();
+        self.fire_timers(now);
+        self.threads.should_preempt(now)
+            || self
+                .threads
+                .current_has_deliverable(self.signals.pending.set())
     }
 
-    /// Takes the vCPU from the running thread, whose live context is `ctx`, and runs the
-    /// next one.
-    pub fn preempt(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
-        self.threads.requeue_current(Resume::Continue);
-        self.reschedule(ctx, fpu)
+    /// Interrupts the running thread, whose live context is `ctx`: another thread gets the
+    /// vCPU if one is due, and the thread that runs takes its signals.
+    pub fn interrupt(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
+        if self.threads.should_preempt(monotonic_ns()) {
+            self.threads.requeue_current(Resume::Continue);
+            return self.reschedule(ctx, fpu);
+        }
+        self.back_to_user(ctx, fpu, Outcome::Switched, None)
     }
 
     /// When (`CLOCK_MONOTONIC` nanoseconds) the VMM should interrupt the running thread for
     /// the scheduler; `None` while only one thread can run and none waits with a deadline.
     pub fn next_interrupt(&self) -> Option<u64> {
-        self.threads.next_interrupt()
+        match (self.threads.next_interrupt(), self.next_timer()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// How many threads the process has.

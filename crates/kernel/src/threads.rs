@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use syscalls::Errno;
 
 use crate::context::{FpuState, UserContext};
+use crate::signals::{Pending, SigInfo, SigSet, bit};
 
 /// A thread id (the main thread's is the process id).
 pub type Tid = u32;
@@ -50,6 +51,18 @@ pub enum Resume {
     Return(u64),
     /// Its syscall is made again.
     Restart,
+    /// A signal woke it from its syscall: the syscall is made again or fails with `EINTR`,
+    /// depending on the handler that runs (see `SignalWake`).
+    Interrupted(SignalWake),
+}
+
+/// What a signal does to a blocked syscall (Linux's `ERESTARTSYS` and `ERESTARTNOHAND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SignalWake {
+    /// Made again if the handler has `SA_RESTART` (or none runs); else `EINTR`.
+    Restart,
+    /// `EINTR` if a handler runs; made again if none does (poll, sleeps, sigsuspend).
+    Interrupt,
 }
 
 /// What a blocked thread waits for.
@@ -62,6 +75,10 @@ pub enum WaitOn {
     /// Any descriptor becoming ready (a pipe read or write, `poll`): woken by every I/O
     /// event in the sandbox, it makes its syscall again and looks.
     Io,
+    /// Only a signal (`sigsuspend`, `pause`).
+    Signal,
+    /// One of these signals becoming pending, blocked or not (`sigtimedwait`).
+    SignalIn(SigSet),
 }
 
 /// A blocked thread's wait.
@@ -72,6 +89,8 @@ pub struct Wait {
     pub deadline_ns: Option<u64>,
     /// How the syscall finishes when the deadline passes.
     pub on_timeout: Resume,
+    /// What a signal does to it.
+    pub on_signal: SignalWake,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +120,42 @@ struct Thread {
     /// The deadline of the wait its syscall last blocked in: a restarted syscall keeps it
     /// (a `poll` woken by unrelated I/O must not start its timeout over).
     restart_deadline_ns: Option<u64>,
+    /// Signals it blocks.
+    mask: SigSet,
+    /// Signals sent to it (not to the process).
+    pending: Pending,
+    /// `sigaltstack`.
+    alt_stack: AltStack,
+    /// The mask to restore after the next handler, when a syscall (`sigsuspend`, `ppoll`)
+    /// replaced it for the duration of its wait.
+    saved_mask: Option<SigSet>,
+}
+
+/// A thread's alternate signal stack (`stack_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+impl Default for AltStack {
+    fn default() -> Self {
+        AltStack {
+            sp: 0,
+            flags: libc::SS_DISABLE,
+            size: 0,
+        }
+    }
+}
+
+impl AltStack {
+    /// Whether `sp` lies on this stack.
+    pub fn contains(&self, sp: u64) -> bool {
+        self.flags & libc::SS_DISABLE == 0
+            && sp > self.sp
+            && sp <= self.sp.saturating_add(self.size)
+    }
 }
 
 /// The thread table and the scheduler's state.
@@ -142,6 +197,10 @@ impl Threads {
                 clear_child_tid: 0,
                 robust_list: 0,
                 restart_deadline_ns: None,
+                mask: 0,
+                pending: Pending::default(),
+                alt_stack: AltStack::default(),
+                saved_mask: None,
             },
         );
         Threads {
@@ -189,13 +248,15 @@ impl Threads {
         self.threads.get(&self.current).map_or(0, |t| t.robust_list)
     }
 
-    /// Adds a runnable thread that starts from `context` and `fpu`.
+    /// Adds a runnable thread that starts from `context` and `fpu`, with the creator's
+    /// signal mask (a new thread has no alternate stack and nothing pending).
     pub fn spawn(
         &mut self,
         context: UserContext,
         fpu: FpuState,
         clear_child_tid: u64,
     ) -> Result<Tid, Errno> {
+        let mask = self.current_mask();
         if self.threads.len() >= MAX_THREADS {
             return Err(Errno::EAGAIN);
         }
@@ -210,6 +271,10 @@ impl Threads {
                 clear_child_tid,
                 robust_list: 0,
                 restart_deadline_ns: None,
+                mask,
+                pending: Pending::default(),
+                alt_stack: AltStack::default(),
+                saved_mask: None,
             },
         );
         Ok(tid)
@@ -432,6 +497,130 @@ impl Threads {
         Some((thread.context, resume))
     }
 
+    pub fn current_mask(&self) -> SigSet {
+        self.threads.get(&self.current).map_or(0, |t| t.mask)
+    }
+
+    pub fn set_current_mask(&mut self, mask: SigSet) {
+        if let Some(thread) = self.threads.get_mut(&self.current) {
+            thread.mask = mask;
+        }
+    }
+
+    /// Replaces the current thread's mask until its next handler ends (`sigsuspend`): the
+    /// handler's frame records the mask from before.
+    pub fn replace_mask_for_wait(&mut self, mask: SigSet) {
+        if let Some(thread) = self.threads.get_mut(&self.current) {
+            thread.saved_mask.get_or_insert(thread.mask);
+            thread.mask = mask;
+        }
+    }
+
+    /// The mask a handler's frame should restore, and forgets the saved one.
+    pub fn take_saved_mask(&mut self) -> Option<SigSet> {
+        self.threads
+            .get_mut(&self.current)
+            .and_then(|t| t.saved_mask.take())
+    }
+
+    /// A syscall that replaced the mask for its wait finished without a handler running:
+    /// the thread's own mask comes back.
+    pub fn restore_saved_mask(&mut self) {
+        if let Some(thread) = self.threads.get_mut(&self.current)
+            && let Some(mask) = thread.saved_mask.take()
+        {
+            thread.mask = mask;
+        }
+    }
+
+    pub fn current_pending(&self) -> SigSet {
+        self.threads
+            .get(&self.current)
+            .map_or(0, |t| t.pending.set())
+    }
+
+    pub fn take_current_pending(&mut self, signal: i32) -> Option<SigInfo> {
+        self.threads
+            .get_mut(&self.current)
+            .and_then(|t| t.pending.take(signal))
+    }
+
+    /// Drops every pending instance of `signal` in every thread (it became ignored).
+    pub fn discard_pending(&mut self, signal: i32) {
+        for thread in self.threads.values_mut() {
+            thread.pending.discard(signal);
+        }
+    }
+
+    pub fn alt_stack(&self) -> AltStack {
+        self.threads
+            .get(&self.current)
+            .map_or(AltStack::default(), |t| t.alt_stack)
+    }
+
+    pub fn set_alt_stack(&mut self, stack: AltStack) {
+        if let Some(thread) = self.threads.get_mut(&self.current) {
+            thread.alt_stack = stack;
+        }
+    }
+
+    /// Whether `signal` to thread `tid` would wake it: it waits for it, or is blocked in an
+    /// interruptible wait and does not block it.
+    fn wakes(thread: &Thread, signal: i32) -> Option<Resume> {
+        let State::Blocked { wait, .. } = thread.state else {
+            return None;
+        };
+        match wait.on {
+            WaitOn::SignalIn(set) if set & bit(signal) != 0 => Some(Resume::Restart),
+            _ if thread.mask & bit(signal) != 0 => None,
+            _ => Some(Resume::Interrupted(wait.on_signal)),
+        }
+    }
+
+    /// Queues `info` for thread `tid` and wakes it if it waits interruptibly. False if the
+    /// thread does not exist.
+    pub fn signal_thread(&mut self, tid: Tid, info: SigInfo) -> bool {
+        let Some(thread) = self.threads.get_mut(&tid) else {
+            return false;
+        };
+        thread.pending.add(info);
+        if let Some(resume) = Self::wakes(thread, info.signo) {
+            thread.state = State::Runnable(resume);
+        }
+        true
+    }
+
+    /// A signal was sent to the process: if the running thread does not block it, it takes
+    /// it on its way back to user mode; otherwise one thread that does not block it (the
+    /// main thread first, as Linux prefers the one `kill` named) is woken to take it.
+    pub fn notify_process_signal(&mut self, signal: i32, main: Tid) {
+        if self
+            .threads
+            .get(&self.current)
+            .is_some_and(|t| t.state == State::Running && t.mask & bit(signal) == 0)
+        {
+            return;
+        }
+        let order =
+            std::iter::once(main).chain(self.threads.keys().copied().filter(|&t| t != main));
+        for tid in order.collect::<Vec<_>>() {
+            if let Some(thread) = self.threads.get_mut(&tid)
+                && let Some(resume) = Self::wakes(thread, signal)
+            {
+                thread.state = State::Runnable(resume);
+                return;
+            }
+        }
+    }
+
+    /// Whether the running thread has a signal it does not block in `process_pending`
+    /// or its own pending set (so the VMM should interrupt it).
+    pub fn current_has_deliverable(&self, process_pending: SigSet) -> bool {
+        self.threads.get(&self.current).is_some_and(|t| {
+            t.state == State::Running && (t.pending.set() | process_pending) & !t.mask != 0
+        })
+    }
+
     /// A line per blocked thread, for a deadlock report.
     pub fn describe_waits(&self) -> String {
         self.threads
@@ -441,6 +630,9 @@ impl Threads {
                     WaitOn::Futex { addr, .. } => format!("thread {tid} waits on futex {addr:#x}"),
                     WaitOn::Sleep => format!("thread {tid} sleeps"),
                     WaitOn::Io => format!("thread {tid} waits for a descriptor"),
+                    WaitOn::Signal | WaitOn::SignalIn(_) => {
+                        format!("thread {tid} waits for a signal")
+                    }
                 }),
                 _ => None,
             })
@@ -461,6 +653,7 @@ mod tests {
             },
             deadline_ns: None,
             on_timeout: Resume::Return(0),
+            on_signal: SignalWake::Restart,
         }
     }
 
@@ -496,6 +689,7 @@ mod tests {
             on: WaitOn::Sleep,
             deadline_ns: Some(500),
             on_timeout: Resume::Return(0),
+            on_signal: SignalWake::Interrupt,
         });
         assert_eq!(t.decide(100), Decision::Idle(500));
         assert_eq!(t.decide(500), Decision::Run(1));
@@ -512,6 +706,7 @@ mod tests {
             on: WaitOn::Io,
             deadline_ns: Some(deadline),
             on_timeout: Resume::Restart,
+            on_signal: SignalWake::Interrupt,
         };
         t.block_current(timed(1000));
         t.wake_io();

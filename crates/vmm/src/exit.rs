@@ -1,6 +1,7 @@
 //! How a sandbox ends, and turning CPU exceptions into the signals Linux would deliver.
 
 use forkvm_kernel::OutputLimitReached;
+use forkvm_kernel::UserContext;
 use forkvm_kernel::memory::GuestRam;
 use kvm_bindings::kvm_sync_regs;
 
@@ -72,37 +73,66 @@ pub(crate) fn forged_port_write(rip_after: u64) -> SandboxExit {
     })
 }
 
-/// Decodes the exception `vector` from the frame the CPU pushed on the ring-0 stack.
-pub(crate) fn exception(ram: &GuestRam, sync: &kvm_sync_regs, vector: u8) -> SandboxExit {
+/// Decodes the exception `vector` from the frame the CPU pushed on the ring-0 stack: the
+/// fault, and the user context it interrupted (general registers as they were, rip, rsp
+/// and rflags from the frame), for a handler to run on.
+pub(crate) fn exception(
+    ram: &GuestRam,
+    sync: &kvm_sync_regs,
+    vector: u8,
+) -> Result<(Fault, UserContext), SandboxExit> {
     let expected_rip = EXCEPTION_STUBS + u64::from(vector) * EXCEPTION_STUB_STRIDE + 2;
     if sync.regs.rip != expected_rip {
-        return SandboxExit::Internal(format!(
+        return Err(SandboxExit::Internal(format!(
             "exception exit from unexpected rip {:#x}",
             sync.regs.rip
-        ));
+        )));
     }
     let has_code = descriptors::has_error_code(vector);
     let words = if has_code { 6 } else { 5 };
     let mut frame = vec![0u8; words * 8];
     if ram.read(sync.regs.rsp, &mut frame).is_err() {
-        return SandboxExit::Internal(format!(
+        return Err(SandboxExit::Internal(format!(
             "{} with an unreadable exception frame",
             descriptors::vector_name(vector)
-        ));
+        )));
     }
     let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8"));
-    let (error_code, rip) = if has_code {
-        (Some(word(0)), word(1))
+    let (error_code, base) = if has_code {
+        (Some(word(0)), 1)
     } else {
-        (None, word(0))
+        (None, 0)
     };
-    SandboxExit::Fault(Fault {
+    // The frame: rip, cs, rflags, rsp, ss.
+    let rip = word(base);
+    let mut ctx = crate::sandbox::live_context(sync);
+    ctx.regs.rip = rip;
+    ctx.regs.rflags = word(base + 2);
+    ctx.regs.rsp = word(base + 3);
+    let fault = Fault {
         vector,
         signal: descriptors::vector_signal(vector),
         rip,
         address: if vector == 14 { sync.sregs.cr2 } else { 0 },
         error_code,
-    })
+    };
+    Ok((fault, ctx))
+}
+
+impl Fault {
+    /// The `si_code` and `si_addr` Linux gives this fault's signal.
+    pub fn siginfo(&self) -> (i32, u64) {
+        use forkvm_kernel::signals::code;
+        match self.vector {
+            14 if self.error_code.is_some_and(|c| c & 1 != 0) => (code::SEGV_ACCERR, self.address),
+            14 => (code::SEGV_MAPERR, self.address),
+            0 => (code::FPE_INTDIV, self.rip),
+            6 => (code::ILL_ILLOPN, self.rip),
+            1 => (code::TRAP_BRKPT, self.rip),
+            17 => (code::BUS_ADRALN, self.rip),
+            _ => (code::SI_KERNEL, 0),
+        }
+    }
 }
 
 /// A triple fault (`KVM_EXIT_SHUTDOWN`): an exception while delivering an exception.

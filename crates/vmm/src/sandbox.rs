@@ -225,8 +225,7 @@ impl Sandbox {
                         .contains(&port) =>
                 {
                     let vector = (port - EXCEPTION_PORT_BASE) as u8;
-                    let sync = self.vcpu.sync_regs();
-                    Step::End(exit::exception(self.process.ram(), &sync, vector))
+                    self.take_fault(vector)
                 }
                 Ok(VcpuExit::IoOut(port, _)) => Step::End(SandboxExit::Internal(format!(
                     "unexpected I/O to port {port:#x}"
@@ -331,10 +330,32 @@ impl Sandbox {
         }
     }
 
-    /// `KVM_RUN` was interrupted: if the scheduler wants the vCPU for another thread, the
-    /// running one is saved as it is (mid-instruction-stream) and the next one loaded.
+    /// A CPU exception in the running thread: its handler for the signal runs if it has one
+    /// (`faulthandler`, a SIGSEGV catcher); otherwise the sandbox ends with the fault.
+    fn take_fault(&mut self, vector: u8) -> Step {
+        let sync = self.vcpu.sync_regs();
+        let (fault, mut ctx) = match exit::exception(self.process.ram(), &sync, vector) {
+            Ok(decoded) => decoded,
+            Err(end) => return Step::End(end),
+        };
+        let (code, addr) = fault.siginfo();
+        let mut fpu = VcpuFpu(&self.vcpu);
+        match self
+            .process
+            .deliver_fault(&mut ctx, &mut fpu, fault.signal, code, addr)
+        {
+            Outcome::Exit(ExitReason::Signaled(signal)) if signal == fault.signal => {
+                Step::End(SandboxExit::Fault(fault))
+            }
+            outcome => self.finish(outcome, ctx),
+        }
+    }
+
+    /// `KVM_RUN` was interrupted: if the scheduler wants the vCPU for another thread, or the
+    /// running thread has a signal to take, its live context is saved (mid-instruction
+    /// stream) and the thread to run loaded.
     fn maybe_preempt(&mut self) -> Step {
-        if !self.process.should_preempt() {
+        if !self.process.wants_interrupt() {
             return Step::Continue;
         }
         let sync = self.vcpu.sync_regs();
@@ -345,7 +366,7 @@ impl Sandbox {
         }
         let mut ctx = live_context(&sync);
         let mut fpu = VcpuFpu(&self.vcpu);
-        let outcome = self.process.preempt(&mut ctx, &mut fpu);
+        let outcome = self.process.interrupt(&mut ctx, &mut fpu);
         self.finish(outcome, ctx)
     }
 
@@ -424,7 +445,7 @@ fn syscall_context(sync: &kvm_sync_regs) -> UserContext {
 }
 
 /// The registers of a thread stopped in user mode, as they are.
-fn live_context(sync: &kvm_sync_regs) -> UserContext {
+pub(crate) fn live_context(sync: &kvm_sync_regs) -> UserContext {
     let r = &sync.regs;
     UserContext {
         regs: UserRegs {

@@ -12,7 +12,7 @@ use crate::file::{DirEntry, FileObject};
 use crate::fileinfo::{self, FileStat};
 use crate::pipe::PIPE_CAPACITY;
 use crate::process::Process;
-use crate::threads::{Resume, Wait, monotonic_ns};
+use crate::threads::{Resume, SignalWake, Wait, monotonic_ns};
 
 /// Largest `getdents64` buffer we fill in one call.
 const MAX_DIRENT_BUFFER: u64 = 16 << 20;
@@ -391,11 +391,17 @@ impl Process {
         if ready == 0 {
             match deadline {
                 PollDeadline::Now => {}
-                PollDeadline::Never => return Err(Stop::Block(Self::io_wait())),
+                PollDeadline::Never => {
+                    return Err(Stop::Block(Wait {
+                        on_signal: SignalWake::Interrupt,
+                        ..Self::io_wait()
+                    }));
+                }
                 PollDeadline::At(at) => {
                     return Err(Stop::Block(Wait {
                         deadline_ns: Some(at),
                         on_timeout: Resume::Restart,
+                        on_signal: SignalWake::Interrupt,
                         ..Self::io_wait()
                     }));
                 }

@@ -9,7 +9,7 @@ use syscalls::Errno;
 use super::{Stop, SysResult};
 use crate::process::Process;
 use crate::syscalls::time::Timespec;
-use crate::threads::{Resume, Wait, WaitOn, monotonic_ns};
+use crate::threads::{Resume, SignalWake, Wait, WaitOn, monotonic_ns};
 
 const FUTEX_WAIT: i32 = 0;
 const FUTEX_WAKE: i32 = 1;
@@ -110,6 +110,7 @@ impl Process {
             on: WaitOn::Futex { addr, bitset },
             deadline_ns: deadline,
             on_timeout: Resume::Return((-i64::from(Errno::ETIMEDOUT.into_raw())) as u64),
+            on_signal: SignalWake::Restart,
         }))
     }
 

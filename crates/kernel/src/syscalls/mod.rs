@@ -13,8 +13,10 @@ pub(crate) mod misc;
 pub(crate) mod namespace;
 pub(crate) mod pipe;
 pub(crate) mod proc;
+pub(crate) mod signal;
 pub(crate) mod thread;
 pub(crate) mod time;
+pub(crate) mod timer;
 
 use syscalls::{Errno, Sysno};
 
@@ -66,6 +68,8 @@ pub(crate) enum Stop {
     Yield,
     /// The calling thread has ended (`exit` of one of several threads).
     ThreadExit,
+    /// The syscall replaced the whole context (`rt_sigreturn`): nothing to put in `rax`.
+    Replaced,
 }
 
 impl From<Errno> for Stop {
@@ -107,13 +111,14 @@ impl Process {
         let outcome = match result {
             Ok(value) => {
                 ctx.regs.rax = value;
-                Outcome::Return(value)
+                self.back_to_user(ctx, fpu, Outcome::Return(value), None)
             }
             Err(Stop::Errno(e)) => {
                 let value = (-i64::from(e.into_raw())) as u64;
                 ctx.regs.rax = value;
-                Outcome::Return(value)
+                self.back_to_user(ctx, fpu, Outcome::Return(value), None)
             }
+            Err(Stop::Replaced) => self.back_to_user(ctx, fpu, Outcome::Switched, None),
             Err(Stop::Exit(reason)) => Outcome::Exit(reason),
             Err(Stop::AwaitingControl) => Outcome::AwaitingControl,
             Err(Stop::Block(wait)) => {
@@ -285,12 +290,34 @@ impl Process {
                 a[1] as i32,
             ),
 
-            // Signals (recorded, never delivered asynchronously).
+            // Signals.
             Sysno::rt_sigaction => self.sys_rt_sigaction(a[0] as i32, a[1], a[2], a[3]),
             Sysno::rt_sigprocmask => self.sys_rt_sigprocmask(a[0] as i32, a[1], a[2], a[3]),
-            Sysno::sigaltstack => self.sys_sigaltstack(a[0], a[1]),
-            Sysno::rt_sigpending => self.write_u64(a[0], 0).map(|_| 0).map_err(Stop::from),
-            Sysno::alarm => Ok(0),
+            Sysno::sigaltstack => self.sys_sigaltstack(a[0], a[1], ctx.regs.rsp),
+            Sysno::rt_sigpending => self.sys_rt_sigpending(a[0], a[1]),
+            Sysno::rt_sigsuspend => self.sys_rt_sigsuspend(a[0], a[1]),
+            Sysno::pause => self.sys_pause(),
+            Sysno::rt_sigtimedwait => self.sys_rt_sigtimedwait(a[0], a[1], a[2], a[3]),
+            Sysno::rt_sigqueueinfo => {
+                self.sys_rt_sigqueueinfo(a[0] as i64, None, a[1] as i32, a[2])
+            }
+            Sysno::rt_tgsigqueueinfo => {
+                self.sys_rt_sigqueueinfo(a[0] as i64, Some(a[1] as i64), a[2] as i32, a[3])
+            }
+            Sysno::alarm => self.sys_alarm(a[0] as u32),
+            Sysno::setitimer => self.sys_setitimer(a[0] as i32, a[1], a[2]),
+            Sysno::getitimer => self.sys_getitimer(a[0] as i32, a[1]),
+            Sysno::timer_create => self.sys_timer_create(a[0] as i32, a[1], a[2]),
+            Sysno::timer_settime => {
+                self.sys_timer_settime(a[0] as i32 as i64, a[1] as i32, a[2], a[3])
+            }
+            Sysno::timer_gettime => self.sys_timer_gettime(a[0] as i32 as i64, a[1]),
+            Sysno::timer_getoverrun => self.sys_timer_getoverrun(a[0] as i32 as i64),
+            Sysno::timer_delete => self.sys_timer_delete(a[0] as i32 as i64),
+            Sysno::rt_sigreturn => match self.sys_rt_sigreturn(ctx, fpu) {
+                Ok(()) => Err(Stop::Replaced),
+                Err(reason) => Err(Stop::Exit(reason)),
+            },
 
             // Time.
             Sysno::clock_gettime => self.sys_clock_gettime(a[0] as i32, a[1]),
@@ -314,6 +341,22 @@ impl Process {
             Sysno::pipe2 => self.sys_pipe2(a[0], a[1] as i32),
 
             other => self.unsupported(other.name()),
+        }
+    }
+
+    /// The current thread is returning to user mode with `ctx`: its pending signals are
+    /// delivered first (a handler's frame replaces `ctx`: `Switched`).
+    pub(crate) fn back_to_user(
+        &mut self,
+        ctx: &mut UserContext,
+        fpu: &mut dyn Fpu,
+        outcome: Outcome,
+        interrupted: Option<crate::threads::SignalWake>,
+    ) -> Outcome {
+        match self.deliver_signals(ctx, fpu, interrupted) {
+            Ok(true) => Outcome::Switched,
+            Ok(false) => outcome,
+            Err(reason) => Outcome::Exit(reason),
         }
     }
 

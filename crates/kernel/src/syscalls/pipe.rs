@@ -2,11 +2,11 @@
 
 use syscalls::Errno;
 
-use super::{ExitReason, Stop, SysResult};
+use super::{Stop, SysResult};
 use crate::file::{FileObject, OpenFile};
 use crate::process::Process;
-use crate::signals::default_terminates;
-use crate::threads::{Resume, Wait, WaitOn};
+use crate::signals::SigInfo;
+use crate::threads::{Resume, SignalWake, Wait, WaitOn};
 
 impl Process {
     pub(crate) fn sys_pipe2(&mut self, fds: u64, flags: i32) -> SysResult {
@@ -94,10 +94,9 @@ impl Process {
     ) -> SysResult {
         let pipe = self.pipes.get(id).ok_or(Errno::EBADF)?;
         if pipe.readers == 0 {
-            let action = self.signals.actions[libc::SIGPIPE as usize - 1];
-            if action.handler == libc::SIG_DFL as u64 && default_terminates(libc::SIGPIPE) {
-                return Err(Stop::Exit(ExitReason::Signaled(libc::SIGPIPE)));
-            }
+            // SIGPIPE to the writer (fatal unless handled or ignored), and EPIPE.
+            let tid = self.threads.current();
+            let _ = self.send_to_thread(tid, SigInfo::kernel(libc::SIGPIPE));
             return Err(Errno::EPIPE.into());
         }
         let room = pipe.room();
@@ -124,6 +123,7 @@ impl Process {
             on: WaitOn::Io,
             deadline_ns: None,
             on_timeout: Resume::Restart,
+            on_signal: SignalWake::Restart,
         }
     }
 

@@ -2,10 +2,9 @@
 
 use syscalls::Errno;
 
-use super::{ExitReason, Stop, SysResult};
+use super::{Stop, SysResult};
 use crate::context::UserContext;
 use crate::process::{Process, identity};
-use crate::signals::{NSIG, SigAction, default_terminates};
 
 const ARCH_SET_GS: i32 = 0x1001;
 const ARCH_SET_FS: i32 = 0x1002;
@@ -222,109 +221,6 @@ impl Process {
     pub(crate) fn sys_capget(&mut self, data: u64) -> SysResult {
         if data != 0 {
             self.write_user(data, &[0u8; 24])?;
-        }
-        Ok(0)
-    }
-
-    pub(crate) fn sys_kill(&mut self, pid: i64, signal: i32) -> SysResult {
-        if pid != identity::PID as i64 && pid != 0 && pid != -1 {
-            return Err(Errno::ESRCH.into());
-        }
-        if !(0..=NSIG as i32).contains(&signal) {
-            return Err(Errno::EINVAL.into());
-        }
-        if signal == 0 {
-            return Ok(0);
-        }
-        let action = self.signals.actions[signal as usize - 1];
-        let ignored = action.handler == libc::SIG_IGN as u64
-            || (action.handler == libc::SIG_DFL as u64 && !default_terminates(signal));
-        if ignored {
-            return Ok(0);
-        }
-        if action.handler == libc::SIG_DFL as u64 || signal == libc::SIGKILL {
-            return Err(Stop::Exit(ExitReason::Signaled(signal)));
-        }
-        // Running a handler needs signal frames, which the sandbox does not build yet.
-        self.stats.record_unsupported("signal-delivery");
-        Err(Errno::ENOSYS.into())
-    }
-
-    pub(crate) fn sys_rt_sigaction(
-        &mut self,
-        signal: i32,
-        new: u64,
-        old: u64,
-        sigsetsize: u64,
-    ) -> SysResult {
-        if sigsetsize != 8 || !(1..=NSIG as i32).contains(&signal) {
-            return Err(Errno::EINVAL.into());
-        }
-        let index = signal as usize - 1;
-        let previous = self.signals.actions[index];
-        if new != 0 {
-            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
-                return Err(Errno::EINVAL.into());
-            }
-            let bytes = self.read_user(new, SigAction::SIZE)?;
-            let action = SigAction::from_bytes(&bytes.try_into().expect("exact size"));
-            self.signals.actions[index] = action;
-        }
-        if old != 0 {
-            self.write_user(old, &previous.to_bytes())?;
-        }
-        Ok(0)
-    }
-
-    pub(crate) fn sys_rt_sigprocmask(
-        &mut self,
-        how: i32,
-        set: u64,
-        old: u64,
-        size: u64,
-    ) -> SysResult {
-        if size != 8 {
-            return Err(Errno::EINVAL.into());
-        }
-        let previous = self.signals.blocked;
-        if set != 0 {
-            let mask = self.read_u64(set)?;
-            let unblockable = (1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1));
-            self.signals.blocked = match how {
-                libc::SIG_BLOCK => previous | mask,
-                libc::SIG_UNBLOCK => previous & !mask,
-                libc::SIG_SETMASK => mask,
-                _ => return Err(Errno::EINVAL.into()),
-            } & !unblockable;
-        }
-        if old != 0 {
-            self.write_u64(old, previous)?;
-        }
-        Ok(0)
-    }
-
-    pub(crate) fn sys_sigaltstack(&mut self, new: u64, old: u64) -> SysResult {
-        // stack_t: ss_sp (8), ss_flags (4 + 4 pad), ss_size (8).
-        let previous = self.signals.alt_stack;
-        if new != 0 {
-            let b = self.read_user(new, 24)?;
-            let sp = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
-            let flags = i32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-            let size = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
-            if flags & !libc::SS_DISABLE != 0 {
-                return Err(Errno::EINVAL.into());
-            }
-            if flags & libc::SS_DISABLE == 0 && size < libc::MINSIGSTKSZ as u64 {
-                return Err(Errno::ENOMEM.into());
-            }
-            self.signals.alt_stack = (sp, flags, size);
-        }
-        if old != 0 {
-            let mut b = [0u8; 24];
-            b[0..8].copy_from_slice(&previous.0.to_le_bytes());
-            b[8..12].copy_from_slice(&previous.1.to_le_bytes());
-            b[16..24].copy_from_slice(&previous.2.to_le_bytes());
-            self.write_user(old, &b)?;
         }
         Ok(0)
     }

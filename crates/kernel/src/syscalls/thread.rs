@@ -9,7 +9,7 @@ use vm_memory::ByteValued;
 
 use super::{ExitReason, Stop, SysResult};
 use crate::context::{Fpu, UserContext};
-use crate::process::{Process, identity};
+use crate::process::Process;
 use crate::threads::Tid;
 
 const CLONE_VM: u64 = 0x100;
@@ -289,17 +289,5 @@ impl Process {
             return Err(Stop::Yield);
         }
         Ok(0)
-    }
-
-    /// `tgkill`/`tkill`: checks the addressed thread exists, then sends as `kill` does.
-    pub(crate) fn sys_tgkill(&mut self, tgid: i64, tid: i64, signal: i32) -> SysResult {
-        if tgid <= 0 || tid <= 0 {
-            return Err(Errno::EINVAL.into());
-        }
-        if tgid != identity::PID as i64 || !u32::try_from(tid).is_ok_and(|t| self.threads.exists(t))
-        {
-            return Err(Errno::ESRCH.into());
-        }
-        self.sys_kill(identity::PID as i64, signal)
     }
 }

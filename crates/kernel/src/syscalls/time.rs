@@ -7,7 +7,7 @@ use vm_memory::ByteValued;
 
 use super::{Stop, SysResult};
 use crate::process::Process;
-use crate::threads::{Resume, Wait, WaitOn, monotonic_ns};
+use crate::threads::{Resume, SignalWake, Wait, WaitOn, monotonic_ns};
 
 fn host_clock(clock: i32) -> Result<libc::timespec, Errno> {
     let host_clock = match clock {
@@ -98,6 +98,7 @@ impl Process {
             on: WaitOn::Sleep,
             deadline_ns: Some(deadline),
             on_timeout: Resume::Return(0),
+            on_signal: SignalWake::Interrupt,
         }))
     }
 
