@@ -72,6 +72,16 @@ impl FdTable {
             .file)
     }
 
+    /// The number of the description behind `fd` (the same for its duplicates).
+    pub fn description_of(&self, fd: i32) -> Result<usize, Errno> {
+        Ok(self.slot(fd)?.description)
+    }
+
+    /// Description number `id`, while a descriptor refers to it.
+    pub fn description(&self, id: usize) -> Option<&OpenFile> {
+        self.descriptions.get(id)?.as_ref().map(|s| &s.file)
+    }
+
     /// The description behind `fd`, mutably (offsets, flags).
     pub fn get_mut(&mut self, fd: i32) -> Result<&mut OpenFile, Errno> {
         let slot = self.slot(fd)?;

@@ -46,6 +46,16 @@ pub enum FileObject {
     Control,
     /// A read-only file generated when it was opened (`/proc/self/maps` …, see `procfs`).
     Generated(Arc<Vec<u8>>),
+    /// A socket (`crate::net`), by id.
+    Socket(usize),
+    /// An epoll instance (`crate::notify`), by id.
+    Epoll(usize),
+    /// An `eventfd` counter, by id.
+    EventFd(usize),
+    /// A `timerfd`, by id.
+    TimerFd(usize),
+    /// A `signalfd`, by id.
+    SignalFd(usize),
 }
 
 /// An open file description.

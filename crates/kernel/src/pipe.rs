@@ -1,7 +1,7 @@
-//! Pipes inside the sandbox. There is one thread, so a pipe only ever connects the program to
-//! itself: reads and writes never block. Where Linux would block forever (reading an empty
-//! pipe that this very process could still write, writing a full one it could still read),
-//! the sandbox ends with a deadlock instead of hanging until its timeout.
+//! Pipes inside the sandbox: a bounded buffer between the process's threads. A read of an
+//! empty pipe or a write to a full one blocks its thread (or answers `EAGAIN`); when every
+//! thread waits and none can help, the sandbox ends with a deadlock instead of hanging
+//! until its timeout.
 
 use std::collections::VecDeque;
 
@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 /// Bytes a pipe holds (Linux's default pipe size).
 pub const PIPE_CAPACITY: usize = 64 * 1024;
+/// Writes up to this size are atomic (POSIX `PIPE_BUF`).
+pub const PIPE_BUF: usize = 4096;
 
 /// One pipe's buffer and how many open descriptions each end has.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -57,6 +59,17 @@ impl Pipes {
 
     pub fn get_mut(&mut self, id: usize) -> Option<&mut Pipe> {
         self.slots.get_mut(id).and_then(Option::as_mut)
+    }
+
+    /// Another description refers to one end (a descriptor passed over a socket).
+    pub fn retain(&mut self, id: usize, write_end: bool) {
+        if let Some(pipe) = self.get_mut(id) {
+            if write_end {
+                pipe.writers += 1;
+            } else {
+                pipe.readers += 1;
+            }
+        }
     }
 
     /// Records that a description of one end was closed; frees the pipe with its last end.

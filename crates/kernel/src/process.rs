@@ -14,6 +14,8 @@ use crate::file::{FileObject, OpenFile, Stream};
 use crate::loader::{STACK_SIZE, SpawnError};
 use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 use crate::mm::{AddressSpace, Layout, Range};
+use crate::net::Sockets;
+use crate::notify::Notifiers;
 use crate::pipe::Pipes;
 use crate::signals::SignalState;
 use crate::stats::SyscallStats;
@@ -28,6 +30,23 @@ pub mod identity {
     pub const UID: u64 = 0;
     pub const GID: u64 = 0;
     pub const HOSTNAME: &[u8] = b"forkvm";
+}
+
+/// The sandbox's host and domain names (`sethostname` changes them for it alone, as in a
+/// UTS namespace of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNames {
+    pub host: Vec<u8>,
+    pub domain: Vec<u8>,
+}
+
+impl Default for HostNames {
+    fn default() -> Self {
+        HostNames {
+            host: identity::HOSTNAME.to_vec(),
+            domain: b"(none)".to_vec(),
+        }
+    }
 }
 
 /// Limits the syscall layer enforces.
@@ -57,6 +76,8 @@ pub struct ProcessState {
     pub(crate) overlay: OverlayState,
     pub(crate) files: FdTable,
     pub(crate) pipes: Pipes,
+    pub(crate) sockets: Sockets,
+    pub(crate) notifiers: Notifiers,
     pub(crate) control: ControlChannel,
     pub(crate) cwd: Vec<u8>,
     pub(crate) signals: SignalState,
@@ -65,6 +86,7 @@ pub struct ProcessState {
     pub(crate) threads: Threads,
     pub(crate) timers: Timers,
     pub(crate) vdso: Option<VdsoPlacement>,
+    pub(crate) names: HostNames,
 }
 
 impl ProcessState {
@@ -86,6 +108,10 @@ pub struct Process {
     pub(crate) fs: Fs,
     pub(crate) files: FdTable,
     pub(crate) pipes: Pipes,
+    /// Sockets between the sandbox's threads (`crate::net`).
+    pub(crate) sockets: Sockets,
+    /// eventfds, timerfds, signalfds and epoll instances.
+    pub(crate) notifiers: Notifiers,
     pub(crate) control: ControlChannel,
     pub(crate) cwd: Vec<u8>,
     pub(crate) console: Console,
@@ -99,6 +125,8 @@ pub struct Process {
     pub(crate) timers: Timers,
     /// Where the vDSO and its clock page are (none for a process that loaded no program).
     pub(crate) vdso: Option<VdsoPlacement>,
+    /// The host and domain names `uname` reports (the sandbox's own, settable).
+    pub(crate) names: HostNames,
     pub(crate) start_time: std::time::Instant,
     /// Where `--strace` lines go, when tracing.
     pub(crate) strace: Option<Box<dyn std::io::Write + Send>>,
@@ -143,6 +171,8 @@ impl Process {
             fs,
             files,
             pipes: Pipes::default(),
+            sockets: Sockets::default(),
+            notifiers: Notifiers::default(),
             control: ControlChannel::default(),
             cwd: cwd.to_vec(),
             console,
@@ -153,6 +183,7 @@ impl Process {
             threads: Threads::new(identity::PID as Tid),
             timers: Timers::default(),
             vdso: None,
+            names: HostNames::default(),
             start_time: std::time::Instant::now(),
             strace: None,
             huge_pages: true,
@@ -166,6 +197,8 @@ impl Process {
             overlay: self.fs.overlay_state(),
             files: self.files.clone(),
             pipes: self.pipes.clone(),
+            sockets: self.sockets.clone(),
+            notifiers: self.notifiers.clone(),
             control: self.control.clone(),
             cwd: self.cwd.clone(),
             signals: self.signals.clone(),
@@ -174,6 +207,7 @@ impl Process {
             threads: self.threads.clone(),
             timers: self.timers.clone(),
             vdso: self.vdso,
+            names: self.names.clone(),
         }
     }
 
@@ -197,6 +231,8 @@ impl Process {
             fs: Fs::from_overlay_state(image, state.overlay),
             files: state.files,
             pipes: state.pipes,
+            sockets: state.sockets,
+            notifiers: state.notifiers,
             control: state.control,
             cwd: state.cwd,
             console,
@@ -207,10 +243,18 @@ impl Process {
             threads: state.threads,
             timers: state.timers,
             vdso: state.vdso,
+            names: state.names,
             start_time: std::time::Instant::now(),
             strace: None,
             huge_pages: true,
         })
+    }
+
+    /// Something happened to a descriptor (data moved, an end closed, a timer fired): every
+    /// thread waiting for I/O looks again, and edge-triggered epoll interests may report.
+    pub(crate) fn io_event(&mut self) {
+        self.notifiers.generation += 1;
+        self.threads.wake_io();
     }
 
     /// Opens the control channel on descriptor 3 (for a template's agent).

@@ -280,13 +280,23 @@ impl Threads {
         Ok(tid)
     }
 
-    /// Blocks the current thread.
-    pub fn block_current(&mut self, wait: Wait) {
+    /// Blocks the current thread. A signal already pending for it (or, in `process_pending`,
+    /// for the process) that the wait's mask lets through ends the wait at once, as one
+    /// arriving later would (`sigsuspend` after blocking and raising a signal).
+    pub fn block_current(&mut self, wait: Wait, process_pending: SigSet) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        if let Some(thread) = self.threads.get_mut(&self.current) {
-            thread.state = State::Blocked { wait, seq };
-            thread.restart_deadline_ns = wait.deadline_ns;
+        let Some(thread) = self.threads.get_mut(&self.current) else {
+            return;
+        };
+        thread.state = State::Blocked { wait, seq };
+        thread.restart_deadline_ns = wait.deadline_ns;
+        let pending = thread.pending.set() | process_pending;
+        let woken = (1..=64)
+            .filter(|&signal| pending & bit(signal) != 0)
+            .find_map(|signal| Self::wakes(thread, signal));
+        if let Some(resume) = woken {
+            thread.state = State::Runnable(resume);
         }
     }
 
@@ -666,9 +676,9 @@ mod tests {
         let b = t
             .spawn(UserContext::default(), FpuState::default(), 0)
             .unwrap();
-        t.block_current(futex(0x1000));
+        t.block_current(futex(0x1000), 0);
         assert_eq!(t.run(b, 0).map(|r| r.1), Some(Resume::Continue));
-        t.block_current(futex(0x1000));
+        t.block_current(futex(0x1000), 0);
         assert_eq!(t.decide(0), Decision::Run(a));
         t.run(a, 0);
         assert_eq!(t.futex_wake(0x1000, u32::MAX, 1), 1);
@@ -685,16 +695,19 @@ mod tests {
     #[test]
     fn deadlines_wake_sleepers_and_nothing_left_is_a_deadlock() {
         let mut t = Threads::new(1);
-        t.block_current(Wait {
-            on: WaitOn::Sleep,
-            deadline_ns: Some(500),
-            on_timeout: Resume::Return(0),
-            on_signal: SignalWake::Interrupt,
-        });
+        t.block_current(
+            Wait {
+                on: WaitOn::Sleep,
+                deadline_ns: Some(500),
+                on_timeout: Resume::Return(0),
+                on_signal: SignalWake::Interrupt,
+            },
+            0,
+        );
         assert_eq!(t.decide(100), Decision::Idle(500));
         assert_eq!(t.decide(500), Decision::Run(1));
         t.run(1, 500);
-        t.block_current(futex(0x10));
+        t.block_current(futex(0x10), 0);
         assert_eq!(t.decide(600), Decision::Deadlock);
         assert!(t.describe_waits().contains("futex 0x10"));
     }
@@ -708,11 +721,11 @@ mod tests {
             on_timeout: Resume::Restart,
             on_signal: SignalWake::Interrupt,
         };
-        t.block_current(timed(1000));
+        t.block_current(timed(1000), 0);
         t.wake_io();
         t.run(1, 10);
         assert_eq!(t.restart_deadline(), Some(1000), "restarted: same deadline");
-        t.block_current(timed(2000));
+        t.block_current(timed(2000), 0);
         t.futex_wake(0, u32::MAX, 1);
         t.requeue_current(Resume::Return(0));
         t.run(1, 20);

@@ -28,7 +28,7 @@ pub struct Schedule {
 impl Schedule {
     /// Advances past `now`; returns how many expiries were missed besides the one that
     /// fires, or `None` when a one-shot timer is spent.
-    fn advance(&mut self, now: u64) -> Option<u64> {
+    pub(crate) fn advance(&mut self, now: u64) -> Option<u64> {
         if self.interval_ns == 0 {
             return None;
         }
@@ -105,11 +105,15 @@ impl Timers {
 impl Process {
     /// The earliest time a timer fires (`CLOCK_MONOTONIC` ns).
     pub(crate) fn next_timer(&self) -> Option<u64> {
-        self.timers.next_expiry()
+        match (self.timers.next_expiry(), self.notifiers.next_timer()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Fires every timer due at `now`: raises its signal and re-arms it or disarms it.
     pub(crate) fn fire_timers(&mut self, now: u64) {
+        self.fire_timerfds(now);
         for (which, signal) in ITIMER_SIGNALS.into_iter().enumerate() {
             let Some(mut schedule) = self.timers.itimers[which] else {
                 continue;

@@ -282,3 +282,26 @@ fn posix_timers_arm_report_and_delete() {
     assert_eq!(h.sys(libc::SYS_alarm, &[30]), 0);
     assert_eq!(h.sys(libc::SYS_alarm, &[0]), 30);
 }
+
+#[test]
+fn sigsuspend_takes_a_signal_that_was_already_pending() {
+    let mut h = harness();
+    handle(&mut h, libc::SIGUSR1, SA_SIGINFO, 0);
+    set_mask(&mut h, libc::SIG_BLOCK, bit(libc::SIGUSR1));
+    assert_eq!(h.sys(libc::SYS_kill, &[1, libc::SIGUSR1 as u64]), 0);
+    // The classic race-free wait: block, raise, then suspend with it unblocked.
+    let empty = h.at(0x1c0);
+    h.poke(empty, &0u64.to_le_bytes());
+    assert_eq!(
+        h.call(libc::SYS_rt_sigsuspend, &[empty, 8]),
+        Outcome::Switched
+    );
+    entered(&h, libc::SIGUSR1);
+    sigreturn(&mut h);
+    assert_eq!(h.ctx.regs.rax as i64, err(libc::EINTR));
+    assert_eq!(
+        set_mask(&mut h, libc::SIG_BLOCK, 0),
+        bit(libc::SIGUSR1),
+        "the mask from before the suspend is back"
+    );
+}

@@ -18,7 +18,7 @@ use forkvm_image::{BuildError, FORMAT_VERSION, Image, ImageError, build_image};
 use sha2::{Digest, Sha256};
 
 /// Bumped whenever the build steps below change what ends up in the image.
-pub const BUILDER_VERSION: u32 = 2;
+pub const BUILDER_VERSION: u32 = 3;
 
 /// Where images are cached when `$FORKVM_CACHE_DIR` is unset.
 pub const SYSTEM_CACHE_DIR: &str = "/var/cache/forkvm";
@@ -113,7 +113,8 @@ impl Default for RootfsSpec {
     /// CPython with numpy and pandas; OpenBLAS, which Debian's alternatives then select as
     /// the BLAS and LAPACK, as on a host where it is installed (numpy's own dependency,
     /// `libblas3 | libblas.so.3`, resolves to the reference BLAS, 15-20x slower at a matrix
-    /// product); msgpack, which the in-sandbox agent speaks to the VMM with; and the
+    /// product); msgpack, which the in-sandbox agent speaks to the VMM with; netbase
+    /// (`/etc/services` and `/etc/protocols`, which name ports and protocols); and the
     /// standard library's test suite (used to check the syscall layer against real
     /// programs). SciPy and scikit-learn stay out: Debian's SciPy depends on a compiler
     /// toolchain through Pythran, which triples the image; templates add them
@@ -127,6 +128,7 @@ impl Default for RootfsSpec {
                 "libopenblas0-pthread",
                 "python3-pandas",
                 "python3-msgpack",
+                "netbase",
                 "libpython3.11-testsuite",
             ]
             .map(String::from)
@@ -341,9 +343,37 @@ fn prepare_tree(root: &Path) -> Result<(), RootfsError> {
     }
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(prepare_error(&tmp))?;
     install_site_policy(root)?;
+    write_network_identity(root)?;
     // Not following the link: on Debian it is relative into /usr/lib, valid inside the image.
     if fs::symlink_metadata(root.join("etc/os-release")).is_err() {
         return Err(RootfsError::MissingFile("/etc/os-release"));
+    }
+    Ok(())
+}
+
+/// The sandbox's own name and name service, not the build host's: `localhost` and the
+/// hostname resolve from `/etc/hosts`; other names fail at once (the resolver's default
+/// server, loopback port 53, answers nothing, and a sandbox reaches no other network).
+const NETWORK_FILES: &[(&str, &str)] = &[
+    (
+        "etc/hosts",
+        "127.0.0.1\tlocalhost\n127.0.1.1\tforkvm\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    ),
+    ("etc/hostname", "forkvm\n"),
+    (
+        "etc/resolv.conf",
+        "# forkvm sandboxes have no network: names resolve from /etc/hosts only.\noptions timeout:1 attempts:1\n",
+    ),
+];
+
+fn write_network_identity(root: &Path) -> Result<(), RootfsError> {
+    for (path, content) in NETWORK_FILES {
+        let path = root.join(path);
+        // A symlink (resolv.conf often is one) would write through to its target.
+        if fs::symlink_metadata(&path).is_ok() {
+            fs::remove_file(&path).map_err(prepare_error(&path))?;
+        }
+        fs::write(&path, content).map_err(prepare_error(&path))?;
     }
     Ok(())
 }

@@ -1,40 +1,92 @@
 //! Descriptor management and metadata: close, dup, `fcntl`, `ioctl`, `lseek`, `fstat`,
-//! `getdents64`, `ftruncate`, `poll`.
+//! `getdents64`, `ftruncate`, and what a closed description releases.
 
 use std::sync::Arc;
 
 use forkvm_image::Kind;
 use syscalls::Errno;
 
-use super::{Stop, SysResult};
+use super::SysResult;
 use crate::errno::from_fs;
 use crate::file::{DirEntry, FileObject};
 use crate::fileinfo::{self, FileStat};
 use crate::pipe::PIPE_CAPACITY;
 use crate::process::Process;
-use crate::threads::{Resume, SignalWake, Wait, monotonic_ns};
 
 /// Largest `getdents64` buffer we fill in one call.
 const MAX_DIRENT_BUFFER: u64 = 16 << 20;
 
 impl Process {
     pub(crate) fn sys_close(&mut self, fd: i32) -> SysResult {
-        if let Some(file) = self.files.close(fd)? {
-            self.release(file.object);
-        }
+        self.close_fd(fd)?;
         Ok(0)
     }
 
-    /// Releases what a closed description held: a node's filesystem reference, a pipe end.
-    fn release(&mut self, object: FileObject) {
+    /// Closes descriptor `fd`; with its description's last descriptor, the description
+    /// leaves every epoll instance and releases what it held.
+    pub(crate) fn close_fd(&mut self, fd: i32) -> Result<(), Errno> {
+        let description = self.files.description_of(fd)?;
+        if let Some(file) = self.files.close(fd)? {
+            self.forget_description(description);
+            self.release(file.object);
+        }
+        Ok(())
+    }
+
+    /// Releases what a closed description held: a node's filesystem reference, a pipe end,
+    /// a socket (and the descriptors in flight to it), a notification object.
+    pub(crate) fn release(&mut self, object: FileObject) {
         match object {
             FileObject::Node { node, .. } => self.fs.close_ref(node),
             FileObject::Pipe { id, write_end } => {
                 self.pipes.release(id, write_end);
                 // A reader may now see end-of-file, a writer a broken pipe.
-                self.threads.wake_io();
+                self.io_event();
             }
-            _ => {}
+            FileObject::Socket(id) => {
+                for orphan in self.sockets.release(id) {
+                    self.release(orphan.object);
+                }
+                self.io_event();
+            }
+            FileObject::Epoll(id) => {
+                self.notifiers.epolls.release(id);
+            }
+            FileObject::EventFd(id) => {
+                self.notifiers.eventfds.release(id);
+            }
+            FileObject::TimerFd(id) => {
+                self.notifiers.timerfds.release(id);
+            }
+            FileObject::SignalFd(id) => {
+                self.notifiers.signalfds.release(id);
+            }
+            FileObject::Console(_)
+            | FileObject::Null
+            | FileObject::Zero
+            | FileObject::Random
+            | FileObject::Control
+            | FileObject::Generated(_) => {}
+        }
+    }
+
+    /// A copy of a description now also refers to `object` (a descriptor passed over a
+    /// socket): the object stays until both are released.
+    pub(crate) fn retain(&mut self, object: &FileObject) {
+        match *object {
+            FileObject::Node { node, .. } => self.fs.open_ref(node),
+            FileObject::Pipe { id, write_end } => self.pipes.retain(id, write_end),
+            FileObject::Socket(id) => self.sockets.retain(id),
+            FileObject::Epoll(id) => self.notifiers.epolls.retain(id),
+            FileObject::EventFd(id) => self.notifiers.eventfds.retain(id),
+            FileObject::TimerFd(id) => self.notifiers.timerfds.retain(id),
+            FileObject::SignalFd(id) => self.notifiers.signalfds.retain(id),
+            FileObject::Console(_)
+            | FileObject::Null
+            | FileObject::Zero
+            | FileObject::Random
+            | FileObject::Control
+            | FileObject::Generated(_) => {}
         }
     }
 
@@ -119,9 +171,7 @@ impl Process {
 
     /// Closes `fd` if open (for dup2 replacing a descriptor), releasing its node.
     fn close_quietly(&mut self, fd: i32) {
-        if let Ok(Some(file)) = self.files.close(fd) {
-            self.release(file.object);
-        }
+        let _ = self.close_fd(fd);
     }
 
     pub(crate) fn sys_fcntl(&mut self, fd: i32, cmd: i32, arg: u64) -> SysResult {
@@ -181,6 +231,10 @@ impl Process {
                     FileObject::Pipe { id, .. } => {
                         self.pipes.get(*id).map_or(0, |p| p.data.len() as u64)
                     }
+                    FileObject::Socket(id) => self
+                        .sockets
+                        .get(*id)
+                        .map_or(0, |s| s.readable_bytes() as u64),
                     _ => 0,
                 };
                 self.write_user(arg, &(available as i32).to_le_bytes())?;
@@ -219,6 +273,14 @@ impl Process {
                 stat.size = self.pipes.get(*id).map_or(0, |p| p.data.len() as u64);
                 stat
             }
+            FileObject::Socket(id) => {
+                FileStat::device(libc::S_IFSOCK | 0o777, (0, 0), 0x10_0000 + *id as u64)
+            }
+            // Anonymous inodes: Linux reports mode 0600 without a file type.
+            FileObject::Epoll(_)
+            | FileObject::EventFd(_)
+            | FileObject::TimerFd(_)
+            | FileObject::SignalFd(_) => FileStat::device(0o600, (0, 0), 0x20_0000),
         })
     }
 
@@ -329,95 +391,4 @@ impl Process {
         )?;
         Ok(0)
     }
-
-    /// `poll`: `timeout_ms` negative waits without limit, zero does not wait.
-    pub(crate) fn sys_poll(&mut self, fds: u64, count: u64, timeout_ms: i32) -> SysResult {
-        let now = monotonic_ns();
-        let deadline = match timeout_ms {
-            t if t < 0 => PollDeadline::Never,
-            0 => PollDeadline::Now,
-            t => match self
-                .threads
-                .restart_deadline()
-                .unwrap_or_else(|| now.saturating_add(t as u64 * 1_000_000))
-            {
-                at if at <= now => PollDeadline::Now,
-                at => PollDeadline::At(at),
-            },
-        };
-        self.poll_or_block(fds, count, deadline)
-    }
-
-    /// `ppoll`: a null timeout waits without limit. (The signal mask argument takes effect
-    /// only while waiting, and no signal is delivered while a thread waits here yet.)
-    pub(crate) fn sys_ppoll(&mut self, fds: u64, count: u64, timeout: u64) -> SysResult {
-        let deadline = match self.wait_deadline(timeout, false, false)? {
-            None => PollDeadline::Never,
-            Some(at) if at <= monotonic_ns() => PollDeadline::Now,
-            Some(at) => PollDeadline::At(at),
-        };
-        self.poll_or_block(fds, count, deadline)
-    }
-
-    /// Files and devices never block and the host streams are treated as ready (a read of
-    /// stdin returns what there is); pipes are ready as their buffers say. With nothing
-    /// ready, the thread waits for any I/O in the sandbox, then looks again.
-    fn poll_or_block(&mut self, fds: u64, count: u64, deadline: PollDeadline) -> SysResult {
-        if count > self.files.max_fds() as u64 {
-            return Err(Errno::EINVAL.into());
-        }
-        let mut raw = self.read_user(fds, (count * 8) as usize)?;
-        let mut ready = 0;
-        for entry in raw.chunks_exact_mut(8) {
-            let fd = i32::from_le_bytes(entry[..4].try_into().expect("4 bytes"));
-            let events = i16::from_le_bytes(entry[4..6].try_into().expect("2 bytes"));
-            let revents = if fd < 0 {
-                0
-            } else {
-                match self.files.get(fd).map(|f| f.object.clone()) {
-                    Err(_) => libc::POLLNVAL,
-                    Ok(FileObject::Pipe { id, write_end }) => self.pipe_poll(id, write_end, events),
-                    Ok(_) => {
-                        events
-                            & (libc::POLLIN | libc::POLLOUT | libc::POLLRDNORM | libc::POLLWRNORM)
-                    }
-                }
-            };
-            entry[6..8].copy_from_slice(&revents.to_le_bytes());
-            if revents != 0 {
-                ready += 1;
-            }
-        }
-        if ready == 0 {
-            match deadline {
-                PollDeadline::Now => {}
-                PollDeadline::Never => {
-                    return Err(Stop::Block(Wait {
-                        on_signal: SignalWake::Interrupt,
-                        ..Self::io_wait()
-                    }));
-                }
-                PollDeadline::At(at) => {
-                    return Err(Stop::Block(Wait {
-                        deadline_ns: Some(at),
-                        on_timeout: Resume::Restart,
-                        on_signal: SignalWake::Interrupt,
-                        ..Self::io_wait()
-                    }));
-                }
-            }
-        }
-        self.write_user(fds, &raw)?;
-        Ok(ready)
-    }
-}
-
-/// When a `poll` with nothing ready stops waiting.
-#[derive(Debug, Clone, Copy)]
-enum PollDeadline {
-    /// At once (a zero timeout).
-    Now,
-    Never,
-    /// At this `CLOCK_MONOTONIC` time.
-    At(u64),
 }

@@ -11,11 +11,35 @@ use crate::process::Process;
 
 /// Largest transfer one read/write call performs (Linux caps at 2 GiB; a short count is
 /// always allowed and keeps host buffers bounded).
-const MAX_IO: u64 = 16 << 20;
+pub(crate) const MAX_IO: u64 = 16 << 20;
 /// Bytes copied per step between guest memory and a host stream.
 const CHUNK: u64 = 1 << 20;
 /// Most iovec entries per call (`IOV_MAX`).
 const IOV_MAX: u64 = 1024;
+
+/// Bytes a write takes: in program memory, or already on the host (`sendfile`).
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    Guest { addr: u64, len: usize },
+    Host(&'a [u8]),
+}
+
+impl Source<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Source::Guest { len, .. } => *len,
+            Source::Host(data) => data.len(),
+        }
+    }
+
+    /// The first `n` bytes, copied out.
+    pub(crate) fn take(&self, process: &Process, n: usize) -> Result<Vec<u8>, Errno> {
+        match self {
+            Source::Guest { addr, len } => process.read_user(*addr, n.min(*len)),
+            Source::Host(data) => Ok(data[..n.min(data.len())].to_vec()),
+        }
+    }
+}
 
 /// Where a transfer happens: at the description's offset (advancing it) or at a fixed one.
 #[derive(Clone, Copy)]
@@ -102,6 +126,17 @@ impl Process {
                 let nonblocking = self.files.get(fd)?.status_flags & libc::O_NONBLOCK != 0;
                 return self.pipe_read(id, buf, len, nonblocking);
             }
+            FileObject::Socket(_) => return self.socket_read(fd, &[(buf, len)]),
+            FileObject::EventFd(id) => {
+                return self.eventfd_read(id, buf, len, file_flags_nonblocking(self, fd)?);
+            }
+            FileObject::TimerFd(id) => {
+                return self.timerfd_read(id, buf, len, file_flags_nonblocking(self, fd)?);
+            }
+            FileObject::SignalFd(id) => {
+                return self.signalfd_read(id, buf, len, file_flags_nonblocking(self, fd)?);
+            }
+            FileObject::Epoll(_) => return Err(Errno::EINVAL.into()),
             FileObject::Control => {
                 if !self.control.has_inbound() {
                     self.control.set_pending(PendingRead { buf, len });
@@ -179,7 +214,19 @@ impl Process {
             FileObject::Generated(_) => Err(Errno::EBADF.into()),
             FileObject::Pipe { id, .. } => {
                 let nonblocking = file_flags_nonblocking(self, fd)?;
-                self.pipe_write(id, buf, len, nonblocking)
+                let data = Source::Guest {
+                    addr: buf,
+                    len: len as usize,
+                };
+                self.pipe_write(id, data, nonblocking)
+            }
+            FileObject::Socket(_) => self.socket_write(fd, &[(buf, len)]),
+            FileObject::EventFd(id) => {
+                let nonblocking = file_flags_nonblocking(self, fd)?;
+                self.eventfd_write(id, buf, len, nonblocking)
+            }
+            FileObject::TimerFd(_) | FileObject::SignalFd(_) | FileObject::Epoll(_) => {
+                Err(Errno::EINVAL.into())
             }
             FileObject::Control => {
                 let data = self.read_user(buf, len as usize)?;
@@ -209,7 +256,7 @@ impl Process {
         self.write_from(fd, buf, len, At::Offset(offset))
     }
 
-    fn read_iovecs(&self, iov: u64, count: u64) -> Result<Vec<(u64, u64)>, Errno> {
+    pub(crate) fn read_iovecs(&self, iov: u64, count: u64) -> Result<Vec<(u64, u64)>, Errno> {
         if count > IOV_MAX {
             return Err(Errno::EINVAL);
         }
@@ -239,6 +286,11 @@ impl Process {
         count: u64,
         offset: Option<i64>,
     ) -> SysResult {
+        if offset.is_none() && matches!(self.files.get(fd)?.object, FileObject::Socket(_)) {
+            // One receive: a datagram is not split across iovecs' calls.
+            let vecs = self.read_iovecs(iov, count)?;
+            return self.socket_read(fd, &vecs);
+        }
         self.transfer_vectored(fd, iov, count, offset, Self::read_into)
     }
 
@@ -249,6 +301,10 @@ impl Process {
         count: u64,
         offset: Option<i64>,
     ) -> SysResult {
+        if offset.is_none() && matches!(self.files.get(fd)?.object, FileObject::Socket(_)) {
+            let vecs = self.read_iovecs(iov, count)?;
+            return self.socket_write(fd, &vecs);
+        }
         self.transfer_vectored(fd, iov, count, offset, Self::write_from)
     }
 
@@ -278,6 +334,8 @@ impl Process {
                 Err(Stop::Errno(e)) if total == 0 => return Err(e.into()),
                 Err(Stop::Errno(_)) => break,
                 Err(stop) if total == 0 => return Err(stop),
+                // Some moved already: that is the answer, not a wait.
+                Err(Stop::Block(_)) => break,
                 Err(Stop::AwaitingControl) => {
                     // Not parking after all: the bytes already read are the answer.
                     self.control.take_pending();

@@ -2,8 +2,10 @@
 
 use syscalls::Errno;
 
+use super::io::Source;
 use super::{Stop, SysResult};
 use crate::file::{FileObject, OpenFile};
+use crate::pipe::PIPE_BUF;
 use crate::process::Process;
 use crate::signals::SigInfo;
 use crate::threads::{Resume, SignalWake, Wait, WaitOn};
@@ -81,17 +83,13 @@ impl Process {
         if let Some(pipe) = self.pipes.get_mut(id) {
             pipe.data.drain(..n);
         }
-        self.threads.wake_io();
+        self.io_event();
         Ok(n as u64)
     }
 
-    pub(crate) fn pipe_write(
-        &mut self,
-        id: usize,
-        buf: u64,
-        len: u64,
-        nonblocking: bool,
-    ) -> SysResult {
+    /// Writes `data` into pipe `id`. Writes of up to `PIPE_BUF` bytes are atomic: they wait
+    /// for room for all of it.
+    pub(crate) fn pipe_write(&mut self, id: usize, data: Source, nonblocking: bool) -> SysResult {
         let pipe = self.pipes.get(id).ok_or(Errno::EBADF)?;
         if pipe.readers == 0 {
             // SIGPIPE to the writer (fatal unless handled or ignored), and EPIPE.
@@ -100,18 +98,15 @@ impl Process {
             return Err(Errno::EPIPE.into());
         }
         let room = pipe.room();
-        if room == 0 {
-            if nonblocking {
-                return Err(Errno::EAGAIN.into());
-            }
-            return Err(Stop::Block(Self::io_wait()));
+        if room == 0 || (data.len() <= PIPE_BUF && room < data.len()) {
+            return Err(self.wait_or_again(nonblocking));
         }
-        let n = (len as usize).min(room);
-        let bytes = self.read_user(buf, n)?;
+        let n = data.len().min(room);
+        let bytes = data.take(self, n)?;
         if let Some(pipe) = self.pipes.get_mut(id) {
             pipe.data.extend(bytes);
         }
-        self.threads.wake_io();
+        self.io_event();
         Ok(n as u64)
     }
 
@@ -124,27 +119,6 @@ impl Process {
             deadline_ns: None,
             on_timeout: Resume::Restart,
             on_signal: SignalWake::Restart,
-        }
-    }
-
-    pub(crate) fn pipe_poll(&self, id: usize, write_end: bool, events: i16) -> i16 {
-        let Some(pipe) = self.pipes.get(id) else {
-            return libc::POLLNVAL;
-        };
-        if write_end {
-            if pipe.readers == 0 {
-                libc::POLLERR
-            } else if pipe.room() > 0 {
-                events & (libc::POLLOUT | libc::POLLWRNORM)
-            } else {
-                0
-            }
-        } else if !pipe.data.is_empty() {
-            events & (libc::POLLIN | libc::POLLRDNORM)
-        } else if pipe.writers == 0 {
-            libc::POLLHUP
-        } else {
-            0
         }
     }
 }

@@ -69,15 +69,29 @@ impl Process {
         let mut buf = Vec::with_capacity(65 * 6);
         for field in [
             &b"Linux"[..],
-            identity::HOSTNAME,
+            &self.names.host,
             b"6.1.0-forkvm",
             b"#1 SMP PREEMPT_DYNAMIC forkvm",
             b"x86_64",
-            b"(none)",
+            &self.names.domain,
         ] {
             buf.extend_from_slice(&utsname_field(field));
         }
         self.write_user(out, &buf)?;
+        Ok(0)
+    }
+
+    /// `sethostname`/`setdomainname`: at most 64 bytes, for this sandbox only.
+    pub(crate) fn sys_set_name(&mut self, name: u64, len: u64, domain: bool) -> SysResult {
+        if len > 64 {
+            return Err(Errno::EINVAL.into());
+        }
+        let value = self.read_user(name, len as usize)?;
+        if domain {
+            self.names.domain = value;
+        } else {
+            self.names.host = value;
+        }
         Ok(0)
     }
 

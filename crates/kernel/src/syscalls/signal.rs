@@ -38,6 +38,14 @@ impl Process {
         self.signals.pending.add(info);
         self.threads
             .notify_process_signal(signal, identity::PID as Tid);
+        self.signalfd_event();
+    }
+
+    /// A signal became pending: a thread waiting on a signalfd looks again.
+    fn signalfd_event(&mut self) {
+        if !self.notifiers.signalfds.is_empty() {
+            self.io_event();
+        }
     }
 
     /// Sends `info` to thread `tid`; `ESRCH` if there is none.
@@ -49,6 +57,7 @@ impl Process {
             return Ok(());
         }
         self.threads.signal_thread(tid, info);
+        self.signalfd_event();
         Ok(())
     }
 

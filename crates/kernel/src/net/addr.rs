@@ -1,0 +1,211 @@
+//! Socket addresses as the program passes them (`sockaddr_un`, `sockaddr_in`,
+//! `sockaddr_in6`), parsed and validated, and written back.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+use syscalls::Errno;
+
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Longest `sun_path` (108 bytes, including a terminating NUL for paths).
+const UNIX_PATH_MAX: usize = 108;
+
+/// A socket address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum SockAddr {
+    /// An unnamed unix socket (`socketpair`, an unbound client).
+    UnixUnnamed,
+    /// A unix socket bound to an absolute path in the sandbox filesystem.
+    UnixPath(Vec<u8>),
+    /// A unix socket in the abstract namespace (the name after the leading NUL).
+    UnixAbstract(Vec<u8>),
+    Inet(Ipv4Addr, u16),
+    Inet6(Ipv6Addr, u16),
+}
+
+impl SockAddr {
+    /// Parses `bytes` (`addrlen` bytes of a `sockaddr`) for a socket of `family`.
+    pub fn parse(bytes: &[u8], family: u16) -> Result<SockAddr, Errno> {
+        if bytes.len() < 2 {
+            return Err(Errno::EINVAL);
+        }
+        let given = u16::from_le_bytes([bytes[0], bytes[1]]);
+        if given != family {
+            // AF_UNSPEC on a datagram socket's connect means "disconnect"; callers handle it.
+            return Err(Errno::EAFNOSUPPORT);
+        }
+        match family {
+            AF_UNIX => {
+                let path = &bytes[2..];
+                if path.len() > UNIX_PATH_MAX {
+                    return Err(Errno::EINVAL);
+                }
+                match path.first() {
+                    None => Ok(SockAddr::UnixUnnamed),
+                    Some(0) => Ok(SockAddr::UnixAbstract(path[1..].to_vec())),
+                    Some(_) => {
+                        let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+                        if end == 0 {
+                            return Err(Errno::EINVAL);
+                        }
+                        Ok(SockAddr::UnixPath(path[..end].to_vec()))
+                    }
+                }
+            }
+            AF_INET => {
+                if bytes.len() < 16 {
+                    return Err(Errno::EINVAL);
+                }
+                let port = u16::from_be_bytes([bytes[2], bytes[3]]);
+                let ip = Ipv4Addr::new(bytes[4], bytes[5], bytes[6], bytes[7]);
+                Ok(SockAddr::Inet(ip, port))
+            }
+            AF_INET6 => {
+                if bytes.len() < 24 {
+                    return Err(Errno::EINVAL);
+                }
+                let port = u16::from_be_bytes([bytes[2], bytes[3]]);
+                let octets: [u8; 16] = bytes[8..24].try_into().expect("16 bytes");
+                Ok(SockAddr::Inet6(Ipv6Addr::from(octets), port))
+            }
+            _ => Err(Errno::EAFNOSUPPORT),
+        }
+    }
+
+    /// The `sockaddr` bytes for this address.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            SockAddr::UnixUnnamed => AF_UNIX.to_le_bytes().to_vec(),
+            SockAddr::UnixPath(path) => {
+                let mut out = AF_UNIX.to_le_bytes().to_vec();
+                out.extend_from_slice(path);
+                out.push(0);
+                out
+            }
+            SockAddr::UnixAbstract(name) => {
+                let mut out = AF_UNIX.to_le_bytes().to_vec();
+                out.push(0);
+                out.extend_from_slice(name);
+                out
+            }
+            SockAddr::Inet(ip, port) => {
+                let mut out = AF_INET.to_le_bytes().to_vec();
+                out.extend_from_slice(&port.to_be_bytes());
+                out.extend_from_slice(&ip.octets());
+                out.extend_from_slice(&[0; 8]);
+                out
+            }
+            SockAddr::Inet6(ip, port) => {
+                let mut out = AF_INET6.to_le_bytes().to_vec();
+                out.extend_from_slice(&port.to_be_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+                out.extend_from_slice(&ip.octets());
+                out.extend_from_slice(&0u32.to_le_bytes());
+                out
+            }
+        }
+    }
+
+    /// The port of an internet address.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            SockAddr::Inet(_, port) | SockAddr::Inet6(_, port) => Some(*port),
+            _ => None,
+        }
+    }
+
+    /// The same address with another port.
+    pub fn with_port(&self, port: u16) -> SockAddr {
+        match self {
+            SockAddr::Inet(ip, _) => SockAddr::Inet(*ip, port),
+            SockAddr::Inet6(ip, _) => SockAddr::Inet6(*ip, port),
+            other => other.clone(),
+        }
+    }
+
+    /// Whether an internet address is this machine's: loopback, or the wildcard (which a
+    /// sandbox's only interface, loopback, stands behind).
+    pub fn is_local(&self) -> bool {
+        match self {
+            SockAddr::Inet(ip, _) => ip.is_loopback() || ip.is_unspecified(),
+            SockAddr::Inet6(ip, _) => {
+                ip.is_loopback()
+                    || ip.is_unspecified()
+                    || ip
+                        .to_ipv4_mapped()
+                        .is_some_and(|v4| v4.is_loopback() || v4.is_unspecified())
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether a socket bound to `self` receives what is sent to `target`: the same port,
+    /// and the same address or a wildcard one (IPv6 wildcards take IPv4 traffic unless the
+    /// socket is IPv6-only).
+    pub fn accepts(&self, target: &SockAddr, v6_only: bool) -> bool {
+        if self.port() != target.port() {
+            return self == target;
+        }
+        let v4 = |addr: &SockAddr| match addr {
+            SockAddr::Inet(ip, _) => Some(*ip),
+            SockAddr::Inet6(ip, _) => ip.to_ipv4_mapped(),
+            _ => None,
+        };
+        match (self, target) {
+            (SockAddr::Inet(ip, _), _) => {
+                ip.is_unspecified() || v4(target).is_some_and(|t| t == *ip)
+            }
+            (SockAddr::Inet6(ip, _), SockAddr::Inet6(t, _)) => {
+                ip.is_unspecified()
+                    || ip == t
+                    || (!v6_only && v4(self).is_some() && v4(self) == v4(target))
+            }
+            (SockAddr::Inet6(ip, _), SockAddr::Inet(..)) => {
+                !v6_only && (ip.is_unspecified() || v4(self) == v4(target))
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip() {
+        for addr in [
+            SockAddr::UnixPath(b"/tmp/s".to_vec()),
+            SockAddr::UnixAbstract(b"name".to_vec()),
+            SockAddr::Inet(Ipv4Addr::LOCALHOST, 8080),
+            SockAddr::Inet6(Ipv6Addr::LOCALHOST, 443),
+        ] {
+            let family = u16::from_le_bytes(addr.encode()[..2].try_into().unwrap());
+            assert_eq!(SockAddr::parse(&addr.encode(), family), Ok(addr));
+        }
+        assert_eq!(
+            SockAddr::parse(&[1, 0, b'/', b'x', 0, 0], AF_UNIX),
+            Ok(SockAddr::UnixPath(b"/x".to_vec()))
+        );
+        assert_eq!(SockAddr::parse(&[2, 0], AF_INET), Err(Errno::EINVAL));
+        assert_eq!(
+            SockAddr::parse(&[1, 0, b'x'], AF_INET),
+            Err(Errno::EAFNOSUPPORT)
+        );
+    }
+
+    #[test]
+    fn wildcards_accept_loopback_traffic() {
+        let any4 = SockAddr::Inet(Ipv4Addr::UNSPECIFIED, 80);
+        let lo4 = SockAddr::Inet(Ipv4Addr::LOCALHOST, 80);
+        let any6 = SockAddr::Inet6(Ipv6Addr::UNSPECIFIED, 80);
+        assert!(any4.accepts(&lo4, false));
+        assert!(any6.accepts(&lo4, false));
+        assert!(!any6.accepts(&lo4, true));
+        assert!(!lo4.accepts(&lo4.with_port(81), false));
+        assert!(lo4.is_local() && !SockAddr::Inet(Ipv4Addr::new(8, 8, 8, 8), 53).is_local());
+    }
+}
