@@ -243,6 +243,8 @@ impl Process {
                         path: path.into(),
                         ino: node.ino(),
                         offset: ph.p_offset - lead,
+                        shared_with: None,
+                        write_back: false,
                     }),
                 })
                 .map_err(no_memory)?;

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use forkvm_image::NodeId;
 use serde::{Deserialize, Serialize};
 use syscalls::Errno;
 
@@ -40,6 +41,11 @@ pub struct FileView {
     pub ino: u64,
     /// Offset in the file of the mapping's first byte.
     pub offset: u64,
+    /// For a `MAP_SHARED` mapping, the file it shares its bytes with (see
+    /// `syscalls::shared`), and whether the program may write them back to it (the file was
+    /// open for writing).
+    pub shared_with: Option<NodeId>,
+    pub write_back: bool,
 }
 
 /// One contiguous mapping `[start, end)`.
@@ -678,6 +684,8 @@ mod tests {
             path: b"/lib/x.so".as_slice().into(),
             ino: 9,
             offset: 0x1000,
+            shared_with: None,
+            write_back: false,
         };
         s.map_fixed(Vma {
             file: Some(file),

@@ -474,3 +474,39 @@ fn path_without_nul_is_enametoolong() {
         err(libc::EFAULT)
     );
 }
+
+#[test]
+fn extended_attributes_are_unsupported_and_mknod_makes_only_files() {
+    let mut h = Harness::new();
+    let path = h.cstr(0, "/etc/hello.txt");
+    let buf = h.at(0x1000);
+    assert_eq!(
+        h.sys(libc::SYS_listxattr, &[path, buf, 256]),
+        err(libc::EOPNOTSUPP),
+        "what shutil.copy2 expects of a filesystem without them"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_getxattr, &[path, buf, buf, 16]),
+        err(libc::EOPNOTSUPP)
+    );
+    let missing = h.cstr(0, "/missing");
+    assert_eq!(
+        h.sys(libc::SYS_getxattr, &[missing, buf, buf, 16]),
+        err(libc::ENOENT)
+    );
+    assert_eq!(
+        h.sys(libc::SYS_fsetxattr, &[99, buf, buf, 1, 0]),
+        err(libc::EBADF)
+    );
+    let file = h.cstr(0, "/tmp/made");
+    let mode = u64::from(libc::S_IFREG | 0o600);
+    assert_eq!(h.sys(libc::SYS_mknod, &[file, mode, 0]), 0);
+    assert_eq!(h.stat("/tmp/made", 0).unwrap().mode, libc::S_IFREG | 0o600);
+    assert_eq!(h.sys(libc::SYS_mknod, &[file, mode, 0]), err(libc::EEXIST));
+    let fifo = h.cstr(0, "/tmp/fifo");
+    let fifo_mode = u64::from(libc::S_IFIFO | 0o600);
+    assert_eq!(
+        h.sys(libc::SYS_mknod, &[fifo, fifo_mode, 0]),
+        err(libc::EPERM)
+    );
+}

@@ -100,7 +100,8 @@ fn mmap_argument_errors() {
     let shared_write = (libc::MAP_SHARED) as u64;
     assert_eq!(
         h.sys(libc::SYS_mmap, &[0, PAGE, RW, shared_write, fd as u64, 0]),
-        err(libc::ENODEV)
+        err(libc::EACCES),
+        "a writable shared mapping of a file open read-only"
     );
     let no_type = libc::MAP_ANONYMOUS as u64;
     assert_eq!(
@@ -638,4 +639,47 @@ fn small_fresh_mappings_are_populated_on_the_host_and_reservations_are_not() {
     );
     let none = h.sys(libc::SYS_mmap, &[0, 256 << 10, 0, ANON, u64::MAX, 0]) as u64;
     assert_eq!(resident(&h, none, 256 << 10), 0, "PROT_NONE is left alone");
+}
+
+#[test]
+fn shared_file_mappings_and_the_file_see_each_others_writes() {
+    let mut h = Harness::new();
+    let fd = h.open("/tmp/shared", libc::O_CREAT | libc::O_RDWR, 0o644);
+    let zeros = h.at(0x4000);
+    h.poke(zeros, &[0u8; 8192]);
+    assert_eq!(h.sys(libc::SYS_write, &[fd as u64, zeros, 8192]), 8192);
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let map = |h: &mut Harness, fd: i64| {
+        h.sys(
+            libc::SYS_mmap,
+            &[0, 8192, rw, libc::MAP_SHARED as u64, fd as u64, 0],
+        )
+    };
+    let addr = map(&mut h, fd) as u64;
+    // The program writes through the mapping; a read of the file sees it at once.
+    h.poke(addr + 10, b"mapped");
+    let buf = h.at(0x100);
+    assert_eq!(h.sys(libc::SYS_pread64, &[fd as u64, buf, 6, 10]), 6);
+    assert_eq!(h.peek(buf, 6), b"mapped");
+    // A write to the file shows in the mapping.
+    h.poke(buf, b"written");
+    assert_eq!(h.sys(libc::SYS_pwrite64, &[fd as u64, buf, 7, 4096]), 7);
+    assert_eq!(h.peek(addr + 4096, 7), b"written");
+    // msync and munmap keep what was written last.
+    h.poke(addr + 8000, b"tail");
+    assert_eq!(
+        h.sys(libc::SYS_msync, &[addr, 8192, libc::MS_SYNC as u64]),
+        0
+    );
+    assert_eq!(h.sys(libc::SYS_munmap, &[addr, 8192]), 0);
+    assert_eq!(h.sys(libc::SYS_pread64, &[fd as u64, buf, 4, 8000]), 4);
+    assert_eq!(h.peek(buf, 4), b"tail");
+    assert_eq!(h.fstat(fd).unwrap().size, 8192, "the file did not grow");
+    // Writing through a shared mapping needs a file open for writing.
+    let read_only = h.open("/tmp/shared", libc::O_RDONLY, 0);
+    assert_eq!(map(&mut h, read_only), err(libc::EACCES));
+    assert_eq!(
+        h.sys(libc::SYS_msync, &[addr + 1, 4096, libc::MS_SYNC as u64]),
+        err(libc::EINVAL)
+    );
 }

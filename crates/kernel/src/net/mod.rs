@@ -212,11 +212,32 @@ impl Socket {
             || self.state != State::Open && !matches!(self.state, State::Connected { .. })
     }
 
+    /// A buffer size option (`SO_RCVBUF`, `SO_SNDBUF`) when set below `full`.
+    fn buffer_option(&self, name: i32, full: usize) -> usize {
+        self.options
+            .get(&(libc::SOL_SOCKET, name))
+            .and_then(|v| v.get(..4))
+            .map(|v| i32::from_le_bytes(v.try_into().expect("4 bytes")))
+            .and_then(|v| usize::try_from(v).ok())
+            .map_or(full, |v| v.min(full))
+    }
+
+    /// How much more it takes in: its buffer's size (`SO_RCVBUF` when set smaller, as
+    /// programs that test flow control set it) less what it holds.
     fn room(&self) -> usize {
         match self.kind {
-            Kind::Stream => STREAM_BUFFER - self.incoming.len(),
-            _ => DATAGRAM_BUFFER.saturating_sub(self.message_bytes),
+            Kind::Stream => self
+                .buffer_option(libc::SO_RCVBUF, STREAM_BUFFER)
+                .saturating_sub(self.incoming.len()),
+            _ => self
+                .buffer_option(libc::SO_RCVBUF, DATAGRAM_BUFFER)
+                .saturating_sub(self.message_bytes),
         }
+    }
+
+    /// The most one stream write moves (`SO_SNDBUF` when set smaller).
+    fn send_limit(&self) -> usize {
+        self.buffer_option(libc::SO_SNDBUF, STREAM_BUFFER)
     }
 
     /// Its readiness, as `poll`/`epoll` bits.
@@ -230,7 +251,8 @@ impl Socket {
                 }
                 return events;
             }
-            State::Disconnected => events |= HUP | IN | RDNORM | RDHUP,
+            // A write does not wait (it fails, or is lost): writable, as on Linux.
+            State::Disconnected => events |= HUP | IN | RDNORM | RDHUP | OUT | WRNORM,
             State::Open if self.kind.connection_oriented() => events |= OUT | WRNORM | HUP,
             _ => {}
         }
@@ -480,6 +502,7 @@ impl Sockets {
         self.autobind(id)?;
         let server_name = self.socket(listener)?.name();
         let client_name = self.socket(id)?.name();
+        let listener_options = self.socket(listener)?.options.clone();
         let accepted = self.create(family, kind, self.socket(listener)?.protocol);
         {
             let server = self.slab.get_mut(accepted).expect("just made");
@@ -492,6 +515,8 @@ impl Sockets {
                 server_name
             });
             server.remote = Some(client_name);
+            // As in Linux, an accepted socket starts with its listener's options.
+            server.options = listener_options;
         }
         let client = self.socket_mut(id)?;
         client.state = State::Connected { peer: accepted };
@@ -534,6 +559,12 @@ impl Sockets {
         traffic: Traffic,
     ) -> NetResult<usize> {
         let socket = self.socket(id)?;
+        if socket.kind == Kind::Stream
+            && let Some(error) = self.socket_mut(id)?.pending_error.take()
+        {
+            return Err(Errno::new(error).into());
+        }
+        let socket = self.socket(id)?;
         if socket.write_shut {
             return Err(Errno::EPIPE.into());
         }
@@ -544,13 +575,15 @@ impl Sockets {
         let peer = match socket.state {
             State::Connected { peer } => peer,
             State::Disconnected if socket.family != AF_UNIX && !socket.reset => {
-                self.socket_mut(id)?.reset = true;
-                return Ok(data.len());
+                let socket = self.socket_mut(id)?;
+                socket.reset = true;
+                return Ok(data.len().min(socket.send_limit()));
             }
             State::Disconnected => return Err(Errno::EPIPE.into()),
             _ => return Err(Errno::ENOTCONN.into()),
         };
         let from = socket.name();
+        let send_limit = socket.send_limit();
         let target = self.socket_mut(peer).map_err(|_| Errno::EPIPE)?;
         if target.read_shut {
             return Err(Errno::EPIPE.into());
@@ -571,7 +604,7 @@ impl Sockets {
             });
             return Ok(data.len());
         }
-        let n = data.len().min(target.room());
+        let n = data.len().min(target.room()).min(send_limit);
         if n == 0 && !data.is_empty() {
             return Err(NetError::WouldBlock);
         }
@@ -758,9 +791,18 @@ impl Sockets {
             .collect();
         match socket.state {
             State::Connected { peer } => {
+                // A TCP socket closed with bytes it never read resets the connection (Linux
+                // sends RST): the peer's next operation fails with ECONNRESET.
+                let reset = socket.family != AF_UNIX
+                    && socket.kind == Kind::Stream
+                    && !socket.incoming.is_empty();
                 if let Some(peer) = self.slab.get_mut(peer) {
                     peer.state = State::Disconnected;
                     peer.peer_done = true;
+                    if reset {
+                        peer.pending_error = Some(Errno::ECONNRESET.into_raw());
+                        peer.reset = true;
+                    }
                 }
             }
             State::Listening { queue, .. } => {
@@ -867,6 +909,28 @@ mod tests {
             net.send(b, b"x", Some(far), Vec::new(), Traffic::default()),
             Err(NetError::Errno(Errno::ENETUNREACH))
         );
+    }
+
+    #[test]
+    fn closing_with_unread_bytes_resets_the_connection() {
+        let mut net = Sockets::default();
+        let server = net.create(AF_INET, Kind::Stream, 0);
+        net.bind(server, lo(0)).unwrap();
+        let port = net.get(server).unwrap().name().port().unwrap();
+        net.listen(server, 1).unwrap();
+        let client = net.create(AF_INET, Kind::Stream, 0);
+        net.connect(client, lo(port)).unwrap();
+        let conn = net.accept(server).unwrap();
+        let plain = Traffic::default();
+        net.send(client, b"unread", None, Vec::new(), plain)
+            .unwrap();
+        net.release(conn);
+        assert_ne!(net.readiness(client) & readiness::ERR, 0);
+        let reset = net.send(client, b"x", None, Vec::new(), plain);
+        assert_eq!(reset, Err(NetError::Errno(Errno::ECONNRESET)));
+        let after = net.send(client, b"x", None, Vec::new(), plain);
+        assert_eq!(after, Err(NetError::Errno(Errno::EPIPE)));
+        assert!(net.recv(client, 10, false).unwrap().data.is_empty());
     }
 
     #[test]

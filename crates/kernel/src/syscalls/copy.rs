@@ -40,8 +40,14 @@ impl Process {
     }
 
     /// Reads up to `len` bytes of file `fd` at `offset` (or its cursor).
-    fn read_file_bytes(&self, fd: i32, offset: Option<u64>, len: u64) -> Result<Vec<u8>, Errno> {
+    fn read_file_bytes(
+        &mut self,
+        fd: i32,
+        offset: Option<u64>,
+        len: u64,
+    ) -> Result<Vec<u8>, Errno> {
         let node = self.readable_file(fd)?;
+        self.sync_shared_to_file(node)?;
         let at = match offset {
             Some(at) => at,
             None => self.files.get(fd)?.offset,
@@ -84,6 +90,7 @@ impl Process {
                 if at.is_none() {
                     self.files.get_mut(fd)?.offset = offset + n as u64;
                 }
+                self.sync_file_to_shared(node, offset, n as u64)?;
                 Ok(n as u64)
             }
             FileObject::Console(stream) => match self.console.write(stream, data) {

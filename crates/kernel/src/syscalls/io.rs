@@ -86,6 +86,7 @@ impl Process {
                 if self.fs.kind(node).map_err(from_fs)? == Kind::Dir {
                     return Err(Errno::EISDIR.into());
                 }
+                self.sync_shared_to_file(node)?;
                 let offset = self.io_offset(fd, at)?;
                 let mut data = vec![0u8; len.min(CHUNK) as usize];
                 let mut done = 0u64;
@@ -196,6 +197,7 @@ impl Process {
                 if let At::Cursor = at {
                     self.files.get_mut(fd)?.offset = start + done;
                 }
+                self.sync_file_to_shared(node, start, done)?;
                 Ok(done)
             }
             FileObject::Console(stream) => {

@@ -108,14 +108,16 @@ impl Process {
                     if !file.readable() {
                         return Err(Errno::EACCES.into());
                     }
-                    if kind == libc::MAP_SHARED && prot & libc::PROT_WRITE != 0 {
-                        // Writes would have to reach the file; nothing here needs that.
-                        return Err(Errno::ENODEV.into());
+                    let shared = kind == libc::MAP_SHARED;
+                    if shared && prot & libc::PROT_WRITE != 0 && !file.writable() {
+                        return Err(Errno::EACCES.into());
                     }
                     let view = FileView {
                         path: file.path.as_slice().into(),
                         ino: node.ino(),
                         offset,
+                        shared_with: shared.then_some(*node),
+                        write_back: shared && file.writable(),
                     };
                     (Some(*node), Some(view))
                 }
@@ -142,6 +144,12 @@ impl Process {
         } else {
             VmaKind::Anonymous
         };
+        // Shared file bytes being replaced go to their file first, and the file gets what
+        // other shared mappings of it hold before this one is filled from it.
+        self.write_back_shared(None, start, start + len)?;
+        if let Some(node) = node {
+            self.sync_shared_to_file(node)?;
+        }
         let replaced = self.mm.map_fixed(Vma {
             start,
             end: start + len,
@@ -169,6 +177,7 @@ impl Process {
     }
 
     pub(crate) fn sys_munmap(&mut self, addr: u64, len: u64) -> SysResult {
+        self.write_back_shared(None, addr, addr.saturating_add(len))?;
         let removed = self.mm.unmap(addr, len)?;
         self.release_unmapped(&removed)?;
         Ok(0)
@@ -222,6 +231,7 @@ impl Process {
             return Err(Errno::EFAULT.into());
         }
         if new_len <= old_len {
+            self.write_back_shared(None, old + new_len, old + old_len)?;
             let removed = self.mm.unmap(old + new_len, old_len - new_len);
             if let Ok(removed) = removed {
                 self.release_unmapped(&removed)?;

@@ -17,6 +17,7 @@ pub(crate) mod notify;
 pub(crate) mod pipe;
 pub(crate) mod poll;
 pub(crate) mod proc;
+pub(crate) mod shared;
 pub(crate) mod signal;
 pub(crate) mod socket;
 pub(crate) mod thread;
@@ -161,7 +162,7 @@ impl Process {
             Sysno::mremap => self.sys_mremap(a[0], a[1], a[2], a[3] as i32),
             Sysno::madvise => self.sys_madvise(a[0], a[1], a[2] as i32),
             Sysno::mlock | Sysno::munlock | Sysno::mlockall | Sysno::munlockall => Ok(0),
-            Sysno::msync => Ok(0),
+            Sysno::msync => self.sys_msync(a[0], a[1], a[2] as i32),
 
             // Descriptors and I/O.
             Sysno::read => self.sys_read(a[0] as i32, a[1], a[2]),
@@ -290,6 +291,17 @@ impl Process {
             Sysno::fchownat => self.sys_path_exists(a[0] as i32, a[1]),
             Sysno::utimensat => self.sys_utimensat(a[0] as i32, a[1], a[2], a[3] as i32),
             Sysno::statfs => self.sys_statfs(a[0], a[1]),
+            Sysno::mknod => self.sys_mknodat(libc::AT_FDCWD, a[0], a[1] as u32),
+            Sysno::mknodat => self.sys_mknodat(a[0] as i32, a[1], a[2] as u32),
+            Sysno::getxattr | Sysno::setxattr | Sysno::listxattr | Sysno::removexattr => {
+                self.sys_xattr_path(a[0], true)
+            }
+            Sysno::lgetxattr | Sysno::lsetxattr | Sysno::llistxattr | Sysno::lremovexattr => {
+                self.sys_xattr_path(a[0], false)
+            }
+            Sysno::fgetxattr | Sysno::fsetxattr | Sysno::flistxattr | Sysno::fremovexattr => {
+                self.sys_xattr_fd(a[0] as i32)
+            }
             Sysno::umask => Ok(u64::from(std::mem::replace(
                 &mut self.umask,
                 a[0] as u32 & 0o777,

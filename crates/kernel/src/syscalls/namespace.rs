@@ -171,6 +171,38 @@ impl Process {
         Ok(0)
     }
 
+    /// Extended attributes: the sandbox filesystem has none, and says so as a filesystem
+    /// without them does (`EOPNOTSUPP`, which `shutil.copy2` expects) once the file is
+    /// known to exist.
+    pub(crate) fn sys_xattr_path(&mut self, path: u64, follow: bool) -> SysResult {
+        let path = self.read_path(path)?;
+        self.resolve_at(libc::AT_FDCWD, &path, follow)?;
+        Err(Errno::EOPNOTSUPP.into())
+    }
+
+    pub(crate) fn sys_xattr_fd(&mut self, fd: i32) -> SysResult {
+        self.files.get(fd)?;
+        Err(Errno::EOPNOTSUPP.into())
+    }
+
+    /// `mknod`/`mknodat`: regular files are created (as `open` with `O_CREAT|O_EXCL`
+    /// would); FIFOs, sockets and devices cannot be made here (`EPERM`, as for a user
+    /// without the privilege).
+    pub(crate) fn sys_mknodat(&mut self, dirfd: i32, path: u64, mode: u32) -> SysResult {
+        match mode & libc::S_IFMT {
+            0 | libc::S_IFREG => {
+                let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC;
+                let fd = self.sys_openat(dirfd, path, flags, mode & 0o7777)?;
+                self.close_fd(fd as i32)?;
+                Ok(0)
+            }
+            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => {
+                Err(Errno::EPERM.into())
+            }
+            _ => Err(Errno::EINVAL.into()),
+        }
+    }
+
     fn node_for_utimes(&self, dirfd: i32, path: u64, flags: i32) -> Result<NodeId, Errno> {
         if path == 0 {
             return match self.files.get(dirfd)?.object {
