@@ -11,12 +11,12 @@ captures, so C extensions' output is captured too. The reply frame carries no ou
 how the code ended. Nothing in either stream is a marker.
 """
 
-import builtins
 import gc
 import os
 import struct
 import sys
 import traceback
+import types
 
 import msgpack
 
@@ -75,21 +75,30 @@ def reseed():
         tempfile._name_sequence = None
 
 
-def run_code(code, namespace):
-    """Runs `code` as __main__, as the python3 command would: returns the exit code and the
-    type name of an uncaught exception (None if there was none)."""
+def exit_status(code):
+    """The exit status `python3` gives `sys.exit(code)`: None is 0, an int is taken as C's
+    exit() takes it (its low 8 bits; 255 when it does not fit a C long), anything else is
+    printed to stderr and is 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF if -(2**63) <= code < 2**63 else 255
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run_code(code, main):
+    """Runs `code` in module `main` as `python3 -c` runs it: as `__main__` in sys.modules
+    (so pickle, dataclasses and typing find what it defines), with sys.argv ['-c']. Returns
+    the exit status and the type name of an uncaught exception (None if there was none)."""
+    sys.modules["__main__"] = main
+    sys.argv[:] = ["-c"]
     try:
         compiled = compile(code, "<string>", "exec")
-        exec(compiled, namespace)
+        exec(compiled, main.__dict__)
         return 0, None
     except SystemExit as stop:
-        status = stop.code
-        if status is None:
-            return 0, None
-        if isinstance(status, int):
-            return status, None
-        print(status, file=sys.stderr)
-        return 1, None
+        return exit_status(stop.code), None
     except BaseException as error:  # noqa: B902 - the user's code may raise anything
         # Print the traceback as python3 would: without this frame of the agent.
         # A MemoryError may leave too little memory to format it: report it anyway.
@@ -100,7 +109,10 @@ def run_code(code, namespace):
         return 1, type(error).__name__
 
 
-SESSION_NAMESPACE = {"__name__": "__main__", "__builtins__": builtins}
+# The `__main__` of a session: what one request defines, the next one sees.
+SESSION_MAIN = types.ModuleType("__main__")
+# This agent's own module, `__main__` again between requests.
+AGENT_MAIN = sys.modules["__main__"]
 
 
 def serve(request):
@@ -112,15 +124,20 @@ def serve(request):
         os.makedirs(cwd, exist_ok=True)
         os.chdir(cwd)
     if request.get("keep_namespace"):
-        namespace = SESSION_NAMESPACE
+        main = SESSION_MAIN
     else:
-        namespace = {"__name__": "__main__", "__builtins__": builtins}
-    exit_code, exception = run_code(request.get("code", b""), namespace)
+        main = types.ModuleType("__main__")
+    exit_code, exception = run_code(request.get("code", b""), main)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001 - a broken stream must not lose the reply
             pass
+    if not request.get("keep_namespace"):
+        sys.modules["__main__"] = AGENT_MAIN
+        if exception == "MemoryError":
+            # What the code's globals hold may leave too little memory for the reply.
+            main.__dict__.clear()
     return {
         "v": PROTOCOL_VERSION,
         "exit_code": exit_code,

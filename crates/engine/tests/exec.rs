@@ -116,10 +116,38 @@ fn endings_have_their_exit_codes() {
 
     assert_eq!(python(engine, "raise SystemExit(3)").exit_code, 3);
     assert_eq!(python(engine, "import sys; sys.exit('bye')").exit_code, 1);
+    // As `python3 -c` exits: the low 8 bits of an int, 1 for True, 0 for None.
+    for (code, status) in [
+        ("256", 0),
+        ("-1", 255),
+        ("True", 1),
+        ("None", 0),
+        ("2**70", 255),
+    ] {
+        let out = python(engine, &format!("raise SystemExit({code})"));
+        assert_eq!(out.exit_code, status, "SystemExit({code})");
+    }
     assert_eq!(python(engine, "import os; os._exit(7)").exit_code, 7);
     assert_eq!(
         python(engine, "import os; os.abort()").error.kind,
         ErrorKind::Fault
+    );
+}
+
+#[test]
+fn code_runs_as_the_main_module_of_python3_c() {
+    let Some(engine) = engine() else { return };
+    let code = "import pickle, sys, dataclasses, typing, __main__\n\
+                @dataclasses.dataclass\nclass Point:\n    x: int\n    y: 'int' = 0\n\
+                copy = pickle.loads(pickle.dumps(Point(1, 2)))\n\
+                print(copy, typing.get_type_hints(Point)['y'].__name__)\n\
+                print(sys.argv, __name__, __main__.Point is Point)";
+    let out = python(engine, code);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Point(x=1, y=2) int\n['-c'] __main__ True\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

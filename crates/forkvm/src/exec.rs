@@ -100,6 +100,7 @@ pub fn exec(options: ExecOptions) -> Result<i32> {
         ..ExecLimits::default()
     };
     let vmm = Arc::new(Vmm::new()?);
+    crate::template::ensure(&options.template, &vmm)?;
     // One exec needs no warm pool: a single inline-prepared VM.
     let engine = Engine::new(
         vmm,

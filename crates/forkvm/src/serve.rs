@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use forkvm_engine::Engine;
 use forkvm_server::auth::{KeyStore, add_key};
 use forkvm_server::fairness::FairnessConfig;
 use forkvm_server::{AppState, ServerConfig};
-use forkvm_template::{SnapshotError, StoreError, TemplateSpec};
 use forkvm_vmm::{PoolConfig, Vmm};
 
 /// What `forkvm serve` was asked.
@@ -71,25 +70,6 @@ fn load_keys(options: &ServeOptions) -> Result<Option<KeyStore>> {
     Ok(Some(keys))
 }
 
-/// Builds the default template if the store does not have it, or has it in a snapshot
-/// format this forkvm no longer reads (it is ours to rebuild, in about a second).
-fn ensure_template(name: &str, vmm: &Vmm) -> Result<()> {
-    let store = crate::template::store();
-    match store.show(name) {
-        Ok(_) => Ok(()),
-        Err(StoreError::NotFound(_) | StoreError::Snapshot(SnapshotError::Format { .. }))
-            if name == "python" =>
-        {
-            eprintln!("forkvm: template \"python\" missing or from an older forkvm; building it…");
-            forkvm_template::build(&store, vmm, &TemplateSpec::python(name), &mut |step| {
-                eprintln!("forkvm: {step}")
-            })?;
-            Ok(())
-        }
-        Err(e) => bail!("{e}"),
-    }
-}
-
 async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
@@ -104,7 +84,7 @@ async fn shutdown_signal() {
 pub fn serve(options: ServeOptions) -> Result<i32> {
     let keys = load_keys(&options)?;
     let vmm = Arc::new(Vmm::new()?);
-    ensure_template(&options.template, &vmm)?;
+    crate::template::ensure(&options.template, &vmm)?;
     let engine = Arc::new(Engine::new(vmm, crate::template::store(), options.pool));
     engine
         .template(&options.template)

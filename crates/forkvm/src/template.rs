@@ -1,7 +1,7 @@
 //! `forkvm template build|list|show|rm`.
 
-use anyhow::Result;
-use forkvm_template::{SnapshotMeta, TemplateSpec, TemplateStore};
+use anyhow::{Result, bail};
+use forkvm_template::{SnapshotError, SnapshotMeta, StoreError, TemplateSpec, TemplateStore};
 use forkvm_vmm::Vmm;
 
 /// The store in the default cache directory.
@@ -74,4 +74,30 @@ fn describe(name: &str, meta: &SnapshotMeta) -> String {
         meta.created_unix,
         meta.format
     )
+}
+
+/// Builds the default template if the store does not have it, or has it in a snapshot
+/// format this forkvm no longer reads or with another version of the agent (it is ours to
+/// rebuild, in about a second).
+pub fn ensure(name: &str, vmm: &Vmm) -> Result<()> {
+    let store = store();
+    let stale = match store.show(name) {
+        Ok(meta) => meta.agent_sha256 != forkvm_template::agent_digest(),
+        Err(StoreError::NotFound(_) | StoreError::Snapshot(SnapshotError::Format { .. })) => true,
+        Err(e) => bail!("{e}"),
+    };
+    match stale {
+        false => Ok(()),
+        true if name == "python" => {
+            eprintln!(
+                "forkvm: template \"python\" missing or built by another forkvm; building it…"
+            );
+            forkvm_template::build(&store, vmm, &TemplateSpec::python(name), &mut |step| {
+                eprintln!("forkvm: {step}")
+            })?;
+            Ok(())
+        }
+        // Other templates are the user's: built from their spec, which only they know.
+        true => Ok(()),
+    }
 }

@@ -46,7 +46,9 @@ pub struct Timespec {
     pub nsec: u32,
 }
 
-/// What an inode is. Device nodes, fifos and sockets are never stored.
+/// What an inode is. Device nodes, FIFOs and sockets are never stored in an image; FIFOs
+/// and sockets can be made in the overlay (`mkfifo`, binding a unix socket), as names that
+/// hold no data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
     /// A regular file.
@@ -55,6 +57,10 @@ pub enum Kind {
     Dir,
     /// A symbolic link.
     Symlink,
+    /// A named pipe (overlay only).
+    Fifo,
+    /// A unix socket's name (overlay only).
+    Socket,
 }
 
 impl Kind {
@@ -63,6 +69,8 @@ impl Kind {
             Kind::File => 1,
             Kind::Dir => 2,
             Kind::Symlink => 3,
+            Kind::Fifo => 4,
+            Kind::Socket => 5,
         }
     }
 

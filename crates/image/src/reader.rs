@@ -313,6 +313,8 @@ impl Image {
                 .is_some()
                     && record.parent < self.header.inode_count
             }
+            // Images never hold FIFOs or sockets (`from_byte` does not produce them).
+            Kind::Fifo | Kind::Socket => false,
         };
         if !in_bounds {
             return Err(corrupt("data out of bounds"));

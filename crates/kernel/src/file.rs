@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use forkvm_image::NodeId;
 
+use crate::pipe::PipeEnd;
+
 /// The standard streams the host connects to the sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stream {
@@ -40,8 +42,8 @@ pub enum FileObject {
     Zero,
     /// `/dev/random` and `/dev/urandom` (host CSPRNG).
     Random,
-    /// One end of a pipe (`crate::pipe`).
-    Pipe { id: usize, write_end: bool },
+    /// One end of a pipe or FIFO (`crate::pipe`), or both ends of a FIFO.
+    Pipe { id: usize, end: PipeEnd },
     /// The control channel to the VMM (`crate::control`).
     Control,
     /// A read-only file generated when it was opened (`/proc/self/maps` …, see `procfs`).

@@ -173,6 +173,8 @@ pub fn dirent_type(kind: Kind) -> u8 {
         Kind::File => libc::DT_REG,
         Kind::Dir => libc::DT_DIR,
         Kind::Symlink => libc::DT_LNK,
+        Kind::Fifo => libc::DT_FIFO,
+        Kind::Socket => libc::DT_SOCK,
     }
 }
 
@@ -182,6 +184,8 @@ pub fn mode_type(kind: Kind) -> u32 {
         Kind::File => libc::S_IFREG,
         Kind::Dir => libc::S_IFDIR,
         Kind::Symlink => libc::S_IFLNK,
+        Kind::Fifo => libc::S_IFIFO,
+        Kind::Socket => libc::S_IFSOCK,
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 
+use forkvm_image::NodeId;
 use serde::{Deserialize, Serialize};
 
 /// Bytes a pipe holds (Linux's default pipe size).
@@ -12,12 +13,35 @@ pub const PIPE_CAPACITY: usize = 64 * 1024;
 /// Writes up to this size are atomic (POSIX `PIPE_BUF`).
 pub const PIPE_BUF: usize = 4096;
 
+/// Which end(s) of a pipe a description holds (a FIFO opened `O_RDWR` holds both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PipeEnd {
+    Read,
+    Write,
+    Both,
+}
+
+impl PipeEnd {
+    pub fn reads(self) -> bool {
+        self != PipeEnd::Write
+    }
+
+    pub fn writes(self) -> bool {
+        self != PipeEnd::Read
+    }
+}
+
 /// One pipe's buffer and how many open descriptions each end has.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Pipe {
     pub data: VecDeque<u8>,
     pub readers: u32,
     pub writers: u32,
+    /// The FIFO this pipe is the open state of (`mkfifo`), if any.
+    pub fifo: Option<NodeId>,
+    /// A writer has opened it: until then a FIFO's reader waits instead of seeing the end
+    /// (Linux makes the reader's `open` wait; here its reads do).
+    pub had_writer: bool,
 }
 
 impl Pipe {
@@ -40,7 +64,28 @@ impl Pipes {
             data: VecDeque::new(),
             readers: 1,
             writers: 1,
+            fifo: None,
+            had_writer: true,
         };
+        self.insert(pipe)
+    }
+
+    /// The pipe behind FIFO `node`, made (with no ends open) if none is open.
+    pub fn fifo(&mut self, node: NodeId) -> usize {
+        if let Some(id) = self
+            .slots
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.fifo == Some(node)))
+        {
+            return id;
+        }
+        self.insert(Pipe {
+            fifo: Some(node),
+            ..Pipe::default()
+        })
+    }
+
+    fn insert(&mut self, pipe: Pipe) -> usize {
         match self.slots.iter().position(Option::is_none) {
             Some(id) => {
                 self.slots[id] = Some(pipe);
@@ -61,25 +106,38 @@ impl Pipes {
         self.slots.get_mut(id).and_then(Option::as_mut)
     }
 
-    /// Another description refers to one end (a descriptor passed over a socket).
-    pub fn retain(&mut self, id: usize, write_end: bool) {
+    /// Frees a FIFO's pipe that no end holds (an open of it failed).
+    pub fn drop_if_unused(&mut self, id: usize) {
+        if self
+            .get(id)
+            .is_some_and(|p| p.readers == 0 && p.writers == 0)
+        {
+            self.slots[id] = None;
+        }
+    }
+
+    /// Another description holds `end` (a descriptor passed over a socket, a FIFO opened).
+    pub fn retain(&mut self, id: usize, end: PipeEnd) {
         if let Some(pipe) = self.get_mut(id) {
-            if write_end {
-                pipe.writers += 1;
-            } else {
+            if end.reads() {
                 pipe.readers += 1;
+            }
+            if end.writes() {
+                pipe.writers += 1;
+                pipe.had_writer = true;
             }
         }
     }
 
-    /// Records that a description of one end was closed; frees the pipe with its last end.
-    pub fn release(&mut self, id: usize, write_end: bool) {
+    /// A description holding `end` was closed; the pipe goes with its last end.
+    pub fn release(&mut self, id: usize, end: PipeEnd) {
         let Some(pipe) = self.get_mut(id) else {
             return;
         };
-        if write_end {
+        if end.writes() {
             pipe.writers = pipe.writers.saturating_sub(1);
-        } else {
+        }
+        if end.reads() {
             pipe.readers = pipe.readers.saturating_sub(1);
         }
         if pipe.readers == 0 && pipe.writers == 0 {
@@ -96,9 +154,9 @@ mod tests {
     fn pipes_are_reused_after_both_ends_close() {
         let mut pipes = Pipes::default();
         let a = pipes.create();
-        pipes.release(a, true);
+        pipes.release(a, PipeEnd::Write);
         assert!(pipes.get(a).is_some());
-        pipes.release(a, false);
+        pipes.release(a, PipeEnd::Read);
         assert!(pipes.get(a).is_none());
         assert_eq!(pipes.create(), a);
     }

@@ -27,25 +27,26 @@ impl Process {
     /// its descriptors is; nesting is bounded as Linux bounds it).
     pub(crate) fn readiness_nested(&self, file: &OpenFile, depth: usize) -> u32 {
         match &file.object {
-            FileObject::Pipe { id, write_end } => {
+            FileObject::Pipe { id, end } => {
                 let Some(pipe) = self.pipes.get(*id) else {
                     return NVAL;
                 };
-                if *write_end {
+                let mut ready = 0;
+                if end.writes() {
                     if pipe.readers == 0 {
-                        ERR
+                        ready |= ERR;
                     } else if pipe.room() > 0 {
-                        OUT | WRNORM
-                    } else {
-                        0
+                        ready |= OUT | WRNORM;
                     }
-                } else if !pipe.data.is_empty() {
-                    IN | RDNORM
-                } else if pipe.writers == 0 {
-                    HUP
-                } else {
-                    0
                 }
+                if end.reads() {
+                    if !pipe.data.is_empty() {
+                        ready |= IN | RDNORM;
+                    } else if pipe.writers == 0 && pipe.had_writer {
+                        ready |= HUP;
+                    }
+                }
+                ready
             }
             FileObject::Socket(id) => self.sockets.readiness(*id),
             FileObject::Epoll(id) => {

@@ -476,7 +476,7 @@ fn path_without_nul_is_enametoolong() {
 }
 
 #[test]
-fn extended_attributes_are_unsupported_and_mknod_makes_only_files() {
+fn extended_attributes_are_unsupported_and_mknod_makes_no_devices() {
     let mut h = Harness::new();
     let path = h.cstr(0, "/etc/hello.txt");
     let buf = h.at(0x1000);
@@ -503,10 +503,11 @@ fn extended_attributes_are_unsupported_and_mknod_makes_only_files() {
     assert_eq!(h.sys(libc::SYS_mknod, &[file, mode, 0]), 0);
     assert_eq!(h.stat("/tmp/made", 0).unwrap().mode, libc::S_IFREG | 0o600);
     assert_eq!(h.sys(libc::SYS_mknod, &[file, mode, 0]), err(libc::EEXIST));
-    let fifo = h.cstr(0, "/tmp/fifo");
-    let fifo_mode = u64::from(libc::S_IFIFO | 0o600);
+    let device = h.cstr(0, "/tmp/null");
+    let device_mode = u64::from(libc::S_IFCHR | 0o600);
     assert_eq!(
-        h.sys(libc::SYS_mknod, &[fifo, fifo_mode, 0]),
-        err(libc::EPERM)
+        h.sys(libc::SYS_mknod, &[device, device_mode, 0x103]),
+        err(libc::EPERM),
+        "device nodes need a privilege the sandbox lacks"
     );
 }

@@ -338,3 +338,130 @@ fn hostile_arguments_get_errors() {
     // Stat says socket.
     assert_eq!(h.fstat(s).unwrap().mode & libc::S_IFMT, libc::S_IFSOCK);
 }
+
+/// A `sockaddr_un` naming `path`.
+fn unix_path(path: &str) -> Vec<u8> {
+    let mut addr = 1u16.to_le_bytes().to_vec();
+    addr.extend_from_slice(path.as_bytes());
+    addr.push(0);
+    addr
+}
+
+#[test]
+fn unix_sockets_bound_to_paths_are_files() {
+    let mut h = Harness::new();
+    let listener = socket(&mut h, AF_UNIX, SOCK_STREAM);
+    let name = unix_path("/tmp/sock");
+    assert_eq!(with_addr(&mut h, libc::SYS_bind, listener, &name), 0);
+    assert_eq!(h.sys(libc::SYS_listen, &[listener as u64, 4]), 0);
+    let stat = h.stat("/tmp/sock", 0).expect("the socket file exists");
+    assert_eq!(stat.mode & libc::S_IFMT, libc::S_IFSOCK);
+    assert_eq!(h.open("/tmp/sock", libc::O_RDONLY, 0), err(libc::ENXIO));
+
+    let other = socket(&mut h, AF_UNIX, SOCK_STREAM);
+    assert_eq!(
+        with_addr(&mut h, libc::SYS_bind, other, &name),
+        err(libc::EADDRINUSE)
+    );
+    let client = socket(&mut h, AF_UNIX, SOCK_STREAM);
+    assert_eq!(with_addr(&mut h, libc::SYS_connect, client, &name), 0);
+    let server = h.sys(libc::SYS_accept, &[listener as u64, 0, 0]);
+    assert!(server >= 0, "accept: {server}");
+    assert_eq!(send(&mut h, client, b"by path", 0), 7);
+    assert_eq!(recv(&mut h, server, 16, 0).unwrap(), b"by path");
+
+    // The file outlives the socket until unlinked; then the name is free again.
+    assert_eq!(h.sys(libc::SYS_close, &[listener as u64]), 0);
+    let path = h.cstr(0x600, "/tmp/sock");
+    assert_eq!(
+        h.sys(libc::SYS_unlinkat, &[libc::AT_FDCWD as u64, path, 0]),
+        0
+    );
+    assert_eq!(with_addr(&mut h, libc::SYS_bind, other, &name), 0);
+
+    let late = socket(&mut h, AF_UNIX, SOCK_STREAM);
+    assert_eq!(
+        with_addr(&mut h, libc::SYS_connect, late, &unix_path("/tmp/none")),
+        err(libc::ENOENT)
+    );
+    assert_eq!(
+        with_addr(
+            &mut h,
+            libc::SYS_connect,
+            late,
+            &unix_path("/etc/hello.txt")
+        ),
+        err(libc::ECONNREFUSED),
+        "a path that is not a socket"
+    );
+}
+
+#[test]
+fn a_datagram_from_an_unbound_unix_sender_has_no_address() {
+    let mut h = Harness::new();
+    let receiver = socket(&mut h, AF_UNIX, SOCK_DGRAM);
+    let name = unix_path("/tmp/dgram");
+    assert_eq!(with_addr(&mut h, libc::SYS_bind, receiver, &name), 0);
+    let sender = socket(&mut h, AF_UNIX, SOCK_DGRAM);
+    let (buf, to) = (h.at(0x1000), h.at(0x200));
+    h.poke(buf, b"x");
+    h.poke(to, &name);
+    assert_eq!(
+        h.sys(
+            libc::SYS_sendto,
+            &[sender as u64, buf, 1, 0, to, name.len() as u64]
+        ),
+        1
+    );
+    let (from, len) = (h.at(0x300), h.at(0x380));
+    h.poke(len, &128u32.to_le_bytes());
+    assert_eq!(
+        h.sys(
+            libc::SYS_recvfrom,
+            &[receiver as u64, h.at(0x2000), 16, 0, from, len]
+        ),
+        1
+    );
+    assert_eq!(h.peek(len, 4), 0u32.to_le_bytes(), "no sender name");
+}
+
+#[test]
+fn fifos_connect_a_reader_and_a_writer() {
+    let mut h = Harness::new();
+    let path = h.cstr(0x600, "/tmp/fifo");
+    assert_eq!(
+        h.sys(
+            libc::SYS_mknodat,
+            &[
+                libc::AT_FDCWD as u64,
+                path,
+                u64::from(libc::S_IFIFO | 0o600),
+                0
+            ]
+        ),
+        0
+    );
+    assert_eq!(
+        h.stat("/tmp/fifo", 0).unwrap().mode & libc::S_IFMT,
+        libc::S_IFIFO
+    );
+    // A nonblocking writer with no reader is refused; a nonblocking reader is not.
+    assert_eq!(
+        h.open("/tmp/fifo", libc::O_WRONLY | libc::O_NONBLOCK, 0),
+        err(libc::ENXIO)
+    );
+    let reader = h.open("/tmp/fifo", libc::O_RDONLY | libc::O_NONBLOCK, 0);
+    assert!(reader >= 0, "reader: {reader}");
+    assert_eq!(h.read_fd(reader, 8), Ok(Vec::new()), "no writer yet: EOF");
+    let writer = h.open("/tmp/fifo", libc::O_WRONLY, 0);
+    assert!(writer >= 0, "writer: {writer}");
+    assert_eq!(
+        h.read_fd(reader, 8),
+        Err(err(libc::EAGAIN)),
+        "empty, writer open"
+    );
+    assert_eq!(h.write_fd(writer, b"piped"), 5);
+    assert_eq!(h.read_fd(reader, 8), Ok(b"piped".to_vec()));
+    assert_eq!(h.sys(libc::SYS_close, &[writer as u64]), 0);
+    assert_eq!(h.read_fd(reader, 8), Ok(Vec::new()), "writer gone: EOF");
+}

@@ -17,6 +17,15 @@ use crate::store::{StoreError, TemplateStore};
 pub const AGENT_PATH: &str = "/opt/forkvm/agent.py";
 /// The agent itself (see `guest/agent.py`).
 pub const AGENT_SOURCE: &str = include_str!("../../../guest/agent.py");
+/// SHA-256 (hex) of `AGENT_SOURCE`, recorded in every template this forkvm builds.
+pub fn agent_digest() -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(AGENT_SOURCE.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// How long a template's entry program may take to reach its first request.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -144,6 +153,6 @@ pub fn build(
         started.elapsed().as_secs_f64()
     ));
     store.create(&spec.name, |dir: &Path| {
-        snapshot::write(dir, &sandbox, vmm, argv.clone()).map_err(StoreError::from)
+        snapshot::write(dir, &sandbox, vmm, argv.clone(), agent_digest()).map_err(StoreError::from)
     })
 }

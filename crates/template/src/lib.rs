@@ -8,6 +8,6 @@ pub mod rootfs;
 pub mod snapshot;
 pub mod store;
 
-pub use build::{TemplateSpec, build};
+pub use build::{TemplateSpec, agent_digest, build};
 pub use snapshot::{SnapshotError, SnapshotMeta};
 pub use store::{StoreError, TemplateStore};

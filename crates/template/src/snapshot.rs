@@ -95,6 +95,10 @@ pub struct SnapshotMeta {
     pub memory_sha256: String,
     pub state_sha256: String,
     pub cpu: CpuFeatures,
+    /// SHA-256 of the exec agent the template runs (see `build::agent_digest`): a template
+    /// built with another agent speaks another version of it.
+    #[serde(default)]
+    pub agent_sha256: String,
 }
 
 impl SnapshotMeta {
@@ -199,6 +203,7 @@ pub fn write(
     sandbox: &Sandbox,
     vmm: &Vmm,
     entry: Vec<String>,
+    agent_sha256: String,
 ) -> Result<SnapshotMeta, SnapshotError> {
     if sandbox.parked().is_none() {
         return Err(SnapshotError::NotParked);
@@ -236,6 +241,7 @@ pub fn write(
         memory_sha256,
         state_sha256: hex(&Sha256::digest(&state_bytes)),
         cpu: CpuFeatures::of(vmm.cpu()),
+        agent_sha256,
     };
     let meta_path = dir.join("meta.json");
     let mut meta_file = File::create(&meta_path).map_err(io_error(&meta_path))?;

@@ -31,7 +31,7 @@ impl Fs {
             | (None, NodeId::Image(ino)) => match self.image.inode(ino)?.kind {
                 Kind::File => Ok(self.image.file_bytes(ino)?),
                 Kind::Dir => Err(FsError::IsDir),
-                Kind::Symlink => Err(FsError::Invalid),
+                Kind::Symlink | Kind::Fifo | Kind::Socket => Err(FsError::Invalid),
             },
             (Some(node), _) if node.kind == Kind::Dir => Err(FsError::IsDir),
             (Some(_), _) => Err(FsError::Invalid),

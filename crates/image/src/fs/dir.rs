@@ -240,6 +240,21 @@ impl Fs {
         self.create_node(dir, name, node)
     }
 
+    /// Creates a FIFO or socket name `name` in `dir` (`kind` is `Fifo` or `Socket`).
+    pub fn create_special(
+        &mut self,
+        dir: NodeId,
+        name: &[u8],
+        kind: Kind,
+        mode: u32,
+    ) -> Result<NodeId, FsError> {
+        if !matches!(kind, Kind::Fifo | Kind::Socket) {
+            return Err(FsError::Invalid);
+        }
+        let node = Node::new(kind, mode, self.owner, now(), Body::Special);
+        self.create_node(dir, name, node)
+    }
+
     /// Creates an empty directory `name` in `dir`.
     pub fn mkdir(&mut self, dir: NodeId, name: &[u8], mode: u32) -> Result<NodeId, FsError> {
         let node = Node::new(Kind::Dir, mode, self.owner, now(), Body::Dir(Delta::new()));

@@ -33,6 +33,10 @@ pub const S_IFREG: u32 = 0o100_000;
 pub const S_IFDIR: u32 = 0o040_000;
 /// Symbolic link type bits.
 pub const S_IFLNK: u32 = 0o120_000;
+/// FIFO type bits.
+pub const S_IFIFO: u32 = 0o010_000;
+/// Socket type bits.
+pub const S_IFSOCK: u32 = 0o140_000;
 
 /// Overlay byte cap used by [`Fs::new`].
 pub const DEFAULT_OVERLAY_LIMIT: u64 = 512 << 20;
@@ -269,7 +273,7 @@ impl Fs {
                 let info = self.image.inode(ino)?;
                 let parent = match info.kind {
                     Kind::Dir => Some(NodeId::Image(self.image.parent(ino)?)),
-                    Kind::File | Kind::Symlink => None,
+                    Kind::File | Kind::Symlink | Kind::Fifo | Kind::Socket => None,
                 };
                 Ok(Node::from_image(&info, parent))
             }
@@ -322,7 +326,7 @@ impl Fs {
             node.body = match node.body {
                 Body::Dir(_) => Body::Dir(node::Delta::new()),
                 Body::File(_) => Body::File(Arc::default()),
-                body @ (Body::ImageData | Body::Symlink(_)) => body,
+                body @ (Body::ImageData | Body::Symlink(_) | Body::Special) => body,
             };
             self.used += node.cost();
             self.nodes.insert(id, node);
@@ -345,6 +349,8 @@ impl Fs {
             Kind::File => (S_IFREG, self.contents(id)?.len() as u64),
             Kind::Dir => (S_IFDIR, 4096),
             Kind::Symlink => (S_IFLNK, self.read_link(id)?.len() as u64),
+            Kind::Fifo => (S_IFIFO, 0),
+            Kind::Socket => (S_IFSOCK, 0),
         };
         Ok(Stat {
             ino: id.ino(),
@@ -445,7 +451,7 @@ impl Fs {
             )
             | (None, NodeId::Image(ino)) => match self.image.inode(ino)?.kind {
                 Kind::Symlink => Ok(self.image.read_link(ino)?),
-                Kind::File | Kind::Dir => Err(FsError::Invalid),
+                Kind::File | Kind::Dir | Kind::Fifo | Kind::Socket => Err(FsError::Invalid),
             },
             (Some(_), _) => Err(FsError::Invalid),
             (None, NodeId::Overlay(_)) => Err(FsError::NotFound),

@@ -38,6 +38,8 @@ pub(super) enum Body {
     Dir(Delta),
     /// Target of a symlink created in the overlay.
     Symlink(Arc<[u8]>),
+    /// A FIFO or socket name: no data.
+    Special,
 }
 
 /// An inode whose metadata or contents live in the overlay: every overlay-created node, and
@@ -73,7 +75,7 @@ impl Node {
             parent,
             body: match info.kind {
                 Kind::Dir => Body::Dir(Delta::new()),
-                Kind::File | Kind::Symlink => Body::ImageData,
+                Kind::File | Kind::Symlink | Kind::Fifo | Kind::Socket => Body::ImageData,
             },
         }
     }
@@ -102,6 +104,7 @@ impl Node {
                 Body::File(data) => data.len() as u64,
                 Body::Dir(delta) => delta.keys().map(|name| entry_cost(name)).sum(),
                 Body::Symlink(target) => target.len() as u64,
+                Body::Special => 0,
             }
     }
 }

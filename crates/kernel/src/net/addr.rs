@@ -155,8 +155,9 @@ impl SockAddr {
             _ => None,
         };
         match (self, target) {
+            // IPv4 sockets take IPv4 traffic only (an IPv6 address counts if it maps one).
             (SockAddr::Inet(ip, _), _) => {
-                ip.is_unspecified() || v4(target).is_some_and(|t| t == *ip)
+                v4(target).is_some_and(|t| ip.is_unspecified() || t == *ip)
             }
             (SockAddr::Inet6(ip, _), SockAddr::Inet6(t, _)) => {
                 ip.is_unspecified()
@@ -207,5 +208,9 @@ mod tests {
         assert!(!any6.accepts(&lo4, true));
         assert!(!lo4.accepts(&lo4.with_port(81), false));
         assert!(lo4.is_local() && !SockAddr::Inet(Ipv4Addr::new(8, 8, 8, 8), 53).is_local());
+        assert!(
+            !any4.accepts(&any6, false),
+            "IPv4 wildcards take no IPv6 traffic"
+        );
     }
 }

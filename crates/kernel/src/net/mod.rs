@@ -133,6 +133,12 @@ pub struct Socket {
     /// An error the next operation reports (`SO_ERROR`): a connected UDP socket's datagram
     /// found no socket at its destination (Linux learns that from an ICMP reply).
     pub pending_error: Option<i32>,
+    /// Made by `accept`: it carries its listener's name but does not hold it (binding that
+    /// name again, or looking it up, never finds this one).
+    accepted: bool,
+    /// The filesystem name a unix socket bound to a path made (connecting by path finds
+    /// the socket through it, as Linux finds the inode).
+    pub fs_node: Option<forkvm_image::NodeId>,
     /// A TCP socket whose peer closed took one more write (Linux sends it, and the reset
     /// that comes back fails the next one with `EPIPE`).
     reset: bool,
@@ -174,6 +180,8 @@ impl Socket {
             peer_done: false,
             options: BTreeMap::new(),
             pending_error: None,
+            fs_node: None,
+            accepted: false,
             reset: false,
         }
     }
@@ -322,6 +330,15 @@ impl Sockets {
         (a, b)
     }
 
+    /// The socket whose path-bound name is filesystem node `node`, and the address it is
+    /// bound to.
+    pub fn at_node(&self, node: forkvm_image::NodeId) -> Option<SockAddr> {
+        self.slab
+            .iter()
+            .find(|(_, s)| s.fs_node == Some(node))
+            .and_then(|(_, s)| s.local.clone())
+    }
+
     /// Whether a socket is bound to exactly `addr`.
     pub fn is_bound(&self, addr: &SockAddr) -> bool {
         self.slab
@@ -337,17 +354,16 @@ impl Sockets {
     /// The socket bound to exactly `addr`, or (for internet addresses) one whose bound
     /// address takes traffic for it, of the same type.
     fn bound_to(&self, addr: &SockAddr, kind: Kind, exclude: usize) -> Option<usize> {
-        let exact = self
-            .slab
-            .iter()
-            .find(|(id, s)| *id != exclude && s.kind == kind && s.local.as_ref() == Some(addr));
+        let exact = self.slab.iter().find(|(id, s)| {
+            *id != exclude && !s.accepted && s.kind == kind && s.local.as_ref() == Some(addr)
+        });
         if let Some((id, _)) = exact {
             return Some(id);
         }
         addr.port()?;
         self.slab
             .iter()
-            .filter(|(id, s)| *id != exclude && s.kind == kind)
+            .filter(|(id, s)| *id != exclude && !s.accepted && s.kind == kind)
             .find(|(_, s)| {
                 s.local
                     .as_ref()
@@ -390,14 +406,17 @@ impl Sockets {
             SockAddr::UnixUnnamed => self.unix_autoname()?,
             addr => addr,
         };
+        let new_v6_only = self.socket(id)?.v6_only();
         let taken = self.slab.iter().any(|(other, s)| {
             other != id
+                && !s.accepted
                 && s.kind == kind
                 && s.local.as_ref().is_some_and(|local| {
                     local == &addr
                         || (addr.port().is_some()
                             && local.port() == addr.port()
-                            && (local.accepts(&addr, s.v6_only()) || addr.accepts(local, false)))
+                            && (local.accepts(&addr, s.v6_only())
+                                || addr.accepts(local, new_v6_only)))
                 })
         });
         if taken {
@@ -422,6 +441,27 @@ impl Sockets {
     fn next_unix_name(&mut self) -> u32 {
         self.next_name = (self.next_name + 1) & 0xfffff;
         self.next_name
+    }
+
+    /// A socket bound to a wildcard address that connects to `to` is named by the address
+    /// it reaches from, as Linux picks a source address: `to`'s own (a loopback one).
+    fn choose_source(&mut self, id: usize, to: &SockAddr) -> Result<(), Errno> {
+        let socket = self.socket_mut(id)?;
+        let source = match (&socket.local, to) {
+            (Some(SockAddr::Inet(ip, port)), SockAddr::Inet(dest, _)) if ip.is_unspecified() => {
+                SockAddr::Inet(*dest, *port)
+            }
+            (Some(SockAddr::Inet6(ip, port)), SockAddr::Inet6(dest, _)) if ip.is_unspecified() => {
+                SockAddr::Inet6(*dest, *port)
+            }
+            // An IPv6 socket reaching an IPv4 address is named by its mapped form.
+            (Some(SockAddr::Inet6(ip, port)), SockAddr::Inet(dest, _)) if ip.is_unspecified() => {
+                SockAddr::Inet6(dest.to_ipv6_mapped(), *port)
+            }
+            _ => return Ok(()),
+        };
+        socket.local = Some(source);
+        Ok(())
     }
 
     /// Binds an internet socket to a free port on the wildcard address, as Linux does for
@@ -472,6 +512,7 @@ impl Sockets {
         let kind = socket.kind;
         if kind == Kind::Datagram {
             self.autobind(id)?;
+            self.choose_source(id, &addr)?;
             self.socket_mut(id)?.remote = Some(addr);
             return Ok(());
         }
@@ -500,6 +541,7 @@ impl Sockets {
             return Err(NetError::WouldBlock);
         }
         self.autobind(id)?;
+        self.choose_source(id, &addr)?;
         let server_name = self.socket(listener)?.name();
         let client_name = self.socket(id)?.name();
         let listener_options = self.socket(listener)?.options.clone();
@@ -515,6 +557,7 @@ impl Sockets {
                 server_name
             });
             server.remote = Some(client_name);
+            server.accepted = true;
             // As in Linux, an accepted socket starts with its listener's options.
             server.options = listener_options;
         }

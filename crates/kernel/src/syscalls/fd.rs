@@ -38,8 +38,8 @@ impl Process {
     pub(crate) fn release(&mut self, object: FileObject) {
         match object {
             FileObject::Node { node, .. } => self.fs.close_ref(node),
-            FileObject::Pipe { id, write_end } => {
-                self.pipes.release(id, write_end);
+            FileObject::Pipe { id, end } => {
+                self.pipes.release(id, end);
                 // A reader may now see end-of-file, a writer a broken pipe.
                 self.io_event();
             }
@@ -75,7 +75,7 @@ impl Process {
     pub(crate) fn retain(&mut self, object: &FileObject) {
         match *object {
             FileObject::Node { node, .. } => self.fs.open_ref(node),
-            FileObject::Pipe { id, write_end } => self.pipes.retain(id, write_end),
+            FileObject::Pipe { id, end } => self.pipes.retain(id, end),
             FileObject::Socket(id) => self.sockets.retain(id),
             FileObject::Epoll(id) => self.notifiers.epolls.retain(id),
             FileObject::EventFd(id) => self.notifiers.eventfds.retain(id),

@@ -6,10 +6,11 @@
 use forkvm_image::{Kind, Resolved};
 use syscalls::Errno;
 
-use super::SysResult;
+use super::{Stop, SysResult};
 use crate::errno::from_fs;
 use crate::file::{FileObject, OpenFile, Stream};
 use crate::fileinfo::FileStat;
+use crate::pipe::PipeEnd;
 use crate::process::Process;
 use crate::procfs::{ProcFile, proc_self_entry};
 
@@ -175,7 +176,44 @@ impl Process {
         if flags & libc::O_TRUNC != 0 && writable && kind == Kind::File {
             self.fs.truncate(resolved.node, 0).map_err(from_fs)?;
         }
+        match kind {
+            _ if flags & libc::O_PATH != 0 => {}
+            Kind::Socket => return Err(Errno::ENXIO.into()),
+            Kind::Fifo => return self.open_fifo(resolved, status, cloexec),
+            _ => {}
+        }
         self.open_node(resolved, status, cloexec)
+    }
+
+    /// Opens FIFO `resolved`: an end of the pipe every opener of that FIFO shares. A writer
+    /// with no reader waits for one (`ENXIO` when nonblocking), as on Linux.
+    fn open_fifo(&mut self, resolved: Resolved, status: i32, cloexec: bool) -> SysResult {
+        let id = self.pipes.fifo(resolved.node);
+        let end = match status & libc::O_ACCMODE {
+            libc::O_RDONLY => PipeEnd::Read,
+            libc::O_WRONLY => PipeEnd::Write,
+            _ => PipeEnd::Both,
+        };
+        if end == PipeEnd::Write && self.pipes.get(id).is_some_and(|p| p.readers == 0) {
+            self.pipes.drop_if_unused(id);
+            return Err(if status & libc::O_NONBLOCK != 0 {
+                Errno::ENXIO.into()
+            } else {
+                Stop::Block(Self::io_wait())
+            });
+        }
+        self.pipes.retain(id, end);
+        let file = OpenFile::new(FileObject::Pipe { id, end }, status, resolved.path);
+        match self.files.open(file, cloexec) {
+            Ok(fd) => {
+                self.io_event();
+                Ok(fd as u64)
+            }
+            Err(e) => {
+                self.pipes.release(id, end);
+                Err(e.into())
+            }
+        }
     }
 
     /// Installs a descriptor for a resolved node, holding it open in the filesystem.

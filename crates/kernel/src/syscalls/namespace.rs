@@ -185,9 +185,8 @@ impl Process {
         Err(Errno::EOPNOTSUPP.into())
     }
 
-    /// `mknod`/`mknodat`: regular files are created (as `open` with `O_CREAT|O_EXCL`
-    /// would); FIFOs, sockets and devices cannot be made here (`EPERM`, as for a user
-    /// without the privilege).
+    /// `mknod`/`mknodat`: regular files, FIFOs and socket names; devices cannot be made
+    /// here (`EPERM`, as for a user without the privilege).
     pub(crate) fn sys_mknodat(&mut self, dirfd: i32, path: u64, mode: u32) -> SysResult {
         match mode & libc::S_IFMT {
             0 | libc::S_IFREG => {
@@ -196,11 +195,49 @@ impl Process {
                 self.close_fd(fd as i32)?;
                 Ok(0)
             }
-            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => {
-                Err(Errno::EPERM.into())
+            kind @ (libc::S_IFIFO | libc::S_IFSOCK) => {
+                let path = self.read_path(path)?;
+                let kind = if kind == libc::S_IFIFO {
+                    Kind::Fifo
+                } else {
+                    Kind::Socket
+                };
+                self.create_special_at(dirfd, &path, kind, mode & 0o7777)?;
+                Ok(0)
             }
+            libc::S_IFCHR | libc::S_IFBLK => Err(Errno::EPERM.into()),
             _ => Err(Errno::EINVAL.into()),
         }
+    }
+
+    /// Makes a FIFO or socket name at `path` (`EEXIST` if the name is taken).
+    pub(crate) fn create_special_at(
+        &mut self,
+        dirfd: i32,
+        path: &[u8],
+        kind: Kind,
+        mode: u32,
+    ) -> Result<NodeId, Errno> {
+        let base = self.base_dir(dirfd, path)?;
+        let parent = match self.fs.resolve_parent(&base, path) {
+            Ok(parent) => parent,
+            Err(forkvm_image::FsError::Invalid) if self.fs.resolve(&base, path, true).is_ok() => {
+                return Err(Errno::EEXIST);
+            }
+            Err(e) => return Err(from_fs(e)),
+        };
+        self.fs
+            .create_special(parent.dir.node, &parent.name, kind, mode & !self.umask)
+            .map_err(from_fs)
+    }
+
+    /// Removes the name `path` (undoing a `create_special_at`).
+    pub(crate) fn remove_name(&mut self, path: &[u8]) -> Result<(), Errno> {
+        let base = self.base_dir(libc::AT_FDCWD, path)?;
+        let parent = self.fs.resolve_parent(&base, path).map_err(from_fs)?;
+        self.fs
+            .unlink(parent.dir.node, &parent.name)
+            .map_err(from_fs)
     }
 
     fn node_for_utimes(&self, dirfd: i32, path: u64, flags: i32) -> Result<NodeId, Errno> {

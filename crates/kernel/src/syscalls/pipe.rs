@@ -5,7 +5,7 @@ use syscalls::Errno;
 use super::io::Source;
 use super::{Stop, SysResult};
 use crate::file::{FileObject, OpenFile};
-use crate::pipe::PIPE_BUF;
+use crate::pipe::{PIPE_BUF, PipeEnd};
 use crate::process::Process;
 use crate::signals::SigInfo;
 use crate::threads::{Resume, SignalWake, Wait, WaitOn};
@@ -23,7 +23,7 @@ impl Process {
         let read_end = OpenFile::new(
             FileObject::Pipe {
                 id,
-                write_end: false,
+                end: PipeEnd::Read,
             },
             libc::O_RDONLY | status,
             name.clone(),
@@ -31,7 +31,7 @@ impl Process {
         let write_end = OpenFile::new(
             FileObject::Pipe {
                 id,
-                write_end: true,
+                end: PipeEnd::Write,
             },
             libc::O_WRONLY | status,
             name,
@@ -39,8 +39,8 @@ impl Process {
         let read_fd = match self.files.open(read_end, cloexec) {
             Ok(fd) => fd,
             Err(e) => {
-                self.pipes.release(id, false);
-                self.pipes.release(id, true);
+                self.pipes.release(id, PipeEnd::Read);
+                self.pipes.release(id, PipeEnd::Write);
                 return Err(e.into());
             }
         };
@@ -48,8 +48,8 @@ impl Process {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = self.files.close(read_fd);
-                self.pipes.release(id, false);
-                self.pipes.release(id, true);
+                self.pipes.release(id, PipeEnd::Read);
+                self.pipes.release(id, PipeEnd::Write);
                 return Err(e.into());
             }
         };
@@ -69,7 +69,9 @@ impl Process {
     ) -> SysResult {
         let pipe = self.pipes.get(id).ok_or(Errno::EBADF)?;
         if pipe.data.is_empty() {
-            if pipe.writers == 0 {
+            // No writer: the end (a FIFO nobody opened for writing yet makes a blocking
+            // reader wait, as Linux's open would; a nonblocking one sees the end).
+            if pipe.writers == 0 && (pipe.had_writer || nonblocking) {
                 return Ok(0);
             }
             if nonblocking {

@@ -16,6 +16,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use syscalls::Errno;
 
 use super::SysResult;
+use crate::errno::from_fs;
 use crate::file::{FileObject, OpenFile};
 use crate::net::{AF_INET, AF_INET6, AF_UNIX, Kind, NetError, SockAddr, State};
 use crate::process::Process;
@@ -160,8 +161,49 @@ impl Process {
     pub(crate) fn sys_bind(&mut self, fd: i32, addr: u64, len: u32) -> SysResult {
         let id = self.socket_id(fd)?;
         let addr = self.read_sockaddr(addr, len, self.socket_family(id)?)?;
-        self.sockets.bind(id, addr)?;
+        match &addr {
+            SockAddr::UnixPath(path) => {
+                let path = path.clone();
+                // The name must be free before the socket takes it; then it appears in the
+                // filesystem (and stays after the socket closes, until unlinked).
+                if self.sockets.get(id).is_some_and(|s| s.local.is_some()) {
+                    return Err(Errno::EINVAL.into());
+                }
+                let node = self
+                    .create_special_at(libc::AT_FDCWD, &path, forkvm_image::Kind::Socket, 0o777)
+                    .map_err(|e| {
+                        if e == Errno::EEXIST {
+                            Errno::EADDRINUSE
+                        } else {
+                            e
+                        }
+                    })?;
+                if let Err(e) = self.sockets.bind(id, addr) {
+                    let _ = self.remove_name(&path);
+                    return Err(e.into());
+                }
+                if let Some(socket) = self.sockets.get_mut(id) {
+                    socket.fs_node = Some(node);
+                }
+            }
+            _ => self.sockets.bind(id, addr)?,
+        }
         Ok(0)
+    }
+
+    /// The address of the socket a unix path names: `ENOENT` when nothing is there,
+    /// `ECONNREFUSED` when it is not a socket or no socket has it any more.
+    pub(super) fn unix_destination(&self, addr: SockAddr) -> Result<SockAddr, Errno> {
+        let SockAddr::UnixPath(path) = &addr else {
+            return Ok(addr);
+        };
+        let resolved = self.resolve_at(libc::AT_FDCWD, path, true)?;
+        if self.fs.kind(resolved.node).map_err(from_fs)? != forkvm_image::Kind::Socket {
+            return Err(Errno::ECONNREFUSED);
+        }
+        self.sockets
+            .at_node(resolved.node)
+            .ok_or(Errno::ECONNREFUSED)
     }
 
     pub(crate) fn sys_listen(&mut self, fd: i32, backlog: i32) -> SysResult {
@@ -181,7 +223,8 @@ impl Process {
             }
             return Ok(0);
         }
-        let addr = Self::destination(self.read_sockaddr(addr, len, family)?);
+        let addr =
+            self.unix_destination(Self::destination(self.read_sockaddr(addr, len, family)?))?;
         let nonblocking = self.files.get(fd)?.status_flags & libc::O_NONBLOCK != 0;
         match self.sockets.connect(id, addr.clone()) {
             // Loopback connects complete at once, but a nonblocking TCP connect on Linux
@@ -196,12 +239,6 @@ impl Process {
                 Ok(0)
             }
             Err(NetError::WouldBlock) => Err(self.wait_or_again(nonblocking)),
-            // A unix path nothing is bound to does not exist.
-            Err(NetError::Errno(Errno::ECONNREFUSED))
-                if matches!(addr, SockAddr::UnixPath(_)) && !self.sockets.is_bound(&addr) =>
-            {
-                Err(Errno::ENOENT.into())
-            }
             Err(NetError::Errno(e)) => Err(e.into()),
         }
     }

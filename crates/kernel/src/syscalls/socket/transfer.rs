@@ -265,7 +265,8 @@ impl Process {
         let to = if addr == 0 {
             None
         } else {
-            Some(self.read_sockaddr(addr, addr_len, self.socket_family(id)?)?)
+            let addr = self.read_sockaddr(addr, addr_len, self.socket_family(id)?)?;
+            Some(self.unix_destination(addr)?)
         };
         self.socket_send(fd, &[(buf, len)], to, Outgoing::default(), flags)
     }
@@ -285,8 +286,8 @@ impl Process {
         Ok(n)
     }
 
-    /// Reports where received data came from: internet streams report no address (as
-    /// Linux does), everything else the sender's.
+    /// Reports where received data came from: internet streams and unbound unix senders
+    /// report no address (length 0, as Linux does), everything else the sender's.
     fn write_source(
         &self,
         fd: i32,
@@ -300,6 +301,7 @@ impl Process {
         let id = self.socket_id(fd)?;
         let socket = self.sockets.get(id).ok_or(Errno::EBADF)?;
         match from {
+            Some(SockAddr::UnixUnnamed) => self.write_user(len_ptr, &0u32.to_le_bytes()),
             Some(from) if !(socket.kind == Kind::Stream && socket.family != AF_UNIX) => {
                 self.write_sockaddr(from, addr, len_ptr)
             }
@@ -313,7 +315,8 @@ impl Process {
         let to = if header.name == 0 {
             None
         } else {
-            Some(self.read_sockaddr(header.name, header.name_len, self.socket_family(id)?)?)
+            let addr = self.read_sockaddr(header.name, header.name_len, self.socket_family(id)?)?;
+            Some(self.unix_destination(addr)?)
         };
         let vecs = self.read_iovecs(header.iov, header.iov_len)?;
         let outgoing =
