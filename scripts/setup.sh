@@ -3,13 +3,16 @@
 #   mmdebstrap  builds the sandbox root filesystem from Debian packages
 #   gcc, libc6-dev  compile the small static programs the KVM tests run
 #   bubblewrap  the container floor `forkvm bench` measures against
-#   python3, python3-numpy, libopenblas0-pthread, python3-pandas, python3-sklearn
-#               the host side of the benchmarks and of the numeric tests: the same Debian
-#               binaries the sandbox runs, with the BLAS a normal numpy install selects
+#   python3, python3-numpy, libopenblas0-pthread, python3-pandas, python3-sklearn,
+#   python3-scipy, python3-matplotlib, python3-seaborn
+#               the host side of the benchmarks and of the numeric and plotting tests: the
+#               same Debian binaries the sandbox runs, with the BLAS a normal numpy install
+#               selects
 set -euo pipefail
 
 packages=(mmdebstrap gcc libc6-dev bubblewrap python3 python3-numpy libopenblas0-pthread
-    python3-pandas python3-sklearn ca-certificates)
+    python3-pandas python3-sklearn python3-scipy python3-matplotlib python3-seaborn
+    ca-certificates)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -4,12 +4,20 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// A fresh cache directory with every root filesystem image of the default cache linked in
+/// (so none is rebuilt; one that is missing gets built here).
 fn cache_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-cache-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let image = forkvm_testkit::default_image();
-    std::os::unix::fs::symlink(&image, dir.join(image.file_name().unwrap())).unwrap();
+    let default = forkvm_testkit::default_image();
+    for entry in std::fs::read_dir(default.parent().unwrap()).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if file.starts_with("rootfs-") && file.ends_with(".img") {
+            std::os::unix::fs::symlink(&path, dir.join(&file)).unwrap();
+        }
+    }
     dir
 }
 
@@ -156,4 +164,53 @@ fn bad_names_and_failing_entries_are_reported() {
         "{stderr}"
     );
     assert!(!cache.join("templates/broken").exists());
+}
+
+/// Plots with seaborn and prints the PNG's size and SHA-256, then two fitted numbers.
+const PLOT: &str = r#"
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt, seaborn as sns, numpy as np, pandas as pd, io, hashlib
+rng = np.random.default_rng(0)
+df = pd.DataFrame({"x": rng.normal(size=200), "y": rng.normal(size=200), "g": rng.integers(0, 3, 200)})
+fig, ax = plt.subplots(figsize=(4, 3), dpi=80)
+sns.scatterplot(data=df, x="x", y="y", hue="g", ax=ax)
+ax.set_title("forkvm")
+png = io.BytesIO()
+fig.savefig(png, format="png", metadata={"Software": None})
+print(len(png.getvalue()), hashlib.sha256(png.getvalue()).hexdigest())
+from sklearn.linear_model import LinearRegression
+import scipy.stats
+print(round(LinearRegression().fit(df[["x"]], df["y"]).coef_[0], 6), round(scipy.stats.pearsonr(df.x, df.y)[0], 6))
+"#;
+
+#[test]
+fn a_data_science_template_plots_byte_for_byte_what_the_host_plots() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    // Importing matplotlib.pyplot during the warm-up starts a thread (a timer that warns
+    // when building the font cache is slow); the build used to fail on it.
+    let cache = cache_dir("data-science");
+    let packages = "pandas,matplotlib,seaborn,sklearn,scipy";
+    let built = forkvm(&cache, &["template", "build", "ds", "--packages", packages]);
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    let sandbox = forkvm(&cache, &["exec", "--template", "ds", PLOT]);
+    assert!(sandbox.status.success(), "{}", text(&sandbox.stderr));
+
+    let host = Command::new("/usr/bin/python3")
+        .args(["-c", PLOT])
+        .output()
+        .expect("running the host's python3");
+    if !host.status.success() {
+        // scripts/setup.sh installs the same Debian packages on the host.
+        assert!(
+            std::env::var_os("FORKVM_REQUIRE_KVM").is_none(),
+            "the host cannot run the plot (run scripts/setup.sh): {}",
+            text(&host.stderr)
+        );
+        eprintln!("skipping the host comparison: {}", text(&host.stderr));
+        return;
+    }
+    assert_eq!(text(&sandbox.stdout), text(&host.stdout));
 }
