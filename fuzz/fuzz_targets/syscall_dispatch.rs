@@ -50,6 +50,8 @@ const PATHS: &[&str] = &[
     "/tmp/new",
     "/tmp/new/sub",
     "/tmp/link",
+    "/tmp/fifo",
+    "/tmp/sock",
     "/",
     ".",
     "..",

@@ -193,6 +193,11 @@ impl Process {
             Sysno::fchdir => self.sys_fchdir(a[0] as i32),
             Sysno::fstatfs => self.sys_fstatfs(a[0] as i32, a[1]),
             Sysno::sendfile => self.sys_sendfile(a[0] as i32, a[1] as i32, a[2], a[3]),
+            Sysno::splice => {
+                self.sys_splice(a[0] as i32, a[1], a[2] as i32, a[3], a[4], a[5] as u32)
+            }
+            Sysno::tee => self.sys_tee(a[0] as i32, a[1] as i32, a[2], a[3] as u32),
+            Sysno::vmsplice => self.sys_vmsplice(a[0] as i32, a[1], a[2], a[3] as u32),
             Sysno::copy_file_range => {
                 self.sys_copy_file_range(a[0] as i32, a[1], a[2] as i32, a[3], a[4], a[5] as u32)
             }
