@@ -111,3 +111,21 @@ fn a_broken_pipe_raises_sigpipe_or_epipe() {
     );
     assert_eq!(out.exit_code, 128 + libc::SIGPIPE);
 }
+
+#[test]
+fn a_blocking_pipe_write_waits_for_all_of_it_unless_a_signal_ends_it() {
+    let Some(engine) = engine() else { return };
+    // As on Linux: the write returns only when a reader has taken everything past the
+    // pipe's capacity; an alarm during the wait ends it with the count written so far.
+    let code = "import os, signal, threading, time\n\
+                r, w = os.pipe()\n\
+                got = []\n\
+                def drain(total):\n    time.sleep(0.1)\n    n = 0\n    while n < total:\n        n += len(os.read(r, 65536))\n    got.append(n)\n\
+                t = threading.Thread(target=drain, args=(300000,))\nt.start()\n\
+                print(os.write(w, b'x' * 300000))\nt.join()\nprint(got)\n\
+                signal.signal(signal.SIGALRM, lambda *a: print('alarm'))\n\
+                signal.setitimer(signal.ITIMER_REAL, 0.2)\n\
+                n = os.write(w, b'y' * 300000)\n\
+                print(0 < n < 300000)";
+    assert_eq!(stdout(engine, code), "300000\n[300000]\nalarm\nTrue\n");
+}

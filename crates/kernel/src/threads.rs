@@ -120,6 +120,9 @@ struct Thread {
     /// The deadline of the wait its syscall last blocked in: a restarted syscall keeps it
     /// (a `poll` woken by unrelated I/O must not start its timeout over).
     restart_deadline_ns: Option<u64>,
+    /// Bytes its blocked syscall already moved (a blocking pipe write waits until all of it
+    /// is written): what the syscall returns if a signal ends the wait.
+    progress: u64,
     /// Signals it blocks.
     mask: SigSet,
     /// Signals sent to it (not to the process).
@@ -197,6 +200,7 @@ impl Threads {
                 clear_child_tid: 0,
                 robust_list: 0,
                 restart_deadline_ns: None,
+                progress: 0,
                 mask: 0,
                 pending: Pending::default(),
                 alt_stack: AltStack::default(),
@@ -271,6 +275,7 @@ impl Threads {
                 clear_child_tid,
                 robust_list: 0,
                 restart_deadline_ns: None,
+                progress: 0,
                 mask,
                 pending: Pending::default(),
                 alt_stack: AltStack::default(),
@@ -296,7 +301,7 @@ impl Threads {
             .filter(|&signal| pending & bit(signal) != 0)
             .find_map(|signal| Self::wakes(thread, signal));
         if let Some(resume) = woken {
-            thread.state = State::Runnable(resume);
+            Self::end_wait(thread, resume);
         }
     }
 
@@ -305,6 +310,18 @@ impl Threads {
         self.threads
             .get(&self.current)
             .and_then(|t| t.restart_deadline_ns)
+    }
+
+    /// Bytes the current thread's syscall moved before it last blocked.
+    pub fn progress(&self) -> u64 {
+        self.threads.get(&self.current).map_or(0, |t| t.progress)
+    }
+
+    /// Records what the current thread's syscall has moved so far (0 when it finishes).
+    pub fn set_progress(&mut self, bytes: u64) {
+        if let Some(thread) = self.threads.get_mut(&self.current) {
+            thread.progress = bytes;
+        }
     }
 
     /// The current thread's syscall finished: a later one starts its own timeout.
@@ -342,7 +359,7 @@ impl Threads {
         waiters.truncate(count);
         for &(_, tid) in &waiters {
             if let Some(thread) = self.threads.get_mut(&tid) {
-                thread.state = State::Runnable(resume);
+                Self::end_wait(thread, resume);
             }
         }
         waiters.len()
@@ -402,7 +419,7 @@ impl Threads {
             if let State::Blocked { wait, .. } = thread.state
                 && wait.deadline_ns.is_some_and(|d| d <= now)
             {
-                thread.state = State::Runnable(wait.on_timeout);
+                Self::end_wait(thread, wait.on_timeout);
                 any = true;
             }
         }
@@ -583,7 +600,17 @@ impl Threads {
         match wait.on {
             WaitOn::SignalIn(set) if set & bit(signal) != 0 => Some(Resume::Restart),
             _ if thread.mask & bit(signal) != 0 => None,
+            // A syscall that moved some bytes returns their count, as Linux's do.
+            _ if thread.progress > 0 => Some(Resume::Return(thread.progress)),
             _ => Some(Resume::Interrupted(wait.on_signal)),
+        }
+    }
+
+    /// Wakes a blocked thread: unless its syscall is made again, it is over.
+    fn end_wait(thread: &mut Thread, resume: Resume) {
+        thread.state = State::Runnable(resume);
+        if resume != Resume::Restart {
+            thread.progress = 0;
         }
     }
 
@@ -595,7 +622,7 @@ impl Threads {
         };
         thread.pending.add(info);
         if let Some(resume) = Self::wakes(thread, info.signo) {
-            thread.state = State::Runnable(resume);
+            Self::end_wait(thread, resume);
         }
         true
     }
@@ -617,7 +644,7 @@ impl Threads {
             if let Some(thread) = self.threads.get_mut(&tid)
                 && let Some(resume) = Self::wakes(thread, signal)
             {
-                thread.state = State::Runnable(resume);
+                Self::end_wait(thread, resume);
                 return;
             }
         }

@@ -42,7 +42,11 @@ fn splice_moves_a_file_through_a_pipe_into_another_file() {
     expected.extend_from_slice(&HELLO[..2]);
     assert_eq!(h.sys(libc::SYS_lseek, &[dst as u64, 0, 0]), 0);
     assert_eq!(h.read_fd(dst, 100), Ok(expected));
-    assert_eq!(h.read_fd(r, 8), Err(err(libc::EAGAIN)), "the pipe gave it all up");
+    assert_eq!(
+        h.read_fd(r, 8),
+        Err(err(libc::EAGAIN)),
+        "the pipe gave it all up"
+    );
 }
 
 #[test]

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::cpu::CpuFeatures;
 
 /// Version of the snapshot format; loading refuses others.
-pub const SNAPSHOT_FORMAT: u32 = 5;
+pub const SNAPSHOT_FORMAT: u32 = 6;
 /// Largest `state.bin` accepted (a guard against a corrupt length field, not a real limit).
 const MAX_STATE_BYTES: u64 = 1 << 30;
 /// Bytes written per `pwrite` when saving memory.

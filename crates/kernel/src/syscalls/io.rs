@@ -337,7 +337,11 @@ impl Process {
                 Err(Stop::Errno(_)) => break,
                 Err(stop) if total == 0 => return Err(stop),
                 // Some moved already: that is the answer, not a wait.
-                Err(Stop::Block(_)) => break,
+                Err(Stop::Block(_)) => {
+                    total += self.threads.progress();
+                    self.threads.set_progress(0);
+                    break;
+                }
                 Err(Stop::AwaitingControl) => {
                     // Not parking after all: the bytes already read are the answer.
                     self.control.take_pending();

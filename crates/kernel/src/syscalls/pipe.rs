@@ -90,26 +90,43 @@ impl Process {
     }
 
     /// Writes `data` into pipe `id`. Writes of up to `PIPE_BUF` bytes are atomic: they wait
-    /// for room for all of it.
+    /// for room for all of it. A blocking write from program memory waits until all of it is
+    /// written (a signal ends it with the count so far); others write what fits.
     pub(crate) fn pipe_write(&mut self, id: usize, data: Source, nonblocking: bool) -> SysResult {
+        let whole = !nonblocking && matches!(data, Source::Guest { .. });
+        let done = if whole { self.threads.progress() } else { 0 };
         let pipe = self.pipes.get(id).ok_or(Errno::EBADF)?;
         if pipe.readers == 0 {
+            self.threads.set_progress(0);
+            if done > 0 {
+                return Ok(done);
+            }
             // SIGPIPE to the writer (fatal unless handled or ignored), and EPIPE.
             let tid = self.threads.current();
             let _ = self.send_to_thread(tid, SigInfo::kernel(libc::SIGPIPE));
             return Err(Errno::EPIPE.into());
         }
         let room = pipe.room();
-        if room == 0 || (data.len() <= PIPE_BUF && room < data.len()) {
+        let left = data.len() - done as usize;
+        if room == 0 || (data.len() <= PIPE_BUF && room < left) {
             return Err(self.wait_or_again(nonblocking));
         }
-        let n = data.len().min(room);
-        let bytes = data.take(self, n)?;
+        let n = left.min(room);
+        let bytes = match data {
+            Source::Guest { addr, .. } => self.read_user(addr + done, n)?,
+            Source::Host(_) => data.take(self, n)?,
+        };
         if let Some(pipe) = self.pipes.get_mut(id) {
             pipe.data.extend(bytes);
         }
         self.io_event();
-        Ok(n as u64)
+        let done = done + n as u64;
+        if whole && (done as usize) < data.len() {
+            self.threads.set_progress(done);
+            return Err(Stop::Block(Self::io_wait()));
+        }
+        self.threads.set_progress(0);
+        Ok(done)
     }
 
     /// Waiting for a descriptor to become ready, with no deadline: the syscall is made again
