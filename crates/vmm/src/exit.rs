@@ -61,19 +61,56 @@ pub enum SandboxExit {
     Internal(String),
 }
 
-/// The program wrote the syscall port itself instead of through the stub: on Linux, `out`
-/// in user mode is a #GP, i.e. SIGSEGV.
-pub(crate) fn forged_port_write(rip_after: u64) -> SandboxExit {
-    SandboxExit::Fault(Fault {
+/// Port I/O the program did itself instead of through a stub (`in`/`out` on the stub
+/// ports, a jump into an exception stub): on Linux, port I/O in user mode is a #GP, i.e.
+/// `SIGSEGV`, at the instruction that did it. `rip` is where the vCPU stopped; the
+/// instruction is found by its encoding just before (or at) it.
+pub(crate) fn forged_io(ram: &GuestRam, rip: u64) -> Fault {
+    Fault {
         vector: 13,
         signal: libc::SIGSEGV,
-        rip: rip_after.wrapping_sub(2),
+        rip: io_instruction_start(ram, rip),
         address: 0,
         error_code: Some(0),
-    })
+    }
 }
 
-/// Decodes the exception `vector` from the frame the CPU pushed on the ring-0 stack: the
+/// The start of the `in`/`out` instruction that made an I/O exit stopped at `rip`: KVM
+/// reports a completed `out` with `rip` after it, an `in` (still waiting for its data) at
+/// it.
+fn io_instruction_start(ram: &GuestRam, rip: u64) -> u64 {
+    let byte = |at: u64| {
+        let mut b = [0u8; 1];
+        ram.read(at, &mut b).ok().map(|()| b[0])
+    };
+    // `in`/`out` with the port in dx (one byte) or as an immediate (two).
+    let dx_form = |b: u8| (0xEC..=0xEF).contains(&b);
+    let imm_form = |b: u8| (0xE4..=0xE7).contains(&b);
+    let with_prefix = |start: u64| match start.checked_sub(1).and_then(byte) {
+        Some(0x66) => start - 1,
+        _ => start,
+    };
+    match (
+        byte(rip),
+        rip.checked_sub(1).and_then(byte),
+        rip.checked_sub(2).and_then(byte),
+    ) {
+        (Some(b), _, _) if dx_form(b) || imm_form(b) => with_prefix(rip),
+        (_, Some(b), _) if dx_form(b) => with_prefix(rip - 1),
+        (_, _, Some(b)) if imm_form(b) => with_prefix(rip - 2),
+        _ => rip,
+    }
+}
+
+/// Whether an exit on exception `vector`'s port came from a real exception: it enters the
+/// stub in ring 0, through its IDT gate. The program can reach the port, or jump to the
+/// stub, only from ring 3, with a frame of its own making.
+pub(crate) fn is_real_exception(sync: &kvm_sync_regs, vector: u8) -> bool {
+    let stub_exit = EXCEPTION_STUBS + u64::from(vector) * EXCEPTION_STUB_STRIDE + 2;
+    sync.regs.rip == stub_exit && sync.sregs.cs.dpl == 0
+}
+
+/// Decodes the (real) exception `vector` from the frame the CPU pushed on the ring-0 stack: the
 /// fault, and the user context it interrupted (general registers as they were, rip, rsp
 /// and rflags from the frame), for a handler to run on.
 pub(crate) fn exception(
@@ -81,13 +118,6 @@ pub(crate) fn exception(
     sync: &kvm_sync_regs,
     vector: u8,
 ) -> Result<(Fault, UserContext), SandboxExit> {
-    let expected_rip = EXCEPTION_STUBS + u64::from(vector) * EXCEPTION_STUB_STRIDE + 2;
-    if sync.regs.rip != expected_rip {
-        return Err(SandboxExit::Internal(format!(
-            "exception exit from unexpected rip {:#x}",
-            sync.regs.rip
-        )));
-    }
     let has_code = descriptors::has_error_code(vector);
     let words = if has_code { 6 } else { 5 };
     let mut frame = vec![0u8; words * 8];

@@ -15,7 +15,7 @@ use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 
 use crate::descriptors::SYSCALL_EXIT_RIP;
-use crate::exit::{self, SandboxExit};
+use crate::exit::{self, Fault, SandboxExit};
 use crate::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, SYSCALL_PORT, USER_START};
 use crate::vcpu::{self, CpuTemplate, USER_RFLAGS, VcpuSetupError, VcpuState};
 use crate::watchdog::{CpuBudget, DeadlineGuard, SchedulerAlarm};
@@ -227,9 +227,9 @@ impl Sandbox {
                     let vector = (port - EXCEPTION_PORT_BASE) as u8;
                     self.take_fault(vector)
                 }
-                Ok(VcpuExit::IoOut(port, _)) => Step::End(SandboxExit::Internal(format!(
-                    "unexpected I/O to port {port:#x}"
-                ))),
+                // Only the stubs' ports are open to the program; using them itself is a
+                // fault of its own making.
+                Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => self.take_forged_io(),
                 Ok(VcpuExit::Intr) => self.maybe_preempt(),
                 Ok(VcpuExit::Shutdown) => Step::End(exit::triple_fault(&self.vcpu.sync_regs())),
                 Ok(other) => Step::End(SandboxExit::Internal(format!(
@@ -293,7 +293,7 @@ impl Sandbox {
         // itself runs with the user code segment, so a program could also jump to it: that
         // is just another way to make a syscall, with registers it chose either way.
         if sync.regs.rip != SYSCALL_EXIT_RIP {
-            return Step::End(exit::forged_port_write(sync.regs.rip));
+            return self.take_forged_io();
         }
         let mut ctx = syscall_context(&sync);
         let mut fpu = VcpuFpu(&self.vcpu);
@@ -334,10 +334,27 @@ impl Sandbox {
     /// (`faulthandler`, a SIGSEGV catcher); otherwise the sandbox ends with the fault.
     fn take_fault(&mut self, vector: u8) -> Step {
         let sync = self.vcpu.sync_regs();
-        let (fault, mut ctx) = match exit::exception(self.process.ram(), &sync, vector) {
+        if !exit::is_real_exception(&sync, vector) {
+            return self.take_forged_io();
+        }
+        let (fault, ctx) = match exit::exception(self.process.ram(), &sync, vector) {
             Ok(decoded) => decoded,
             Err(end) => return Step::End(end),
         };
+        self.deliver_fault(fault, ctx)
+    }
+
+    /// The program did port I/O itself: a #GP at that instruction, delivered like any fault.
+    fn take_forged_io(&mut self) -> Step {
+        let sync = self.vcpu.sync_regs();
+        let fault = exit::forged_io(self.process.ram(), sync.regs.rip);
+        let mut ctx = live_context(&sync);
+        ctx.regs.rip = fault.rip;
+        self.deliver_fault(fault, ctx)
+    }
+
+    /// Runs the program's handler for `fault`'s signal, or ends the sandbox with the fault.
+    fn deliver_fault(&mut self, fault: Fault, mut ctx: UserContext) -> Step {
         let (code, addr) = fault.siginfo();
         let mut fpu = VcpuFpu(&self.vcpu);
         match self

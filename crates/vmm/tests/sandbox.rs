@@ -165,3 +165,22 @@ fn clocks_sleep_and_simd_work() {
     assert_eq!(run(&f, &["avx"], 64 * MIB, None).stdout, "avx -2\n");
     assert_eq!(run(&f, &["mmap"], 64 * MIB, None).stdout, "mmap zeroed\n");
 }
+
+#[test]
+fn forged_endings_are_faults_at_the_real_address() {
+    let Some(f) = fixture() else { return };
+    // The program's text is mapped from 0x400000 (a static non-PIE binary).
+    let in_program = 0x40_0000..0x50_0000;
+    for mode in ["in-syscall-port", "out-exception-port", "forge"] {
+        let r = run(&f, &[mode], 64 * MIB, None);
+        let fault = fault(&r);
+        assert_eq!((fault.vector, fault.signal), (13, libc::SIGSEGV), "{mode}");
+        assert!(in_program.contains(&fault.rip), "{mode}: {fault}");
+    }
+    // A jump into the page-fault stub with a frame claiming rip 0xdeadbeef: the fault is
+    // the port write in the stub, not the frame's story.
+    let r = run(&f, &["jump-to-exception-stub"], 64 * MIB, None);
+    let fault = fault(&r);
+    assert_eq!((fault.vector, fault.signal), (13, libc::SIGSEGV));
+    assert_eq!(fault.rip, forkvm_vmm::layout::EXCEPTION_STUBS + 14 * 8);
+}

@@ -25,6 +25,18 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "div0")) { return 10 / zero; }
     if (!strcmp(mode, "port")) { __asm__ volatile("outb %%al, $0x99" ::"a"(0)); return 0; }
     if (!strcmp(mode, "forge")) { __asm__ volatile("outb %%al, $0x20" ::"a"(39)); return 0; }
+    /* Forged endings: the stub ports and stubs used from ring 3. */
+    if (!strcmp(mode, "in-syscall-port")) { __asm__ volatile("inb $0x20, %%al" ::: "rax"); return 0; }
+    if (!strcmp(mode, "out-exception-port")) { __asm__ volatile("outb %%al, $0x4e" ::"a"(0)); return 0; }
+    if (!strcmp(mode, "jump-to-exception-stub")) {
+        /* A page-fault frame claiming rip 0xdeadbeef, where a real exception would put it,
+           then straight into the page-fault stub. */
+        uint64_t *frame = (uint64_t *)(0x20000 - 48);
+        frame[0] = 4; frame[1] = 0xdeadbeef; frame[2] = 0x2b; frame[3] = 0x202;
+        frame[4] = 0x1000; frame[5] = 0x23;
+        __asm__ volatile("mov %0, %%rsp; jmp *%1" ::"r"(frame), "r"(0x16100ull + 14 * 8));
+        return 0;
+    }
     if (!strcmp(mode, "loop")) { for (;;) __asm__ volatile(""); }
     if (!strcmp(mode, "efault")) {
         long w = syscall(SYS_write, 1, (void *)0x7f0000000000ull, 10);
