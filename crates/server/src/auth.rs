@@ -72,12 +72,24 @@ impl KeyStore {
             path: display.clone(),
             reason: e.to_string(),
         })?;
-        let mut keys = Vec::with_capacity(file.keys.len());
+        let mut keys: Vec<(String, [u8; 32])> = Vec::with_capacity(file.keys.len());
         for entry in file.keys {
-            let hash = parse_hex(&entry.sha256).ok_or_else(|| KeysError::Malformed {
+            let malformed = |reason: String| KeysError::Malformed {
                 path: display.clone(),
-                reason: format!("key {:?}: sha256 must be 64 hex digits", entry.id),
-            })?;
+                reason: format!("key {:?}: {reason}", entry.id),
+            };
+            let hash = parse_hex(&entry.sha256)
+                .ok_or_else(|| malformed("sha256 must be 64 hex digits".into()))?;
+            // Two entries with one name would share its sessions and quotas; one key under
+            // two names would be attributed to either.
+            if keys.iter().any(|(id, _)| *id == entry.id) {
+                return Err(malformed("the name appears twice".into()));
+            }
+            if keys.iter().any(|(_, h)| *h == hash) {
+                return Err(malformed(
+                    "the same key is already listed under another name".into(),
+                ));
+            }
             keys.push((entry.id, hash));
         }
         if keys.is_empty() {
@@ -142,18 +154,26 @@ pub fn add_key(path: &Path, id: &str) -> Result<String, KeysError> {
         sha256: hex(&Sha256::digest(key.as_bytes())),
     });
     let json = serde_json::to_string_pretty(&file).expect("keys file serializes");
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, json + "\n")
-        .and_then(|()| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        })
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| KeysError::Io {
-            path: display,
-            source,
-        })?;
+    write_private(path, (json + "\n").as_bytes()).map_err(|source| KeysError::Io {
+        path: display,
+        source,
+    })?;
     Ok(key)
+}
+
+/// Replaces `path` with `data`, readable by its owner only: written to a 0600 temporary
+/// file beside it (removed if anything fails) and renamed over it.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new().prefix(".keys-").tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -179,6 +199,37 @@ mod tests {
         assert_eq!(store.identify(&bob).as_deref(), Some("bob"));
         assert_eq!(store.identify("fvk_wrong"), None);
         assert!(add_key(&path, "alice").is_err());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["keys.json"], "no temporary file lingers");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn duplicate_names_and_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("forkvm-dup-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.json");
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        for (keys, complaint) in [
+            (
+                format!(r#"[{{"id":"x","sha256":"{a}"}},{{"id":"x","sha256":"{b}"}}]"#),
+                "twice",
+            ),
+            (
+                format!(r#"[{{"id":"x","sha256":"{a}"}},{{"id":"y","sha256":"{a}"}}]"#),
+                "another name",
+            ),
+        ] {
+            std::fs::write(&path, format!(r#"{{"keys":{keys}}}"#)).unwrap();
+            let err = KeyStore::load(&path).unwrap_err().to_string();
+            assert!(err.contains(complaint), "{err}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
