@@ -1,9 +1,11 @@
 //! `eventfd`, `timerfd` and `signalfd`: creating them, and reading and writing them.
 
+use std::mem::offset_of;
+
 use syscalls::Errno;
 
-use super::time::Timespec;
 use super::{Stop, SysResult};
+use crate::abi::{Itimerspec, Timespec};
 use crate::file::{FileObject, OpenFile};
 use crate::notify::{EventFd, SignalFd, TimerFd};
 use crate::process::Process;
@@ -71,7 +73,7 @@ impl Process {
         }
         let value = if event.semaphore { 1 } else { event.count };
         event.count -= value;
-        self.write_user(buf, &value.to_le_bytes())?;
+        self.write_obj(buf, &value)?;
         self.io_event();
         Ok(8)
     }
@@ -127,21 +129,12 @@ impl Process {
         }
     }
 
-    /// The remaining time and interval of `timer`, as an `itimerspec` (interval first).
-    fn timerfd_spec(timer: &TimerFd, now: u64) -> Vec<u8> {
+    /// The remaining time and interval of `timer`.
+    fn timerfd_spec(timer: &TimerFd, now: u64) -> Itimerspec {
         let (left, interval) = timer.schedule.map_or((0, 0), |s| {
             (s.next_ns.saturating_sub(now).max(1), s.interval_ns)
         });
-        [interval, left]
-            .iter()
-            .flat_map(|&ns| {
-                let ts = Timespec {
-                    tv_sec: (ns / 1_000_000_000) as i64,
-                    tv_nsec: (ns % 1_000_000_000) as i64,
-                };
-                [ts.tv_sec.to_le_bytes(), ts.tv_nsec.to_le_bytes()].concat()
-            })
-            .collect()
+        Itimerspec::from_ns(left, interval)
     }
 
     pub(crate) fn sys_timerfd_settime(
@@ -155,12 +148,15 @@ impl Process {
             return Err(Errno::EINVAL.into());
         }
         let id = self.timerfd_id(fd)?;
+        // Each half is read and checked in turn: a bad interval is EINVAL even when the
+        // value behind it is unmapped.
+        let value_at = new + offset_of!(Itimerspec, it_value) as u64;
         let interval = self.read_timespec_value(new)?.as_ns().unwrap_or(0);
-        let value = self.read_timespec_value(new + 16)?.as_ns().unwrap_or(0);
+        let value = self.read_timespec_value(value_at)?.as_ns().unwrap_or(0);
         let now = monotonic_ns();
         let timer = self.notifiers.timerfds.get(id).ok_or(Errno::EBADF)?;
         if old != 0 {
-            self.write_user(old, &Self::timerfd_spec(timer, now))?;
+            self.write_obj(old, &Self::timerfd_spec(timer, now))?;
         }
         let clock = timer.clock;
         let schedule = (value > 0).then(|| {
@@ -185,7 +181,7 @@ impl Process {
         let id = self.timerfd_id(fd)?;
         let timer = self.notifiers.timerfds.get(id).ok_or(Errno::EBADF)?;
         let spec = Self::timerfd_spec(timer, monotonic_ns());
-        self.write_user(out, &spec)?;
+        self.write_obj(out, &spec)?;
         Ok(0)
     }
 
@@ -213,7 +209,7 @@ impl Process {
             return Err(self.wait_or_again(nonblocking));
         }
         let count = std::mem::take(&mut timer.expirations);
-        self.write_user(buf, &count.to_le_bytes())?;
+        self.write_obj(buf, &count)?;
         Ok(8)
     }
 
