@@ -15,6 +15,7 @@ use std::mem::{offset_of, size_of};
 use syscalls::Errno;
 use vm_memory::ByteValued;
 
+use crate::abi::{StackT, from_prefix};
 use crate::context::{Fpu, FpuState, UserContext};
 use crate::process::Process;
 use crate::signals::{Disposition, SigAction, SigInfo, UNBLOCKABLE, bit, next_signal};
@@ -39,6 +40,8 @@ const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
 const FP_XSTATE_MAGIC2: u32 = 0x4650_5845;
 /// Where the FXSAVE area's software-reserved bytes (`struct _fpx_sw_bytes`) start.
 const FPX_SW_BYTES: usize = 464;
+/// Where the XSAVE header, and its first word (the features saved), starts.
+const XSAVE_HEADER: usize = 512;
 /// The selectors user mode runs with under Linux (the frame shows these, not ours).
 const USER_CS: u16 = 0x33;
 const USER_DS: u16 = 0x2b;
@@ -79,16 +82,6 @@ struct SigContext {
     reserved: [u64; 8],
 }
 
-/// `stack_t`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct StackT {
-    sp: u64,
-    flags: i32,
-    pad: i32,
-    size: u64,
-}
-
 /// The kernel's `struct ucontext` (glibc's `ucontext_t` begins the same way).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -100,6 +93,17 @@ struct UContext {
     sigmask: u64,
 }
 
+/// `struct _fpx_sw_bytes`: what Linux keeps in the FXSAVE area's unused tail.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct FpxSwBytes {
+    magic1: u32,
+    extended_size: u32,
+    xfeatures: u64,
+    xstate_size: u32,
+    padding: [u32; 7],
+}
+
 /// `struct rt_sigframe`: the return address (`sa_restorer`), the context, the siginfo.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -109,13 +113,14 @@ struct RtSigFrame {
     info: SigInfo,
 }
 
-// SAFETY: each is `repr(C)` and made only of integers (and `SigInfo`, itself `ByteValued`),
-// with the sizes and offsets below, so there is no padding and every byte pattern is valid.
+// SAFETY: each is `repr(C)` and made only of integers (and `SigInfo` and `StackT`, themselves
+// `ByteValued`), with the sizes and offsets below, so there is no padding and every byte
+// pattern is valid.
 unsafe impl ByteValued for SigContext {}
 // SAFETY: as above.
-unsafe impl ByteValued for StackT {}
-// SAFETY: as above.
 unsafe impl ByteValued for UContext {}
+// SAFETY: as above.
+unsafe impl ByteValued for FpxSwBytes {}
 // SAFETY: as above.
 unsafe impl ByteValued for RtSigFrame {}
 
@@ -123,12 +128,13 @@ const _: () = {
     assert!(size_of::<SigContext>() == 256);
     assert!(offset_of!(SigContext, cs) == 144);
     assert!(offset_of!(SigContext, fpstate) == 184);
-    assert!(size_of::<StackT>() == 24);
     assert!(offset_of!(UContext, mcontext) == 40);
     assert!(offset_of!(UContext, sigmask) == 296);
     assert!(size_of::<UContext>() == 304);
     assert!(offset_of!(RtSigFrame, info) == 312);
     assert!(size_of::<RtSigFrame>() == 440);
+    assert!(size_of::<FpxSwBytes>() == 48);
+    assert!(FPX_SW_BYTES + size_of::<FpxSwBytes>() == XSAVE_HEADER);
 };
 
 impl Process {
@@ -223,10 +229,10 @@ impl Process {
                 flags: UC_FLAGS,
                 link: 0,
                 stack: StackT {
-                    sp: alt.sp,
-                    flags: alt.flags | if on_alt { libc::SS_ONSTACK } else { 0 },
+                    ss_sp: alt.sp,
+                    ss_flags: alt.flags | if on_alt { libc::SS_ONSTACK } else { 0 },
                     pad: 0,
-                    size: alt.size,
+                    ss_size: alt.size,
                 },
                 mcontext: SigContext {
                     r8: r.r8,
@@ -259,7 +265,7 @@ impl Process {
             info,
         };
         self.write_user(fpu_addr, &fpu_frame_bytes(&fpu.save()))?;
-        self.write_user(frame_addr, frame.as_slice())?;
+        self.write_obj(frame_addr, &frame)?;
 
         let mut mask = old_mask | action.mask;
         if action.flags & SA_NODEFER == 0 {
@@ -292,11 +298,7 @@ impl Process {
     ) -> Result<(), ExitReason> {
         let segv = |_| ExitReason::Signaled(libc::SIGSEGV);
         let frame_addr = ctx.regs.rsp.wrapping_sub(8);
-        let mut frame = RtSigFrame::default();
-        let bytes = self
-            .read_user(frame_addr, size_of::<RtSigFrame>())
-            .map_err(segv)?;
-        frame.as_mut_slice().copy_from_slice(&bytes);
+        let frame: RtSigFrame = self.read_obj(frame_addr).map_err(segv)?;
         let m = &frame.uc.mcontext;
         ctx.regs = crate::context::UserRegs {
             r8: m.r8,
@@ -322,9 +324,9 @@ impl Process {
             .set_current_mask(frame.uc.sigmask & !UNBLOCKABLE);
         let stack = frame.uc.stack;
         let requested = AltStack {
-            sp: stack.sp,
-            flags: stack.flags & libc::SS_DISABLE,
-            size: stack.size,
+            sp: stack.ss_sp,
+            flags: stack.ss_flags & libc::SS_DISABLE,
+            size: stack.ss_size,
         };
         // As Linux's restore_altstack: a stack that could not be set is left as it is.
         if requested.flags & libc::SS_DISABLE != 0 || requested.size >= MIN_SIGNAL_STACK {
@@ -375,12 +377,15 @@ fn restart_syscall(ctx: &mut UserContext) {
 fn fpu_frame_bytes(state: &FpuState) -> Vec<u8> {
     let mut bytes = state.0.clone();
     bytes.resize(FPU_FRAME_BYTES as usize, 0);
-    let xfeatures = u64::from_le_bytes(bytes[512..520].try_into().expect("8 bytes")) | 0x3;
-    let sw = FPX_SW_BYTES;
-    bytes[sw..sw + 4].copy_from_slice(&FP_XSTATE_MAGIC1.to_le_bytes());
-    bytes[sw + 4..sw + 8].copy_from_slice(&((FPU_FRAME_BYTES + 4) as u32).to_le_bytes());
-    bytes[sw + 8..sw + 16].copy_from_slice(&xfeatures.to_le_bytes());
-    bytes[sw + 16..sw + 20].copy_from_slice(&(FPU_FRAME_BYTES as u32).to_le_bytes());
-    bytes.extend_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
+    let features: u64 = from_prefix(&bytes[XSAVE_HEADER..]);
+    // The padding keeps whatever the image had there.
+    let place = FPX_SW_BYTES..XSAVE_HEADER;
+    let mut sw: FpxSwBytes = from_prefix(&bytes[place.clone()]);
+    sw.magic1 = FP_XSTATE_MAGIC1;
+    sw.extended_size = (FPU_FRAME_BYTES + 4) as u32;
+    sw.xfeatures = features | 0x3;
+    sw.xstate_size = FPU_FRAME_BYTES as u32;
+    bytes[place].copy_from_slice(sw.as_slice());
+    bytes.extend_from_slice(FP_XSTATE_MAGIC2.as_slice());
     bytes
 }

@@ -1,8 +1,12 @@
 //! File attributes in the binary layouts the program reads: `struct stat`, `struct statx`,
 //! `struct statfs`, and `linux_dirent64` records.
 
-use forkvm_image::{Kind, Stat, Timespec};
+use std::mem::offset_of;
 
+use forkvm_image::{Kind, Stat as NodeStat, Timespec};
+use vm_memory::ByteValued;
+
+use crate::abi;
 use crate::file::DirEntry;
 
 /// Device number reported for the sandbox filesystem.
@@ -30,8 +34,8 @@ pub struct FileStat {
     pub ctime: Timespec,
 }
 
-impl From<Stat> for FileStat {
-    fn from(s: Stat) -> Self {
+impl From<NodeStat> for FileStat {
+    fn from(s: NodeStat) -> Self {
         Self {
             dev: FS_DEV,
             ino: s.ino,
@@ -82,60 +86,174 @@ impl FileStat {
         }
     }
 
-    /// `struct stat` (x86-64, 144 bytes).
-    pub fn to_stat_bytes(&self) -> [u8; 144] {
-        let mut b = [0u8; 144];
-        put(&mut b, 0, self.dev);
-        put(&mut b, 8, self.ino);
-        put(&mut b, 16, self.nlink);
-        b[24..28].copy_from_slice(&self.mode.to_le_bytes());
-        b[28..32].copy_from_slice(&self.uid.to_le_bytes());
-        b[32..36].copy_from_slice(&self.gid.to_le_bytes());
-        put(&mut b, 40, self.rdev);
-        put(&mut b, 48, self.size);
-        put(&mut b, 56, self.blksize);
-        put(&mut b, 64, self.blocks);
-        for (at, t) in [(72, self.atime), (88, self.mtime), (104, self.ctime)] {
-            put(&mut b, at, t.sec as u64);
-            put(&mut b, at + 8, u64::from(t.nsec));
+    /// `struct stat`.
+    pub(crate) fn to_stat(self) -> Stat {
+        let time = |t: Timespec| abi::Timespec {
+            tv_sec: t.sec,
+            tv_nsec: i64::from(t.nsec),
+        };
+        Stat {
+            st_dev: self.dev,
+            st_ino: self.ino,
+            st_nlink: self.nlink,
+            st_mode: self.mode,
+            st_uid: self.uid,
+            st_gid: self.gid,
+            st_rdev: self.rdev,
+            st_size: self.size,
+            st_blksize: self.blksize,
+            st_blocks: self.blocks,
+            st_atim: time(self.atime),
+            st_mtim: time(self.mtime),
+            st_ctim: time(self.ctime),
+            ..Stat::default()
         }
-        b
     }
 
-    /// `struct statx` (256 bytes) with every basic field valid.
-    pub fn to_statx_bytes(&self) -> [u8; 256] {
+    /// `struct statx` with every basic field valid (the birth time is the change time).
+    pub(crate) fn to_statx(self) -> Statx {
         const STATX_BASIC_STATS: u32 = 0x7ff;
-        let mut b = [0u8; 256];
-        b[0..4].copy_from_slice(&STATX_BASIC_STATS.to_le_bytes());
-        b[4..8].copy_from_slice(&(self.blksize as u32).to_le_bytes());
-        b[16..20].copy_from_slice(&(self.nlink as u32).to_le_bytes());
-        b[20..24].copy_from_slice(&self.uid.to_le_bytes());
-        b[24..28].copy_from_slice(&self.gid.to_le_bytes());
-        b[28..30].copy_from_slice(&(self.mode as u16).to_le_bytes());
-        put(&mut b, 32, self.ino);
-        put(&mut b, 40, self.size);
-        put(&mut b, 48, self.blocks);
-        for (at, t) in [
-            (64, self.atime),
-            (80, self.ctime),
-            (96, self.ctime),
-            (112, self.mtime),
-        ] {
-            put(&mut b, at, t.sec as u64);
-            b[at + 8..at + 12].copy_from_slice(&t.nsec.to_le_bytes());
+        let time = |t: Timespec| StatxTimestamp {
+            tv_sec: t.sec,
+            tv_nsec: t.nsec,
+            reserved: 0,
+        };
+        let (rdev_major, rdev_minor) = decode_dev(self.rdev);
+        let (dev_major, dev_minor) = decode_dev(self.dev);
+        Statx {
+            stx_mask: STATX_BASIC_STATS,
+            stx_blksize: self.blksize as u32,
+            stx_nlink: self.nlink as u32,
+            stx_uid: self.uid,
+            stx_gid: self.gid,
+            stx_mode: self.mode as u16,
+            stx_ino: self.ino,
+            stx_size: self.size,
+            stx_blocks: self.blocks,
+            stx_atime: time(self.atime),
+            stx_btime: time(self.ctime),
+            stx_ctime: time(self.ctime),
+            stx_mtime: time(self.mtime),
+            stx_rdev_major: rdev_major,
+            stx_rdev_minor: rdev_minor,
+            stx_dev_major: dev_major,
+            stx_dev_minor: dev_minor,
+            ..Statx::default()
         }
-        let (rmaj, rmin) = decode_dev(self.rdev);
-        let (dmaj, dmin) = decode_dev(self.dev);
-        for (at, v) in [(128, rmaj), (132, rmin), (136, dmaj), (140, dmin)] {
-            b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        }
-        b
     }
 }
 
-fn put(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+/// `struct stat` (x86-64), its padding made fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Stat {
+    st_dev: u64,
+    st_ino: u64,
+    st_nlink: u64,
+    st_mode: u32,
+    st_uid: u32,
+    st_gid: u32,
+    pad0: u32,
+    st_rdev: u64,
+    st_size: u64,
+    st_blksize: u64,
+    st_blocks: u64,
+    st_atim: abi::Timespec,
+    st_mtim: abi::Timespec,
+    st_ctim: abi::Timespec,
+    unused: [u64; 3],
 }
+
+/// `struct statx_timestamp`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct StatxTimestamp {
+    tv_sec: i64,
+    tv_nsec: u32,
+    reserved: i32,
+}
+
+/// `struct statx`, the reserved space after the device numbers included.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Statx {
+    stx_mask: u32,
+    stx_blksize: u32,
+    stx_attributes: u64,
+    stx_nlink: u32,
+    stx_uid: u32,
+    stx_gid: u32,
+    stx_mode: u16,
+    spare0: u16,
+    stx_ino: u64,
+    stx_size: u64,
+    stx_blocks: u64,
+    stx_attributes_mask: u64,
+    stx_atime: StatxTimestamp,
+    stx_btime: StatxTimestamp,
+    stx_ctime: StatxTimestamp,
+    stx_mtime: StatxTimestamp,
+    stx_rdev_major: u32,
+    stx_rdev_minor: u32,
+    stx_dev_major: u32,
+    stx_dev_minor: u32,
+    spare: [u64; 14],
+}
+
+/// `struct statfs` (x86-64).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Statfs {
+    f_type: u64,
+    f_bsize: u64,
+    f_blocks: u64,
+    f_bfree: u64,
+    f_bavail: u64,
+    f_files: u64,
+    f_ffree: u64,
+    f_fsid: [u32; 2],
+    f_namelen: u64,
+    f_frsize: u64,
+    f_flags: u64,
+    f_spare: [u64; 4],
+}
+
+/// The fixed part of a `linux_dirent64` record; the name follows at once, unaligned.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Dirent64 {
+    d_ino: u64,
+    d_off: u64,
+    d_reclen: u16,
+    d_type: u8,
+}
+
+// SAFETY: each is `repr(C)` (`Dirent64` packed) and made only of integers, integer arrays
+// and `abi::Timespec`s, with any padding made a field (sizes and offsets checked below):
+// every byte pattern is a value.
+unsafe impl ByteValued for Stat {}
+// SAFETY: as above.
+unsafe impl ByteValued for StatxTimestamp {}
+// SAFETY: as above.
+unsafe impl ByteValued for Statx {}
+// SAFETY: as above.
+unsafe impl ByteValued for Statfs {}
+// SAFETY: as above.
+unsafe impl ByteValued for Dirent64 {}
+
+const _: () = {
+    assert!(size_of::<Stat>() == 144);
+    assert!(offset_of!(Stat, st_rdev) == 40);
+    assert!(offset_of!(Stat, st_atim) == 72);
+    assert!(size_of::<StatxTimestamp>() == 16);
+    assert!(size_of::<Statx>() == 256);
+    assert!(offset_of!(Statx, stx_ino) == 32);
+    assert!(offset_of!(Statx, stx_atime) == 64);
+    assert!(offset_of!(Statx, stx_rdev_major) == 128);
+    assert!(size_of::<Statfs>() == 120);
+    assert!(offset_of!(Statfs, f_namelen) == 64);
+    assert!(size_of::<Dirent64>() == 19);
+};
 
 fn encode_dev(major: u32, minor: u32) -> u64 {
     let (major, minor) = (u64::from(major), u64::from(minor));
@@ -148,23 +266,23 @@ fn decode_dev(dev: u64) -> (u32, u32) {
     (major as u32, minor as u32)
 }
 
-/// `struct statfs` (x86-64, 120 bytes) describing the sandbox filesystem: a tmpfs-like
-/// volume whose size is the overlay limit.
-pub fn statfs_bytes(limit: u64, used: u64) -> [u8; 120] {
+/// `struct statfs` describing the sandbox filesystem: a tmpfs-like volume whose size is
+/// the overlay limit.
+pub(crate) fn statfs(limit: u64, used: u64) -> Statfs {
     const TMPFS_MAGIC: u64 = 0x0102_1994;
-    let blocks = limit / 4096;
     let free = limit.saturating_sub(used) / 4096;
-    let mut b = [0u8; 120];
-    put(&mut b, 0, TMPFS_MAGIC);
-    put(&mut b, 8, 4096);
-    put(&mut b, 16, blocks);
-    put(&mut b, 24, free);
-    put(&mut b, 32, free);
-    put(&mut b, 40, 1 << 20);
-    put(&mut b, 48, 1 << 20);
-    put(&mut b, 64, 255);
-    put(&mut b, 72, 4096);
-    b
+    Statfs {
+        f_type: TMPFS_MAGIC,
+        f_bsize: 4096,
+        f_blocks: limit / 4096,
+        f_bfree: free,
+        f_bavail: free,
+        f_files: 1 << 20,
+        f_ffree: 1 << 20,
+        f_namelen: 255,
+        f_frsize: 4096,
+        ..Statfs::default()
+    }
 }
 
 /// `DT_*` value for a node kind.
@@ -195,17 +313,21 @@ pub fn encode_dirents(entries: &[DirEntry], start: usize, capacity: usize) -> (V
     let mut out = Vec::new();
     let mut count = 0;
     for (index, entry) in entries.iter().enumerate().skip(start) {
-        let reclen = (19 + entry.name.len() + 1).next_multiple_of(8);
+        let header = size_of::<Dirent64>();
+        let reclen = (header + entry.name.len() + 1).next_multiple_of(8);
         if out.len() + reclen > capacity {
             break;
         }
         let at = out.len();
         out.resize(at + reclen, 0);
-        put(&mut out, at, entry.ino);
-        put(&mut out, at + 8, (index + 1) as u64);
-        out[at + 16..at + 18].copy_from_slice(&(reclen as u16).to_le_bytes());
-        out[at + 18] = entry.kind;
-        out[at + 19..at + 19 + entry.name.len()].copy_from_slice(&entry.name);
+        let record = Dirent64 {
+            d_ino: entry.ino,
+            d_off: (index + 1) as u64,
+            d_reclen: reclen as u16,
+            d_type: entry.kind,
+        };
+        out[at..at + header].copy_from_slice(record.as_slice());
+        out[at + header..at + header + entry.name.len()].copy_from_slice(&entry.name);
         count += 1;
     }
     (out, count)

@@ -11,6 +11,7 @@
 //! use (`EFAULT` otherwise), and every buffer is bounded: a hostile program can only end its
 //! own sandbox.
 
+pub(crate) mod abi;
 pub mod backing;
 pub mod console;
 pub mod context;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use forkvm_image::{Fs, Image, OverlayState};
 use serde::{Deserialize, Serialize};
 use syscalls::Errno;
+use vm_memory::ByteValued;
 
+use crate::abi::from_prefix;
 use crate::console::Console;
 use crate::control::{CONTROL_FD, ControlChannel};
 use crate::fdtable::FdTable;
@@ -347,6 +349,38 @@ impl Process {
         self.ram.write(addr, data).map_err(|_| Errno::EFAULT)
     }
 
+    /// Reads a guest structure, failing with EFAULT unless all of it is mapped.
+    pub(crate) fn read_obj<T: ByteValued>(&self, addr: u64) -> Result<T, Errno> {
+        self.check_user(addr, size_of::<T>() as u64)?;
+        let mut value = T::zeroed();
+        self.ram
+            .read(addr, value.as_mut_slice())
+            .map_err(|_| Errno::EFAULT)?;
+        Ok(value)
+    }
+
+    /// Writes a guest structure, failing with EFAULT unless all of it is mapped.
+    pub(crate) fn write_obj<T: ByteValued>(&self, addr: u64, value: &T) -> Result<(), Errno> {
+        self.write_user(addr, value.as_slice())
+    }
+
+    /// Reads an array of `count` guest structures (EFAULT unless all of it is mapped).
+    pub(crate) fn read_objs<T: ByteValued>(
+        &self,
+        addr: u64,
+        count: usize,
+    ) -> Result<Vec<T>, Errno> {
+        let size = size_of::<T>();
+        let bytes = self.read_user(addr, count.checked_mul(size).ok_or(Errno::EFAULT)?)?;
+        Ok(bytes.chunks_exact(size).map(from_prefix).collect())
+    }
+
+    /// Writes an array of guest structures (EFAULT unless all of it is mapped).
+    pub(crate) fn write_objs<T: ByteValued>(&self, addr: u64, values: &[T]) -> Result<(), Errno> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.as_slice()).copied().collect();
+        self.write_user(addr, &bytes)
+    }
+
     pub(crate) fn check_user(&self, addr: u64, len: u64) -> Result<(), Errno> {
         if self.mm.is_mapped(addr, len) {
             Ok(())
@@ -356,12 +390,11 @@ impl Process {
     }
 
     pub(crate) fn read_u64(&self, addr: u64) -> Result<u64, Errno> {
-        let b = self.read_user(addr, 8)?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        self.read_obj(addr)
     }
 
     pub(crate) fn write_u64(&self, addr: u64, value: u64) -> Result<(), Errno> {
-        self.write_user(addr, &value.to_le_bytes())
+        self.write_obj(addr, &value)
     }
 
     /// Reads a NUL-terminated string of at most `max` bytes (ENAMETOOLONG beyond).

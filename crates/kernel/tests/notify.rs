@@ -297,3 +297,40 @@ fn signalfd_reads_blocked_signals() {
     assert_eq!(h.read_fd(fd, 128), Err(err(libc::EAGAIN)), "taken");
     assert_eq!(h.read_fd(fd, 64), Err(err(libc::EINVAL)));
 }
+
+#[test]
+fn signalfd_records_carry_sender_and_value_at_their_offsets() {
+    let mut h = Harness::new();
+    let set = h.at(0x100);
+    h.poke(set, &(1u64 << (libc::SIGUSR1 - 1)).to_le_bytes());
+    let block = [libc::SIG_BLOCK as u64, set, 0, 8];
+    assert_eq!(h.sys(libc::SYS_rt_sigprocmask, &block), 0);
+    let fd = h.sys(
+        libc::SYS_signalfd4,
+        &[u64::MAX, set, 8, libc::O_NONBLOCK as u64],
+    );
+    assert!(fd >= 0);
+    // A queued siginfo: SI_QUEUE, the sender's pid at 16, the value at 24.
+    let mut info = [0u8; 128];
+    info[8..12].copy_from_slice(&(-1i32).to_le_bytes());
+    info[16..20].copy_from_slice(&7u32.to_le_bytes());
+    info[24..32].copy_from_slice(&0x1234_5678_9abc_u64.to_le_bytes());
+    let at = h.at(0x200);
+    h.poke(at, &info);
+    let queue = [1, libc::SIGUSR1 as u64, at];
+    assert_eq!(h.sys(libc::SYS_rt_sigqueueinfo, &queue), 0);
+    let record = h.read_fd(fd, 128).unwrap();
+    let word = |at: usize| u64::from_le_bytes(record[at..at + 8].try_into().unwrap());
+    assert_eq!(
+        i32::from_le_bytes(record[8..12].try_into().unwrap()),
+        -1,
+        "ssi_code"
+    );
+    assert_eq!(
+        u32::from_le_bytes(record[12..16].try_into().unwrap()),
+        7,
+        "ssi_pid"
+    );
+    assert_eq!(word(48), 0x1234_5678_9abc, "ssi_ptr");
+    assert_eq!(word(56), 0, "ssi_utime");
+}

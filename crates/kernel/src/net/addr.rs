@@ -3,8 +3,13 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use std::mem::offset_of;
+
 use serde::{Deserialize, Serialize};
 use syscalls::Errno;
+use vm_memory::ByteValued;
+
+use crate::abi::from_prefix;
 
 pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
@@ -12,6 +17,43 @@ pub const AF_INET6: u16 = 10;
 
 /// Longest `sun_path` (108 bytes, including a terminating NUL for paths).
 const UNIX_PATH_MAX: usize = 108;
+/// The shortest `sockaddr_in6` Linux takes: without `sin6_scope_id` (RFC 2133's).
+const SOCKADDR_IN6_MIN: usize = offset_of!(SockaddrIn6, sin6_scope_id);
+
+/// `struct sockaddr_in`. The port and address are in network byte order, kept as bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SockaddrIn {
+    sin_family: u16,
+    sin_port: [u8; 2],
+    sin_addr: [u8; 4],
+    sin_zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`; the port, flow label and address in network byte order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SockaddrIn6 {
+    sin6_family: u16,
+    sin6_port: [u8; 2],
+    sin6_flowinfo: u32,
+    sin6_addr: [u8; 16],
+    sin6_scope_id: u32,
+}
+
+// SAFETY: both are `repr(C)`, made of integers and byte arrays laid out without padding
+// (checked below): every byte pattern is a value.
+unsafe impl ByteValued for SockaddrIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for SockaddrIn6 {}
+
+const _: () = {
+    assert!(size_of::<SockaddrIn>() == 16);
+    assert!(offset_of!(SockaddrIn, sin_addr) == 4);
+    assert!(size_of::<SockaddrIn6>() == 28);
+    assert!(offset_of!(SockaddrIn6, sin6_addr) == 8);
+    assert!(SOCKADDR_IN6_MIN == 24);
+};
 
 /// A socket address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -32,7 +74,7 @@ impl SockAddr {
         if bytes.len() < 2 {
             return Err(Errno::EINVAL);
         }
-        let given = u16::from_le_bytes([bytes[0], bytes[1]]);
+        let given: u16 = from_prefix(bytes);
         if given != family {
             // AF_UNSPEC on a datagram socket's connect means "disconnect"; callers handle it.
             return Err(Errno::EAFNOSUPPORT);
@@ -56,20 +98,20 @@ impl SockAddr {
                 }
             }
             AF_INET => {
-                if bytes.len() < 16 {
+                if bytes.len() < size_of::<SockaddrIn>() {
                     return Err(Errno::EINVAL);
                 }
-                let port = u16::from_be_bytes([bytes[2], bytes[3]]);
-                let ip = Ipv4Addr::new(bytes[4], bytes[5], bytes[6], bytes[7]);
-                Ok(SockAddr::Inet(ip, port))
+                let sin: SockaddrIn = from_prefix(bytes);
+                let port = u16::from_be_bytes(sin.sin_port);
+                Ok(SockAddr::Inet(Ipv4Addr::from(sin.sin_addr), port))
             }
             AF_INET6 => {
-                if bytes.len() < 24 {
+                if bytes.len() < SOCKADDR_IN6_MIN {
                     return Err(Errno::EINVAL);
                 }
-                let port = u16::from_be_bytes([bytes[2], bytes[3]]);
-                let octets: [u8; 16] = bytes[8..24].try_into().expect("16 bytes");
-                Ok(SockAddr::Inet6(Ipv6Addr::from(octets), port))
+                let sin6: SockaddrIn6 = from_prefix(bytes);
+                let port = u16::from_be_bytes(sin6.sin6_port);
+                Ok(SockAddr::Inet6(Ipv6Addr::from(sin6.sin6_addr), port))
             }
             _ => Err(Errno::EAFNOSUPPORT),
         }
@@ -78,34 +120,36 @@ impl SockAddr {
     /// The `sockaddr` bytes for this address.
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            SockAddr::UnixUnnamed => AF_UNIX.to_le_bytes().to_vec(),
+            // `sockaddr_un`: the family, then as much of `sun_path` as the name takes.
+            SockAddr::UnixUnnamed => AF_UNIX.as_slice().to_vec(),
             SockAddr::UnixPath(path) => {
-                let mut out = AF_UNIX.to_le_bytes().to_vec();
+                let mut out = AF_UNIX.as_slice().to_vec();
                 out.extend_from_slice(path);
                 out.push(0);
                 out
             }
             SockAddr::UnixAbstract(name) => {
-                let mut out = AF_UNIX.to_le_bytes().to_vec();
+                let mut out = AF_UNIX.as_slice().to_vec();
                 out.push(0);
                 out.extend_from_slice(name);
                 out
             }
-            SockAddr::Inet(ip, port) => {
-                let mut out = AF_INET.to_le_bytes().to_vec();
-                out.extend_from_slice(&port.to_be_bytes());
-                out.extend_from_slice(&ip.octets());
-                out.extend_from_slice(&[0; 8]);
-                out
+            SockAddr::Inet(ip, port) => SockaddrIn {
+                sin_family: AF_INET,
+                sin_port: port.to_be_bytes(),
+                sin_addr: ip.octets(),
+                ..SockaddrIn::default()
             }
-            SockAddr::Inet6(ip, port) => {
-                let mut out = AF_INET6.to_le_bytes().to_vec();
-                out.extend_from_slice(&port.to_be_bytes());
-                out.extend_from_slice(&0u32.to_le_bytes());
-                out.extend_from_slice(&ip.octets());
-                out.extend_from_slice(&0u32.to_le_bytes());
-                out
+            .as_slice()
+            .to_vec(),
+            SockAddr::Inet6(ip, port) => SockaddrIn6 {
+                sin6_family: AF_INET6,
+                sin6_port: port.to_be_bytes(),
+                sin6_addr: ip.octets(),
+                ..SockaddrIn6::default()
             }
+            .as_slice()
+            .to_vec(),
         }
     }
 

@@ -17,6 +17,7 @@ use syscalls::Errno;
 
 pub use addr::{AF_INET, AF_INET6, AF_UNIX, SockAddr};
 
+use crate::abi::from_prefix;
 use crate::file::OpenFile;
 use crate::readiness;
 use crate::slab::Slab;
@@ -224,8 +225,8 @@ impl Socket {
     fn buffer_option(&self, name: i32, full: usize) -> usize {
         self.options
             .get(&(libc::SOL_SOCKET, name))
-            .and_then(|v| v.get(..4))
-            .map(|v| i32::from_le_bytes(v.try_into().expect("4 bytes")))
+            .and_then(|v| v.get(..size_of::<i32>()))
+            .map(from_prefix::<i32>)
             .and_then(|v| usize::try_from(v).ok())
             .map_or(full, |v| v.min(full))
     }

@@ -7,7 +7,10 @@
 //! happened in the sandbox since their last report: a wakeup Linux would not give is
 //! possible, a lost one is not.
 
+use std::mem::offset_of;
+
 use syscalls::Errno;
+use vm_memory::ByteValued;
 
 use super::SysResult;
 use super::poll::Deadline;
@@ -25,10 +28,25 @@ const EPOLLEXCLUSIVE: u32 = 1 << 28;
 const EPOLLWAKEUP: u32 = 1 << 29;
 const EPOLLONESHOT: u32 = 1 << 30;
 const EPOLLET: u32 = 1 << 31;
-/// `struct epoll_event` is packed on x86-64: 4 bytes of events, 8 of data.
-const EVENT_BYTES: usize = 12;
 /// How deep epoll instances may nest (Linux's `EP_MAX_NESTS`).
 const MAX_NESTING: usize = 4;
+
+/// `struct epoll_event`, packed on x86-64 (the data is not 8-byte aligned): fields are
+/// copied out, never borrowed.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct EpollEvent {
+    events: u32,
+    data: u64,
+}
+
+// SAFETY: packed integers: no padding, and every byte pattern is a value.
+unsafe impl ByteValued for EpollEvent {}
+
+const _: () = {
+    assert!(size_of::<EpollEvent>() == 12);
+    assert!(offset_of!(EpollEvent, data) == 4);
+};
 
 impl Process {
     fn epoll_id(&self, fd: i32) -> Result<usize, Errno> {
@@ -86,10 +104,8 @@ impl Process {
         let (events, data) = if op == EPOLL_CTL_DEL {
             (0, 0)
         } else {
-            let raw = self.read_user(event, EVENT_BYTES)?;
-            let events = u32::from_le_bytes(raw[..4].try_into().expect("4 bytes"));
-            let data = u64::from_le_bytes(raw[4..].try_into().expect("8 bytes"));
-            (events & !EPOLLWAKEUP, data)
+            let event: EpollEvent = self.read_obj(event)?;
+            (event.events & !EPOLLWAKEUP, event.data)
         };
         let generation = self.notifiers.generation;
         let epoll = self.notifiers.epolls.get_mut(id).ok_or(Errno::EBADF)?;
@@ -266,11 +282,11 @@ impl Process {
         mask: Option<SigSet>,
     ) -> SysResult {
         let max = usize::try_from(max).map_err(|_| Errno::EINVAL)?;
-        if max == 0 || max > i32::MAX as usize / EVENT_BYTES {
+        if max == 0 || max > i32::MAX as usize / size_of::<EpollEvent>() {
             return Err(Errno::EINVAL.into());
         }
         let id = self.epoll_id(epfd)?;
-        self.check_user(out, EVENT_BYTES as u64)?;
+        self.check_user(out, size_of::<EpollEvent>() as u64)?;
         self.fire_timers(monotonic_ns());
         let epoll = self.notifiers.epolls.get(id).ok_or(Errno::EBADF)?;
         // Start after the descriptor reported last, so a busy one cannot starve the rest
@@ -296,12 +312,11 @@ impl Process {
             self.wait_for_io(deadline, mask)?;
             return Ok(0);
         }
-        let mut bytes = Vec::with_capacity(ready.len() * EVENT_BYTES);
-        for &(_, events, data) in &ready {
-            bytes.extend_from_slice(&events.to_le_bytes());
-            bytes.extend_from_slice(&data.to_le_bytes());
-        }
-        self.write_user(out, &bytes)?;
+        let records: Vec<EpollEvent> = ready
+            .iter()
+            .map(|&(_, events, data)| EpollEvent { events, data })
+            .collect();
+        self.write_objs(out, &records)?;
         let generation = self.notifiers.generation;
         let epoll = self.notifiers.epolls.get_mut(id).ok_or(Errno::EBADF)?;
         for &(fd, _, _) in &ready {

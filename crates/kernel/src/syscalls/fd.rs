@@ -194,7 +194,7 @@ impl Process {
             libc::F_GETLK | libc::F_OFD_GETLK => {
                 self.files.get(fd)?;
                 // struct flock starts with l_type (short): nobody else holds locks.
-                self.write_user(arg, &(libc::F_UNLCK as i16).to_le_bytes())?;
+                self.write_obj(arg, &(libc::F_UNLCK as i16))?;
                 Ok(0)
             }
             libc::F_SETLK | libc::F_SETLKW | libc::F_OFD_SETLK | libc::F_OFD_SETLKW => {
@@ -237,7 +237,7 @@ impl Process {
                         .map_or(0, |s| s.readable_bytes() as u64),
                     _ => 0,
                 };
-                self.write_user(arg, &(available as i32).to_le_bytes())?;
+                self.write_obj(arg, &(available as i32))?;
                 Ok(0)
             }
             libc::FIONBIO => {
@@ -286,7 +286,7 @@ impl Process {
 
     pub(crate) fn sys_fstat(&mut self, fd: i32, out: u64) -> SysResult {
         let stat = self.fd_stat(fd)?;
-        self.write_user(out, &stat.to_stat_bytes())?;
+        self.write_obj(out, &stat.to_stat())?;
         Ok(0)
     }
 
@@ -385,9 +385,9 @@ impl Process {
 
     pub(crate) fn sys_fstatfs(&mut self, fd: i32, out: u64) -> SysResult {
         self.files.get(fd)?;
-        self.write_user(
+        self.write_obj(
             out,
-            &fileinfo::statfs_bytes(self.fs.limit(), self.fs.used_bytes()),
+            &fileinfo::statfs(self.fs.limit(), self.fs.used_bytes()),
         )?;
         Ok(0)
     }

@@ -350,13 +350,13 @@ impl Process {
         flags: i32,
     ) -> SysResult {
         let stat = self.stat_target(dirfd, path, flags)?;
-        self.write_user(out, &stat.to_stat_bytes())?;
+        self.write_obj(out, &stat.to_stat())?;
         Ok(0)
     }
 
     pub(crate) fn sys_statx(&mut self, dirfd: i32, path: u64, flags: i32, out: u64) -> SysResult {
         let stat = self.stat_target(dirfd, path, flags)?;
-        self.write_user(out, &stat.to_statx_bytes())?;
+        self.write_obj(out, &stat.to_statx())?;
         Ok(0)
     }
 

@@ -7,8 +7,8 @@
 use syscalls::Errno;
 
 use super::{Stop, SysResult};
+use crate::abi::Timespec;
 use crate::process::Process;
-use crate::syscalls::time::Timespec;
 use crate::threads::{Resume, SignalWake, Wait, WaitOn, monotonic_ns};
 
 const FUTEX_WAIT: i32 = 0;
@@ -32,8 +32,7 @@ impl Process {
         if !addr.is_multiple_of(4) {
             return Err(Errno::EINVAL);
         }
-        let bytes = self.read_user(addr, 4)?;
-        Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")))
+        self.read_obj(addr)
     }
 
     pub(crate) fn sys_futex(
@@ -158,7 +157,7 @@ impl Process {
             5 => (old as i32) >= cmparg as i32,
             _ => return Err(Errno::ENOSYS.into()),
         };
-        self.write_user(addr2, &new.to_le_bytes())?;
+        self.write_obj(addr2, &new)?;
         let mut woken = self.threads.futex_wake(addr, FUTEX_BITSET_MATCH_ANY, wake);
         if passes {
             woken += self

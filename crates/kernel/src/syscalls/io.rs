@@ -2,6 +2,7 @@
 
 use forkvm_image::Kind;
 use syscalls::Errno;
+use vm_memory::ByteValued;
 
 use super::{ExitReason, Stop, SysResult};
 use crate::control::PendingRead;
@@ -14,6 +15,19 @@ use crate::process::Process;
 pub(crate) const MAX_IO: u64 = 16 << 20;
 /// Bytes copied per step between guest memory and a host stream.
 const CHUNK: u64 = 1 << 20;
+/// `struct iovec`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Iovec {
+    iov_base: u64,
+    iov_len: u64,
+}
+
+// SAFETY: `repr(C)`, two `u64`s: no padding, every byte pattern is a value.
+unsafe impl ByteValued for Iovec {}
+
+const _: () = assert!(size_of::<Iovec>() == 16);
+
 /// Most iovec entries per call (`IOV_MAX`).
 const IOV_MAX: u64 = 1024;
 
@@ -262,15 +276,11 @@ impl Process {
         if count > IOV_MAX {
             return Err(Errno::EINVAL);
         }
-        let raw = self.read_user(iov, (count * 16) as usize)?;
         let mut total = 0u64;
-        let vecs: Vec<(u64, u64)> = raw
-            .chunks_exact(16)
-            .map(|c| {
-                let base = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
-                let len = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
-                (base, len)
-            })
+        let vecs: Vec<(u64, u64)> = self
+            .read_objs::<Iovec>(iov, count as usize)?
+            .into_iter()
+            .map(|v| (v.iov_base, v.iov_len))
             .collect();
         for &(_, len) in &vecs {
             total = total.checked_add(len).ok_or(Errno::EINVAL)?;

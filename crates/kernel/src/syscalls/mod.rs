@@ -348,10 +348,7 @@ impl Process {
             Sysno::sched_setaffinity => Ok(0),
             Sysno::sched_yield => self.sys_sched_yield(),
             Sysno::sched_getscheduler => Ok(0),
-            Sysno::sched_getparam => self
-                .write_user(a[1], &0u32.to_le_bytes())
-                .map(|_| 0)
-                .map_err(Stop::from),
+            Sysno::sched_getparam => self.write_obj(a[1], &0u32).map(|_| 0).map_err(Stop::from),
             Sysno::getpriority => Ok(20),
             Sysno::setpriority => Ok(0),
             Sysno::getcpu => self.sys_getcpu(a[0], a[1]),

@@ -5,6 +5,7 @@ use forkvm_image::{Kind, NodeId, Timespec};
 use syscalls::Errno;
 
 use super::SysResult;
+use crate::abi;
 use crate::errno::from_fs;
 use crate::file::FileObject;
 use crate::fileinfo;
@@ -273,21 +274,19 @@ impl Process {
         let (atime, mtime) = if times == 0 {
             (Some(now), Some(now))
         } else {
-            let raw = self.read_user(times, 32)?;
-            let field =
-                |i: usize| i64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            let decode = |sec: i64, nsec: i64| -> Result<Option<Timespec>, Errno> {
-                match nsec {
+            let given = self.read_objs::<abi::Timespec>(times, 2)?;
+            let decode = |t: abi::Timespec| -> Result<Option<Timespec>, Errno> {
+                match t.tv_nsec {
                     UTIME_NOW => Ok(Some(now)),
                     UTIME_OMIT => Ok(None),
                     n if (0..1_000_000_000).contains(&n) => Ok(Some(Timespec {
-                        sec,
+                        sec: t.tv_sec,
                         nsec: n as u32,
                     })),
                     _ => Err(Errno::EINVAL),
                 }
             };
-            (decode(field(0), field(1))?, decode(field(2), field(3))?)
+            (decode(given[0])?, decode(given[1])?)
         };
         self.fs.set_times(node, atime, mtime).map_err(from_fs)?;
         Ok(0)
@@ -296,9 +295,9 @@ impl Process {
     pub(crate) fn sys_statfs(&mut self, path: u64, out: u64) -> SysResult {
         let path = self.read_path(path)?;
         self.resolve_at(libc::AT_FDCWD, &path, true)?;
-        self.write_user(
+        self.write_obj(
             out,
-            &fileinfo::statfs_bytes(self.fs.limit(), self.fs.used_bytes()),
+            &fileinfo::statfs(self.fs.limit(), self.fs.used_bytes()),
         )?;
         Ok(0)
     }

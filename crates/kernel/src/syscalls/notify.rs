@@ -1,9 +1,12 @@
 //! `eventfd`, `timerfd` and `signalfd`: creating them, and reading and writing them.
 
-use syscalls::Errno;
+use std::mem::offset_of;
 
-use super::time::Timespec;
+use syscalls::Errno;
+use vm_memory::ByteValued;
+
 use super::{Stop, SysResult};
+use crate::abi::{Itimerspec, Timespec};
 use crate::file::{FileObject, OpenFile};
 use crate::notify::{EventFd, SignalFd, TimerFd};
 use crate::process::Process;
@@ -17,8 +20,45 @@ const TFD_TIMER_ABSTIME: i32 = 1;
 const TFD_TIMER_CANCEL_ON_SET: i32 = 2;
 /// The largest value an eventfd counter holds.
 const EVENTFD_MAX: u64 = u64::MAX - 1;
-/// `struct signalfd_siginfo`.
-const SIGNALFD_SIGINFO: usize = 128;
+
+/// `struct signalfd_siginfo`, its padding made fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SignalfdSiginfo {
+    ssi_signo: u32,
+    ssi_errno: i32,
+    ssi_code: i32,
+    ssi_pid: u32,
+    ssi_uid: u32,
+    ssi_fd: i32,
+    ssi_tid: u32,
+    ssi_band: u32,
+    ssi_overrun: u32,
+    ssi_trapno: u32,
+    ssi_status: i32,
+    ssi_int: i32,
+    ssi_ptr: u64,
+    ssi_utime: u64,
+    ssi_stime: u64,
+    ssi_addr: u64,
+    ssi_addr_lsb: u16,
+    pad2: u16,
+    ssi_syscall: i32,
+    ssi_call_addr: u64,
+    ssi_arch: u32,
+    pad: [u8; 28],
+}
+
+// SAFETY: `repr(C)` integers and a byte array laid out without padding (checked below):
+// every byte pattern is a value.
+unsafe impl ByteValued for SignalfdSiginfo {}
+
+const _: () = {
+    assert!(size_of::<SignalfdSiginfo>() == 128);
+    assert!(offset_of!(SignalfdSiginfo, ssi_ptr) == 48);
+    assert!(offset_of!(SignalfdSiginfo, ssi_addr) == 72);
+    assert!(offset_of!(SignalfdSiginfo, ssi_arch) == 96);
+};
 
 impl Process {
     /// Installs a descriptor for a new notification object.
@@ -71,7 +111,7 @@ impl Process {
         }
         let value = if event.semaphore { 1 } else { event.count };
         event.count -= value;
-        self.write_user(buf, &value.to_le_bytes())?;
+        self.write_obj(buf, &value)?;
         self.io_event();
         Ok(8)
     }
@@ -127,21 +167,12 @@ impl Process {
         }
     }
 
-    /// The remaining time and interval of `timer`, as an `itimerspec` (interval first).
-    fn timerfd_spec(timer: &TimerFd, now: u64) -> Vec<u8> {
+    /// The remaining time and interval of `timer`.
+    fn timerfd_spec(timer: &TimerFd, now: u64) -> Itimerspec {
         let (left, interval) = timer.schedule.map_or((0, 0), |s| {
             (s.next_ns.saturating_sub(now).max(1), s.interval_ns)
         });
-        [interval, left]
-            .iter()
-            .flat_map(|&ns| {
-                let ts = Timespec {
-                    tv_sec: (ns / 1_000_000_000) as i64,
-                    tv_nsec: (ns % 1_000_000_000) as i64,
-                };
-                [ts.tv_sec.to_le_bytes(), ts.tv_nsec.to_le_bytes()].concat()
-            })
-            .collect()
+        Itimerspec::from_ns(left, interval)
     }
 
     pub(crate) fn sys_timerfd_settime(
@@ -155,12 +186,15 @@ impl Process {
             return Err(Errno::EINVAL.into());
         }
         let id = self.timerfd_id(fd)?;
+        // Each half is read and checked in turn: a bad interval is EINVAL even when the
+        // value behind it is unmapped.
+        let value_at = new + offset_of!(Itimerspec, it_value) as u64;
         let interval = self.read_timespec_value(new)?.as_ns().unwrap_or(0);
-        let value = self.read_timespec_value(new + 16)?.as_ns().unwrap_or(0);
+        let value = self.read_timespec_value(value_at)?.as_ns().unwrap_or(0);
         let now = monotonic_ns();
         let timer = self.notifiers.timerfds.get(id).ok_or(Errno::EBADF)?;
         if old != 0 {
-            self.write_user(old, &Self::timerfd_spec(timer, now))?;
+            self.write_obj(old, &Self::timerfd_spec(timer, now))?;
         }
         let clock = timer.clock;
         let schedule = (value > 0).then(|| {
@@ -185,7 +219,7 @@ impl Process {
         let id = self.timerfd_id(fd)?;
         let timer = self.notifiers.timerfds.get(id).ok_or(Errno::EBADF)?;
         let spec = Self::timerfd_spec(timer, monotonic_ns());
-        self.write_user(out, &spec)?;
+        self.write_obj(out, &spec)?;
         Ok(0)
     }
 
@@ -213,7 +247,7 @@ impl Process {
             return Err(self.wait_or_again(nonblocking));
         }
         let count = std::mem::take(&mut timer.expirations);
-        self.write_user(buf, &count.to_le_bytes())?;
+        self.write_obj(buf, &count)?;
         Ok(8)
     }
 
@@ -285,13 +319,13 @@ impl Process {
         len: u64,
         nonblocking: bool,
     ) -> SysResult {
-        let room = len as usize / SIGNALFD_SIGINFO;
+        let room = len as usize / size_of::<SignalfdSiginfo>();
         if room == 0 {
             return Err(Errno::EINVAL.into());
         }
-        self.check_user(buf, SIGNALFD_SIGINFO as u64)?;
-        let mut out = Vec::new();
-        while out.len() / SIGNALFD_SIGINFO < room {
+        self.check_user(buf, size_of::<SignalfdSiginfo>() as u64)?;
+        let mut records = Vec::new();
+        while records.len() < room {
             let Some(signal) = next_signal(self.signalfd_candidates(id)) else {
                 break;
             };
@@ -300,13 +334,13 @@ impl Process {
                 .take_current_pending(signal)
                 .or_else(|| self.signals.pending.take(signal))
                 .unwrap_or_else(|| SigInfo::kernel(signal));
-            out.extend_from_slice(&signalfd_record(&info));
+            records.push(signalfd_record(&info));
         }
-        if out.is_empty() {
+        if records.is_empty() {
             return Err(self.wait_or_again(nonblocking));
         }
-        self.write_user(buf, &out)?;
-        Ok(out.len() as u64)
+        self.write_objs(buf, &records)?;
+        Ok((records.len() * size_of::<SignalfdSiginfo>()) as u64)
     }
 
     /// For a blocking descriptor: wait for I/O and make the call again; else `EAGAIN`.
@@ -319,17 +353,17 @@ impl Process {
     }
 }
 
-/// A `struct signalfd_siginfo` for `info`: number, errno, code, pid, uid, then the
-/// fault address and value at their places.
-fn signalfd_record(info: &SigInfo) -> [u8; SIGNALFD_SIGINFO] {
-    let mut out = [0u8; SIGNALFD_SIGINFO];
-    out[0..4].copy_from_slice(&(info.signo as u32).to_le_bytes());
-    out[4..8].copy_from_slice(&info.errno.to_le_bytes());
-    out[8..12].copy_from_slice(&info.code.to_le_bytes());
-    // ssi_pid and ssi_uid: the first union word of kill-style siginfo.
-    out[12..20].copy_from_slice(&info.fields[0].to_le_bytes());
-    // ssi_ptr (offset 56) and ssi_addr (offset 80).
-    out[56..64].copy_from_slice(&info.fields[1].to_le_bytes());
-    out[80..88].copy_from_slice(&info.fields[0].to_le_bytes());
-    out
+/// The `signalfd_siginfo` for `info`: number, errno and code; the sender (the first union
+/// word of a kill-style siginfo); the value and the fault address.
+fn signalfd_record(info: &SigInfo) -> SignalfdSiginfo {
+    SignalfdSiginfo {
+        ssi_signo: info.signo as u32,
+        ssi_errno: info.errno,
+        ssi_code: info.code,
+        ssi_pid: info.fields[0] as u32,
+        ssi_uid: (info.fields[0] >> 32) as u32,
+        ssi_ptr: info.fields[1],
+        ssi_addr: info.fields[0],
+        ..SignalfdSiginfo::default()
+    }
 }

@@ -53,10 +53,7 @@ impl Process {
                 return Err(e.into());
             }
         };
-        let mut pair = [0u8; 8];
-        pair[..4].copy_from_slice(&read_fd.to_le_bytes());
-        pair[4..].copy_from_slice(&write_fd.to_le_bytes());
-        self.write_user(fds, &pair)?;
+        self.write_obj(fds, &[read_fd, write_fd])?;
         Ok(0)
     }
 

@@ -3,8 +3,10 @@
 //! again), at its timeout, or at a signal (`EINTR` when a handler ran).
 
 use syscalls::Errno;
+use vm_memory::ByteValued;
 
 use super::{Stop, SysResult};
+use crate::abi::{Timespec, Timeval};
 use crate::process::Process;
 use crate::readiness::{ALWAYS, ERR, HUP, IN, NVAL, OUT, PRI, RDNORM, WRNORM};
 use crate::signals::{SigSet, UNBLOCKABLE};
@@ -14,6 +16,21 @@ use crate::threads::{Resume, SignalWake, Wait, monotonic_ns};
 const SELECT_READ: u32 = IN | RDNORM | HUP | ERR;
 const SELECT_WRITE: u32 = OUT | WRNORM | ERR;
 const SELECT_EXCEPT: u32 = PRI;
+
+/// `struct pollfd`. The event masks are `short`s; they are kept unsigned so that no bit
+/// spreads when widened.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct PollFd {
+    fd: i32,
+    events: u16,
+    revents: u16,
+}
+
+// SAFETY: `repr(C)` integers without padding (checked below): every byte pattern is a value.
+unsafe impl ByteValued for PollFd {}
+
+const _: () = assert!(size_of::<PollFd>() == 8);
 
 /// When a wait with nothing ready ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,18 +146,16 @@ impl Process {
         if count > self.files.max_fds() as u64 {
             return Err(Errno::EINVAL.into());
         }
-        let mut raw = self.read_user(fds, (count * 8) as usize)?;
+        let mut entries: Vec<PollFd> = self.read_objs(fds, count as usize)?;
         self.fire_timers(monotonic_ns());
         let mut ready = 0;
-        for entry in raw.chunks_exact_mut(8) {
-            let fd = i32::from_le_bytes(entry[..4].try_into().expect("4 bytes"));
-            let events = u32::from(u16::from_le_bytes(entry[4..6].try_into().expect("2 bytes")));
-            let revents = if fd < 0 {
+        for entry in &mut entries {
+            let revents = if entry.fd < 0 {
                 0
             } else {
-                self.fd_readiness(fd) & (events | ALWAYS)
+                self.fd_readiness(entry.fd) & (u32::from(entry.events) | ALWAYS)
             };
-            entry[6..8].copy_from_slice(&(revents as u16).to_le_bytes());
+            entry.revents = revents as u16;
             if revents != 0 {
                 ready += 1;
             }
@@ -148,7 +163,7 @@ impl Process {
         if ready == 0 {
             self.wait_for_io(deadline, mask)?;
         }
-        self.write_user(fds, &raw)?;
+        self.write_objs(fds, &entries)?;
         Ok(ready)
     }
 
@@ -165,24 +180,19 @@ impl Process {
         let deadline = if timeout == 0 {
             Deadline::Never
         } else {
-            let raw = self.read_user(timeout, 16)?;
-            let sec = i64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
-            let usec = i64::from_le_bytes(raw[8..].try_into().expect("8 bytes"));
-            if sec < 0 || !(0..1_000_000).contains(&usec) {
+            let tv: Timeval = self.read_obj(timeout)?;
+            if !tv.is_valid() {
                 return Err(Errno::EINVAL.into());
             }
-            let ns = (sec as u64)
+            // Saturating, unlike `Timeval::as_ns`: a huge timeout waits without end.
+            let ns = (tv.tv_sec as u64)
                 .saturating_mul(1_000_000_000)
-                .saturating_add(usec as u64 * 1000);
+                .saturating_add(tv.tv_usec as u64 * 1000);
             Deadline::after(self, ns)
         };
         let result = self.select_or_wait(nfds, [read, write, except], deadline, None);
         if timeout != 0 && !matches!(result, Err(Stop::Block(_))) {
-            let left = deadline.remaining();
-            let mut tv = [0u8; 16];
-            tv[..8].copy_from_slice(&(left / 1_000_000_000).to_le_bytes());
-            tv[8..].copy_from_slice(&(left % 1_000_000_000 / 1000).to_le_bytes());
-            self.write_user(timeout, &tv)?;
+            self.write_obj(timeout, &Timeval::from_ns(deadline.remaining()))?;
         }
         result
     }
@@ -204,17 +214,12 @@ impl Process {
         let mask = if mask_arg == 0 {
             None
         } else {
-            let addr = self.read_u64(mask_arg)?;
-            let size = self.read_u64(mask_arg + 8)?;
+            let [addr, size] = self.read_obj::<[u64; 2]>(mask_arg)?;
             self.read_wait_mask(addr, size)?
         };
         let result = self.select_or_wait(nfds, sets, deadline, mask);
         if timeout != 0 && !matches!(result, Err(Stop::Block(_))) {
-            let left = deadline.remaining();
-            let mut ts = [0u8; 16];
-            ts[..8].copy_from_slice(&(left / 1_000_000_000).to_le_bytes());
-            ts[8..].copy_from_slice(&(left % 1_000_000_000).to_le_bytes());
-            self.write_user(timeout, &ts)?;
+            self.write_obj(timeout, &Timespec::from_ns(deadline.remaining()))?;
         }
         result
     }

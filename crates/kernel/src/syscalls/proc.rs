@@ -1,8 +1,12 @@
 //! Process-information, resource-limit, signal-disposition and futex syscalls.
 
+use std::mem::offset_of;
+
 use syscalls::Errno;
+use vm_memory::ByteValued;
 
 use super::{Stop, SysResult};
+use crate::abi::Timeval;
 use crate::context::UserContext;
 use crate::process::{Process, identity};
 
@@ -18,6 +22,92 @@ const USER_ADDR_MAX: u64 = 0x7fff_ffff_ffff;
 
 /// Number of resource limits Linux defines (`RLIM_NLIMITS`).
 const RLIMIT_COUNT: u32 = 16;
+
+/// `struct utsname`: six NUL-padded strings.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Utsname {
+    sysname: [u8; 65],
+    nodename: [u8; 65],
+    release: [u8; 65],
+    version: [u8; 65],
+    machine: [u8; 65],
+    domainname: [u8; 65],
+}
+
+/// `struct sysinfo`, with its padding made fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Sysinfo {
+    uptime: i64,
+    loads: [u64; 3],
+    totalram: u64,
+    freeram: u64,
+    sharedram: u64,
+    bufferram: u64,
+    totalswap: u64,
+    freeswap: u64,
+    procs: u16,
+    pad: u16,
+    pad2: u32,
+    totalhigh: u64,
+    freehigh: u64,
+    mem_unit: u32,
+    pad3: u32,
+}
+
+/// `struct rlimit` (`prlimit64`'s).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Rlimit {
+    rlim_cur: u64,
+    rlim_max: u64,
+}
+
+/// `struct rusage`: the CPU times, then fourteen counters, of which only the resident
+/// set size is reported.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Rusage {
+    ru_utime: Timeval,
+    ru_stime: Timeval,
+    ru_maxrss: i64,
+    ru_rest: [i64; 13],
+}
+
+/// `struct tms`, in clock ticks.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Tms {
+    tms_utime: i64,
+    tms_stime: i64,
+    tms_cutime: i64,
+    tms_cstime: i64,
+}
+
+// SAFETY: each is `repr(C)` and made only of integers, byte arrays and `Timeval`s, with
+// any padding made a field (sizes and offsets checked below): every byte pattern is a value.
+unsafe impl ByteValued for Utsname {}
+// SAFETY: as above.
+unsafe impl ByteValued for Sysinfo {}
+// SAFETY: as above.
+unsafe impl ByteValued for Rlimit {}
+// SAFETY: as above.
+unsafe impl ByteValued for Rusage {}
+// SAFETY: as above.
+unsafe impl ByteValued for Tms {}
+
+const _: () = {
+    assert!(size_of::<Utsname>() == 390);
+    assert!(size_of::<Sysinfo>() == 112);
+    assert!(offset_of!(Sysinfo, procs) == 80);
+    assert!(offset_of!(Sysinfo, totalhigh) == 88);
+    assert!(offset_of!(Sysinfo, mem_unit) == 104);
+    assert!(size_of::<Rlimit>() == 16);
+    assert!(size_of::<Rusage>() == 144);
+    assert!(offset_of!(Rusage, ru_maxrss) == 32);
+    assert!(size_of::<Tms>() == 32);
+};
 
 fn utsname_field(value: &[u8]) -> [u8; 65] {
     let mut field = [0u8; 65];
@@ -60,24 +150,21 @@ impl Process {
 
     pub(crate) fn sys_getresid(&mut self, a: u64, b: u64, c: u64) -> SysResult {
         for addr in [a, b, c] {
-            self.write_user(addr, &0u32.to_le_bytes())?;
+            self.write_obj(addr, &0u32)?;
         }
         Ok(0)
     }
 
     pub(crate) fn sys_uname(&mut self, out: u64) -> SysResult {
-        let mut buf = Vec::with_capacity(65 * 6);
-        for field in [
-            &b"Linux"[..],
-            &self.names.host,
-            b"6.1.0-forkvm",
-            b"#1 SMP PREEMPT_DYNAMIC forkvm",
-            b"x86_64",
-            &self.names.domain,
-        ] {
-            buf.extend_from_slice(&utsname_field(field));
-        }
-        self.write_user(out, &buf)?;
+        let names = Utsname {
+            sysname: utsname_field(b"Linux"),
+            nodename: utsname_field(&self.names.host),
+            release: utsname_field(b"6.1.0-forkvm"),
+            version: utsname_field(b"#1 SMP PREEMPT_DYNAMIC forkvm"),
+            machine: utsname_field(b"x86_64"),
+            domainname: utsname_field(&self.names.domain),
+        };
+        self.write_obj(out, &names)?;
         Ok(0)
     }
 
@@ -96,18 +183,16 @@ impl Process {
     }
 
     pub(crate) fn sys_sysinfo(&mut self, out: u64) -> SysResult {
-        // struct sysinfo (x86-64): uptime, loads[3], totalram, freeram, sharedram, bufferram,
-        // totalswap, freeswap (longs), procs (u16 + pad), totalhigh, freehigh, mem_unit (u32).
-        let mut b = vec![0u8; 112];
-        let uptime = self.start_time.elapsed().as_secs() + 1;
         let total = self.mm.limit_bytes();
-        let free = total.saturating_sub(self.mm.charged_bytes());
-        b[0..8].copy_from_slice(&uptime.to_le_bytes());
-        b[32..40].copy_from_slice(&total.to_le_bytes());
-        b[40..48].copy_from_slice(&free.to_le_bytes());
-        b[80..82].copy_from_slice(&1u16.to_le_bytes());
-        b[104..108].copy_from_slice(&1u32.to_le_bytes());
-        self.write_user(out, &b)?;
+        let info = Sysinfo {
+            uptime: (self.start_time.elapsed().as_secs() + 1) as i64,
+            totalram: total,
+            freeram: total.saturating_sub(self.mm.charged_bytes()),
+            procs: 1,
+            mem_unit: 1,
+            ..Sysinfo::default()
+        };
+        self.write_obj(out, &info)?;
         Ok(0)
     }
 
@@ -146,17 +231,17 @@ impl Process {
         let (cur, max) = self.rlimit(resource)?;
         if new != 0 {
             // Limits are the VMM's to set; lowering is accepted and ignored, raising refused.
-            let b = self.read_user(new, 16)?;
-            let want_max = u64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
-            if want_max > max {
+            let wanted: Rlimit = self.read_obj(new)?;
+            if wanted.rlim_max > max {
                 return Err(Errno::EPERM.into());
             }
         }
         if old != 0 {
-            let mut b = [0u8; 16];
-            b[..8].copy_from_slice(&cur.to_le_bytes());
-            b[8..].copy_from_slice(&max.to_le_bytes());
-            self.write_user(old, &b)?;
+            let limit = Rlimit {
+                rlim_cur: cur,
+                rlim_max: max,
+            };
+            self.write_obj(old, &limit)?;
         }
         Ok(0)
     }
@@ -175,15 +260,16 @@ impl Process {
         if who != libc::RUSAGE_SELF && who != libc::RUSAGE_CHILDREN && who != libc::RUSAGE_THREAD {
             return Err(Errno::EINVAL.into());
         }
-        let mut b = vec![0u8; 144];
+        let mut usage = Rusage::default();
         if who != libc::RUSAGE_CHILDREN {
             let (sec, usec) = self.cpu_time();
-            b[0..8].copy_from_slice(&sec.to_le_bytes());
-            b[8..16].copy_from_slice(&usec.to_le_bytes());
-            let maxrss_kib = self.mm.mapped_bytes() / 1024;
-            b[32..40].copy_from_slice(&maxrss_kib.to_le_bytes());
+            usage.ru_utime = Timeval {
+                tv_sec: sec as i64,
+                tv_usec: usec as i64,
+            };
+            usage.ru_maxrss = (self.mm.mapped_bytes() / 1024) as i64;
         }
-        self.write_user(out, &b)?;
+        self.write_obj(out, &usage)?;
         Ok(0)
     }
 
@@ -191,9 +277,11 @@ impl Process {
         let (sec, usec) = self.cpu_time();
         let ticks = sec * 100 + usec / 10_000;
         if out != 0 {
-            let mut b = [0u8; 32];
-            b[..8].copy_from_slice(&ticks.to_le_bytes());
-            self.write_user(out, &b)?;
+            let times = Tms {
+                tms_utime: ticks as i64,
+                ..Tms::default()
+            };
+            self.write_obj(out, &times)?;
         }
         Ok(self.start_time.elapsed().as_millis() as u64 / 10)
     }
@@ -213,7 +301,7 @@ impl Process {
     pub(crate) fn sys_getcpu(&mut self, cpu: u64, node: u64) -> SysResult {
         for addr in [cpu, node] {
             if addr != 0 {
-                self.write_user(addr, &0u32.to_le_bytes())?;
+                self.write_obj(addr, &0u32)?;
             }
         }
         Ok(0)

@@ -2,12 +2,10 @@
 //! `rt_sigqueueinfo`), and waiting (`rt_sigsuspend`, `pause`, `rt_sigtimedwait`). Handlers
 //! run when a thread next returns to user mode (see `delivery`).
 
-use std::mem::size_of;
-
 use syscalls::Errno;
-use vm_memory::ByteValued;
 
 use super::{Stop, SysResult};
+use crate::abi::StackT;
 use crate::delivery::MIN_SIGNAL_STACK;
 use crate::process::{Process, identity};
 use crate::signals::{Disposition, NSIG, SigAction, SigInfo, SigSet, UNBLOCKABLE, bit, code};
@@ -115,10 +113,7 @@ impl Process {
         if !valid(signal) {
             return Err(Errno::EINVAL.into());
         }
-        let mut parsed = SigInfo::default();
-        parsed
-            .as_mut_slice()
-            .copy_from_slice(&self.read_user(info, size_of::<SigInfo>())?);
+        let mut parsed: SigInfo = self.read_obj(info)?;
         parsed.signo = signal;
         match tid {
             None => self.send_to_process(parsed),
@@ -144,10 +139,7 @@ impl Process {
             if signal == libc::SIGKILL || signal == libc::SIGSTOP {
                 return Err(Errno::EINVAL.into());
             }
-            let mut action = SigAction::default();
-            action
-                .as_mut_slice()
-                .copy_from_slice(&self.read_user(new, size_of::<SigAction>())?);
+            let mut action: SigAction = self.read_obj(new)?;
             action.mask &= !UNBLOCKABLE;
             self.signals.actions[signal as usize - 1] = action;
             // POSIX: setting a signal to be ignored discards what is pending of it.
@@ -157,7 +149,7 @@ impl Process {
             }
         }
         if old != 0 {
-            self.write_user(old, previous.as_slice())?;
+            self.write_obj(old, &previous)?;
         }
         Ok(0)
     }
@@ -200,14 +192,15 @@ impl Process {
     }
 
     pub(crate) fn sys_sigaltstack(&mut self, new: u64, old: u64, rsp: u64) -> SysResult {
-        // stack_t: ss_sp (8), ss_flags (4 + 4 pad), ss_size (8).
         let current = self.threads.alt_stack();
         let on_stack = current.contains(rsp);
         if new != 0 {
-            let b = self.read_user(new, 24)?;
-            let sp = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
-            let flags = i32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-            let size = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
+            let StackT {
+                ss_sp: sp,
+                ss_flags: flags,
+                ss_size: size,
+                ..
+            } = self.read_obj(new)?;
             if on_stack {
                 return Err(Errno::EPERM.into());
             }
@@ -225,12 +218,13 @@ impl Process {
             self.threads.set_alt_stack(stack);
         }
         if old != 0 {
-            let flags = current.flags | if on_stack { libc::SS_ONSTACK } else { 0 };
-            let mut b = [0u8; 24];
-            b[0..8].copy_from_slice(&current.sp.to_le_bytes());
-            b[8..12].copy_from_slice(&flags.to_le_bytes());
-            b[16..24].copy_from_slice(&current.size.to_le_bytes());
-            self.write_user(old, &b)?;
+            let stack = StackT {
+                ss_sp: current.sp,
+                ss_flags: current.flags | if on_stack { libc::SS_ONSTACK } else { 0 },
+                pad: 0,
+                ss_size: current.size,
+            };
+            self.write_obj(old, &stack)?;
         }
         Ok(0)
     }
@@ -266,7 +260,7 @@ impl Process {
                 .or_else(|| self.signals.pending.take(signal))
                 .unwrap_or_else(|| SigInfo::kernel(signal));
             if info != 0 {
-                self.write_user(info, taken.as_slice())?;
+                self.write_obj(info, &taken)?;
             }
             return Ok(signal as u64);
         }

@@ -8,6 +8,7 @@ use syscalls::Errno;
 use vm_memory::ByteValued;
 
 use super::{ExitReason, Stop, SysResult};
+use crate::abi::from_prefix;
 use crate::context::{Fpu, UserContext};
 use crate::process::Process;
 use crate::threads::Tid;
@@ -120,10 +121,7 @@ impl Process {
         if bytes[known as usize..].iter().any(|&b| b != 0) {
             return Err(Errno::E2BIG.into());
         }
-        let mut parsed = CloneArgs::default();
-        parsed
-            .as_mut_slice()
-            .copy_from_slice(&bytes[..known as usize]);
+        let parsed: CloneArgs = from_prefix(&bytes);
         if parsed.exit_signal != 0 && parsed.flags & CLONE_THREAD != 0 {
             return Err(Errno::EINVAL.into());
         }
@@ -190,7 +188,7 @@ impl Process {
             (CLONE_CHILD_SETTID, new.child_tid),
         ] {
             if flags & flag != 0 {
-                self.write_user(addr, &tid.to_le_bytes())?;
+                self.write_obj(addr, &tid)?;
             }
         }
         Ok(u64::from(tid))
@@ -205,11 +203,7 @@ impl Process {
         self.release_robust_futexes(tid);
         let clear_child_tid = self.threads.remove_current();
         // glibc's `pthread_join` waits on this word: zero it and wake one waiter.
-        if clear_child_tid != 0
-            && self
-                .write_user(clear_child_tid, &0u32.to_le_bytes())
-                .is_ok()
-        {
+        if clear_child_tid != 0 && self.write_obj(clear_child_tid, &0u32).is_ok() {
             self.threads.futex_wake(clear_child_tid, u32::MAX, 1);
         }
         Err(Stop::ThreadExit)
@@ -245,10 +239,7 @@ impl Process {
         if head == 0 {
             return;
         }
-        let read = |process: &Process, addr: u64| -> Option<u64> {
-            let bytes = process.read_user(addr, 8).ok()?;
-            Some(u64::from_le_bytes(bytes.try_into().ok()?))
-        };
+        let read = |process: &Process, addr: u64| process.read_obj::<u64>(addr).ok();
         let Some(offset) = read(self, head.wrapping_add(8)) else {
             return;
         };
@@ -268,17 +259,14 @@ impl Process {
         for entry in entries {
             // The low bit marks a priority-inheritance futex, which is never offered here.
             let word_addr = (entry & !1).wrapping_add(offset);
-            let Ok(word) = self.read_user(word_addr, 4) else {
+            let Ok(word) = self.read_obj::<u32>(word_addr) else {
                 continue;
             };
-            let word = u32::from_le_bytes(word.try_into().expect("4 bytes"));
             if word & FUTEX_TID_MASK != tid {
                 continue;
             }
             let released = (word & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
-            if self.write_user(word_addr, &released.to_le_bytes()).is_ok()
-                && word & FUTEX_WAITERS != 0
-            {
+            if self.write_obj(word_addr, &released).is_ok() && word & FUTEX_WAITERS != 0 {
                 self.threads.futex_wake(word_addr, u32::MAX, 1);
             }
         }

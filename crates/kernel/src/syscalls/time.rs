@@ -3,13 +3,13 @@
 //! A sleep blocks only the calling thread.
 
 use syscalls::Errno;
-use vm_memory::ByteValued;
 
 use super::{Stop, SysResult};
+use crate::abi::{Timespec, Timeval};
 use crate::process::Process;
 use crate::threads::{Resume, SignalWake, Wait, WaitOn, monotonic_ns};
 
-fn host_clock(clock: i32) -> Result<libc::timespec, Errno> {
+fn host_clock(clock: i32) -> Result<Timespec, Errno> {
     let host_clock = match clock {
         libc::CLOCK_REALTIME
         | libc::CLOCK_MONOTONIC
@@ -33,56 +33,23 @@ fn host_clock(clock: i32) -> Result<libc::timespec, Errno> {
     if rc != 0 {
         return Err(Errno::EINVAL);
     }
-    Ok(ts)
+    Ok(Timespec {
+        tv_sec: ts.tv_sec,
+        tv_nsec: ts.tv_nsec,
+    })
 }
-
-/// `struct timespec` as the program reads and writes it.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Timespec {
-    pub tv_sec: i64,
-    pub tv_nsec: i64,
-}
-
-// SAFETY: two `i64`s, `repr(C)`, no padding: every byte pattern is a value.
-unsafe impl ByteValued for Timespec {}
-
-const _: () = assert!(std::mem::size_of::<Timespec>() == 16);
 
 impl Timespec {
-    /// Nanoseconds, for a valid non-negative value (`None` otherwise).
-    pub(crate) fn as_ns(&self) -> Option<u64> {
-        if self.tv_sec < 0 || !(0..1_000_000_000).contains(&self.tv_nsec) {
-            return None;
-        }
-        (self.tv_sec as u64)
-            .checked_mul(1_000_000_000)?
-            .checked_add(self.tv_nsec as u64)
-    }
-
     /// A host clock now.
     pub(crate) fn now(clock: i32) -> Timespec {
-        host_clock(clock).map_or(Timespec::default(), |ts| Timespec {
-            tv_sec: ts.tv_sec,
-            tv_nsec: ts.tv_nsec,
-        })
+        host_clock(clock).unwrap_or_default()
     }
-}
-
-fn timespec_bytes(sec: i64, nsec: i64) -> [u8; 16] {
-    let ts = Timespec {
-        tv_sec: sec,
-        tv_nsec: nsec,
-    };
-    ts.as_slice().try_into().expect("16 bytes")
 }
 
 impl Process {
     /// Reads a `struct timespec` argument; `EINVAL` unless it is a valid, non-negative time.
     pub(crate) fn read_timespec_value(&self, addr: u64) -> Result<Timespec, Errno> {
-        let mut ts = Timespec::default();
-        ts.as_mut_slice()
-            .copy_from_slice(&self.read_user(addr, std::mem::size_of::<Timespec>())?);
+        let ts: Timespec = self.read_obj(addr)?;
         ts.as_ns().ok_or(Errno::EINVAL)?;
         Ok(ts)
     }
@@ -103,15 +70,18 @@ impl Process {
     }
 
     pub(crate) fn sys_clock_gettime(&mut self, clock: i32, out: u64) -> SysResult {
-        let ts = host_clock(clock)?;
-        self.write_user(out, &timespec_bytes(ts.tv_sec, ts.tv_nsec))?;
+        self.write_obj(out, &host_clock(clock)?)?;
         Ok(0)
     }
 
     pub(crate) fn sys_clock_getres(&mut self, clock: i32, out: u64) -> SysResult {
         host_clock(clock)?;
         if out != 0 {
-            self.write_user(out, &timespec_bytes(0, 1))?;
+            let resolution = Timespec {
+                tv_sec: 0,
+                tv_nsec: 1,
+            };
+            self.write_obj(out, &resolution)?;
         }
         Ok(0)
     }
@@ -119,7 +89,11 @@ impl Process {
     pub(crate) fn sys_gettimeofday(&mut self, out: u64) -> SysResult {
         if out != 0 {
             let ts = host_clock(libc::CLOCK_REALTIME)?;
-            self.write_user(out, &timespec_bytes(ts.tv_sec, ts.tv_nsec / 1000))?;
+            let tv = Timeval {
+                tv_sec: ts.tv_sec,
+                tv_usec: ts.tv_nsec / 1000,
+            };
+            self.write_obj(out, &tv)?;
         }
         Ok(0)
     }
@@ -127,7 +101,7 @@ impl Process {
     pub(crate) fn sys_time(&mut self, out: u64) -> SysResult {
         let now = host_clock(libc::CLOCK_REALTIME)?.tv_sec;
         if out != 0 {
-            self.write_user(out, &now.to_le_bytes())?;
+            self.write_obj(out, &now)?;
         }
         Ok(now as u64)
     }
@@ -138,7 +112,7 @@ impl Process {
         }
         let deadline = self.wait_deadline(request, false, false)?;
         if remaining != 0 {
-            self.check_user(remaining, 16)?;
+            self.check_user(remaining, size_of::<Timespec>() as u64)?;
         }
         self.sleep_until(deadline.unwrap_or(0))
     }
@@ -164,7 +138,7 @@ impl Process {
         let realtime = matches!(clock, libc::CLOCK_REALTIME | libc::CLOCK_TAI);
         let deadline = self.wait_deadline(request, absolute, realtime)?;
         if remaining != 0 && !absolute {
-            self.check_user(remaining, 16)?;
+            self.check_user(remaining, size_of::<Timespec>() as u64)?;
         }
         self.sleep_until(deadline.unwrap_or(0))
     }

@@ -2,10 +2,13 @@
 //! (`timer_create`, `timer_settime`, `timer_gettime`, `timer_getoverrun`, `timer_delete`).
 //! The timers themselves are in `crate::timers`.
 
+use std::mem::offset_of;
+
 use syscalls::Errno;
+use vm_memory::ByteValued;
 
 use super::SysResult;
-use super::time::Timespec;
+use crate::abi::{Itimerspec, Itimerval, Timespec, from_prefix};
 use crate::process::Process;
 use crate::threads::monotonic_ns;
 use crate::timers::{Notify, PosixTimer, Schedule};
@@ -15,38 +18,31 @@ const SIGEV_SIGNAL: i32 = 0;
 const SIGEV_NONE: i32 = 1;
 const SIGEV_THREAD_ID: i32 = 4;
 
-/// A `struct timeval` in nanoseconds (`None` unless valid and non-negative).
-fn timeval_ns(sec: i64, usec: i64) -> Option<u64> {
-    if sec < 0 || !(0..1_000_000).contains(&usec) {
-        return None;
-    }
-    (sec as u64)
-        .checked_mul(NS_PER_SEC)?
-        .checked_add(usec as u64 * 1000)
+/// The leading words of `struct sigevent` (64 bytes): the value, the signal, how to
+/// notify, and (for `SIGEV_THREAD_ID`) the thread.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SigEvent {
+    sigev_value: u64,
+    sigev_signo: i32,
+    sigev_notify: i32,
+    sigev_tid: i32,
+    pad: i32,
 }
 
-fn timeval_words(ns: u64) -> [i64; 2] {
-    [(ns / NS_PER_SEC) as i64, ((ns % NS_PER_SEC) / 1000) as i64]
-}
+// SAFETY: `repr(C)` integers with the tail padding made a field (checked below): every
+// byte pattern is a value.
+unsafe impl ByteValued for SigEvent {}
 
-fn timespec_words(ns: u64) -> [i64; 2] {
-    [(ns / NS_PER_SEC) as i64, (ns % NS_PER_SEC) as i64]
-}
+const _: () = {
+    assert!(size_of::<SigEvent>() == 24);
+    assert!(offset_of!(SigEvent, sigev_tid) == 16);
+};
 
-fn words_bytes(words: &[i64]) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
-}
+/// The bytes of a `sigevent` read: up to the thread id (Linux would read all 64).
+const SIGEVENT_READ: usize = offset_of!(SigEvent, sigev_tid) + 4;
 
 impl Process {
-    fn read_words<const N: usize>(&self, addr: u64) -> Result<[i64; N], Errno> {
-        let bytes = self.read_user(addr, N * 8)?;
-        let mut words = [0i64; N];
-        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
-            *word = i64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-        }
-        Ok(words)
-    }
-
     /// `alarm`: `SIGALRM` in `seconds` (0 cancels); returns the seconds the previous alarm
     /// had left, rounded up.
     pub(crate) fn sys_alarm(&mut self, seconds: u32) -> SysResult {
@@ -68,21 +64,20 @@ impl Process {
         let schedule = if new == 0 {
             None
         } else {
-            let [isec, iusec, vsec, vusec] = self.read_words::<4>(new)?;
-            let interval = timeval_ns(isec, iusec).ok_or(Errno::EINVAL)?;
-            let value = timeval_ns(vsec, vusec).ok_or(Errno::EINVAL)?;
+            let spec: Itimerval = self.read_obj(new)?;
+            let interval = spec.it_interval.as_ns().ok_or(Errno::EINVAL)?;
+            let value = spec.it_value.as_ns().ok_or(Errno::EINVAL)?;
             (value > 0).then(|| Schedule {
                 next_ns: now + value,
                 interval_ns: interval,
             })
         };
         if old != 0 {
-            self.check_user(old, 32)?;
+            self.check_user(old, size_of::<Itimerval>() as u64)?;
         }
         let (left, interval) = self.swap_itimer(which, schedule, now);
         if old != 0 {
-            let words = [timeval_words(interval), timeval_words(left)].concat();
-            self.write_user(old, &words_bytes(&words))?;
+            self.write_obj(old, &Itimerval::from_ns(left, interval))?;
         }
         Ok(0)
     }
@@ -96,8 +91,7 @@ impl Process {
         let (left, interval) = self.timers.itimers[which].map_or((0, 0), |s| {
             (s.next_ns.saturating_sub(now).max(1), s.interval_ns)
         });
-        let words = [timeval_words(interval), timeval_words(left)].concat();
-        self.write_user(out, &words_bytes(&words))?;
+        self.write_obj(out, &Itimerval::from_ns(left, interval))?;
         Ok(0)
     }
 
@@ -116,7 +110,7 @@ impl Process {
         if !clock_ok {
             return Err(Errno::EINVAL.into());
         }
-        self.check_user(id_out, 4)?;
+        self.check_user(id_out, size_of::<u32>() as u64)?;
         let mut timer = PosixTimer {
             clock,
             notify: Notify::Process,
@@ -126,16 +120,13 @@ impl Process {
             overrun: 0,
         };
         if event != 0 {
-            // struct sigevent: value (8), signo (4), notify (4), then the thread id.
-            let bytes = self.read_user(event, 20)?;
-            timer.value = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
-            timer.signal = i32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-            let notify = i32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
-            let tid = i32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
-            timer.notify = match notify {
+            let sigevent: SigEvent = from_prefix(&self.read_user(event, SIGEVENT_READ)?);
+            timer.value = sigevent.sigev_value;
+            timer.signal = sigevent.sigev_signo;
+            timer.notify = match sigevent.sigev_notify {
                 SIGEV_NONE => Notify::Nothing,
                 SIGEV_SIGNAL => Notify::Process,
-                SIGEV_THREAD_ID => Notify::Thread(self.timer_thread(tid)?),
+                SIGEV_THREAD_ID => Notify::Thread(self.timer_thread(sigevent.sigev_tid)?),
                 _ => return Err(Errno::EINVAL.into()),
             };
             if timer.notify != Notify::Nothing
@@ -150,7 +141,7 @@ impl Process {
         {
             t.value = u64::from(id);
         }
-        self.write_user(id_out, &id.to_le_bytes())?;
+        self.write_obj(id_out, &id)?;
         Ok(0)
     }
 
@@ -160,12 +151,12 @@ impl Process {
         Ok((id, timer))
     }
 
-    /// The remaining time and interval of a timer, as an `itimerspec` (interval first).
-    fn itimerspec_of(timer: &PosixTimer, now: u64) -> Vec<u8> {
+    /// The remaining time and interval of a timer.
+    fn itimerspec_of(timer: &PosixTimer, now: u64) -> Itimerspec {
         let (left, interval) = timer.schedule.map_or((0, 0), |s| {
             (s.next_ns.saturating_sub(now).max(1), s.interval_ns)
         });
-        words_bytes(&[timespec_words(interval), timespec_words(left)].concat())
+        Itimerspec::from_ns(left, interval)
     }
 
     pub(crate) fn sys_timer_settime(
@@ -176,20 +167,12 @@ impl Process {
         old: u64,
     ) -> SysResult {
         let (id, timer) = self.posix_timer(id)?;
-        let [isec, insec, vsec, vnsec] = self.read_words::<4>(new)?;
-        let ns = |sec: i64, nsec: i64| {
-            Timespec {
-                tv_sec: sec,
-                tv_nsec: nsec,
-            }
-            .as_ns()
-            .ok_or(Errno::EINVAL)
-        };
-        let interval = ns(isec, insec)?;
-        let value = ns(vsec, vnsec)?;
+        let spec: Itimerspec = self.read_obj(new)?;
+        let interval = spec.it_interval.as_ns().ok_or(Errno::EINVAL)?;
+        let value = spec.it_value.as_ns().ok_or(Errno::EINVAL)?;
         let now = monotonic_ns();
         if old != 0 {
-            self.write_user(old, &Self::itimerspec_of(&timer, now))?;
+            self.write_obj(old, &Self::itimerspec_of(&timer, now))?;
         }
         let schedule = (value > 0).then(|| {
             let next = if flags & libc::TIMER_ABSTIME != 0 {
@@ -213,7 +196,7 @@ impl Process {
 
     pub(crate) fn sys_timer_gettime(&mut self, id: i64, out: u64) -> SysResult {
         let (_, timer) = self.posix_timer(id)?;
-        self.write_user(out, &Self::itimerspec_of(&timer, monotonic_ns()))?;
+        self.write_obj(out, &Self::itimerspec_of(&timer, monotonic_ns()))?;
         Ok(0)
     }
 

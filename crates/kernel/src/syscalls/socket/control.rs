@@ -2,33 +2,85 @@
 //! hop limit and traffic class) and what a `recvmsg` reports, cut to the buffer exactly as
 //! Linux cuts it (`MSG_CTRUNC`, partial last message, padding up to the room left).
 
-use syscalls::Errno;
+use std::mem::offset_of;
 
+use syscalls::Errno;
+use vm_memory::ByteValued;
+
+use crate::abi::from_prefix;
 use crate::file::OpenFile;
 use crate::net::{AF_INET, AF_INET6, AF_UNIX, Received, Socket, Traffic};
 use crate::process::{Process, identity};
 
-/// `sizeof(struct msghdr)` and of `struct cmsghdr`'s header.
-pub(super) const MSGHDR_BYTES: usize = 56;
-const CMSG_HEADER: usize = 16;
+/// `sizeof(struct cmsghdr)`: the data follows at once (8-byte aligned already).
+const CMSG_HEADER: usize = size_of::<CmsgHdr>();
 /// The most control bytes a `sendmsg` may pass (Linux's `optmem_max`).
 pub(super) const MAX_CONTROL: u64 = 20 * 1024;
 /// Descriptors one `SCM_RIGHTS` message may carry (Linux's `SCM_MAX_FD`).
 const MAX_RIGHTS: usize = 253;
 const SCM_RIGHTS: i32 = 1;
 const SCM_CREDENTIALS: i32 = 2;
-/// `struct ucred`: pid, uid, gid.
-const UCRED_BYTES: usize = 12;
 
-/// A `msghdr`, as read from the program.
+/// `struct msghdr`, its padding made fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(super) struct MsgHdr {
-    pub name: u64,
-    pub name_len: u32,
-    pub iov: u64,
-    pub iov_len: u64,
-    pub control: u64,
-    pub control_len: u64,
+    pub msg_name: u64,
+    pub msg_namelen: u32,
+    pad: u32,
+    pub msg_iov: u64,
+    pub msg_iovlen: u64,
+    pub msg_control: u64,
+    pub msg_controllen: u64,
+    pub msg_flags: i32,
+    pad2: u32,
 }
+
+/// `struct cmsghdr`'s header.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct CmsgHdr {
+    cmsg_len: u64,
+    cmsg_level: i32,
+    cmsg_type: i32,
+}
+
+/// `struct ucred`, as `SCM_CREDENTIALS` and `SO_PEERCRED` carry it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Ucred {
+    pid: u32,
+    uid: u32,
+    gid: u32,
+}
+
+impl Ucred {
+    /// The credentials every sender in the sandbox has.
+    pub(super) fn ours() -> Ucred {
+        Ucred {
+            pid: identity::PID as u32,
+            uid: identity::UID as u32,
+            gid: identity::GID as u32,
+        }
+    }
+}
+
+// SAFETY: each is `repr(C)` integers with any padding made a field (checked below): every
+// byte pattern is a value.
+unsafe impl ByteValued for MsgHdr {}
+// SAFETY: as above.
+unsafe impl ByteValued for CmsgHdr {}
+// SAFETY: as above.
+unsafe impl ByteValued for Ucred {}
+
+const _: () = {
+    assert!(size_of::<MsgHdr>() == 56);
+    assert!(offset_of!(MsgHdr, msg_iov) == 16);
+    assert!(offset_of!(MsgHdr, msg_controllen) == 40);
+    assert!(offset_of!(MsgHdr, msg_flags) == 48);
+    assert!(size_of::<CmsgHdr>() == 16);
+    assert!(size_of::<Ucred>() == 12);
+};
 
 /// What a `sendmsg`'s control messages carry.
 #[derive(Default)]
@@ -42,8 +94,10 @@ pub(crate) struct Outgoing {
 /// Reads a control message's value as an `int` that must be exactly that size (the IP
 /// options), within `range`; `-1` means the socket's own setting.
 fn int_value(data: &[u8], range: std::ops::RangeInclusive<i32>) -> Result<Option<u8>, Errno> {
-    let bytes: [u8; 4] = data.try_into().map_err(|_| Errno::EINVAL)?;
-    match i32::from_le_bytes(bytes) {
+    if data.len() != size_of::<i32>() {
+        return Err(Errno::EINVAL);
+    }
+    match from_prefix::<i32>(data) {
         -1 => Ok(None),
         v if range.contains(&v) => Ok(Some(v as u8)),
         _ => Err(Errno::EINVAL),
@@ -51,19 +105,6 @@ fn int_value(data: &[u8], range: std::ops::RangeInclusive<i32>) -> Result<Option
 }
 
 impl Process {
-    pub(super) fn read_msghdr(&self, addr: u64) -> Result<MsgHdr, Errno> {
-        let raw = self.read_user(addr, MSGHDR_BYTES)?;
-        let word = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
-        Ok(MsgHdr {
-            name: word(0),
-            name_len: u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")),
-            iov: word(16),
-            iov_len: word(24),
-            control: word(32),
-            control_len: word(40),
-        })
-    }
-
     /// Parses the control messages of a `sendmsg` on a socket of `family`. As in Linux,
     /// levels the family does not handle are skipped, and an unknown type at a level it
     /// does handle is `EINVAL`.
@@ -83,18 +124,17 @@ impl Process {
         let raw = self.read_user(control, len as usize)?;
         let mut at = 0;
         while at + CMSG_HEADER <= raw.len() {
-            let cmsg_len = u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
-            let level = i32::from_le_bytes(raw[at + 8..at + 12].try_into().expect("4 bytes"));
-            let kind = i32::from_le_bytes(raw[at + 12..at + 16].try_into().expect("4 bytes"));
-            let cmsg_len = usize::try_from(cmsg_len).map_err(|_| Errno::EINVAL)?;
+            let header: CmsgHdr = from_prefix(&raw[at..]);
+            let (level, kind) = (header.cmsg_level, header.cmsg_type);
+            let cmsg_len = usize::try_from(header.cmsg_len).map_err(|_| Errno::EINVAL)?;
             if cmsg_len < CMSG_HEADER || cmsg_len > raw.len() - at {
                 return Err(Errno::EINVAL);
             }
             let data = &raw[at + CMSG_HEADER..at + cmsg_len];
             match (family, level, kind) {
                 (AF_UNIX, libc::SOL_SOCKET, SCM_RIGHTS) => {
-                    for chunk in data.chunks_exact(4) {
-                        let fd = i32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+                    for chunk in data.chunks_exact(size_of::<i32>()) {
+                        let fd: i32 = from_prefix(chunk);
                         outgoing.rights.push(self.files.get(fd)?.clone());
                     }
                     if outgoing.rights.len() > MAX_RIGHTS {
@@ -103,11 +143,13 @@ impl Process {
                 }
                 // Credentials may only claim what they are: this process.
                 (AF_UNIX, libc::SOL_SOCKET, SCM_CREDENTIALS)
-                    if data.len() == UCRED_BYTES && data != credentials() =>
+                    if data.len() == size_of::<Ucred>()
+                        && from_prefix::<Ucred>(data) != Ucred::ours() =>
                 {
                     return Err(Errno::EPERM);
                 }
-                (AF_UNIX, libc::SOL_SOCKET, SCM_CREDENTIALS) if data.len() == UCRED_BYTES => {}
+                (AF_UNIX, libc::SOL_SOCKET, SCM_CREDENTIALS)
+                    if data.len() == size_of::<Ucred>() => {}
                 (_, libc::SOL_SOCKET, _) => return Err(Errno::EINVAL),
                 (AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT) => {
                     outgoing.hop_limit = int_value(data, 0..=255)?;
@@ -141,8 +183,8 @@ impl Process {
             socket
                 .options
                 .get(&(level, name))
-                .and_then(|v| v.get(..4))
-                .map(|v| i32::from_le_bytes(v.try_into().expect("4 bytes")))
+                .and_then(|v| v.get(..size_of::<i32>()))
+                .map(from_prefix::<i32>)
                 .filter(|v| (0..=255).contains(v))
                 .map(|v| v as u8)
         };
@@ -184,25 +226,25 @@ impl Process {
         match socket.family {
             AF_UNIX => {
                 if flag(libc::SOL_SOCKET, libc::SO_PASSCRED) {
-                    writer.put(libc::SOL_SOCKET, SCM_CREDENTIALS, &credentials());
+                    writer.put(libc::SOL_SOCKET, SCM_CREDENTIALS, Ucred::ours().as_slice());
                 }
                 let rights = std::mem::take(&mut received.rights);
                 self.install_rights(&mut writer, rights, cloexec);
             }
             AF_INET6 if socket.kind != crate::net::Kind::Stream => {
                 if flag(libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT) {
-                    let hops = i32::from(traffic.hop_limit).to_le_bytes();
-                    writer.put(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, &hops);
+                    let hops = i32::from(traffic.hop_limit);
+                    writer.put(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, hops.as_slice());
                 }
                 if flag(libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS) {
-                    let class = i32::from(traffic.class).to_le_bytes();
-                    writer.put(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, &class);
+                    let class = i32::from(traffic.class);
+                    writer.put(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, class.as_slice());
                 }
             }
             AF_INET if socket.kind != crate::net::Kind::Stream => {
                 if flag(libc::IPPROTO_IP, libc::IP_RECVTTL) {
-                    let ttl = i32::from(traffic.hop_limit).to_le_bytes();
-                    writer.put(libc::IPPROTO_IP, libc::IP_TTL, &ttl);
+                    let ttl = i32::from(traffic.hop_limit);
+                    writer.put(libc::IPPROTO_IP, libc::IP_TTL, ttl.as_slice());
                 }
                 if flag(libc::IPPROTO_IP, libc::IP_RECVTOS) {
                     writer.put(libc::IPPROTO_IP, libc::IP_TOS, &[traffic.class]);
@@ -219,7 +261,7 @@ impl Process {
         if rights.is_empty() {
             return;
         }
-        let fits = writer.room.saturating_sub(CMSG_HEADER) / 4;
+        let fits = writer.room.saturating_sub(CMSG_HEADER) / size_of::<i32>();
         let mut fds: Vec<i32> = Vec::new();
         for file in rights {
             let object = file.object.clone();
@@ -237,22 +279,10 @@ impl Process {
             }
         }
         if !fds.is_empty() {
-            let data: Vec<u8> = fds.iter().flat_map(|fd| fd.to_le_bytes()).collect();
+            let data: Vec<u8> = fds.iter().flat_map(|fd| fd.as_slice()).copied().collect();
             writer.put(libc::SOL_SOCKET, SCM_RIGHTS, &data);
         }
     }
-}
-
-/// The credentials every sender in the sandbox has.
-fn credentials() -> Vec<u8> {
-    [
-        identity::PID as u32,
-        identity::UID as u32,
-        identity::GID as u32,
-    ]
-    .iter()
-    .flat_map(|v| v.to_le_bytes())
-    .collect()
 }
 
 /// Control messages being written into a buffer of limited room (Linux's `put_cmsg`).
@@ -284,9 +314,12 @@ impl ControlWriter {
             self.truncated = true;
             len = self.room;
         }
-        self.bytes.extend_from_slice(&(len as u64).to_le_bytes());
-        self.bytes.extend_from_slice(&level.to_le_bytes());
-        self.bytes.extend_from_slice(&kind.to_le_bytes());
+        let header = CmsgHdr {
+            cmsg_len: len as u64,
+            cmsg_level: level,
+            cmsg_type: kind,
+        };
+        self.bytes.extend_from_slice(header.as_slice());
         self.bytes.extend_from_slice(&data[..len - CMSG_HEADER]);
         let space = (CMSG_HEADER + data.len())
             .next_multiple_of(8)

@@ -113,10 +113,7 @@ impl Process {
                 return Err(e.into());
             }
         };
-        let mut pair = [0u8; 8];
-        pair[..4].copy_from_slice(&fd_a.to_le_bytes());
-        pair[4..].copy_from_slice(&fd_b.to_le_bytes());
-        self.write_user(out, &pair)?;
+        self.write_obj(out, &[fd_a, fd_b])?;
         Ok(0)
     }
 
@@ -148,14 +145,14 @@ impl Process {
         if out == 0 || len_ptr == 0 {
             return Ok(());
         }
-        let room = u32::from_le_bytes(self.read_user(len_ptr, 4)?.try_into().expect("4 bytes"));
+        let room: u32 = self.read_obj(len_ptr)?;
         if room as i32 <= -1 {
             return Err(Errno::EINVAL);
         }
         let bytes = addr.encode();
         let n = bytes.len().min(room as usize);
         self.write_user(out, &bytes[..n])?;
-        self.write_user(len_ptr, &(bytes.len() as u32).to_le_bytes())
+        self.write_obj(len_ptr, &(bytes.len() as u32))
     }
 
     pub(crate) fn sys_bind(&mut self, fd: i32, addr: u64, len: u32) -> SysResult {

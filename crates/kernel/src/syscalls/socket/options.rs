@@ -1,15 +1,31 @@
 //! `setsockopt` and `getsockopt`.
 
 use syscalls::Errno;
+use vm_memory::ByteValued;
 
+use super::control::Ucred;
+use crate::abi::{Timeval, from_prefix};
 use crate::net::{AF_INET6, AF_UNIX, State};
-use crate::process::{Process, identity};
+use crate::process::Process;
 use crate::syscalls::SysResult;
 
 /// The longest option value `setsockopt` keeps.
 const MAX_OPTION: u32 = 256;
 /// What `SO_RCVBUF`/`SO_SNDBUF` report unless set (Linux's default `wmem_default`).
 const DEFAULT_BUFFER: i32 = 212_992;
+
+/// `struct linger` (`SO_LINGER`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Linger {
+    l_onoff: i32,
+    l_linger: i32,
+}
+
+// SAFETY: `repr(C)`, two `i32`s: no padding, every byte pattern is a value.
+unsafe impl ByteValued for Linger {}
+
+const _: () = assert!(size_of::<Linger>() == 8);
 
 /// Options this layer knows, by level and name: `getsockopt` answers them (stored value or
 /// default); others are `ENOPROTOOPT` until set.
@@ -54,20 +70,19 @@ impl Process {
                 libc::SO_LINGER | libc::SO_RCVTIMEO | libc::SO_SNDTIMEO
             )
         );
-        if int_option && bytes.len() < 4 {
+        if int_option && bytes.len() < size_of::<i32>() {
             return Err(Errno::EINVAL.into());
         }
         match (level, name) {
             (libc::SOL_SOCKET, libc::SO_RCVBUF | libc::SO_SNDBUF) => {
                 // Linux keeps twice what was asked (for its bookkeeping) and reports that.
-                let asked = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
-                bytes = asked
-                    .clamp(2304, i32::MAX / 2)
-                    .saturating_mul(2)
-                    .to_le_bytes()
-                    .to_vec();
+                let asked: i32 = from_prefix(&bytes);
+                let kept = asked.clamp(2304, i32::MAX / 2).saturating_mul(2);
+                bytes = kept.as_slice().to_vec();
             }
-            (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) if bytes.len() < 16 => {
+            (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO)
+                if bytes.len() < size_of::<Timeval>() =>
+            {
                 return Err(Errno::EINVAL.into());
             }
             (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => {
@@ -102,12 +117,12 @@ impl Process {
         len_ptr: u64,
     ) -> SysResult {
         let id = self.socket_id(fd)?;
-        let room = u32::from_le_bytes(self.read_user(len_ptr, 4)?.try_into().expect("4 bytes"));
+        let room: u32 = self.read_obj(len_ptr)?;
         if room as i32 <= -1 {
             return Err(Errno::EINVAL.into());
         }
         let socket = self.sockets.get_mut(id).ok_or(Errno::EBADF)?;
-        let int = |v: i32| v.to_le_bytes().to_vec();
+        let int = |v: i32| v.as_slice().to_vec();
         let bytes = match (level, name) {
             (libc::SOL_SOCKET, libc::SO_TYPE) => int(socket.kind.as_type()),
             (libc::SOL_SOCKET, libc::SO_DOMAIN) => int(i32::from(socket.family)),
@@ -121,10 +136,7 @@ impl Process {
                     return Err(Errno::ENOPROTOOPT.into());
                 }
                 // Every peer is this process.
-                let mut cred = (identity::PID as u32).to_le_bytes().to_vec();
-                cred.extend_from_slice(&(identity::UID as u32).to_le_bytes());
-                cred.extend_from_slice(&(identity::GID as u32).to_le_bytes());
-                cred
+                Ucred::ours().as_slice().to_vec()
             }
             (libc::SOL_SOCKET, libc::SO_RCVBUF | libc::SO_SNDBUF) => socket
                 .options
@@ -134,8 +146,10 @@ impl Process {
             key => match socket.options.get(&key) {
                 Some(value) => value.clone(),
                 None if KNOWN_OPTIONS.contains(&key) => match key {
-                    (libc::SOL_SOCKET, libc::SO_LINGER) => vec![0; 8],
-                    (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) => vec![0; 16],
+                    (libc::SOL_SOCKET, libc::SO_LINGER) => Linger::default().as_slice().to_vec(),
+                    (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) => {
+                        Timeval::default().as_slice().to_vec()
+                    }
                     (libc::SOL_SOCKET, libc::SO_RCVLOWAT) => int(1),
                     (libc::IPPROTO_IP, libc::IP_TTL) => int(64),
                     _ => int(0),
@@ -145,7 +159,7 @@ impl Process {
         };
         let n = bytes.len().min(room as usize);
         self.write_user(value, &bytes[..n])?;
-        self.write_user(len_ptr, &(n as u32).to_le_bytes())?;
+        self.write_obj(len_ptr, &(n as u32))?;
         Ok(0)
     }
 }

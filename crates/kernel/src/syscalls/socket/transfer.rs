@@ -2,9 +2,13 @@
 //! (`write`, `send`, `sendto`, `sendmsg`, `sendmmsg`, `writev`, `sendfile` and their
 //! receiving counterparts), with the `MSG_*` flags, timeouts and `SIGPIPE`.
 
-use syscalls::Errno;
+use std::mem::offset_of;
 
-use super::control::{MAX_CONTROL, MSGHDR_BYTES, Outgoing};
+use syscalls::Errno;
+use vm_memory::ByteValued;
+
+use super::control::{MAX_CONTROL, MsgHdr, Outgoing};
+use crate::abi::{Timeval, from_prefix};
 use crate::file::{FileObject, OpenFile};
 use crate::net::{
     AF_UNIX, DATAGRAM_BUFFER, Kind, MAX_DATAGRAM, NetError, STREAM_BUFFER, SockAddr, Traffic,
@@ -23,8 +27,32 @@ const MSG_WAITALL: i32 = 0x100;
 const MSG_ERRQUEUE: i32 = 0x2000;
 const MSG_NOSIGNAL: i32 = 0x4000;
 const MSG_CMSG_CLOEXEC: i32 = 0x4000_0000;
-/// `sizeof(struct mmsghdr)`: a `msghdr` and the length the call reports for it.
-const MMSGHDR_BYTES: u64 = 64;
+
+/// `struct mmsghdr`: a `msghdr` and the length the call reports for it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct MMsgHdr {
+    msg_hdr: MsgHdr,
+    msg_len: u32,
+    pad: u32,
+}
+
+// SAFETY: `repr(C)`: a `MsgHdr` (itself `ByteValued`) and integers, the tail padding made a
+// field (checked below): every byte pattern is a value.
+unsafe impl ByteValued for MMsgHdr {}
+
+const _: () = {
+    assert!(size_of::<MMsgHdr>() == 64);
+    assert!(offset_of!(MMsgHdr, msg_len) == 56);
+};
+
+/// Where `recvmsg` writes back into the caller's `msghdr`.
+const NAMELEN_AT: u64 = offset_of!(MsgHdr, msg_namelen) as u64;
+const CONTROLLEN_AT: u64 = offset_of!(MsgHdr, msg_controllen) as u64;
+const FLAGS_AT: u64 = offset_of!(MsgHdr, msg_flags) as u64;
+/// Where `sendmmsg`/`recvmmsg` report each message's length, and their stride.
+const MSG_LEN_AT: u64 = offset_of!(MMsgHdr, msg_len) as u64;
+const MMSGHDR_BYTES: u64 = size_of::<MMsgHdr>() as u64;
 
 /// Where a message goes and what it carries besides its bytes.
 pub(crate) struct Message {
@@ -86,10 +114,11 @@ impl Process {
             .sockets
             .get(id)
             .and_then(|s| s.options.get(&(libc::SOL_SOCKET, option)))
-            .filter(|v| v.len() >= 16)
+            .filter(|v| v.len() >= size_of::<Timeval>())
             .map(|v| {
-                let sec = i64::from_le_bytes(v[..8].try_into().expect("8 bytes")).max(0) as u64;
-                let usec = i64::from_le_bytes(v[8..16].try_into().expect("8 bytes")).max(0) as u64;
+                // Stored as the program set it: a `timeval`, negative parts meaning none.
+                let tv: Timeval = from_prefix(v);
+                let (sec, usec) = (tv.tv_sec.max(0) as u64, tv.tv_usec.max(0) as u64);
                 sec.saturating_mul(1_000_000_000)
                     .saturating_add(usec.saturating_mul(1000))
             })
@@ -301,52 +330,56 @@ impl Process {
         let id = self.socket_id(fd)?;
         let socket = self.sockets.get(id).ok_or(Errno::EBADF)?;
         match from {
-            Some(SockAddr::UnixUnnamed) => self.write_user(len_ptr, &0u32.to_le_bytes()),
+            Some(SockAddr::UnixUnnamed) => self.write_obj(len_ptr, &0u32),
             Some(from) if !(socket.kind == Kind::Stream && socket.family != AF_UNIX) => {
                 self.write_sockaddr(from, addr, len_ptr)
             }
-            _ => self.write_user(len_ptr, &0u32.to_le_bytes()),
+            _ => self.write_obj(len_ptr, &0u32),
         }
     }
 
     pub(crate) fn sys_sendmsg(&mut self, fd: i32, msg: u64, flags: i32) -> SysResult {
         let id = self.socket_id(fd)?;
-        let header = self.read_msghdr(msg)?;
-        let to = if header.name == 0 {
+        let header: MsgHdr = self.read_obj(msg)?;
+        let to = if header.msg_name == 0 {
             None
         } else {
-            let addr = self.read_sockaddr(header.name, header.name_len, self.socket_family(id)?)?;
+            let family = self.socket_family(id)?;
+            let addr = self.read_sockaddr(header.msg_name, header.msg_namelen, family)?;
             Some(self.unix_destination(addr)?)
         };
-        let vecs = self.read_iovecs(header.iov, header.iov_len)?;
-        let outgoing =
-            self.read_control(header.control, header.control_len, self.socket_family(id)?)?;
+        let vecs = self.read_iovecs(header.msg_iov, header.msg_iovlen)?;
+        let outgoing = self.read_control(
+            header.msg_control,
+            header.msg_controllen,
+            self.socket_family(id)?,
+        )?;
         self.socket_send(fd, &vecs, to, outgoing, flags)
     }
 
     pub(crate) fn sys_recvmsg(&mut self, fd: i32, msg: u64, flags: i32) -> SysResult {
-        let header = self.read_msghdr(msg)?;
-        let vecs = self.read_iovecs(header.iov, header.iov_len)?;
-        let room = header.control_len.min(MAX_CONTROL);
-        if header.control != 0 {
-            self.check_user(header.control, room)?;
+        let header: MsgHdr = self.read_obj(msg)?;
+        let vecs = self.read_iovecs(header.msg_iov, header.msg_iovlen)?;
+        let room = header.msg_controllen.min(MAX_CONTROL);
+        if header.msg_control != 0 {
+            self.check_user(header.msg_control, room)?;
         }
         let (n, mut received) = self.socket_recv(fd, &vecs, flags)?;
         let mut out_flags = 0;
         if received.data.len() < received.message_len {
             out_flags |= MSG_TRUNC;
         }
-        if header.name != 0 {
-            let len_ptr = msg + 8;
-            self.write_user(len_ptr, &header.name_len.to_le_bytes())?;
-            self.write_source(fd, received.from.as_ref(), header.name, len_ptr)?;
+        if header.msg_name != 0 {
+            let len_ptr = msg + NAMELEN_AT;
+            self.write_obj(len_ptr, &header.msg_namelen)?;
+            self.write_source(fd, received.from.as_ref(), header.msg_name, len_ptr)?;
         }
         let socket = self
             .sockets
             .get(self.socket_id(fd)?)
             .ok_or(Errno::EBADF)?
             .clone();
-        let room = if header.control == 0 {
+        let room = if header.msg_control == 0 {
             0
         } else {
             room as usize
@@ -357,10 +390,10 @@ impl Process {
             out_flags |= MSG_CTRUNC;
         }
         if !control.bytes.is_empty() {
-            self.write_user(header.control, &control.bytes)?;
+            self.write_user(header.msg_control, &control.bytes)?;
         }
-        self.write_user(msg + 40, &(control.bytes.len() as u64).to_le_bytes())?;
-        self.write_user(msg + 48, &out_flags.to_le_bytes())?;
+        self.write_obj(msg + CONTROLLEN_AT, &(control.bytes.len() as u64))?;
+        self.write_obj(msg + FLAGS_AT, &out_flags)?;
         Ok(n)
     }
 
@@ -373,7 +406,7 @@ impl Process {
             let entry = msgs + sent * MMSGHDR_BYTES;
             match self.sys_sendmsg(fd, entry, flags) {
                 Ok(n) => {
-                    self.write_user(entry + MSGHDR_BYTES as u64, &(n as u32).to_le_bytes())?;
+                    self.write_obj(entry + MSG_LEN_AT, &(n as u32))?;
                     sent += 1;
                 }
                 Err(e) if sent == 0 => return Err(e),
@@ -397,7 +430,7 @@ impl Process {
             };
             match self.sys_recvmsg(fd, entry, flags) {
                 Ok(n) => {
-                    self.write_user(entry + MSGHDR_BYTES as u64, &(n as u32).to_le_bytes())?;
+                    self.write_obj(entry + MSG_LEN_AT, &(n as u32))?;
                     received += 1;
                 }
                 Err(e) if received == 0 => return Err(e),
