@@ -45,7 +45,7 @@ pub enum SnapshotError {
     #[error("{path}: malformed: {reason}")]
     Malformed { path: PathBuf, reason: String },
     #[error(
-        "snapshot format {found} is not supported (this forkvm reads format {SNAPSHOT_FORMAT})"
+        "snapshot format {found} is not supported (this forkvm reads format {SNAPSHOT_FORMAT}): rebuild the template"
     )]
     Format { found: u32 },
     #[error("{file} failed its integrity check (SHA-256 mismatch): the snapshot is corrupt")]
