@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use forkvm_template::{SnapshotError, StoreError, TemplateStore};
+use forkvm_template::{SnapshotError, SnapshotMeta, StoreError, TemplateStore, snapshot};
 use forkvm_vmm::Vmm;
 
 /// A private copy of the built `python` template, named `name`, in its own store.
@@ -20,6 +20,9 @@ fn copy_template(name: &str) -> Option<(TemplateStore, PathBuf)> {
     for file in ["memory", "state.bin", "meta.json"] {
         std::fs::copy(built.dir("python").unwrap().join(file), dir.join(file)).unwrap();
     }
+    // The copy is sealed with the original cache's key.
+    let key = built.sealer().unwrap().key_path().to_owned();
+    std::fs::copy(key, root.join("seal.key")).unwrap();
     Some((store, dir))
 }
 
@@ -43,12 +46,21 @@ fn flip_byte(path: &Path, offset: u64) {
     file.write_all_at(&byte, offset).unwrap();
 }
 
-fn edit_meta(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+/// Edits `meta.json` and seals it again, as a build on this machine would have written it.
+fn edit_meta(store: &TemplateStore, dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("meta.json");
     let mut meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut meta);
-    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
+    let mut meta: SnapshotMeta = serde_json::from_value(meta).unwrap();
+    snapshot::write_meta(dir, &mut meta, &store.sealer().unwrap()).unwrap();
+}
+
+fn corrupt_path(error: &StoreError) -> &Path {
+    match error {
+        StoreError::Snapshot(SnapshotError::Corrupt { path }) => path,
+        other => panic!("expected a corrupt file, got {other}"),
+    }
 }
 
 #[test]
@@ -66,11 +78,80 @@ fn a_changed_memory_byte_is_caught() {
     };
     let meta = store.show("python").unwrap();
     let (offset, _) = meta.memory_extents[meta.memory_extents.len() / 2];
+    // Verified once (and stamped), then changed: the change is still caught.
+    store.load("python", &Vmm::new().unwrap()).unwrap();
     flip_byte(&dir.join("memory"), offset + 100);
-    assert!(matches!(
-        load_error(&store),
-        StoreError::Snapshot(SnapshotError::Corrupt { file: "memory" })
-    ));
+    let error = load_error(&store);
+    assert_eq!(corrupt_path(&error), dir.join("memory"));
+    assert!(error.to_string().contains("memory"), "{error}");
+}
+
+#[test]
+fn data_written_into_a_hole_is_caught() {
+    let Some((store, dir)) = copy_template("hole") else {
+        return;
+    };
+    let meta = store.show("python").unwrap();
+    // The first page after the first extent is a hole unless the next extent starts there.
+    let (start, len) = meta.memory_extents[0];
+    let hole = start + len;
+    assert!(meta.memory_extents.iter().all(|&(s, _)| s != hole));
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("memory"))
+            .unwrap();
+        file.write_all_at(b"marker", hole + 64).unwrap();
+    }
+    let error = load_error(&store);
+    assert!(
+        matches!(
+            &error,
+            StoreError::Snapshot(SnapshotError::DataInHole { offset, .. }) if *offset == hole + 64
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn metadata_changed_without_the_key_is_refused() {
+    let Some((store, dir)) = copy_template("unsealed") else {
+        return;
+    };
+    let path = dir.join("meta.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+    meta["ram_bytes"] = serde_json::json!(meta["ram_bytes"].as_u64().unwrap() * 2);
+    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
+    let error = load_error(&store);
+    assert!(
+        matches!(error, StoreError::Snapshot(SnapshotError::Unsealed { .. })),
+        "{error}"
+    );
+    assert!(error.to_string().contains("meta.json"), "{error}");
+}
+
+#[test]
+fn a_changed_image_byte_is_caught() {
+    let Some((store, dir)) = copy_template("image-body") else {
+        return;
+    };
+    // A private copy of the image, one byte of its body changed.
+    let original = store.show("python").unwrap().image_path;
+    let copy = dir.join("image.img");
+    std::fs::copy(&original, &copy).unwrap();
+    let len = std::fs::metadata(&copy).unwrap().len();
+    flip_byte(&copy, len / 2);
+    let copy_str = copy.to_str().unwrap().to_owned();
+    edit_meta(&store, &dir, |meta| {
+        meta["image_path"] = serde_json::json!(copy_str)
+    });
+    let error = load_error(&store);
+    assert!(
+        matches!(&error, StoreError::Snapshot(SnapshotError::ImageCorrupt { path }) if *path == copy),
+        "{error}"
+    );
 }
 
 #[test]
@@ -79,10 +160,7 @@ fn a_changed_state_byte_is_caught() {
         return;
     };
     flip_byte(&dir.join("state.bin"), 200);
-    assert!(matches!(
-        load_error(&store),
-        StoreError::Snapshot(SnapshotError::Corrupt { file: "state.bin" })
-    ));
+    assert_eq!(corrupt_path(&load_error(&store)), dir.join("state.bin"));
 }
 
 #[test]
@@ -91,7 +169,7 @@ fn a_cpu_feature_this_host_lacks_is_named() {
         return;
     };
     // Pretend the snapshot was taken where every leaf-7 EBX feature bit was on.
-    edit_meta(&dir, |meta| {
+    edit_meta(&store, &dir, |meta| {
         for word in meta["cpu"]["words"].as_array_mut().unwrap() {
             if word[0] == 7 && word[1] == 0 && word[2] == 1 {
                 word[3] = serde_json::json!(u32::MAX);
@@ -114,7 +192,7 @@ fn another_format_version_is_refused() {
     let Some((store, dir)) = copy_template("format") else {
         return;
     };
-    edit_meta(&dir, |meta| meta["format"] = serde_json::json!(999));
+    edit_meta(&store, &dir, |meta| meta["format"] = serde_json::json!(999));
     assert!(matches!(
         load_error(&store),
         StoreError::Snapshot(SnapshotError::Format { found: 999 })
@@ -126,7 +204,7 @@ fn a_different_image_is_refused() {
     let Some((store, dir)) = copy_template("image") else {
         return;
     };
-    edit_meta(&dir, |meta| {
+    edit_meta(&store, &dir, |meta| {
         meta["image_digest"] = serde_json::json!("00".repeat(32))
     });
     assert!(matches!(

@@ -85,10 +85,10 @@ pub fn launch(vmm: &Vmm, image: &Arc<Image>, launch: Launch<'_>) -> Result<Sandb
 /// Runs the program and returns the exit status forkvm should exit with.
 pub fn run(options: RunOptions) -> Result<i32> {
     let vmm = Vmm::new().context("starting the VMM")?;
-    let image = Arc::new(
-        Image::open(&options.image)
-            .with_context(|| format!("opening image {}", options.image.display()))?,
-    );
+    let sealer = forkvm_template::seal::Sealer::open(&forkvm_template::rootfs::default_cache_dir())
+        .context("opening the cache's seal key")?;
+    let image = forkvm_template::snapshot::open_verified_image(&options.image, &sealer)
+        .with_context(|| format!("opening image {}", options.image.display()))?;
     let console = Console::new(
         Input::Host(Box::new(std::io::stdin())),
         Box::new(std::io::stdout()),

@@ -77,12 +77,15 @@ fn describe(name: &str, meta: &SnapshotMeta) -> String {
 }
 
 /// Builds the default template if the store does not have it, or has it in a snapshot
-/// format this forkvm no longer reads or with another version of the agent (it is ours to
-/// rebuild, in about a second).
+/// format this forkvm no longer reads, with another version of the agent, or without this
+/// cache's seal (it is ours to rebuild, in about a second).
 pub fn ensure(name: &str, vmm: &Vmm) -> Result<()> {
     let store = store();
     let stale = match store.show(name) {
-        Ok(meta) => meta.agent_sha256 != forkvm_template::agent_digest(),
+        Ok(meta) => {
+            meta.agent_sha256 != forkvm_template::agent_digest()
+                || !meta.sealed_by(&store.sealer()?)
+        }
         Err(StoreError::NotFound(_) | StoreError::Snapshot(SnapshotError::Format { .. })) => true,
         Err(e) => bail!("{e}"),
     };

@@ -2,10 +2,9 @@
 //! template's modules) until it parks reading its control channel, then snapshot it.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forkvm_image::{Fs, Image};
+use forkvm_image::Fs;
 use forkvm_kernel::{CaptureBuffer, Console, Input, Limits, Process, SpawnConfig};
 use forkvm_vmm::{RunResult, Vmm};
 
@@ -103,7 +102,8 @@ pub fn build(
     let mut rootfs = RootfsSpec::default();
     rootfs.packages.extend(spec.extra_packages.iter().cloned());
     let image_path = ensure_rootfs(&rootfs, &default_cache_dir(), progress)?;
-    let image = Arc::new(Image::open(&image_path)?);
+    let sealer = store.sealer()?;
+    let image = snapshot::open_verified_image(&image_path, &sealer)?;
 
     let mut fs = Fs::with_limit(image, 256 << 20);
     install_agent(&mut fs)?;
@@ -153,6 +153,7 @@ pub fn build(
         started.elapsed().as_secs_f64()
     ));
     store.create(&spec.name, |dir: &Path| {
-        snapshot::write(dir, &sandbox, vmm, argv.clone(), agent_digest()).map_err(StoreError::from)
+        snapshot::write(dir, &sandbox, vmm, argv.clone(), agent_digest(), &sealer)
+            .map_err(StoreError::from)
     })
 }

@@ -5,6 +5,7 @@
 pub mod build;
 pub mod cpu;
 pub mod rootfs;
+pub mod seal;
 pub mod snapshot;
 pub mod store;
 

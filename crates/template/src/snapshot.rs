@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cpu::CpuFeatures;
+use crate::seal::Sealer;
 
 /// Version of the snapshot format; loading refuses others.
 pub const SNAPSHOT_FORMAT: u32 = 6;
@@ -48,8 +49,22 @@ pub enum SnapshotError {
         "snapshot format {found} is not supported (this forkvm reads format {SNAPSHOT_FORMAT}): rebuild the template"
     )]
     Format { found: u32 },
-    #[error("{file} failed its integrity check (SHA-256 mismatch): the snapshot is corrupt")]
-    Corrupt { file: &'static str },
+    #[error("{path} failed its integrity check (SHA-256 mismatch): the snapshot is corrupt")]
+    Corrupt { path: PathBuf },
+    #[error(
+        "{path} holds data in a hole of the snapshot (at offset {offset:#x}): the snapshot is corrupt"
+    )]
+    DataInHole { path: PathBuf, offset: u64 },
+    #[error(
+        "{path} is not sealed with this cache's key ({key}): it was changed, or built elsewhere; rebuild the template"
+    )]
+    Unsealed { path: PathBuf, key: PathBuf },
+    #[error(
+        "{path}: the image's content does not match its digest: it was modified; delete it to rebuild it"
+    )]
+    ImageCorrupt { path: PathBuf },
+    #[error("reading the cache's seal key: {0}")]
+    Key(std::io::Error),
     #[error(
         "the snapshot was taken over image {expected}, but {path} has digest {found}: rebuild the template"
     )]
@@ -99,9 +114,32 @@ pub struct SnapshotMeta {
     /// built with another agent speaks another version of it.
     #[serde(default)]
     pub agent_sha256: String,
+    /// HMAC-SHA256 of everything above with the cache's key (see `seal`); empty while it is
+    /// computed.
+    #[serde(default)]
+    pub seal: String,
 }
 
 impl SnapshotMeta {
+    /// The bytes the seal covers: the metadata with an empty seal.
+    fn sealed_bytes(&self) -> Vec<u8> {
+        let unsealed = SnapshotMeta {
+            seal: String::new(),
+            ..self.clone()
+        };
+        serde_json::to_vec(&unsealed).expect("metadata serializes")
+    }
+
+    /// Seals the metadata with `sealer`'s key.
+    pub fn seal_with(&mut self, sealer: &Sealer) {
+        self.seal = sealer.seal(&self.sealed_bytes());
+    }
+
+    /// Whether the metadata carries `sealer`'s seal.
+    pub fn sealed_by(&self, sealer: &Sealer) -> bool {
+        sealer.check(&self.sealed_bytes(), &self.seal)
+    }
+
     /// Bytes of guest memory the snapshot actually stores.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_extents.iter().map(|e| e.1).sum()
@@ -196,6 +234,92 @@ fn memory_digest(
     Ok(hex(&hasher.finalize()))
 }
 
+/// Checks that the memory file holds nothing outside `extents`: every region the file
+/// system reports as data (`SEEK_DATA`/`SEEK_HOLE`) that no extent covers must read as
+/// zeros, as a hole does (a file system may store zeros it was never asked to).
+fn check_holes(file: &File, path: &Path, extents: &[(u64, u64)]) -> Result<(), SnapshotError> {
+    let len = file.metadata().map_err(io_error(path))?.len();
+    let mut at = 0u64;
+    let mut buf = vec![0u8; WRITE_CHUNK];
+    while at < len {
+        let Some(start) = seek(file, at, libc::SEEK_DATA).map_err(io_error(path))? else {
+            break;
+        };
+        let end = seek(file, start, libc::SEEK_HOLE)
+            .map_err(io_error(path))?
+            .unwrap_or(len);
+        for (from, to) in uncovered(start, end, extents) {
+            let mut pos = from;
+            while pos < to {
+                let n = ((to - pos) as usize).min(WRITE_CHUNK);
+                file.read_exact_at(&mut buf[..n], pos)
+                    .map_err(io_error(path))?;
+                if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                    return Err(SnapshotError::DataInHole {
+                        path: path.to_owned(),
+                        offset: pos + i as u64,
+                    });
+                }
+                pos += n as u64;
+            }
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+/// `lseek(fd, offset, whence)` for `SEEK_DATA`/`SEEK_HOLE`; `None` past the last data.
+fn seek(file: &File, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor we own; it only moves the file's offset, which nothing
+    // else uses (reads here are positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// The parts of `[start, end)` that no extent (sorted, disjoint) covers.
+fn uncovered(start: u64, end: u64, extents: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut gaps = Vec::new();
+    let mut at = start;
+    for &(offset, len) in extents {
+        let (e_start, e_end) = (offset, offset + len);
+        if e_end <= at || e_start >= end {
+            continue;
+        }
+        if e_start > at {
+            gaps.push((at, e_start));
+        }
+        at = at.max(e_end);
+    }
+    if at < end {
+        gaps.push((at, end));
+    }
+    gaps
+}
+
+/// Opens the image at `path`, hashing it in full unless it is unchanged since it last was.
+pub fn open_verified_image(path: &Path, sealer: &Sealer) -> Result<Arc<Image>, SnapshotError> {
+    let image = Image::open(path)?;
+    let file = File::open(path).map_err(io_error(path))?;
+    if !sealer.is_verified(path, &file) {
+        image
+            .verify_digest()
+            .map_err(|_| SnapshotError::ImageCorrupt {
+                path: path.to_owned(),
+            })?;
+        sealer.record_verified(path, &file);
+    }
+    Ok(Arc::new(image))
+}
+
 /// Snapshots a sandbox parked on its control channel into `dir` (which must exist and be
 /// empty). Returns the metadata written.
 pub fn write(
@@ -204,6 +328,7 @@ pub fn write(
     vmm: &Vmm,
     entry: Vec<String>,
     agent_sha256: String,
+    sealer: &Sealer,
 ) -> Result<SnapshotMeta, SnapshotError> {
     if sandbox.parked().is_none() {
         return Err(SnapshotError::NotParked);
@@ -228,7 +353,7 @@ pub fn write(
     fs::write(&state_path, &state_bytes).map_err(io_error(&state_path))?;
 
     let image = process.image();
-    let meta = SnapshotMeta {
+    let mut meta = SnapshotMeta {
         format: SNAPSHOT_FORMAT,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -242,7 +367,19 @@ pub fn write(
         state_sha256: hex(&Sha256::digest(&state_bytes)),
         cpu: CpuFeatures::of(vmm.cpu()),
         agent_sha256,
+        seal: String::new(),
     };
+    write_meta(dir, &mut meta, sealer)?;
+    Ok(meta)
+}
+
+/// Seals `meta` and writes it as `dir/meta.json`.
+pub fn write_meta(
+    dir: &Path,
+    meta: &mut SnapshotMeta,
+    sealer: &Sealer,
+) -> Result<(), SnapshotError> {
+    meta.seal_with(sealer);
     let meta_path = dir.join("meta.json");
     let mut meta_file = File::create(&meta_path).map_err(io_error(&meta_path))?;
     serde_json::to_writer_pretty(&mut meta_file, &meta).map_err(|e| SnapshotError::Malformed {
@@ -250,8 +387,7 @@ pub fn write(
         reason: e.to_string(),
     })?;
     meta_file.write_all(b"\n").map_err(io_error(&meta_path))?;
-    meta_file.sync_all().map_err(io_error(&meta_path))?;
-    Ok(meta)
+    meta_file.sync_all().map_err(io_error(&meta_path))
 }
 
 /// Reads `meta.json` only (for listings).
@@ -268,9 +404,21 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
     Ok(meta)
 }
 
-/// Loads and verifies a snapshot for forking.
-pub fn load(dir: &Path, vmm: &Vmm) -> Result<(SnapshotMeta, ForkSource), SnapshotError> {
+/// Loads and verifies a snapshot for forking: its metadata must carry `sealer`'s seal, and
+/// its files (and its image) must match the digests there. The memory file and the image
+/// are hashed in full once after each change (see `seal`).
+pub fn load(
+    dir: &Path,
+    vmm: &Vmm,
+    sealer: &Sealer,
+) -> Result<(SnapshotMeta, ForkSource), SnapshotError> {
     let meta = read_meta(dir)?;
+    if !meta.sealed_by(sealer) {
+        return Err(SnapshotError::Unsealed {
+            path: dir.join("meta.json"),
+            key: sealer.key_path().to_owned(),
+        });
+    }
     let missing = meta.cpu.missing_on(&CpuFeatures::of(vmm.cpu()));
     if !missing.is_empty() {
         return Err(SnapshotError::CpuMismatch(missing));
@@ -288,7 +436,7 @@ pub fn load(dir: &Path, vmm: &Vmm) -> Result<(SnapshotMeta, ForkSource), Snapsho
     }
     let state_bytes = fs::read(&state_path).map_err(io_error(&state_path))?;
     if hex(&Sha256::digest(&state_bytes)) != meta.state_sha256 {
-        return Err(SnapshotError::Corrupt { file: "state.bin" });
+        return Err(SnapshotError::Corrupt { path: state_path });
     }
     let state: SnapshotState =
         bincode::deserialize(&state_bytes).map_err(|e| SnapshotError::Malformed {
@@ -311,11 +459,15 @@ pub fn load(dir: &Path, vmm: &Vmm) -> Result<(SnapshotMeta, ForkSource), Snapsho
             ),
         });
     }
-    if memory_digest(&memory, &memory_path, &meta.memory_extents)? != meta.memory_sha256 {
-        return Err(SnapshotError::Corrupt { file: "memory" });
+    if !sealer.is_verified(&memory_path, &memory) {
+        if memory_digest(&memory, &memory_path, &meta.memory_extents)? != meta.memory_sha256 {
+            return Err(SnapshotError::Corrupt { path: memory_path });
+        }
+        check_holes(&memory, &memory_path, &meta.memory_extents)?;
+        sealer.record_verified(&memory_path, &memory);
     }
 
-    let image = Arc::new(Image::open(&meta.image_path)?);
+    let image = open_verified_image(&meta.image_path, sealer)?;
     let digest = hex(&image.digest());
     if digest != meta.image_digest {
         return Err(SnapshotError::ImageMismatch {
@@ -335,4 +487,20 @@ pub fn load(dir: &Path, vmm: &Vmm) -> Result<(SnapshotMeta, ForkSource), Snapsho
         image,
     };
     Ok((meta, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uncovered;
+
+    #[test]
+    fn uncovered_finds_the_gaps_between_extents() {
+        let extents = [(4096, 4096), (16384, 8192)];
+        assert_eq!(
+            uncovered(0, 32768, &extents),
+            [(0, 4096), (8192, 16384), (24576, 32768)]
+        );
+        assert_eq!(uncovered(4096, 8192, &extents), []);
+        assert_eq!(uncovered(6000, 20000, &extents), [(8192, 16384)]);
+    }
 }

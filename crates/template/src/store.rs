@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use forkvm_vmm::{ForkSource, Vmm};
 
+use crate::seal::Sealer;
 use crate::snapshot::{self, SnapshotError, SnapshotMeta};
 
 /// Why a template operation failed.
@@ -64,6 +65,7 @@ pub type Listed = (String, Result<SnapshotMeta, SnapshotError>);
 /// The templates under one cache directory.
 #[derive(Debug, Clone)]
 pub struct TemplateStore {
+    cache_dir: PathBuf,
     root: PathBuf,
 }
 
@@ -71,8 +73,14 @@ impl TemplateStore {
     /// The store under `cache_dir` (see `rootfs::default_cache_dir`).
     pub fn new(cache_dir: &Path) -> TemplateStore {
         TemplateStore {
+            cache_dir: cache_dir.to_owned(),
             root: cache_dir.join("templates"),
         }
+    }
+
+    /// The cache directory's sealing key (created on first use).
+    pub fn sealer(&self) -> Result<Sealer, StoreError> {
+        Sealer::open(&self.cache_dir).map_err(|e| StoreError::Snapshot(SnapshotError::Key(e)))
     }
 
     /// The directory of template `name`.
@@ -111,7 +119,7 @@ impl TemplateStore {
     /// Loads and verifies template `name` for forking.
     pub fn load(&self, name: &str, vmm: &Vmm) -> Result<(SnapshotMeta, ForkSource), StoreError> {
         let dir = self.existing(name)?;
-        Ok(snapshot::load(&dir, vmm)?)
+        Ok(snapshot::load(&dir, vmm, &self.sealer()?)?)
     }
 
     /// Deletes template `name`. Running forks keep working: they hold the memory file open.
