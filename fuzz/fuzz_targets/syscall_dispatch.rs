@@ -4,7 +4,8 @@
 //! A syscall must answer anything with a value or `-errno`, or end the sandbox: a panic here
 //! would take down the VMM thread. After every call the harness also checks the invariants
 //! the rest of forkvm relies on: the address space is well formed and within its limit, pages
-//! next to mappings that are not mapped read as zero, and output stays within its cap.
+//! next to mappings that are not mapped (and not kept for reuse) read as zero, and output
+//! stays within its cap.
 
 #![no_main]
 
@@ -241,7 +242,10 @@ fn new_process(spawn: bool, stdin: Vec<u8>) -> (Process, u64) {
     };
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-    let mut ctx = context(libc::SYS_mmap as u64, [0, SCRATCH_LEN, prot, flags, u64::MAX, 0]);
+    let mut ctx = context(
+        libc::SYS_mmap as u64,
+        [0, SCRATCH_LEN, prot, flags, u64::MAX, 0],
+    );
     let scratch = match process.handle_syscall(&mut ctx, &mut DetachedFpu::default()) {
         Outcome::Return(addr) if addr.is_multiple_of(PAGE) && addr >= USER_START => addr,
         other => panic!("scratch mmap failed: {other:?}"),
@@ -313,13 +317,17 @@ fn check_consistency(process: &mut Process) {
         space.mapped_bytes(),
         "mapped_bytes disagrees with the mappings"
     );
-    // Unmapped pages must read as zero: check the ones bordering each mapping, where an
-    // off-by-one write or a missed discard would land.
+    // Unmapped pages must read as zero, except those kept for reuse (zeroed when mapped
+    // again): check the ones bordering each mapping, where an off-by-one write or a missed
+    // discard would land.
     let mut page = vec![0u8; PAGE as usize];
     for vma in space.vmas() {
         for candidate in [vma.start.checked_sub(PAGE), Some(vma.end)] {
             let Some(addr) = candidate else { continue };
-            if addr < layout.user_end && !space.is_mapped(addr, 1) {
+            if addr < layout.user_end
+                && !space.is_mapped(addr, 1)
+                && !process.ram().is_retained(addr)
+            {
                 process.ram().read(addr, &mut page).expect("inside RAM");
                 assert!(
                     page.iter().all(|&b| b == 0),

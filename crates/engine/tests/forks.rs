@@ -290,9 +290,12 @@ fn reset_after_hostile_writes_restores_every_page() {
     let vmm = Vmm::new().unwrap();
     let (meta, source) = store.load("python", &vmm).unwrap();
     let (mut sandbox, out) = fork_of(&vmm, &source);
-    // Writes through the program's own memory, into RAM it never mapped, and a big array.
-    let code = "import ctypes\n\
-                ctypes.memset(0x30000000, 0x41, 3 * 4096)\n\
+    // Writes through the program's own memory, into memory it then unmaps, and a big
+    // array. (RAM it never mapped it cannot write: the page tables refuse.)
+    let code = "import ctypes, mmap\n\
+                m = mmap.mmap(-1, 3 * 4096)\n\
+                m.write(b'A' * 3 * 4096)\n\
+                m.close()\n\
                 x = bytearray(40 << 20)\n\
                 x[::4096] = b'\\x01' * len(x[::4096])\n\
                 import os\nos.close(os.open('/tmp/f', os.O_CREAT | os.O_WRONLY))\n\

@@ -5,10 +5,10 @@
 //! time: glibc trims its heap after a burst of frees and grows it again for the next one,
 //! CPython returns empty arenas. Handing those pages back to the host on every unmap makes
 //! the next burst fault them all in again (a pandas group-by loop ran 1.8x the host's time
-//! for this alone). So pages the program has touched are zeroed where they are instead,
-//! keeping the host page and KVM's mapping of it; pages it has not touched are left alone
-//! where they already read as zero. The invariant the kernel relies on holds either way:
-//! unmapped memory reads as zero.
+//! for this alone). So pages the program has touched are kept where they are instead,
+//! with the host page and KVM's mapping of it, and zeroed when they are mapped again; pages
+//! it has not touched are left alone where they already read as zero. The invariant the
+//! kernel relies on holds either way: memory reads as zero when it is mapped.
 //!
 //! What is kept is bounded (`RETAIN_LIMIT` per sandbox, counted over unmapped ranges, and
 //! released as soon as it is mapped again); beyond it, unmapped memory goes back to the
@@ -116,7 +116,9 @@ impl GuestRam {
         }
         for &(disposal, start, run_end) in &runs {
             match disposal {
-                Disposal::Zero => self.zero_in_place(start, run_end - start)?,
+                // Zeroed when mapped again (`reuse`): KVM may still map these pages for the
+                // program (see `Process::sync_page_tables`), which could write them.
+                Disposal::Zero => {}
                 Disposal::Keep => {}
                 Disposal::Replace => self.discard(start, run_end - start)?,
             }
@@ -129,15 +131,50 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Whether the page at `addr` is unmapped and kept for reuse (zeroed when mapped again).
+    pub fn is_retained(&self, addr: u64) -> bool {
+        self.host_pages
+            .lock()
+            .expect("host pages lock")
+            .retained
+            .contains(&addr)
+    }
+
     /// `[addr, addr+len)` is mapped again: whatever was kept there is in use, not retained.
-    pub fn reuse(&self, addr: u64, len: u64) {
-        if let Some(end) = addr.checked_add(len).filter(|&end| end > addr) {
-            self.host_pages
-                .lock()
-                .expect("host pages lock")
-                .retained
-                .remove(addr..end);
+    /// Kept pages still hold what they held (see `release`): the ones the program touched
+    /// are zeroed now, before the new mapping is filled.
+    pub fn reuse(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        let Some(end) = addr.checked_add(len).filter(|&end| end > addr) else {
+            return Ok(());
+        };
+        let kept: Vec<std::ops::Range<u64>> = self
+            .host_pages
+            .lock()
+            .expect("host pages lock")
+            .retained
+            .overlapping(&(addr..end))
+            .map(|r| r.start.max(addr)..r.end.min(end))
+            .collect();
+        for range in kept {
+            let mut touched: Vec<(u64, u64)> = Vec::new();
+            self.walk_pagemap(range.start, range.end, |page, flags| {
+                if flags & PM_PRESENT != 0 && flags & PM_FILE == 0 {
+                    match touched.last_mut() {
+                        Some(run) if run.1 == page => run.1 = page + PAGE_SIZE,
+                        _ => touched.push((page, page + PAGE_SIZE)),
+                    }
+                }
+            })?;
+            for (start, run_end) in touched {
+                self.zero_in_place(start, run_end - start)?;
+            }
         }
+        self.host_pages
+            .lock()
+            .expect("host pages lock")
+            .retained
+            .remove(addr..end);
+        Ok(())
     }
 
     /// Runs of pages of `[start, end)` with the same disposal, in order.
@@ -170,19 +207,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn released_memory_reads_zero_and_touched_pages_stay_resident() {
+    fn released_memory_reads_zero_when_reused_and_touched_pages_stay_resident() {
         let ram = GuestRam::anonymous(64 * PAGE_SIZE).unwrap();
         for page in 0..8 {
             ram.write(page * PAGE_SIZE + 9, b"data").unwrap();
         }
         ram.release(0, 16 * PAGE_SIZE).unwrap();
+        assert_eq!(ram.residency(0, 16 * PAGE_SIZE).unwrap().resident_pages, 8);
+        assert_eq!(ram.retained_bytes(), 16 * PAGE_SIZE);
+        ram.reuse(0, 4 * PAGE_SIZE).unwrap();
+        assert_eq!(ram.retained_bytes(), 12 * PAGE_SIZE);
         let mut buf = [1u8; 4];
         ram.read(3 * PAGE_SIZE + 9, &mut buf).unwrap();
         assert_eq!(buf, [0; 4]);
+        // Untouched pages were not faulted in by the zeroing.
         assert_eq!(ram.residency(0, 16 * PAGE_SIZE).unwrap().resident_pages, 8);
-        assert_eq!(ram.retained_bytes(), 16 * PAGE_SIZE);
-        ram.reuse(0, 4 * PAGE_SIZE);
-        assert_eq!(ram.retained_bytes(), 12 * PAGE_SIZE);
     }
 
     #[test]
@@ -197,6 +236,7 @@ mod tests {
         assert_eq!(buf, [7]);
         ram.write(5 * PAGE_SIZE, b"x").unwrap();
         ram.release(0, 8 * PAGE_SIZE).unwrap();
+        ram.reuse(0, 8 * PAGE_SIZE).unwrap();
         for page in 0..8 {
             ram.read(page * PAGE_SIZE, &mut buf).unwrap();
             assert_eq!(buf, [0], "page {page}");

@@ -29,6 +29,7 @@ pub mod memory;
 pub mod mm;
 pub mod net;
 pub mod notify;
+pub mod pagetable;
 pub mod pipe;
 pub mod process;
 pub mod procfs;

@@ -142,6 +142,9 @@ impl Process {
             .ram
             .write(image.base, &image.bytes)
             .map_err(|_| SpawnError::RamTooSmall(process.ram.size()))?;
+        process
+            .sync_page_tables()
+            .map_err(|_| SpawnError::RamTooSmall(process.ram.size()))?;
         Ok((
             process,
             Entry {

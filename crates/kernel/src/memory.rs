@@ -13,6 +13,7 @@
 //! large shadow page (the guest's own tables map RAM with 2 MiB pages), and the guest's first
 //! touch of 2 MiB costs one fault instead of 512 (`back_with_huge_pages`).
 
+use rangemap::RangeSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
@@ -72,6 +73,9 @@ pub struct GuestRam {
     /// Ranges whose host pages were replaced since the mapping was made (discarded, mapped
     /// from an image file, moved): what `reset_to` must map back from the base file.
     pub(crate) remapped: Mutex<Vec<(u64, u64)>>,
+    /// Ranges whose host pages were replaced since the page tables last looked: KVM has
+    /// already dropped what it cached of them (see `pagetable`).
+    replaced: Mutex<RangeSet<u64>>,
     /// Which ranges are host-anonymous, and which unmapped ones are kept zeroed (`freed`).
     pub(crate) host_pages: Mutex<HostPages>,
 }
@@ -135,6 +139,7 @@ impl GuestRam {
             host_base,
             size,
             remapped: Mutex::new(Vec::new()),
+            replaced: Mutex::new(RangeSet::new()),
             host_pages: Mutex::new(host_pages),
         })
     }
@@ -144,6 +149,17 @@ impl GuestRam {
             .lock()
             .expect("remap log lock")
             .push((addr, addr + len));
+        if len > 0 {
+            self.replaced
+                .lock()
+                .expect("replaced lock")
+                .insert(addr..addr + len);
+        }
+    }
+
+    /// The ranges whose host pages were replaced since the last call.
+    pub(crate) fn take_replaced(&self) -> RangeSet<u64> {
+        std::mem::take(&mut *self.replaced.lock().expect("replaced lock"))
     }
 
     /// Size of guest RAM in bytes.
@@ -235,6 +251,26 @@ impl GuestRam {
             .lock()
             .expect("host pages lock")
             .replaced_with_anonymous(addr, addr + len);
+        Ok(())
+    }
+
+    /// Makes KVM drop what it cached of `[addr, addr+len)` (page aligned), keeping the
+    /// contents: the host protection is lowered and restored, and the MMU notifier that
+    /// fires zaps KVM's shadow entries for those pages, so its next access reads the guest
+    /// page tables again (see `pagetable`).
+    pub fn invalidate(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let host = self.check_pages(addr, len)?;
+        for prot in [libc::PROT_READ, libc::PROT_READ | libc::PROT_WRITE] {
+            // SAFETY: `host..host+len` lies inside our own mapping (checked). No other thread
+            // writes guest RAM while the vCPU thread serves a syscall, and the protection is
+            // back to read-write before this returns.
+            if unsafe { libc::mprotect(host, len as usize, prot) } != 0 {
+                return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+            }
+        }
         Ok(())
     }
 

@@ -1,10 +1,10 @@
 //! The program's address space: which ranges of guest RAM it has mapped, with what protection.
 //!
-//! Page tables are built once by the VMM and identity-map all of guest RAM, so mapping is pure
-//! bookkeeping here: it decides where `mmap` places things, whether a pointer the program hands
-//! us is valid (`EFAULT` otherwise), and how many bytes count against the memory limit.
-//! Protection bits are recorded (for `mprotect` and `/proc`-style answers) but not enforced by
-//! hardware.
+//! Virtual addresses equal guest-physical ones, so this decides where `mmap` places things,
+//! whether a pointer the program hands us is valid (`EFAULT` otherwise), and how many bytes
+//! count against the memory limit. Every change is also logged (`take_changes`), and the
+//! process rewrites the guest page tables for those ranges (`pagetable`), which is what
+//! makes the hardware enforce the mappings and their protections.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -168,6 +168,9 @@ pub struct AddressSpace {
     limit_bytes: u64,
     /// Requests refused because of `limit_bytes` (not for lack of address space).
     limit_refusals: u64,
+    /// Ranges changed since the page tables were last brought up to date.
+    #[serde(skip)]
+    changes: Vec<Range>,
 }
 
 impl AddressSpace {
@@ -182,6 +185,7 @@ impl AddressSpace {
             charged_bytes: 0,
             limit_bytes,
             limit_refusals: 0,
+            changes: Vec::new(),
         };
         let stack = Vma::anonymous(
             layout.stack_start(),
@@ -191,8 +195,25 @@ impl AddressSpace {
         );
         space.mapped_bytes = stack.end - stack.start;
         space.charged_bytes = space.mapped_bytes;
+        space.changes.push((stack.start, stack.end));
         space.vmas.insert(stack.start, stack);
         space
+    }
+
+    /// The ranges whose mappings changed since the last call (the page tables need them).
+    pub fn take_changes(&mut self) -> Vec<Range> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Marks all of the program's address space as changed (after a restore).
+    pub fn mark_all_changed(&mut self) {
+        self.changes
+            .push((self.layout.user_start, self.layout.user_end));
+    }
+
+    /// The mappings overlapping `[start, end)`, in address order.
+    pub fn vmas_in(&self, start: u64, end: u64) -> impl Iterator<Item = &Vma> {
+        self.overlapping(start, end)
     }
 
     pub fn layout(&self) -> Layout {
@@ -284,6 +305,7 @@ impl AddressSpace {
     /// returns the pieces that were mapped there (their pages must be discarded by the
     /// caller, unless it maps them again).
     fn cut_out(&mut self, start: u64, end: u64) -> Vec<Vma> {
+        self.changes.push((start, end));
         let hit: Vec<Vma> = self.overlapping(start, end).cloned().collect();
         let mut removed = Vec::with_capacity(hit.len());
         for vma in hit {
@@ -340,6 +362,7 @@ impl AddressSpace {
             return Err(Errno::ENOMEM);
         }
         let replaced = self.carve(start, end);
+        self.changes.push((start, end));
         self.vmas.insert(start, vma);
         self.mapped_bytes = mapped;
         self.charged_bytes = charged;
@@ -385,18 +408,33 @@ impl AddressSpace {
         {
             return Ok(hint);
         }
-        let floor = self.layout.user_start;
+        // Mappings of 2 MiB or more start on a 2 MiB boundary when they can (as Linux
+        // places them for transparent huge pages): their whole 2 MiB regions are then one
+        // page-table entry each, which KVM maps with one fault instead of 512.
+        if len >= HUGE_PAGE_SIZE
+            && let Some(start) = self.find_gap(len, HUGE_PAGE_SIZE)
+        {
+            return Ok(start);
+        }
+        self.find_gap(len, PAGE_SIZE).ok_or(Errno::ENOMEM)
+    }
+
+    /// The highest `align`-aligned start of a free `len` bytes below `mmap_top`.
+    fn find_gap(&self, len: u64, align: u64) -> Option<u64> {
+        let fit = |lo: u64, hi: u64| {
+            let start = hi.checked_sub(len)? & !(align - 1);
+            (start >= lo).then_some(start)
+        };
         let mut gap_end = self.layout.mmap_top();
         for vma in self.vmas.range(..gap_end).rev().map(|(_, v)| v) {
-            if vma.end < gap_end && gap_end - vma.end >= len {
-                return Ok(gap_end - len);
+            if vma.end < gap_end
+                && let Some(start) = fit(vma.end, gap_end)
+            {
+                return Some(start);
             }
             gap_end = gap_end.min(vma.start);
         }
-        if gap_end >= floor && gap_end - floor >= len {
-            return Ok(gap_end - len);
-        }
-        Err(Errno::ENOMEM)
+        fit(self.layout.user_start, gap_end)
     }
 
     /// Bottom of the range the heap may grow into (hints never land inside the current heap).
@@ -473,6 +511,7 @@ impl AddressSpace {
                 return (self.brk, Vec::new());
             }
             let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+            self.changes.push((old_top, new_top));
             self.vmas
                 .insert(old_top, Vma::anonymous(old_top, new_top, rw, VmaKind::Heap));
             self.mapped_bytes += grow;

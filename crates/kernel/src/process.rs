@@ -18,6 +18,7 @@ use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 use crate::mm::{AddressSpace, Layout, Range};
 use crate::net::Sockets;
 use crate::notify::Notifiers;
+use crate::pagetable::PageTables;
 use crate::pipe::Pipes;
 use crate::signals::SignalState;
 use crate::stats::SyscallStats;
@@ -89,12 +90,14 @@ pub struct ProcessState {
     pub(crate) timers: Timers,
     pub(crate) vdso: Option<VdsoPlacement>,
     pub(crate) names: HostNames,
+    /// Size of the guest RAM (the program's part ends below it, at the page-table pool).
+    pub(crate) ram_size: u64,
 }
 
 impl ProcessState {
     /// Size of the guest RAM this state was taken from (a fork's RAM must match).
     pub fn ram_size(&self) -> u64 {
-        self.mm.layout().user_end
+        self.ram_size
     }
 
     /// Whether the process was parked on its control channel.
@@ -134,6 +137,11 @@ pub struct Process {
     pub(crate) strace: Option<Box<dyn std::io::Write + Send>>,
     /// Whether sizable anonymous memory gets huge-page backing (see `syscalls::mem`).
     pub(crate) huge_pages: bool,
+    /// Where the guest page tables are (kept in step with `mm` by `sync_page_tables`).
+    pub(crate) tables: PageTables,
+    /// Unmapped pages KVM may still map, with the entry flags they had (see
+    /// `sync_page_tables`). A new VM caches nothing, so this starts empty in every fork.
+    pub(crate) stale: rangemap::RangeMap<u64, u64>,
 }
 
 impl Process {
@@ -148,12 +156,16 @@ impl Process {
         limits: Limits,
         user_start: u64,
     ) -> Result<Process, SpawnError> {
-        if ram.size() < user_start + 4 * STACK_SIZE {
+        let tables = PageTables::for_ram(ram.size());
+        if tables.user_end() < user_start + 4 * STACK_SIZE {
             return Err(SpawnError::RamTooSmall(ram.size()));
         }
+        tables
+            .build_fixed(&ram)
+            .map_err(|_| SpawnError::RamTooSmall(ram.size()))?;
         let layout = Layout {
             user_start,
-            user_end: ram.size(),
+            user_end: tables.user_end(),
             stack_size: STACK_SIZE,
         };
         let mut files = FdTable::new(limits.open_files);
@@ -189,6 +201,8 @@ impl Process {
             start_time: std::time::Instant::now(),
             strace: None,
             huge_pages: true,
+            tables,
+            stale: rangemap::RangeMap::new(),
         })
     }
 
@@ -210,6 +224,7 @@ impl Process {
             timers: self.timers.clone(),
             vdso: self.vdso,
             names: self.names.clone(),
+            ram_size: self.ram.size(),
         }
     }
 
@@ -227,6 +242,7 @@ impl Process {
                 state: state.ram_size(),
             });
         }
+        let tables = PageTables::for_ram(ram.size());
         Ok(Process {
             ram,
             mm: state.mm,
@@ -249,7 +265,83 @@ impl Process {
             start_time: std::time::Instant::now(),
             strace: None,
             huge_pages: true,
+            tables,
+            stale: rangemap::RangeMap::new(),
         })
+    }
+
+    /// The parts of guest RAM that can hold anything: the system area below the program,
+    /// the program's mappings, and the page-table pool above them. The rest is zero, so a
+    /// snapshot or a layer keeps only these.
+    pub fn populated_ranges(&self) -> Vec<(u64, u64)> {
+        let layout = self.mm.layout();
+        let mut ranges = vec![(0, layout.user_start)];
+        ranges.extend(self.mm.vmas().map(|v| (v.start, v.end)));
+        ranges.push((layout.user_end, self.ram.size()));
+        ranges
+    }
+
+    /// Brings the guest page tables up to date with the mappings changed since the last
+    /// call, and makes sure KVM allows no page more than they do (see `pagetable`). A
+    /// failure here would leave the program more rights than it has: the caller ends the
+    /// sandbox.
+    ///
+    /// KVM forgets what it cached of a page when the page's host mapping changes. So a page
+    /// that lost a right needs nothing more if its host page was replaced (unmapped memory
+    /// given back, a new file mapping over it); otherwise its host protection is toggled (`GuestRam::invalidate`), except for unmapped
+    /// pages kept zeroed in place for reuse (`freed`): dropping KVM's mapping of those would
+    /// cost the refault their reuse exists to avoid. They stay reachable to the program,
+    /// owned by the sandbox and counted in no limit, until mapped again: then they are
+    /// zeroed (`GuestRam::reuse`) and toggled if the new mapping allows less.
+    pub(crate) fn sync_page_tables(&mut self) -> Result<(), crate::memory::MemoryError> {
+        let mut ranges = self.mm.take_changes();
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some((_, e)) if start <= *e => *e = (*e).max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        let replaced = self.ram.take_replaced();
+        for range in replaced.iter() {
+            self.stale.remove(range.clone());
+        }
+        for (start, end) in merged {
+            let changes = self
+                .tables
+                .sync(&self.ram, &self.mm, start, end)
+                .map_err(|_| crate::memory::MemoryError::BadRange {
+                    addr: start,
+                    len: end - start,
+                })?;
+            for lost in changes.lost {
+                for gap in replaced.gaps(&(lost.start..lost.end)) {
+                    if lost.unmapped && self.ram.is_retained(gap.start) {
+                        self.stale.insert(gap, lost.before);
+                    } else {
+                        self.ram.invalidate(gap.start, gap.end - gap.start)?;
+                    }
+                }
+            }
+            for (from, to, now) in changes.mapped {
+                let stale: Vec<_> = self
+                    .stale
+                    .overlapping(from..to)
+                    .map(|(r, &before)| (r.start.max(from)..r.end.min(to), before))
+                    .collect();
+                for (range, before) in stale {
+                    self.stale.remove(range.clone());
+                    if crate::pagetable::loses_rights(before, now) {
+                        self.ram.invalidate(range.start, range.end - range.start)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Something happened to a descriptor (data moved, an end closed, a timer fired): every
@@ -435,6 +527,14 @@ impl Process {
             })?;
         }
         Ok(())
+    }
+
+    /// `GuestRam::reuse`, failing as `ENOMEM` (logged).
+    pub(crate) fn reuse(&self, addr: u64, len: u64) -> Result<(), Errno> {
+        self.ram.reuse(addr, len).map_err(|e| {
+            tracing::error!(error = %e, "zeroing reused guest pages failed");
+            Errno::ENOMEM
+        })
     }
 
     pub(crate) fn discard(&self, ranges: &[Range]) -> Result<(), Errno> {

@@ -80,6 +80,16 @@ fn partial_munmap_splits_a_mapping() {
     assert!(!space.is_mapped(addr + PAGE, 1));
     assert!(space.is_mapped(addr + 2 * PAGE, 2 * PAGE));
     assert_eq!(h.peek(addr, 4), b"keep");
+    // Mapped again, the page reads as zero.
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    assert_eq!(
+        h.sys(
+            libc::SYS_mmap,
+            &[addr + PAGE, PAGE, prot as u64, flags as u64, u64::MAX, 0]
+        ),
+        (addr + PAGE) as i64
+    );
     assert_eq!(h.peek(addr + PAGE, 4), [0; 4]);
 }
 
@@ -428,9 +438,12 @@ fn bad_user_pointers_are_efault() {
         0,
         "failed reads consume nothing"
     );
-    // The top of the stack is mapped right up to the end of RAM.
-    assert_eq!(h.sys(libc::SYS_read, &[fd, RAM_SIZE - 5, 5]), 5);
-    assert_eq!(h.peek(RAM_SIZE - 5, 5), b"hello");
+    // The top of the stack is mapped right up to the page-table pool at the end of RAM,
+    // which no program can touch.
+    let top = forkvm_kernel::pagetable::PageTables::for_ram(RAM_SIZE).user_end();
+    assert_eq!(h.sys(libc::SYS_read, &[fd, top - 5, 5]), 5);
+    assert_eq!(h.peek(top - 5, 5), b"hello");
+    assert_eq!(h.sys(libc::SYS_read, &[fd, top, 5]), err(libc::EFAULT));
 
     assert_eq!(h.sys(libc::SYS_write, &[1, unmapped, 4]), err(libc::EFAULT));
     assert_eq!(h.sys(libc::SYS_write, &[1, u64::MAX, 2]), err(libc::EFAULT));

@@ -29,7 +29,7 @@ use crate::cpu::CpuFeatures;
 use crate::seal::Sealer;
 
 /// Version of the snapshot format; loading refuses others.
-pub const SNAPSHOT_FORMAT: u32 = 6;
+pub const SNAPSHOT_FORMAT: u32 = 7;
 /// Largest `state.bin` accepted (a guard against a corrupt length field, not a real limit).
 const MAX_STATE_BYTES: u64 = 1 << 30;
 /// Bytes written per `pwrite` when saving memory.
@@ -338,10 +338,8 @@ pub fn write(
         vcpu: sandbox.capture_vcpu()?,
         process: process.state(),
     };
-    // The system area (page tables, descriptors, stubs) and every mapping of the program;
-    // everything else in RAM is zero by the kernel's invariant.
-    let mut ranges = vec![(0, forkvm_vmm::layout::USER_START)];
-    ranges.extend(process.address_space().vmas().map(|v| (v.start, v.end)));
+    // Everything else in RAM is zero by the kernel's invariant.
+    let ranges = process.populated_ranges();
     let memory_path = dir.join("memory");
     let (memory_extents, memory_sha256) = write_memory(&memory_path, process.ram(), &ranges)?;
 

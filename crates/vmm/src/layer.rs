@@ -85,8 +85,7 @@ impl Vmm {
             }
         } else {
             // Flatten: everything that can hold data goes into one new base.
-            let mut ranges = vec![(0, crate::layout::USER_START)];
-            ranges.extend(process.address_space().vmas().map(|v| (v.start, v.end)));
+            let mut ranges = process.populated_ranges();
             ranges.extend(changed);
             for layer in &parent.backing.layers {
                 ranges.extend(layer.ranges.iter().copied());

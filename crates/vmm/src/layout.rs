@@ -1,18 +1,15 @@
 //! Where things live in guest-physical (= guest-virtual) memory.
 //!
 //! The first 64 KiB are unmapped so NULL dereferences fault. The VMM's own structures sit in a
-//! read-only system area below 1 MiB that the syscall layer never hands out (see `paging`
-//! for why it cannot be supervisor-only). Everything from 1 MiB to the end of RAM belongs to
-//! the program.
+//! system area below 1 MiB that the syscall layer never hands out (see `paging` for what
+//! the program can see of it, and why). The program's memory runs from 1 MiB to the pool
+//! of page tables at the top of RAM.
 
 /// First mapped address; `[0, NULL_GUARD_END)` is not present in the page tables.
 pub const NULL_GUARD_END: u64 = 0x1_0000;
-/// Page-map level 4 table.
-pub const PML4: u64 = 0x1_0000;
-/// Page-directory-pointer table (one entry per GiB of RAM).
-pub const PDPT: u64 = 0x1_1000;
-/// 4 KiB page table for the first 2 MiB, where page-level permissions differ.
-pub const LOW_PAGE_TABLE: u64 = 0x1_2000;
+/// The page tables' fixed places (PML4, PDPT, the first 2 MiB's table, the directories)
+/// are the syscall layer's, which keeps the tables (see `forkvm_kernel::pagetable`).
+pub use forkvm_kernel::pagetable::{LOW_PAGE_TABLE, PAGE_DIRECTORIES, PDPT, PML4};
 /// Global descriptor table.
 pub const GDT: u64 = 0x1_3000;
 /// Interrupt descriptor table (256 gates).
@@ -27,8 +24,6 @@ pub const EXCEPTION_STUB_STRIDE: u64 = 8;
 /// The ring-0 stack the CPU switches to on an exception: `[RING0_STACK_BOTTOM, RING0_STACK_TOP)`.
 pub const RING0_STACK_BOTTOM: u64 = 0x1_7000;
 pub const RING0_STACK_TOP: u64 = 0x2_0000;
-/// Page directories, one page per GiB of RAM.
-pub const PAGE_DIRECTORIES: u64 = 0x2_0000;
 /// End of the system area; the program's memory starts here.
 pub const USER_START: u64 = 0x10_0000;
 /// The largest RAM the page directories between `PAGE_DIRECTORIES` and `USER_START` can map.

@@ -83,7 +83,7 @@ impl Vmm {
             });
         }
         let ram = GuestRam::anonymous(size)?;
-        paging::build_identity_map(&ram)?;
+        paging::build_system_area(&ram)?;
         descriptors::install(&ram)?;
         Ok(ram)
     }

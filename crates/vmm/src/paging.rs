@@ -1,100 +1,69 @@
-//! Identity-mapping page tables, built once per template and never edited afterwards.
+//! The system area's page-table entries: the first 2 MiB below the program.
 //!
-//! 2 MiB pages cover RAM, except the first 2 MiB, which a 4 KiB table splits into: a
-//! not-present NULL guard, the read-only system area (tables and stubs), the writable ring-0
-//! exception stack, and the program's pages.
+//! The tables themselves belong to the syscall layer (`forkvm_kernel::pagetable`), which
+//! keeps the program's entries in step with its mappings. This module writes the fixed
+//! part of the first 2 MiB's table: a not-present NULL guard, the page-table pages
+//! themselves not present (the MMU reads them by physical address; the program never
+//! needs to), the descriptor tables and stubs read-only, and the writable ring-0
+//! exception stack.
 //!
-//! The system area must be user-accessible: kvm_pvm runs emulated ring-0 code with user-mode
-//! page permissions (a fetch of the stub from a supervisor page faults). It is read-only, so
-//! the program cannot rewrite tables or stubs; and even a guest that could would only control
-//! its own VM, whose every exit the VMM validates.
+//! kvm_pvm runs emulated ring-0 code with user-mode page permissions (a fetch of the stub
+//! from a supervisor page faults, and the CPU's pushes to the exception stack need a
+//! user-writable page), so these pages must be user pages. The program can therefore
+//! read the stubs and descriptor tables and write the exception stack; it can only
+//! damage its own VM's exception frames, which the VMM validates (and a frame the
+//! program forges is reported as the program's fault: see `exit::is_real_exception`).
 
 use forkvm_kernel::memory::{GuestRam, OutOfBounds};
+use forkvm_kernel::pagetable::{LOW_PAGE_TABLE, PAGE_DIRECTORIES, PML4};
 
-use crate::layout::{
-    LOW_PAGE_TABLE, NULL_GUARD_END, PAGE_DIRECTORIES, PDPT, PML4, RING0_STACK_BOTTOM,
-    RING0_STACK_TOP, USER_START,
-};
+use crate::layout::{GDT, NULL_GUARD_END, RING0_STACK_BOTTOM, RING0_STACK_TOP, SYSCALL_STUB};
 
 const PRESENT: u64 = 1 << 0;
 const WRITABLE: u64 = 1 << 1;
 const USER: u64 = 1 << 2;
-const HUGE: u64 = 1 << 7;
-const TWO_MIB: u64 = 2 << 20;
-const ONE_GIB: u64 = 1 << 30;
+const NO_EXECUTE: u64 = 1 << 63;
+const PAGE: u64 = 4096;
 
-/// Writes the page tables for `ram` into its system area.
-///
-/// The caller guarantees `ram.size()` is a multiple of 2 MiB and at most `layout::MAX_RAM`.
-pub fn build_identity_map(ram: &GuestRam) -> Result<(), OutOfBounds> {
-    let size = ram.size();
-    let table_flags = PRESENT | WRITABLE | USER;
-    ram.write(PML4, &(PDPT | table_flags).to_le_bytes())?;
-
-    let gib_count = size.div_ceil(ONE_GIB);
-    for gib in 0..gib_count {
-        let directory = PAGE_DIRECTORIES + gib * 4096;
-        ram.write(PDPT + gib * 8, &(directory | table_flags).to_le_bytes())?;
-        let mut entries = vec![0u8; 4096];
-        for (i, entry) in entries.chunks_exact_mut(8).enumerate() {
-            let addr = gib * ONE_GIB + i as u64 * TWO_MIB;
-            let value = if addr >= size {
-                0
-            } else if addr == 0 {
-                LOW_PAGE_TABLE | table_flags
-            } else {
-                addr | PRESENT | WRITABLE | USER | HUGE
-            };
-            entry.copy_from_slice(&value.to_le_bytes());
-        }
-        ram.write(directory, &entries)?;
-    }
-
-    let mut low = vec![0u8; 4096];
-    for (i, entry) in low.chunks_exact_mut(8).enumerate() {
-        let addr = i as u64 * 4096;
-        let value = if addr < NULL_GUARD_END {
+/// Writes the system area's entries into the first 2 MiB's table.
+pub fn build_system_area(ram: &GuestRam) -> Result<(), OutOfBounds> {
+    let mut entries = Vec::with_capacity((PAGE_DIRECTORIES / PAGE) as usize * 8);
+    for addr in (0..PAGE_DIRECTORIES).step_by(PAGE as usize) {
+        let value = if addr < NULL_GUARD_END || (PML4..GDT).contains(&addr) {
             0
-        } else if (RING0_STACK_BOTTOM..RING0_STACK_TOP).contains(&addr) {
-            addr | PRESENT | WRITABLE | USER
-        } else if addr < USER_START {
+        } else if (SYSCALL_STUB..SYSCALL_STUB + PAGE).contains(&addr) {
             addr | PRESENT | USER
+        } else if (RING0_STACK_BOTTOM..RING0_STACK_TOP).contains(&addr) {
+            addr | PRESENT | WRITABLE | USER | NO_EXECUTE
         } else {
-            addr | PRESENT | WRITABLE | USER
+            addr | PRESENT | USER | NO_EXECUTE
         };
-        entry.copy_from_slice(&value.to_le_bytes());
+        entries.extend_from_slice(&value.to_le_bytes());
     }
-    ram.write(LOW_PAGE_TABLE, &low)
+    // Everything from the page directories up to the program's start stays not present.
+    ram.write(LOW_PAGE_TABLE, &entries)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::{IDT, PDPT};
 
     fn entry(ram: &GuestRam, addr: u64) -> u64 {
         let mut b = [0u8; 8];
-        ram.read(addr, &mut b).unwrap();
+        ram.read(LOW_PAGE_TABLE + addr / PAGE * 8, &mut b).unwrap();
         u64::from_le_bytes(b)
     }
 
     #[test]
-    fn maps_ram_and_guards() {
-        let ram = GuestRam::anonymous(6 * TWO_MIB).unwrap();
-        build_identity_map(&ram).unwrap();
-        assert_eq!(entry(&ram, PML4) & !0xfff, PDPT);
-        assert_eq!(entry(&ram, PDPT) & !0xfff, PAGE_DIRECTORIES);
-        // Second 2 MiB page: user, huge.
-        assert_eq!(
-            entry(&ram, PAGE_DIRECTORIES + 8),
-            TWO_MIB | PRESENT | WRITABLE | USER | HUGE
-        );
-        // Beyond RAM: not present.
-        assert_eq!(entry(&ram, PAGE_DIRECTORIES + 6 * 8), 0);
-        // NULL guard not present; system area read-only; ring-0 stack and user memory
-        // writable.
-        assert_eq!(entry(&ram, LOW_PAGE_TABLE), 0);
-        assert_eq!(entry(&ram, LOW_PAGE_TABLE + 16 * 8) & WRITABLE, 0);
-        assert_ne!(entry(&ram, LOW_PAGE_TABLE + 0x1f * 8) & WRITABLE, 0);
-        assert_ne!(entry(&ram, LOW_PAGE_TABLE + 256 * 8) & USER, 0);
+    fn guards_tables_stubs_and_stack() {
+        let ram = GuestRam::anonymous(4 << 20).unwrap();
+        build_system_area(&ram).unwrap();
+        for hidden in [0, PML4, PDPT, LOW_PAGE_TABLE, PAGE_DIRECTORIES] {
+            assert_eq!(entry(&ram, hidden), 0, "{hidden:#x}");
+        }
+        assert_eq!(entry(&ram, SYSCALL_STUB), SYSCALL_STUB | PRESENT | USER);
+        assert_eq!(entry(&ram, IDT), IDT | PRESENT | USER | NO_EXECUTE);
+        assert_ne!(entry(&ram, RING0_STACK_BOTTOM) & WRITABLE, 0);
     }
 }

@@ -31,6 +31,8 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_SCE: u64 = 1 << 0;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+/// No-execute enable: page-table entries' bit 63 forbids instruction fetches.
+const EFER_NXE: u64 = 1 << 11;
 
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
@@ -273,7 +275,7 @@ fn set_system_registers(sregs: &mut kvm_sregs) {
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     sregs.cr3 = PML4;
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE;
-    sregs.efer = EFER_SCE | EFER_LME | EFER_LMA;
+    sregs.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
 
     sregs.cs = segment(USER_CS, true);
     let data = segment(USER_DS, false);

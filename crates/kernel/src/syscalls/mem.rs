@@ -28,7 +28,7 @@ impl Process {
         let (now, released) = self.mm.set_brk(requested);
         self.release_unmapped(&released)?;
         if let Some(new_top) = page_align_up(now).filter(|&top| top > old_top) {
-            self.ram.reuse(old_top, new_top - old_top);
+            self.reuse(old_top, new_top - old_top)?;
             self.back_free_blocks_with_huge_pages(old_top, new_top)?;
         }
         Ok(now)
@@ -160,7 +160,7 @@ impl Process {
             file: file_view,
         })?;
         self.release_unmapped(&replaced)?;
-        self.ram.reuse(start, len);
+        self.reuse(start, len)?;
         match node {
             Some(node) => self.populate_from_file(node, start, len, offset)?,
             // Thread stacks (MAP_STACK) are mostly untouched: Linux keeps them off huge pages
@@ -252,7 +252,7 @@ impl Process {
         };
         let anonymous = vma.file.is_none();
         if tail_free && self.mm.map_fixed(grown(tail, tail_end)).is_ok() {
-            self.ram.reuse(tail, grow);
+            self.reuse(tail, grow)?;
             if anonymous {
                 self.prepare_fresh_anonymous(tail, tail_end)?;
             }
@@ -263,7 +263,7 @@ impl Process {
         }
         let target = self.mm.find_free(new_len, 0)?;
         self.mm.map_fixed(grown(target, target + new_len))?;
-        self.ram.reuse(target, new_len);
+        self.reuse(target, new_len)?;
         self.ram.move_pages(old, target, old_len).map_err(|e| {
             tracing::error!(error = %e, "moving guest pages failed");
             Errno::ENOMEM

@@ -110,7 +110,11 @@ impl Process {
         let call = ctx.syscall();
         let name = syscall_name(call.nr);
         self.stats.record(name);
-        let result = self.dispatch(call, ctx, fpu);
+        let mut result = self.dispatch(call, ctx, fpu);
+        if let Err(e) = self.sync_page_tables() {
+            tracing::error!(error = %e, "updating the page tables");
+            result = Err(Stop::Exit(ExitReason::Signaled(libc::SIGKILL)));
+        }
         if !matches!(result, Err(Stop::Block(_))) {
             self.threads.clear_restart_deadline();
         }

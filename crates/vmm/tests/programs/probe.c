@@ -11,6 +11,13 @@
 
 static volatile int zero = 0;
 
+/* Deep recursion with big frames, until the stack's guard gap. */
+static int recurse(int depth) {
+    volatile char frame[4096];
+    frame[0] = (char)depth;
+    return recurse(depth + 1) + frame[0];
+}
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "hello";
     if (!strcmp(mode, "hello")) {
@@ -25,6 +32,41 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "div0")) { return 10 / zero; }
     if (!strcmp(mode, "port")) { __asm__ volatile("outb %%al, $0x99" ::"a"(0)); return 0; }
     if (!strcmp(mode, "forge")) { __asm__ volatile("outb %%al, $0x20" ::"a"(39)); return 0; }
+    /* Memory the page tables must refuse. */
+    if (!strcmp(mode, "write-read-only")) {
+        volatile char *p = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        p[0] = 1;
+        p[4096] = 1;
+        mprotect((void *)p, 4096, PROT_READ);
+        p[4096] = 2; /* the other page stays writable */
+        printf("%d\n", p[0]);
+        fflush(stdout);
+        p[0] = 3;
+        return 0;
+    }
+    if (!strcmp(mode, "execute-data")) {
+        unsigned char *p = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        p[0] = 0xc3; /* ret */
+        ((void (*)(void))p)();
+        return 0;
+    }
+    if (!strcmp(mode, "execute-after-mprotect")) {
+        unsigned char *p = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        p[0] = 0xc3;
+        mprotect(p, 4096, PROT_READ | PROT_EXEC);
+        ((void (*)(void))p)();
+        printf("ran\n");
+        return 0;
+    }
+    if (!strcmp(mode, "unmapped")) { *(volatile int *)0x3000000 = 1; return 0; }
+    if (!strcmp(mode, "after-munmap")) {
+        volatile int *p = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        p[0] = 1;
+        munmap((void *)p, 4096);
+        return p[0];
+    }
+    if (!strcmp(mode, "read-page-tables")) { return *(volatile int *)0x10000; }
+    if (!strcmp(mode, "stack-overflow")) { return recurse(1); }
     /* Forged endings: the stub ports and stubs used from ring 3. */
     if (!strcmp(mode, "in-syscall-port")) { __asm__ volatile("inb $0x20, %%al" ::: "rax"); return 0; }
     if (!strcmp(mode, "out-exception-port")) { __asm__ volatile("outb %%al, $0x4e" ::"a"(0)); return 0; }
