@@ -293,3 +293,34 @@ fn a_tenants_vm_is_reset_between_its_requests() {
         "another tenant never gets it"
     );
 }
+
+#[test]
+fn memory_the_code_never_mapped_cannot_be_touched() {
+    let Some(engine) = engine() else { return };
+    // Writing a byte into every page of 640 MiB the program never mapped once grew the host
+    // by that much, past any memory limit. The page tables refuse the first write.
+    let mut request = ExecRequest::python(
+        "import ctypes\nfor a in range(0x8000000, 0x30000000, 4096): ctypes.memset(a, 1, 1)",
+    );
+    request.limits.memory_bytes = 64 << 20;
+    let out = exec(engine, &request);
+    assert_eq!((out.exit_code, out.error.kind), (139, ErrorKind::Fault));
+    assert!(
+        out.error.message.contains("write to address 0x8000000"),
+        "{}",
+        out.error.message
+    );
+    // And the program's own SIGSEGV handler runs, as on Linux (faulthandler's).
+    let caught = python(
+        engine,
+        "import faulthandler, ctypes
+faulthandler.enable()
+ctypes.memset(0x8000000, 1, 1)",
+    );
+    assert_eq!(caught.exit_code, 139);
+    let stderr = String::from_utf8_lossy(&caught.stderr);
+    assert!(
+        stderr.contains("Fatal Python error: Segmentation fault"),
+        "{stderr}"
+    );
+}
