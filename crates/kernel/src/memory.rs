@@ -1,16 +1,18 @@
 //! Guest RAM: one host mapping that KVM sees as guest-physical memory starting at 0.
 //!
-//! Guest-virtual equals guest-physical (the VMM identity-maps RAM), so a guest pointer is an
-//! offset into this mapping. Every access is bounds-checked here; whether the guest may touch
-//! an address at all (is it mapped by the program?) is the address space's job (`mm`).
+//! Guest-virtual equals guest-physical, so a guest pointer is an offset into this mapping.
+//! Every access is bounds-checked here; whether the guest may touch an address at all (is it
+//! mapped by the program?) is the address space's job (`mm`), which the page tables enforce
+//! (`pagetable`).
 //!
-//! Invariant the rest of the kernel relies on: every page the program has not mapped reads as
-//! zero. `discard` restores that invariant by replacing host pages with fresh anonymous ones, so
-//! a new anonymous `mmap` needs no zeroing and costs no host memory until touched.
+//! Invariant the rest of the kernel relies on: a page reads as zero when the program maps it.
+//! `discard` replaces host pages with fresh anonymous ones, and pages kept for reuse are
+//! zeroed when mapped again (`freed`), so a new anonymous `mmap` costs no host memory until
+//! touched.
 //!
 //! The mapping starts on a 2 MiB boundary, so a 2 MiB-aligned guest range is a 2 MiB-aligned
-//! host range: where the host backs one with a transparent huge page, KVM maps it with one
-//! large shadow page (the guest's own tables map RAM with 2 MiB pages), and the guest's first
+//! host range: where the host backs one with a transparent huge page and the guest's tables
+//! map it with one 2 MiB entry, KVM maps it with one large shadow page, and the guest's first
 //! touch of 2 MiB costs one fault instead of 512 (`back_with_huge_pages`).
 
 use rangemap::RangeSet;
