@@ -2,29 +2,14 @@
 //! CPU gets, linear algebra gives the host's numbers, and large arrays (on huge pages) keep
 //! the memory limit and fork semantics.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
 
 use forkvm_engine::{Engine, ErrorKind, ExecLimits, ExecRequest, ExecResult, Streams};
-use forkvm_vmm::{PoolConfig, Vmm};
 
 fn engine() -> Option<&'static Engine> {
-    if !forkvm_testkit::kvm_available() {
-        return None;
-    }
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    Some(ENGINE.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("compute-templates");
-        Engine::new(
-            Arc::new(Vmm::new().unwrap()),
-            forkvm_testkit::python_template(&dir),
-            PoolConfig {
-                size: 2,
-                refill_threads: 1,
-            },
-        )
-    }))
+    common::engine("compute-templates", 2)
 }
 
 fn in_fork(engine: &Engine, code: &str) -> String {

@@ -2,43 +2,14 @@
 //! socket servers, unix sockets passing descriptors, signals in the loop, name resolution
 //! without a network, and a server waiting for a client that can never come.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod common;
 
-use forkvm_engine::{Engine, ErrorKind, ExecRequest, ExecResult};
-use forkvm_vmm::{PoolConfig, Vmm};
+use common::{run, stdout};
+
+use forkvm_engine::{Engine, ErrorKind};
 
 fn engine() -> Option<&'static Engine> {
-    if !forkvm_testkit::kvm_available() {
-        return None;
-    }
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    Some(ENGINE.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("event-loop-templates");
-        Engine::new(
-            Arc::new(Vmm::new().unwrap()),
-            forkvm_testkit::python_template(&dir),
-            PoolConfig {
-                size: 2,
-                refill_threads: 1,
-            },
-        )
-    }))
-}
-
-fn run(engine: &Engine, code: &str) -> ExecResult {
-    engine.exec("python", &ExecRequest::python(code)).unwrap()
-}
-
-fn stdout(engine: &Engine, code: &str) -> String {
-    let out = run(engine, code);
-    assert_eq!(
-        (out.exit_code, out.error.kind),
-        (0, ErrorKind::None),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::engine("event-loop-templates", 2)
 }
 
 #[test]

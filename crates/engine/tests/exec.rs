@@ -1,29 +1,14 @@
 //! The exec protocol end to end on real KVM: every byte of output comes back exactly, each
 //! way of ending has its exit code and error kind, and limits are enforced by the VMM.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod common;
+
 use std::time::{Duration, Instant};
 
 use forkvm_engine::{Engine, EngineError, ErrorKind, ExecLimits, ExecRequest, ExecResult, FileIn};
-use forkvm_vmm::{PoolConfig, Vmm};
 
 fn engine() -> Option<&'static Engine> {
-    if !forkvm_testkit::kvm_available() {
-        return None;
-    }
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    Some(ENGINE.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("exec-templates");
-        Engine::new(
-            Arc::new(Vmm::new().unwrap()),
-            forkvm_testkit::python_template(&dir),
-            PoolConfig {
-                size: 4,
-                refill_threads: 1,
-            },
-        )
-    }))
+    common::engine("exec-templates", 4)
 }
 
 fn exec(engine: &Engine, request: &ExecRequest) -> ExecResult {

@@ -1,28 +1,12 @@
 //! Sessions on real KVM: state persists across requests, files go in and out, and forks of a
 //! session branch from exactly its state.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod common;
 
 use forkvm_engine::{Engine, EngineError, ExecRequest, Session, Streams};
-use forkvm_vmm::{PoolConfig, Vmm};
 
 fn engine() -> Option<&'static Engine> {
-    if !forkvm_testkit::kvm_available() {
-        return None;
-    }
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    Some(ENGINE.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("session-templates");
-        Engine::new(
-            Arc::new(Vmm::new().unwrap()),
-            forkvm_testkit::python_template(&dir),
-            PoolConfig {
-                size: 2,
-                refill_threads: 1,
-            },
-        )
-    }))
+    common::engine("session-templates", 2)
 }
 
 fn run(engine: &Engine, session: &mut Session, code: &str) -> String {

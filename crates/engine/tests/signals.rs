@@ -2,43 +2,14 @@
 //! interrupt sleeps and busy loops, a fault reaches `faulthandler`, a signal sent from a
 //! worker thread is handled, and `sigwait` and `SIGPIPE` behave as on Linux.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod common;
 
-use forkvm_engine::{Engine, ErrorKind, ExecRequest, ExecResult};
-use forkvm_vmm::{PoolConfig, Vmm};
+use common::{run, stdout};
+
+use forkvm_engine::{Engine, ErrorKind};
 
 fn engine() -> Option<&'static Engine> {
-    if !forkvm_testkit::kvm_available() {
-        return None;
-    }
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    Some(ENGINE.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("signal-templates");
-        Engine::new(
-            Arc::new(Vmm::new().unwrap()),
-            forkvm_testkit::python_template(&dir),
-            PoolConfig {
-                size: 2,
-                refill_threads: 1,
-            },
-        )
-    }))
-}
-
-fn run(engine: &Engine, code: &str) -> ExecResult {
-    engine.exec("python", &ExecRequest::python(code)).unwrap()
-}
-
-fn stdout(engine: &Engine, code: &str) -> String {
-    let out = run(engine, code);
-    assert_eq!(
-        (out.exit_code, out.error.kind),
-        (0, ErrorKind::None),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::engine("signal-templates", 2)
 }
 
 #[test]

@@ -2,44 +2,16 @@
 //! locks, a spinning thread beside a sleeping one) runs, and the sandbox's limits hold for
 //! every thread.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use common::stdout;
+
 use std::time::Duration;
 
-use forkvm_engine::{Engine, ErrorKind, ExecLimits, ExecRequest, ExecResult, Streams};
-use forkvm_vmm::{PoolConfig, Vmm};
+use forkvm_engine::{Engine, ErrorKind, ExecLimits, ExecRequest, Streams};
 
 fn engine() -> Option<&'static Engine> {
-    if !forkvm_testkit::kvm_available() {
-        return None;
-    }
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    Some(ENGINE.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("thread-templates");
-        Engine::new(
-            Arc::new(Vmm::new().unwrap()),
-            forkvm_testkit::python_template(&dir),
-            PoolConfig {
-                size: 2,
-                refill_threads: 1,
-            },
-        )
-    }))
-}
-
-fn run(engine: &Engine, code: &str) -> ExecResult {
-    engine.exec("python", &ExecRequest::python(code)).unwrap()
-}
-
-fn stdout(engine: &Engine, code: &str) -> String {
-    let out = run(engine, code);
-    assert_eq!(
-        (out.exit_code, out.error.kind),
-        (0, ErrorKind::None),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::engine("thread-templates", 2)
 }
 
 #[test]
