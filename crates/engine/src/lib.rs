@@ -4,7 +4,6 @@
 //! request path.
 
 pub mod recycle;
-pub mod request;
 pub mod result;
 pub mod session;
 
@@ -18,11 +17,14 @@ use forkvm_kernel::host_ops::PlaceError;
 use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_protocol::{FrameError, Reply, Request};
 use forkvm_template::{SnapshotMeta, StoreError, TemplateStore};
-use forkvm_vmm::{Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, Vmm, VmmError};
+use forkvm_vmm::{
+    ForkSource, Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, Vmm, VmmError,
+};
 
+pub use forkvm_protocol::exec::{
+    ErrorKind, ExecError, ExecLimits, ExecRequest, ExecResult, FileIn, LANGUAGES, Timings,
+};
 pub use recycle::{RecycleConfig, Recycler};
-pub use request::{ExecLimits, ExecRequest, FileIn, LANGUAGES};
-pub use result::{ErrorKind, ExecError, ExecResult, Timings};
 pub use session::Session;
 
 /// The request every pooled VM runs before it serves a user's (see `Vmm::warm_up`): it walks
@@ -101,13 +103,33 @@ impl Engine {
 
     /// The template `name`, loading (and verifying) it and starting its pool on first use.
     pub fn template(&self, name: &str) -> Result<Arc<LoadedTemplate>, EngineError> {
-        let mut loaded = self.loaded.lock().expect("engine lock");
-        if let Some(template) = loaded.get(name) {
+        if let Some(template) = self.loaded.lock().expect("engine lock").get(name) {
             return Ok(template.clone());
         }
+        let opened = self.open_template(name)?;
+        self.start_template(name, opened)
+    }
+
+    /// Loads and verifies template `name` and locks its image in memory, without starting
+    /// anything (a worker does this while it may still lock memory).
+    pub fn open_template(&self, name: &str) -> Result<(SnapshotMeta, ForkSource), EngineError> {
         let (meta, source) = self.store.load(name, &self.vmm)?;
         if let Err(e) = source.image.lock_in_memory() {
             tracing::warn!(error = %e, "could not lock the image in memory; imports may wait for the disk");
+        }
+        Ok((meta, source))
+    }
+
+    /// Starts the pool of an opened template and makes it the one `name` serves (unless
+    /// another thread got there first).
+    pub fn start_template(
+        &self,
+        name: &str,
+        (meta, source): (SnapshotMeta, ForkSource),
+    ) -> Result<Arc<LoadedTemplate>, EngineError> {
+        let mut loaded = self.loaded.lock().expect("engine lock");
+        if let Some(template) = loaded.get(name) {
+            return Ok(template.clone());
         }
         let warmup = forkvm_protocol::encode(&Request::code(WARMUP_CODE))?;
         let source = Arc::new(source);
@@ -229,7 +251,10 @@ impl Engine {
                 exec_us,
                 total_us: exec_us,
             },
-            unsupported_syscalls: unsupported,
+            unsupported_syscalls: unsupported
+                .iter()
+                .map(|(name, n)| (name.to_string(), *n))
+                .collect(),
         })
     }
 }

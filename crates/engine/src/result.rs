@@ -1,5 +1,4 @@
-//! What running a request produced, and how an ending is turned into an exit code and a
-//! precise error kind.
+//! How an ending is turned into an exit code and a precise error kind.
 
 use std::collections::BTreeMap;
 
@@ -7,86 +6,9 @@ use forkvm_kernel::file::Stream;
 use forkvm_protocol::Reply;
 use forkvm_vmm::SandboxExit;
 
-use crate::request::ExecLimits;
-
-/// Exit code for a wall-clock or CPU-time limit (as `timeout(1)` uses).
-pub const EXIT_TIMEOUT: i32 = 124;
-/// Exit code when an output stream hit its cap.
-pub const EXIT_OUTPUT_LIMIT: i32 = 125;
-/// Exit code when the sandbox failed for a reason of ours (`EX_SOFTWARE`).
-pub const EXIT_INTERNAL: i32 = 70;
-
-/// Why a request did not simply run to its end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ErrorKind {
-    None,
-    Timeout,
-    MemoryLimit,
-    OutputLimit,
-    Fault,
-    UnsupportedSyscall,
-    Internal,
-}
-
-impl ErrorKind {
-    /// The stable name used in replies, metrics and the API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::None => "none",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::MemoryLimit => "memory_limit",
-            ErrorKind::OutputLimit => "output_limit",
-            ErrorKind::Fault => "fault",
-            ErrorKind::UnsupportedSyscall => "unsupported_syscall",
-            ErrorKind::Internal => "internal",
-        }
-    }
-}
-
-/// An error kind with a message for humans.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-impl ExecError {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> ExecError {
-        ExecError {
-            kind,
-            message: message.into(),
-        }
-    }
-
-    pub fn none() -> ExecError {
-        ExecError::new(ErrorKind::None, "")
-    }
-}
-
-/// Where the time of one exec went, in microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Timings {
-    /// Taking a prepared VM and cloning the process state (and, for a template loaded on
-    /// first use, loading it).
-    pub fork_us: u64,
-    /// From delivering the request to the agent's reply (or the end of the sandbox).
-    pub exec_us: u64,
-    pub total_us: u64,
-}
-
-/// The complete result of one request.
-#[derive(Debug, Clone)]
-pub struct ExecResult {
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
-    pub exit_code: i32,
-    pub error: ExecError,
-    pub timings: Timings,
-    /// Unsupported syscalls the code attempted, by name.
-    pub unsupported_syscalls: BTreeMap<&'static str, u64>,
-}
+use forkvm_protocol::exec::{
+    EXIT_INTERNAL, EXIT_OUTPUT_LIMIT, EXIT_TIMEOUT, ErrorKind, ExecError, ExecLimits,
+};
 
 /// What the sandbox reported after the run, for classification.
 pub(crate) struct Ending<'a> {

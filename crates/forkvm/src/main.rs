@@ -28,6 +28,9 @@ enum Command {
     /// Benchmarks; each prints JSON on stdout and a table on stderr.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// A jailed worker process (started by `forkvm serve`, never by hand).
+    #[command(hide = true)]
+    Worker,
     /// Run code in a fresh fork of a template; its output passes through and its exit code
     /// becomes forkvm's.
     Exec {
@@ -74,12 +77,22 @@ enum Command {
         /// Template that /v1/exec forks.
         #[arg(long, default_value = "python")]
         template: String,
-        /// Warm VMs kept ready.
+        /// Warm VMs kept ready, shared out among the workers.
         #[arg(long, default_value_t = 32)]
         pool_size: usize,
-        /// Threads refilling the pool.
+        /// Threads refilling the pool, in each worker.
         #[arg(long, default_value_t = 1)]
         refill_threads: usize,
+        /// Jailed worker processes running the sandboxes (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Host memory each worker may use, in MiB (its cgroup's limit; default: three
+        /// quarters of the host's memory shared out among the workers).
+        #[arg(long)]
+        worker_memory_mb: Option<u64>,
+        /// CPU time each worker may use, in cores (its cgroup's limit; default: unlimited).
+        #[arg(long)]
+        worker_cpus: Option<f64>,
         /// Executions running at once (default: twice the cores).
         #[arg(long)]
         exec_slots: Option<usize>,
@@ -294,6 +307,9 @@ fn default_image() -> Result<PathBuf> {
 
 fn execute(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Worker => Ok(forkvm_worker::service::run(
+            forkvm_worker::spawn::inherited_socket()?,
+        )),
         Command::Bench(BenchCommand::Startup { image, runs }) => {
             let image = match image {
                 Some(path) => path,
@@ -350,6 +366,9 @@ fn execute(cli: Cli) -> Result<i32> {
             template,
             pool_size,
             refill_threads,
+            workers,
+            worker_memory_mb,
+            worker_cpus,
             exec_slots,
             rate,
             burst,
@@ -365,6 +384,9 @@ fn execute(cli: Cli) -> Result<i32> {
                 size: pool_size,
                 refill_threads,
             },
+            workers,
+            worker_memory_mb,
+            worker_cpus,
             exec_slots,
             fairness: forkvm_server::fairness::FairnessConfig {
                 rate_per_sec: rate,

@@ -1,5 +1,5 @@
-//! `forkvm serve`: build the template if missing, warm its pool, and serve the HTTP API;
-//! `forkvm keys add`: create an API key.
+//! `forkvm serve`: build the template if missing, verify it, start the jailed workers that
+//! run its sandboxes, and serve the HTTP API; `forkvm keys add`: create an API key.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use forkvm_engine::Engine;
+use forkvm_protocol::exec::ExecLimits;
+use forkvm_protocol::worker::Hello;
 use forkvm_server::auth::{KeyStore, add_key};
 use forkvm_server::fairness::FairnessConfig;
 use forkvm_server::{AppState, ServerConfig};
 use forkvm_vmm::{PoolConfig, Vmm};
+use forkvm_worker::{WorkerConfig, Workers, cgroup};
 
 /// What `forkvm serve` was asked.
 pub struct ServeOptions {
@@ -21,6 +23,9 @@ pub struct ServeOptions {
     pub no_auth: bool,
     pub template: String,
     pub pool: PoolConfig,
+    pub workers: Option<usize>,
+    pub worker_memory_mb: Option<u64>,
+    pub worker_cpus: Option<f64>,
     pub exec_slots: Option<usize>,
     pub fairness: FairnessConfig,
     pub max_body_mb: usize,
@@ -83,12 +88,15 @@ async fn shutdown_signal() {
 
 pub fn serve(options: ServeOptions) -> Result<i32> {
     let keys = load_keys(&options)?;
-    let vmm = Arc::new(Vmm::new()?);
+    let vmm = Vmm::new()?;
     crate::template::ensure(&options.template, &vmm)?;
-    let engine = Arc::new(Engine::new(vmm, crate::template::store(), options.pool));
-    engine
-        .template(&options.template)
+    // Verified here in full (and stamped), so the workers, which see the template
+    // read-only, need not hash it again each.
+    crate::template::store()
+        .load(&options.template, &vmm)
         .with_context(|| format!("loading template {:?}", options.template))?;
+    drop(vmm);
+    let workers = start_workers(&options)?;
     let mut config = ServerConfig {
         template: options.template.clone(),
         keys,
@@ -100,7 +108,7 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
     if let Some(slots) = options.exec_slots {
         config.exec_slots = slots;
     }
-    let state = AppState::new(engine, config);
+    let state = AppState::new(workers, config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("forkvm-api")
@@ -116,6 +124,54 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(0)
+}
+
+/// Host memory in bytes (`MemTotal`).
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kib| kib << 10)
+}
+
+/// Starts the workers that run the sandboxes and waits until they serve.
+fn start_workers(options: &ServeOptions) -> Result<Arc<Workers>> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let count = options.workers.unwrap_or(cores).max(1);
+    let memory_bytes = match options.worker_memory_mb {
+        Some(mb) => mb << 20,
+        None => host_memory() / 4 * 3 / count as u64,
+    };
+    let config = WorkerConfig {
+        exe: std::env::current_exe().context("finding the forkvm binary")?,
+        hello: Hello {
+            template: options.template.clone(),
+            cache_dir: forkvm_template::rootfs::default_cache_dir()
+                .to_string_lossy()
+                .into_owned(),
+            pool_depth: options.pool.size.div_ceil(count),
+            pool_threads: options.pool.refill_threads,
+            maxima: ExecLimits::maxima(),
+        },
+        count,
+        cgroup: Some(cgroup::Limits {
+            memory_bytes,
+            pids: 4096,
+            cpus: options.worker_cpus,
+        }),
+    };
+    let workers =
+        Workers::start(config).map_err(|e| anyhow::anyhow!("starting the workers: {e}"))?;
+    eprintln!(
+        "forkvm: {count} jailed worker(s) serving template {:?} (pids {:?})",
+        options.template,
+        workers.pids()
+    );
+    Ok(workers)
 }
 
 /// `forkvm keys add NAME`: prints the new key (once).

@@ -1,6 +1,8 @@
-//! The control-channel protocol between the VMM and the agent inside a sandbox.
+//! The messages that cross a boundary: between the VMM and the agent inside a sandbox
+//! (this module's frames), between the server and its worker processes (`worker`), and
+//! the requests and results both carry (`exec`).
 //!
-//! Each message is a frame: a 4-byte little-endian length, then a MessagePack map. Byte
+//! Agent frames: each message is a frame: a 4-byte little-endian length, then a MessagePack map. Byte
 //! strings stay binary (MessagePack `bin`), so code, stdin and files may hold any bytes;
 //! nothing is ever found by scanning for a marker. Program output does not travel here at
 //! all: the VMM captures descriptors 1 and 2 itself.
@@ -8,6 +10,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+pub mod exec;
+pub mod worker;
 
 /// Version every frame carries; the agent refuses others.
 pub const VERSION: u32 = 1;

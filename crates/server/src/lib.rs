@@ -1,7 +1,8 @@
 //! forkvm's HTTP API (axum on tokio).
 //!
-//! The engine is synchronous and runs on tokio's blocking threads (`spawn_blocking`), a
-//! bounded number at a time: the async runtime never waits on KVM. Authentication and the
+//! Sandboxes run in jailed worker processes (`forkvm_worker`), never here: a handler
+//! calls a worker from one of tokio's blocking threads (`spawn_blocking`), a bounded number
+//! at a time, so the async runtime never waits on a worker. Authentication and the
 //! per-key rate limit run as middleware before any handler; every error is a JSON body with
 //! a stable kind (see `error`).
 
@@ -21,7 +22,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use forkvm_engine::Engine;
+use forkvm_protocol::exec::ExecLimits;
+use forkvm_worker::Workers;
 use tokio::sync::Semaphore;
 
 use crate::auth::KeyStore;
@@ -61,6 +63,8 @@ pub struct ServerConfig {
     pub max_file_bytes: u64,
     /// Executions running at once; more wait for a slot.
     pub exec_slots: usize,
+    /// The largest limits a request may ask for (the workers enforce the same).
+    pub maxima: ExecLimits,
     /// Executions one batch may hold.
     pub max_batch: usize,
     /// Wall-clock limit of an execution that does not ask for one.
@@ -79,6 +83,7 @@ impl Default for ServerConfig {
             max_body_bytes: 16 << 20,
             max_file_bytes: 64 << 20,
             exec_slots: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+            maxima: ExecLimits::maxima(),
             max_batch: 64,
             default_timeout: Duration::from_secs(30),
             default_ttl: Duration::from_secs(300),
@@ -89,7 +94,7 @@ impl Default for ServerConfig {
 
 /// What every handler shares.
 pub struct AppState {
-    pub engine: Arc<Engine>,
+    pub workers: Arc<Workers>,
     pub config: ServerConfig,
     pub sessions: SessionStore,
     pub fairness: Fairness,
@@ -98,11 +103,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(engine: Arc<Engine>, config: ServerConfig) -> Arc<AppState> {
+    pub fn new(workers: Arc<Workers>, config: ServerConfig) -> Arc<AppState> {
         Arc::new(AppState {
             fairness: Fairness::new(config.fairness),
             exec_slots: Semaphore::new(config.exec_slots.max(1)),
-            engine,
+            workers,
             sessions: SessionStore::default(),
             metrics: Metrics::new(),
             config,

@@ -1,7 +1,8 @@
 //! Prometheus metrics: latency histograms, outcomes by error kind, unsupported syscalls by
 //! name, pool and session gauges, and the server's memory.
 
-use forkvm_engine::{Engine, ExecResult};
+use forkvm_protocol::exec::ExecResult;
+use forkvm_worker::Workers;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -23,6 +24,9 @@ pub struct Metrics {
     pool_misses: IntGaugeVec,
     pool_prepared: IntGaugeVec,
     resident_bytes: IntGauge,
+    workers_resident_bytes: IntGauge,
+    workers_live: IntGauge,
+    worker_restarts: IntGauge,
 }
 
 fn latency(name: &str, help: &str) -> Histogram {
@@ -80,7 +84,19 @@ impl Metrics {
             pool_prepared: gauge_vec("forkvm_pool_prepared_total", "VMs the pool prepared."),
             resident_bytes: IntGauge::new(
                 "forkvm_resident_bytes",
-                "Resident memory of the server process (guest pages included).",
+                "Resident memory of the server process.",
+            )
+            .expect("valid gauge"),
+            workers_resident_bytes: IntGauge::new(
+                "forkvm_workers_resident_bytes",
+                "Resident memory of the worker processes (guest pages included).",
+            )
+            .expect("valid gauge"),
+            workers_live: IntGauge::new("forkvm_workers_live", "Worker processes serving.")
+                .expect("valid gauge"),
+            worker_restarts: IntGauge::new(
+                "forkvm_worker_restarts_total",
+                "Workers that died and were replaced.",
             )
             .expect("valid gauge"),
             registry,
@@ -99,6 +115,9 @@ impl Metrics {
             Box::new(metrics.pool_misses.clone()),
             Box::new(metrics.pool_prepared.clone()),
             Box::new(metrics.resident_bytes.clone()),
+            Box::new(metrics.workers_resident_bytes.clone()),
+            Box::new(metrics.workers_live.clone()),
+            Box::new(metrics.worker_restarts.clone()),
         ] {
             metrics.registry.register(collector).expect("unique metric");
         }
@@ -127,23 +146,32 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, refreshing the gauges read from the engine.
-    pub fn render(&self, engine: &Engine) -> String {
-        for (name, stats) in engine.pool_stats() {
-            self.pool_depth
-                .with_label_values(&[&name])
-                .set(stats.depth as i64);
-            self.pool_forks
-                .with_label_values(&[&name])
-                .set(stats.forks as i64);
-            self.pool_misses
-                .with_label_values(&[&name])
-                .set(stats.misses as i64);
-            self.pool_prepared
-                .with_label_values(&[&name])
-                .set(stats.prepared as i64);
-        }
-        self.resident_bytes.set(resident_bytes() as i64);
+    /// The text exposition, refreshing the gauges read from the workers (blocking: a
+    /// round trip to each).
+    pub fn render(&self, template: &str, workers: &Workers) -> String {
+        let stats = workers.pool();
+        let name = [template];
+        self.pool_depth
+            .with_label_values(&name)
+            .set(stats.depth as i64);
+        self.pool_forks
+            .with_label_values(&name)
+            .set(stats.forks as i64);
+        self.pool_misses
+            .with_label_values(&name)
+            .set(stats.misses as i64);
+        self.pool_prepared
+            .with_label_values(&name)
+            .set(stats.prepared as i64);
+        self.workers_live.set(workers.pids().len() as i64);
+        self.worker_restarts.set(workers.restarts() as i64);
+        self.resident_bytes.set(resident_bytes("self") as i64);
+        let workers_rss: u64 = workers
+            .pids()
+            .iter()
+            .map(|pid| resident_bytes(&pid.to_string()))
+            .sum();
+        self.workers_resident_bytes.set(workers_rss as i64);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -159,8 +187,9 @@ impl Default for Metrics {
 }
 
 /// Resident set size of this process, from `/proc/self/status`.
-pub fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// VmRSS of process `pid` ("self" for this one), in bytes.
+pub fn resident_bytes(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
             status

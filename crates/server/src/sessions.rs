@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use forkvm_engine::Session;
+use forkvm_worker::RemoteSession as Session;
 use uuid::Uuid;
 
 use crate::wire::SessionInfo;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use forkvm_engine::{ExecLimits, ExecRequest, ExecResult, FileIn};
+use forkvm_protocol::exec::{ExecLimits, ExecRequest, ExecResult, FileIn, LANGUAGES};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -78,12 +78,12 @@ impl ExecBody {
             .language
             .clone()
             .unwrap_or_else(|| "python".to_string());
-        if !forkvm_engine::LANGUAGES.contains(&language.as_str()) {
+        if !LANGUAGES.contains(&language.as_str()) {
             return Err(ApiError::invalid(
                 "language",
                 format!(
                     "unsupported language {language:?} in this template (it runs: {})",
-                    forkvm_engine::LANGUAGES.join(", ")
+                    LANGUAGES.join(", ")
                 ),
             ));
         }

@@ -100,7 +100,8 @@ impl Sealer {
     }
 }
 
-fn stamp_path(path: &Path) -> PathBuf {
+/// Where the stamp of `path` lives.
+pub fn stamp_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".verified");
     PathBuf::from(name)

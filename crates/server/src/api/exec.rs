@@ -7,10 +7,11 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use forkvm_engine::{ExecRequest, ExecResult};
+use forkvm_protocol::exec::{ExecRequest, ExecResult};
+use forkvm_worker::Tap;
 use uuid::Uuid;
 
-use super::{Caller, engine_error, stream};
+use super::{Caller, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::wire::{BatchBody, BatchResponse, ExecBody, ExecResponse};
@@ -30,22 +31,19 @@ async fn run(
     state: &Arc<AppState>,
     caller: &str,
     request: ExecRequest,
-    streams: forkvm_engine::Streams,
+    tap: Option<Tap>,
 ) -> Result<ExecResult, ApiError> {
     let _slot = state
         .exec_slots
         .acquire()
         .await
         .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
-    let engine = state.engine.clone();
-    let template = state.config.template.clone();
+    let workers = state.workers.clone();
     let tenant = caller.to_string();
-    let result = tokio::task::spawn_blocking(move || {
-        engine.exec_with(&template, &request, streams, Some(&tenant))
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("execution thread failed: {e}")))?
-    .map_err(engine_error)?;
+    let result = tokio::task::spawn_blocking(move || workers.exec(request, tap, Some(&tenant)))
+        .await
+        .map_err(|e| ApiError::internal(format!("execution thread failed: {e}")))?
+        .map_err(|e| worker_error(e, "files"))?;
     state.metrics.record(&result);
     Ok(result)
 }
@@ -68,16 +66,16 @@ pub async fn exec(
     body: Result<Json<ExecBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let request = body.to_request(state.engine.maxima(), state.config.default_timeout)?;
+    let request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
     let permit = state.fairness.reserve(&caller, 1)?;
     if wants_stream(&body, &headers) {
         let state = state.clone();
-        return Ok(stream::spawn(move |streams| async move {
+        return Ok(stream::spawn(move |tap| async move {
             let _permit = permit;
-            run(&state, &caller, request, streams).await
+            run(&state, &caller, request, Some(tap)).await
         }));
     }
-    let result = run(&state, &caller, request, forkvm_engine::Streams::new()).await?;
+    let result = run(&state, &caller, request, None).await?;
     drop(permit);
     Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())
 }
@@ -115,7 +113,7 @@ pub async fn batch(
     let mut requests = Vec::with_capacity(body.executions.len());
     for (i, execution) in body.executions.iter().enumerate() {
         let request = execution
-            .to_request(state.engine.maxima(), state.config.default_timeout)
+            .to_request(&state.config.maxima, state.config.default_timeout)
             .map_err(|mut e| {
                 e.field = Some(format!("executions[{i}].{}", e.field.unwrap_or_default()));
                 e
@@ -128,9 +126,7 @@ pub async fn batch(
         .map(|request| {
             let state = state.clone();
             let caller = caller.clone();
-            tokio::spawn(async move {
-                run(&state, &caller, request, forkvm_engine::Streams::new()).await
-            })
+            tokio::spawn(async move { run(&state, &caller, request, None).await })
         })
         .collect();
     let mut results = Vec::with_capacity(tasks.len());

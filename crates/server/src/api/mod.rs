@@ -6,7 +6,8 @@ pub mod sessions;
 pub mod stream;
 pub mod system;
 
-use forkvm_engine::EngineError;
+use forkvm_protocol::worker::FailureKind;
+use forkvm_worker::WorkerError;
 
 use crate::error::ApiError;
 
@@ -14,18 +15,27 @@ use crate::error::ApiError;
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);
 
-/// How an engine error looks to an API client.
-pub fn engine_error(error: EngineError) -> ApiError {
+/// How a worker's failure looks to an API client. `field` names the request field a
+/// refused file came from.
+pub fn worker_error(error: WorkerError, field: &str) -> ApiError {
+    let message = error.to_string();
     match error {
-        EngineError::UnsupportedLanguage { .. } => ApiError::invalid("language", error.to_string()),
-        EngineError::SessionEnded => ApiError::conflict("session_ended", error.to_string()),
-        EngineError::Store(forkvm_template_error) => {
-            ApiError::unavailable(forkvm_template_error.to_string())
-        }
-        EngineError::PlaceFile(e) => ApiError::invalid("files", e.to_string()),
-        other => {
-            tracing::error!(error = %other, "engine failure");
-            ApiError::internal(other.to_string())
+        WorkerError::Failed(failure) => match failure.kind {
+            FailureKind::UnsupportedLanguage => ApiError::invalid("language", message),
+            FailureKind::SessionEnded => ApiError::conflict("session_ended", message),
+            FailureKind::TemplateUnavailable => ApiError::unavailable(message),
+            FailureKind::BadFile => ApiError::invalid(field, message),
+            FailureKind::FileNotFound => ApiError::not_found(message),
+            FailureKind::FileTooLarge => ApiError::too_large(message),
+            FailureKind::NoSuchSession | FailureKind::Internal => {
+                tracing::error!(error = %message, "worker failure");
+                ApiError::internal(message)
+            }
+        },
+        WorkerError::Unavailable(_) => ApiError::unavailable(message),
+        WorkerError::Gone(_) | WorkerError::Unresponsive(_) => {
+            tracing::error!(error = %message, "worker lost");
+            ApiError::internal(message)
         }
     }
 }

@@ -10,12 +10,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use forkvm_engine::{Session, Streams};
-use forkvm_kernel::host_ops::ReadError;
+use forkvm_worker::RemoteSession as Session;
 use uuid::Uuid;
 
 use super::exec::wants_stream;
-use super::{Caller, engine_error, stream};
+use super::{Caller, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::sessions::SessionEntry;
@@ -63,9 +62,10 @@ async fn with_session<T: Send + 'static>(
     }
 }
 
-/// Tears a session down on a blocking thread (unmapping guest RAM, closing the VM).
+/// Tears a session down (its worker does the work; the message is sent from a blocking
+/// thread).
 fn dispose(session: Session) {
-    tokio::task::spawn_blocking(move || drop(session.into_sandbox()));
+    tokio::task::spawn_blocking(move || drop(session));
 }
 
 /// Create a session.
@@ -114,12 +114,11 @@ pub async fn create(
         Some(s) => Duration::from_secs(s),
     };
     let permit = state.fairness.reserve(&caller, 1)?;
-    let engine = state.engine.clone();
-    let name = template.clone();
-    let session = tokio::task::spawn_blocking(move || engine.create_session(&name))
+    let workers = state.workers.clone();
+    let session = tokio::task::spawn_blocking(move || workers.create_session())
         .await
         .map_err(|e| ApiError::internal(format!("sandbox thread failed: {e}")))?
-        .map_err(engine_error)?;
+        .map_err(|e| worker_error(e, "template"))?;
     permit.keep();
     let entry = Arc::new(SessionEntry::new(
         &caller,
@@ -210,24 +209,21 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let entry = find(&state, &id, &caller)?;
-    let request = body.to_request(state.engine.maxima(), state.config.default_timeout)?;
+    let request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
     let run = {
         let state = state.clone();
-        move |streams: Streams| async move {
-            let engine = state.engine.clone();
-            let result = with_session(&entry, move |session| {
-                engine.session_exec(session, &request, streams)
-            })
-            .await?
-            .map_err(engine_error)?;
+        move |tap: Option<forkvm_worker::Tap>| async move {
+            let result = with_session(&entry, move |session| session.exec(request, tap))
+                .await?
+                .map_err(|e| worker_error(e, "files"))?;
             state.metrics.record(&result);
             Ok::<_, ApiError>(result)
         }
     };
     if wants_stream(&body, &headers) {
-        return Ok(stream::spawn(run));
+        return Ok(stream::spawn(move |tap| run(Some(tap))));
     }
-    let result = run(Streams::new()).await?;
+    let result = run(None).await?;
     Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())
 }
 
@@ -256,10 +252,9 @@ pub async fn fork(
     }
     let entry = find(&state, &id, &caller)?;
     let permit = state.fairness.reserve(&caller, count)?;
-    let engine = state.engine.clone();
-    let branches = with_session(&entry, move |session| engine.fork_session(session, count))
+    let branches = with_session(&entry, move |session| session.fork(count))
         .await?
-        .map_err(engine_error)?;
+        .map_err(|e| worker_error(e, "count"))?;
     permit.keep();
     let mut ids = Vec::with_capacity(branches.len());
     for branch in branches {
@@ -308,10 +303,10 @@ pub async fn put_file(
     let size = data.len() as u64;
     let target = absolute.clone();
     with_session(&entry, move |session| {
-        session.put_file(&target, &data, 0o644)
+        session.put_file(&target, data.to_vec(), 0o644)
     })
     .await?
-    .map_err(|e| ApiError::invalid("path", e.to_string()))?;
+    .map_err(|e| worker_error(e, "path"))?;
     Ok((
         StatusCode::CREATED,
         Json(FileWritten {
@@ -340,10 +335,7 @@ pub async fn get_file(
     let max = state.config.max_file_bytes;
     let data = with_session(&entry, move |session| session.get_file(&absolute, max))
         .await?
-        .map_err(|e| match e {
-            ReadError::TooLarge { .. } => ApiError::too_large(e.to_string()),
-            other => ApiError::not_found(other.to_string()),
-        })?;
+        .map_err(|e| worker_error(e, "path"))?;
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -373,7 +365,7 @@ pub async fn reap_expired(state: Arc<AppState>) {
 pub async fn drop_all(state: &AppState) {
     for entry in state.sessions.take_all() {
         if let Some(session) = entry.session.lock().await.take() {
-            let _ = tokio::task::spawn_blocking(move || drop(session.into_sandbox())).await;
+            let _ = tokio::task::spawn_blocking(move || drop(session)).await;
         }
     }
 }

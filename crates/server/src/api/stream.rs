@@ -8,36 +8,32 @@ use std::sync::Arc;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use forkvm_engine::{Streams, Tap};
-use forkvm_kernel::file::Stream;
+use forkvm_protocol::worker::OutputStream;
+use forkvm_worker::Tap;
 use futures_util::Stream as FuturesStream;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 /// What the blocking side sends to the response.
 pub enum Message {
-    Output(Stream, Vec<u8>),
+    Output(OutputStream, Vec<u8>),
     Final(Event),
 }
 
-/// Streams whose output is forwarded as events, and the receiving end.
-pub fn channel() -> (
-    Streams,
-    UnboundedSender<Message>,
-    UnboundedReceiver<Message>,
-) {
+/// A tap forwarding output as events, and the receiving end.
+pub fn channel() -> (Tap, UnboundedSender<Message>, UnboundedReceiver<Message>) {
     let (tx, rx) = unbounded_channel();
     let output = tx.clone();
     let tap: Tap = Arc::new(move |stream, data: &[u8]| {
         // A closed channel means the client went away: the code still runs to its end.
         let _ = output.send(Message::Output(stream, data.to_vec()));
     });
-    (Streams::with_tap(tap), tx, rx)
+    (tap, tx, rx)
 }
 
 fn to_event(message: Message) -> Event {
     match message {
         Message::Output(stream, data) => {
-            let name = if stream == Stream::Stderr {
+            let name = if stream == OutputStream::Stderr {
                 "stderr"
             } else {
                 "stdout"
@@ -76,17 +72,18 @@ pub fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
         .data(serde_json::to_string(value).expect("API types serialize"))
 }
 
-/// Answers with an event stream: runs `run` (given the tapped streams) on a task, sending
+/// Answers with an event stream: runs `run` (given the output tap) on a task, sending
 /// output as it comes and the result (or error) last.
 pub fn spawn<F, Fut>(run: F) -> Response
 where
-    F: FnOnce(Streams) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<forkvm_engine::ExecResult, crate::error::ApiError>>
-        + Send,
+    F: FnOnce(Tap) -> Fut + Send + 'static,
+    Fut: std::future::Future<
+            Output = Result<forkvm_protocol::exec::ExecResult, crate::error::ApiError>,
+        > + Send,
 {
-    let (streams, tx, rx) = channel();
+    let (tap, tx, rx) = channel();
     tokio::spawn(async move {
-        let event = match run(streams).await {
+        let event = match run(tap).await {
             Ok(result) => json_event(
                 "result",
                 &crate::wire::ExecResponse::from_result(uuid::Uuid::now_v7(), &result),

@@ -18,24 +18,17 @@ use crate::wire::{HealthResponse, TemplateHealth};
     responses((status = 200, description = "Readiness of every template", body = HealthResponse)))]
 pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> {
     let mut templates = BTreeMap::new();
-    let pools: BTreeMap<String, usize> = state
-        .engine
-        .pool_stats()
-        .into_iter()
-        .map(|(name, stats)| (name, stats.depth))
-        .collect();
-    let engine = state.engine.clone();
-    let name = state.config.template.clone();
-    let loaded = tokio::task::spawn_blocking(move || engine.template(&name).ok())
-        .await
-        .ok()
-        .flatten();
+    let workers = state.workers.clone();
+    let (ram_bytes, pool) =
+        tokio::task::spawn_blocking(move || (workers.ram_bytes(), workers.pool()))
+            .await
+            .unwrap_or_default();
     templates.insert(
         state.config.template.clone(),
         TemplateHealth {
-            ready: loaded.is_some(),
-            memory_mb: loaded.as_ref().map_or(0, |t| t.meta.ram_bytes >> 20),
-            pool_depth: pools.get(&state.config.template).copied().unwrap_or(0),
+            ready: ram_bytes.is_some(),
+            memory_mb: ram_bytes.map_or(0, |b| b >> 20),
+            pool_depth: pool.depth,
         },
     );
     let ready = templates.values().all(|t| t.ready);
@@ -50,9 +43,17 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> 
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     state.metrics.sessions_live.set(state.sessions.len() as i64);
+    let rendered = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            state.metrics.render(&state.config.template, &state.workers)
+        })
+        .await
+        .unwrap_or_default()
+    };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(&state.engine),
+        rendered,
     )
 }
 

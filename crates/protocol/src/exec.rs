@@ -1,17 +1,21 @@
-//! What a caller asks the engine to run, and the limits it may ask for.
+//! What a caller asks a sandbox to run, the limits it may ask for, and what running it
+//! produced. The server, the workers and the engine all speak these types.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 /// Languages a template can run. Templates today hold CPython only; other languages need
 /// threads and `execve` in the sandbox first.
 pub const LANGUAGES: &[&str] = &["python"];
 
 /// A file to place in the sandbox before the code runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIn {
     /// Absolute path, or relative to the request's working directory.
     pub path: String,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// Permission bits (default 0o644).
     pub mode: u32,
@@ -19,7 +23,7 @@ pub struct FileIn {
 
 /// Per-request limits. Callers pass what the user asked for; `ExecLimits::within` clamps it
 /// to what the operator allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecLimits {
     /// Wall-clock time from the fork to the reply.
     pub timeout: Duration,
@@ -73,11 +77,13 @@ impl ExecLimits {
 }
 
 /// Code to run and everything it runs with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
+    #[serde(with = "serde_bytes")]
     pub code: Vec<u8>,
     pub language: String,
     /// Bytes the code reads from stdin (then end-of-file).
+    #[serde(with = "serde_bytes")]
     pub stdin: Vec<u8>,
     pub env: BTreeMap<String, String>,
     /// Working directory (created if missing); default `/root`.
@@ -101,7 +107,7 @@ impl ExecRequest {
     }
 
     /// Absolute path of a file to place, resolving it against the working directory.
-    pub(crate) fn absolute(&self, path: &str) -> String {
+    pub fn absolute(&self, path: &str) -> String {
         if path.starts_with('/') {
             path.to_string()
         } else {
@@ -111,6 +117,87 @@ impl ExecRequest {
             )
         }
     }
+}
+
+/// Exit code for a wall-clock or CPU-time limit (as `timeout(1)` uses).
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit code when an output stream hit its cap.
+pub const EXIT_OUTPUT_LIMIT: i32 = 125;
+/// Exit code when the sandbox failed for a reason of ours (`EX_SOFTWARE`).
+pub const EXIT_INTERNAL: i32 = 70;
+
+/// Why a request did not simply run to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ErrorKind {
+    None,
+    Timeout,
+    MemoryLimit,
+    OutputLimit,
+    Fault,
+    UnsupportedSyscall,
+    Internal,
+}
+
+impl ErrorKind {
+    /// The stable name used in replies, metrics and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::None => "none",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::MemoryLimit => "memory_limit",
+            ErrorKind::OutputLimit => "output_limit",
+            ErrorKind::Fault => "fault",
+            ErrorKind::UnsupportedSyscall => "unsupported_syscall",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// An error kind with a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ExecError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ExecError {
+        ExecError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn none() -> ExecError {
+        ExecError::new(ErrorKind::None, "")
+    }
+}
+
+/// Where the time of one exec went, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Taking a prepared VM and cloning the process state (and, for a template loaded on
+    /// first use, loading it).
+    pub fork_us: u64,
+    /// From delivering the request to the agent's reply (or the end of the sandbox).
+    pub exec_us: u64,
+    pub total_us: u64,
+}
+
+/// The complete result of one request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecResult {
+    #[serde(with = "serde_bytes")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub exit_code: i32,
+    pub error: ExecError,
+    pub timings: Timings,
+    /// Unsupported syscalls the code attempted, by name.
+    pub unsupported_syscalls: BTreeMap<String, u64>,
 }
 
 #[cfg(test)]

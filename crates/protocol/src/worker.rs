@@ -1,0 +1,285 @@
+//! Frames between `forkvm serve` and its jailed worker processes, over one Unix stream
+//! socket per worker.
+//!
+//! Each frame is a 4-byte little-endian length, then a bincode body. The server sends
+//! `CallFrame`s, each with an id it chose; the worker answers each call with exactly one
+//! `Event::Done` carrying that id, preceded by any `Event::Output` chunks of a streaming
+//! execution. Calls run concurrently in the worker, so answers come in any order.
+//!
+//! The worker runs guest-facing code, so the server treats every frame it receives as
+//! hostile: the length is checked before anything is allocated, and decoding is bounded by
+//! it.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::exec::{ExecLimits, ExecRequest, ExecResult};
+
+/// Largest frame either side accepts: a request's files or a result's two output
+/// streams (each at most 64 MiB by the operator's maxima) with room to spare.
+pub const MAX_WORKER_FRAME: usize = 160 << 20;
+
+/// A session's handle inside the worker that holds it.
+pub type SessionHandle = u64;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the {MAX_WORKER_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] bincode::Error),
+}
+
+/// What the server tells a worker once, before anything else: which template it serves
+/// and within which limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub template: String,
+    /// The cache directory the template store lives in (mounted read-only in the jail).
+    pub cache_dir: String,
+    /// Warm VMs the worker keeps ready.
+    pub pool_depth: usize,
+    /// Threads refilling the pool.
+    pub pool_threads: usize,
+    /// The largest limits a request may ask for.
+    pub maxima: ExecLimits,
+}
+
+/// What the worker answers a `Hello` with once its template is loaded (or why not).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Ready {
+    Serving { ram_bytes: u64 },
+    Failed { message: String },
+}
+
+/// One call from the server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CallFrame {
+    pub id: u64,
+    pub call: Call,
+}
+
+/// What the server asks a worker to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Call {
+    /// Run a request in a fresh fork (or `tenant`'s recycled VM). With `stream`, output is
+    /// sent as `Event::Output` while it runs.
+    Exec {
+        request: ExecRequest,
+        tenant: Option<String>,
+        stream: bool,
+    },
+    /// A new session; answered with `Answer::Session`.
+    CreateSession,
+    /// Run a request in a session's persistent namespace.
+    SessionExec {
+        session: SessionHandle,
+        request: ExecRequest,
+        stream: bool,
+    },
+    /// `count` new sessions from a session's current state; answered with
+    /// `Answer::Sessions`.
+    ForkSession {
+        session: SessionHandle,
+        count: usize,
+    },
+    PutFile {
+        session: SessionHandle,
+        path: String,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        mode: u32,
+    },
+    GetFile {
+        session: SessionHandle,
+        path: String,
+        max: u64,
+    },
+    /// Whether a session can still run code, and what it holds; `Answer::SessionState`.
+    SessionState { session: SessionHandle },
+    /// Tears a session down.
+    DropSession { session: SessionHandle },
+    /// Pool counters; `Answer::Stats`.
+    Stats,
+    /// Makes the worker issue a system call its seccomp filter refuses, which must kill
+    /// it: the proof that the filter is live. Only the server (never a client or a guest)
+    /// can send it; tests do.
+    ProbeFilter,
+}
+
+/// What a finished call produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Answer {
+    /// An execution's result; for a session's, whether the session can run again.
+    Executed {
+        result: Box<ExecResult>,
+        session_alive: bool,
+    },
+    Session(SessionHandle),
+    Sessions(Vec<SessionHandle>),
+    Done,
+    File(#[serde(with = "serde_bytes")] Vec<u8>),
+    SessionState {
+        alive: bool,
+        private_bytes: u64,
+    },
+    Stats(PoolCounters),
+}
+
+/// Why a call failed, in the kinds the API distinguishes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FailureKind {
+    UnsupportedLanguage,
+    SessionEnded,
+    NoSuchSession,
+    TemplateUnavailable,
+    /// A file could not be placed (bad path, not a directory...).
+    BadFile,
+    FileNotFound,
+    FileTooLarge,
+    Internal,
+}
+
+/// A failed call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// The warm pool's counters, summed over a worker's templates.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolCounters {
+    pub depth: usize,
+    pub forks: u64,
+    pub misses: u64,
+    pub prepared: u64,
+}
+
+/// One stream of a running execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// What a worker sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Event {
+    Output {
+        id: u64,
+        stream: OutputStream,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    Done {
+        id: u64,
+        outcome: Result<Answer, Failure>,
+    },
+}
+
+fn codec() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(MAX_WORKER_FRAME as u64)
+}
+
+/// Writes `message` as one frame (a single `write_all`, so frames from threads that hold
+/// the writer's lock in turn never interleave).
+pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> Result<(), WireError> {
+    use bincode::Options;
+    let len = codec().serialized_size(message)? as usize;
+    if len > MAX_WORKER_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_le_bytes());
+    codec().serialize_into(&mut frame, message)?;
+    out.write_all(&frame)?;
+    Ok(())
+}
+
+/// Reads one frame. The length is checked before the body is allocated, and the body
+/// must decode exactly.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> Result<T, WireError> {
+    use bincode::Options;
+    let mut header = [0u8; 4];
+    match input.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_WORKER_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    input.read_exact(&mut body)?;
+    Ok(codec()
+        .with_limit(len as u64)
+        .reject_trailing_bytes()
+        .deserialize(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_ones_are_refused() {
+        let mut wire = Vec::new();
+        let call = CallFrame {
+            id: 7,
+            call: Call::Exec {
+                request: ExecRequest::python(b"print(1)\xff".to_vec()),
+                tenant: Some("k".into()),
+                stream: true,
+            },
+        };
+        write_frame(&mut wire, &call).unwrap();
+        let back: CallFrame = read_frame(&mut wire.as_slice()).unwrap();
+        assert_eq!(back.id, 7);
+        match back.call {
+            Call::Exec { request, .. } => assert_eq!(request.code, b"print(1)\xff"),
+            other => panic!("{other:?}"),
+        }
+        let mut huge = wire.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            read_frame::<CallFrame>(&mut huge.as_slice()),
+            Err(WireError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read_frame::<CallFrame>(&mut &wire[..wire.len() - 1]),
+            Err(WireError::Io(_))
+        ));
+        assert!(matches!(
+            read_frame::<CallFrame>(&mut &[][..]),
+            Err(WireError::Closed)
+        ));
+        // A length prefix inside the body that claims more than the frame holds.
+        let mut lying = Vec::new();
+        write_frame(
+            &mut lying,
+            &Event::Output {
+                id: 1,
+                stream: OutputStream::Stdout,
+                data: vec![1, 2, 3],
+            },
+        )
+        .unwrap();
+        let at = lying.len() - 3 - 8;
+        lying[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(matches!(
+            read_frame::<Event>(&mut lying.as_slice()),
+            Err(WireError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,225 @@
+//! The server's connection to one worker: calls with ids, answered in any order, routed
+//! back to the waiting caller by a reader thread. Everything the worker sends is read as
+//! hostile (bounded frames, answers matched to calls the server made).
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkvm_protocol::worker::{
+    Answer, Call, CallFrame, Event, Failure, Hello, OutputStream, Ready, WireError, read_frame,
+    write_frame,
+};
+
+use crate::spawn::Spawned;
+
+/// Called with each chunk of a streaming execution's output.
+pub type Tap = Arc<dyn Fn(OutputStream, &[u8]) + Send + Sync>;
+
+/// Why a call to a worker did not produce an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WorkerError {
+    /// The worker answered with a failure.
+    #[error("{}", .0.message)]
+    Failed(Failure),
+    #[error("the worker holding this sandbox stopped ({0}); its sandboxes are lost")]
+    Gone(String),
+    #[error(
+        "the worker did not answer within {} s; it was stopped and is being replaced",
+        .0.as_secs()
+    )]
+    Unresponsive(Duration),
+    #[error("no worker is running ({0})")]
+    Unavailable(String),
+}
+
+type Pending = HashMap<u64, mpsc::Sender<Event>>;
+
+/// One live worker.
+pub struct Connection {
+    pid: libc::pid_t,
+    ram_bytes: u64,
+    writer: Mutex<UnixStream>,
+    /// Calls waiting for their answer; `None` once the worker is gone.
+    pending: Mutex<Option<Pending>>,
+    next_id: AtomicU64,
+    /// Why the worker is gone, once it is.
+    gone: Mutex<Option<String>>,
+}
+
+impl Connection {
+    /// Greets a freshly spawned worker and waits (up to `timeout`) until it serves.
+    pub fn open(
+        spawned: Spawned,
+        hello: &Hello,
+        timeout: Duration,
+    ) -> Result<Arc<Connection>, String> {
+        let Spawned { pid, socket } = spawned;
+        let mut reader = socket.try_clone().map_err(|e| e.to_string())?;
+        let mut writer = socket;
+        write_frame(&mut writer, hello).map_err(|e| format!("greeting the worker: {e}"))?;
+        reader
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let ram_bytes = match read_frame::<Ready>(&mut reader) {
+            Ok(Ready::Serving { ram_bytes }) => ram_bytes,
+            Ok(Ready::Failed { message }) => return Err(message),
+            Err(e) => return Err(format!("the worker did not start: {e}")),
+        };
+        reader.set_read_timeout(None).map_err(|e| e.to_string())?;
+        let connection = Arc::new(Connection {
+            pid,
+            ram_bytes,
+            writer: Mutex::new(writer),
+            pending: Mutex::new(Some(HashMap::new())),
+            next_id: AtomicU64::new(1),
+            gone: Mutex::new(None),
+        });
+        let routed = connection.clone();
+        std::thread::Builder::new()
+            .name(format!("forkvm-worker-{pid}"))
+            .spawn(move || routed.route(reader))
+            .map_err(|e| e.to_string())?;
+        Ok(connection)
+    }
+
+    /// The worker's host PID.
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// Guest RAM of the template the worker serves.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram_bytes
+    }
+
+    pub fn alive(&self) -> bool {
+        self.pending.lock().expect("pending lock").is_some()
+    }
+
+    /// Hands every event to its call until the worker closes or sends garbage.
+    fn route(&self, mut reader: UnixStream) {
+        let why = loop {
+            let event: Event = match read_frame(&mut reader) {
+                Ok(event) => event,
+                Err(WireError::Closed) => {
+                    // The worker died: its supervisor reaps it and says how (which makes a
+                    // better message than "connection closed").
+                    for _ in 0..40 {
+                        if self.gone.lock().expect("gone lock").is_some() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    break "its connection closed".to_string();
+                }
+                Err(e) => {
+                    // SAFETY: kill our own child (reaped by its supervisor), which sent a
+                    // frame no worker sends.
+                    unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                    break format!("it sent a malformed frame ({e}) and was killed");
+                }
+            };
+            let (id, done) = match &event {
+                Event::Output { id, .. } => (*id, false),
+                Event::Done { id, .. } => (*id, true),
+            };
+            let mut pending = self.pending.lock().expect("pending lock");
+            let Some(calls) = pending.as_mut() else {
+                return;
+            };
+            let sender = if done {
+                calls.remove(&id)
+            } else {
+                calls.get(&id).cloned()
+            };
+            // Events for calls nobody waits for (fire-and-forget, or timed out) are dropped.
+            if let Some(sender) = sender {
+                let _ = sender.send(event);
+            }
+        };
+        self.fail(why);
+    }
+
+    /// Marks the worker gone: every waiting call ends with `WorkerError::Gone`.
+    pub fn fail(&self, why: String) {
+        let mut gone = self.gone.lock().expect("gone lock");
+        if gone.is_none() {
+            *gone = Some(why);
+        }
+        drop(gone);
+        // Dropping the senders wakes every waiting call.
+        self.pending.lock().expect("pending lock").take();
+        let _ = self
+            .writer
+            .lock()
+            .expect("writer lock")
+            .shutdown(std::net::Shutdown::Both);
+    }
+
+    fn gone(&self) -> WorkerError {
+        WorkerError::Gone(
+            self.gone
+                .lock()
+                .expect("gone lock")
+                .clone()
+                .unwrap_or_else(|| "its connection closed".into()),
+        )
+    }
+
+    fn send(&self, id: u64, call: Call) -> Result<(), WorkerError> {
+        let frame = CallFrame { id, call };
+        write_frame(&mut *self.writer.lock().expect("writer lock"), &frame).map_err(|e| {
+            self.fail(format!("writing to it failed: {e}"));
+            self.gone()
+        })
+    }
+
+    /// Sends `call` without waiting for its answer.
+    pub fn send_only(&self, call: Call) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self.send(id, call);
+    }
+
+    /// Makes `call` and waits up to `patience` for its answer, handing output chunks to
+    /// `tap`. A worker that does not answer in time is killed: it is stuck, and the
+    /// supervisor replaces it.
+    pub fn call(
+        &self,
+        call: Call,
+        tap: Option<&Tap>,
+        patience: Duration,
+    ) -> Result<Answer, WorkerError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        match self.pending.lock().expect("pending lock").as_mut() {
+            Some(calls) => calls.insert(id, tx),
+            None => return Err(self.gone()),
+        };
+        self.send(id, call)?;
+        let deadline = Instant::now() + patience;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Event::Output { stream, data, .. }) => {
+                    if let Some(tap) = tap {
+                        tap(stream, &data);
+                    }
+                }
+                Ok(Event::Done { outcome, .. }) => return outcome.map_err(WorkerError::Failed),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.gone()),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::error!(pid = self.pid, "worker unresponsive; killing it");
+                    // SAFETY: kill with a PID this server started and has not reaped (the
+                    // supervisor reaps it only after it dies).
+                    unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                    self.fail("it stopped answering and was killed".into());
+                    return Err(WorkerError::Unresponsive(patience));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The worker process: `forkvm worker`. It reads its `Hello`, jails itself, loads its
+//! template, installs its seccomp filter, and then serves the server's calls on its socket
+//! until the server closes it. Each call runs on a thread of its own; a session's calls are
+//! serialized by the session's lock.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use forkvm_engine::{Engine, EngineError, Session, Streams, Tap};
+use forkvm_kernel::file::Stream;
+use forkvm_kernel::host_ops::ReadError;
+use forkvm_protocol::worker::{
+    Answer, Call, CallFrame, Event, Failure, FailureKind, Hello, OutputStream, PoolCounters, Ready,
+    SessionHandle, WireError, read_frame, write_frame,
+};
+use forkvm_template::TemplateStore;
+use forkvm_vmm::{PoolConfig, Vmm};
+
+use crate::jail;
+
+/// The socket end shared by every thread that answers.
+type Writer = Arc<Mutex<UnixStream>>;
+
+/// Serves the server on `socket` until it closes it. Returns the process exit status.
+pub fn run(socket: UnixStream) -> i32 {
+    let mut reader = match socket.try_clone() {
+        Ok(reader) => reader,
+        Err(e) => {
+            eprintln!("forkvm worker: cloning the socket: {e}");
+            return 1;
+        }
+    };
+    let hello: Hello = match read_frame(&mut reader) {
+        Ok(hello) => hello,
+        Err(e) => {
+            eprintln!("forkvm worker: reading the server's hello: {e}");
+            return 1;
+        }
+    };
+    let writer: Writer = Arc::new(Mutex::new(socket));
+    let (engine, ram_bytes) = match start(&hello) {
+        Ok(started) => started,
+        Err(message) => {
+            let _ = write_frame(
+                &mut *writer.lock().expect("writer lock"),
+                &Ready::Failed { message },
+            );
+            return 1;
+        }
+    };
+    if write_frame(
+        &mut *writer.lock().expect("writer lock"),
+        &Ready::Serving { ram_bytes },
+    )
+    .is_err()
+    {
+        return 1;
+    }
+    let worker = Arc::new(Worker {
+        engine,
+        template: hello.template,
+        sessions: Mutex::new(HashMap::new()),
+        next_session: AtomicU64::new(1),
+        writer,
+    });
+    loop {
+        let frame: CallFrame = match read_frame(&mut reader) {
+            Ok(frame) => frame,
+            Err(WireError::Closed) => return 0,
+            Err(e) => {
+                tracing::error!(error = %e, "unreadable call from the server; stopping");
+                return 1;
+            }
+        };
+        match frame.call {
+            Call::Stats => worker.answer(frame.id, Ok(Answer::Stats(worker.stats()))),
+            Call::ProbeFilter => {
+                crate::seccomp::probe();
+                worker.answer(
+                    frame.id,
+                    Err(failure(
+                        FailureKind::Internal,
+                        "the seccomp filter let a refused call through",
+                    )),
+                );
+            }
+            call => {
+                let worker = worker.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("forkvm-call".into())
+                    .spawn(move || {
+                        let outcome = worker.handle(frame.id, call);
+                        worker.answer(frame.id, outcome);
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a call thread");
+                }
+            }
+        }
+    }
+}
+
+/// Jails the process, opens KVM, drops privileges, installs the filter, and loads the
+/// template (whose pool then starts warming VMs under the filter).
+fn start(hello: &Hello) -> Result<(Arc<Engine>, u64), String> {
+    let cache_dir = Path::new(&hello.cache_dir);
+    let store = TemplateStore::new(cache_dir);
+    jail::enter(&jail::Paths::for_template(&store, &hello.template)?)
+        .map_err(|e| format!("entering the jail: {e}"))?;
+    let vmm = Arc::new(Vmm::new().map_err(|e| format!("opening KVM: {e}"))?);
+    let pool = PoolConfig {
+        size: hello.pool_depth,
+        refill_threads: hello.pool_threads.max(1),
+    };
+    let engine = Arc::new(Engine::new(vmm, store, pool).with_maxima(hello.maxima));
+    // Opened (and its image locked in memory) while the worker still may; started (its
+    // pool warming VMs on threads of its own) only under the filter.
+    let opened = engine
+        .open_template(&hello.template)
+        .map_err(|e| format!("loading template {:?}: {e}", hello.template))?;
+    jail::drop_privileges().map_err(|e| format!("dropping privileges: {e}"))?;
+    crate::seccomp::install().map_err(|e| format!("installing the seccomp filter: {e}"))?;
+    let loaded = engine
+        .start_template(&hello.template, opened)
+        .map_err(|e| format!("starting template {:?}: {e}", hello.template))?;
+    Ok((engine.clone(), loaded.meta.ram_bytes))
+}
+
+struct Worker {
+    engine: Arc<Engine>,
+    template: String,
+    sessions: Mutex<HashMap<SessionHandle, Arc<Mutex<Session>>>>,
+    next_session: AtomicU64,
+    writer: Writer,
+}
+
+fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
+    Failure {
+        kind,
+        message: message.into(),
+    }
+}
+
+fn engine_failure(error: EngineError) -> Failure {
+    let kind = match &error {
+        EngineError::UnsupportedLanguage { .. } => FailureKind::UnsupportedLanguage,
+        EngineError::SessionEnded => FailureKind::SessionEnded,
+        EngineError::Store(_) => FailureKind::TemplateUnavailable,
+        EngineError::PlaceFile(_) => FailureKind::BadFile,
+        _ => FailureKind::Internal,
+    };
+    failure(kind, error.to_string())
+}
+
+impl Worker {
+    fn answer(&self, id: u64, outcome: Result<Answer, Failure>) {
+        let event = Event::Done { id, outcome };
+        if let Err(e) = write_frame(&mut *self.writer.lock().expect("writer lock"), &event) {
+            tracing::warn!(error = %e, "cannot answer the server");
+        }
+    }
+
+    /// Streams that, when asked, send every chunk to the server as it is written. The
+    /// socket write blocks while the server is behind, which pauses the sandbox.
+    fn streams(&self, id: u64, stream: bool) -> Streams {
+        if !stream {
+            return Streams::new();
+        }
+        let writer = self.writer.clone();
+        let tap: Tap = Arc::new(move |which, data: &[u8]| {
+            let stream = match which {
+                Stream::Stderr => OutputStream::Stderr,
+                _ => OutputStream::Stdout,
+            };
+            let event = Event::Output {
+                id,
+                stream,
+                data: data.to_vec(),
+            };
+            let _ = write_frame(&mut *writer.lock().expect("writer lock"), &event);
+        });
+        Streams::with_tap(tap)
+    }
+
+    fn session(&self, handle: SessionHandle) -> Result<Arc<Mutex<Session>>, Failure> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| failure(FailureKind::NoSuchSession, "no such session"))
+    }
+
+    fn keep(&self, session: Session) -> SessionHandle {
+        let handle = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(handle, Arc::new(Mutex::new(session)));
+        handle
+    }
+
+    fn stats(&self) -> PoolCounters {
+        let mut counters = PoolCounters::default();
+        for (_, stats) in self.engine.pool_stats() {
+            counters.depth += stats.depth;
+            counters.forks += stats.forks;
+            counters.misses += stats.misses;
+            counters.prepared += stats.prepared;
+        }
+        counters
+    }
+
+    fn handle(&self, id: u64, call: Call) -> Result<Answer, Failure> {
+        match call {
+            Call::Exec {
+                request,
+                tenant,
+                stream,
+            } => self
+                .engine
+                .exec_with(
+                    &self.template,
+                    &request,
+                    self.streams(id, stream),
+                    tenant.as_deref(),
+                )
+                .map(|result| Answer::Executed {
+                    result: Box::new(result),
+                    session_alive: false,
+                })
+                .map_err(engine_failure),
+            Call::CreateSession => {
+                let session = self
+                    .engine
+                    .create_session(&self.template)
+                    .map_err(engine_failure)?;
+                Ok(Answer::Session(self.keep(session)))
+            }
+            Call::SessionExec {
+                session,
+                request,
+                stream,
+            } => {
+                let session = self.session(session)?;
+                let mut session = session.lock().expect("session lock");
+                let result = self
+                    .engine
+                    .session_exec(&mut session, &request, self.streams(id, stream))
+                    .map_err(engine_failure)?;
+                Ok(Answer::Executed {
+                    result: Box::new(result),
+                    session_alive: session.alive(),
+                })
+            }
+            Call::ForkSession { session, count } => {
+                let session = self.session(session)?;
+                let branches = self
+                    .engine
+                    .fork_session(&session.lock().expect("session lock"), count)
+                    .map_err(engine_failure)?;
+                Ok(Answer::Sessions(
+                    branches.into_iter().map(|b| self.keep(b)).collect(),
+                ))
+            }
+            Call::PutFile {
+                session,
+                path,
+                data,
+                mode,
+            } => {
+                let session = self.session(session)?;
+                let mut session = session.lock().expect("session lock");
+                session
+                    .put_file(&path, &data, mode)
+                    .map_err(|e| failure(FailureKind::BadFile, e.to_string()))?;
+                Ok(Answer::Done)
+            }
+            Call::GetFile { session, path, max } => {
+                let session = self.session(session)?;
+                let session = session.lock().expect("session lock");
+                match session.get_file(&path, max) {
+                    Ok(data) => Ok(Answer::File(data)),
+                    Err(e @ ReadError::TooLarge { .. }) => {
+                        Err(failure(FailureKind::FileTooLarge, e.to_string()))
+                    }
+                    Err(e) => Err(failure(FailureKind::FileNotFound, e.to_string())),
+                }
+            }
+            Call::SessionState { session } => {
+                let session = self.session(session)?;
+                let session = session.lock().expect("session lock");
+                Ok(Answer::SessionState {
+                    alive: session.alive(),
+                    private_bytes: session.private_bytes(),
+                })
+            }
+            Call::DropSession { session } => {
+                let removed = self
+                    .sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .remove(&session);
+                // Tearing the VM down happens here, on this call's thread.
+                drop(removed);
+                Ok(Answer::Done)
+            }
+            Call::Stats => Ok(Answer::Stats(self.stats())),
+            Call::ProbeFilter => Err(failure(FailureKind::Internal, "probe on a call thread")),
+        }
+    }
+}
