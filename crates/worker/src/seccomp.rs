@@ -168,3 +168,40 @@ pub fn probe() {
     // the filter let it through.
     unsafe { libc::syscall(libc::SYS_setns, -1, 0) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(nr: i64) -> &'static str {
+        usize::try_from(nr)
+            .ok()
+            .and_then(syscalls::Sysno::new)
+            .map_or("?", |s| s.name())
+    }
+
+    #[test]
+    fn the_allowlist_compiles_and_the_architecture_doc_lists_it() {
+        compile(
+            allowlist().iter().map(|&(nr, _)| (nr, vec![])).collect(),
+            SeccompAction::KillProcess,
+            SeccompAction::Allow,
+        )
+        .unwrap();
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/ARCHITECTURE.md"
+        ))
+        .unwrap();
+        let list = allowlist();
+        assert!(
+            doc.contains(&format!("The allowlist, {} entries", list.len())),
+            "docs/ARCHITECTURE.md states another count than {}",
+            list.len()
+        );
+        for (nr, _) in list {
+            let row = format!("| `{}` |", name(nr));
+            assert!(doc.contains(&row), "docs/ARCHITECTURE.md lacks {row}");
+        }
+    }
+}
