@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use forkvm_engine::{Engine, ErrorKind, ExecLimits, ExecRequest, ExecResult};
-use forkvm_vmm::{PoolConfig, Vmm};
+use forkvm_protocol::exec::{ErrorKind, ExecLimits, ExecRequest, ExecResult};
+use forkvm_protocol::worker::OutputStream;
+use forkvm_vmm::PoolConfig;
+use forkvm_worker::Tap;
 use serde::Serialize;
 
 /// What `forkvm exec` was asked.
@@ -99,23 +101,41 @@ pub fn exec(options: ExecOptions) -> Result<i32> {
             .map_or(ExecLimits::default().memory_bytes, |m| m << 20),
         ..ExecLimits::default()
     };
-    let vmm = Arc::new(Vmm::new()?);
-    crate::template::ensure(&options.template, &vmm)?;
-    // One exec needs no warm pool: a single inline-prepared VM.
-    let engine = Engine::new(
-        vmm,
-        crate::template::store(),
+    crate::jailed::prepare(&options.template)?;
+    // One jailed worker, with no warm pool: a single inline-prepared VM. Its output is
+    // written as it comes unless the whole result is printed as JSON.
+    let maxima = request.limits.within(&ExecLimits::maxima());
+    let workers = crate::jailed::start(
+        &options.template,
+        1,
         PoolConfig {
             size: 0,
             refill_threads: 1,
         },
-    );
-    let result = engine.exec(&options.template, &request)?;
+        maxima,
+        None,
+    )?;
+    let tap: Option<Tap> = (!options.json).then(|| {
+        Arc::new(|stream, data: &[u8]| {
+            let _ = match stream {
+                OutputStream::Stdout => std::io::stdout().write_all(data),
+                OutputStream::Stderr => std::io::stderr().write_all(data),
+            };
+        }) as Tap
+    });
+    let streamed = tap.is_some();
+    let result = workers
+        .exec(request, tap, None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    workers.stop();
     if options.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&result))?);
     } else {
-        std::io::stdout().write_all(&result.stdout)?;
-        std::io::stderr().write_all(&result.stderr)?;
+        if !streamed {
+            std::io::stdout().write_all(&result.stdout)?;
+            std::io::stderr().write_all(&result.stderr)?;
+        }
+        std::io::stdout().flush()?;
         if result.error.kind != ErrorKind::None {
             eprintln!(
                 "forkvm: {}: {}",

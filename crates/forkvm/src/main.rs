@@ -2,6 +2,7 @@
 
 mod bench;
 mod exec;
+mod jailed;
 mod run;
 mod serve;
 mod template;

@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use forkvm_protocol::exec::ExecLimits;
-use forkvm_protocol::worker::Hello;
 use forkvm_server::auth::{KeyStore, add_key};
 use forkvm_server::fairness::FairnessConfig;
 use forkvm_server::{AppState, ServerConfig};
-use forkvm_vmm::{PoolConfig, Vmm};
-use forkvm_worker::{WorkerConfig, Workers, cgroup};
+use forkvm_vmm::PoolConfig;
+use forkvm_worker::{Workers, cgroup};
 
 /// What `forkvm serve` was asked.
 pub struct ServeOptions {
@@ -88,14 +87,7 @@ async fn shutdown_signal() {
 
 pub fn serve(options: ServeOptions) -> Result<i32> {
     let keys = load_keys(&options)?;
-    let vmm = Vmm::new()?;
-    crate::template::ensure(&options.template, &vmm)?;
-    // Verified here in full (and stamped), so the workers, which see the template
-    // read-only, need not hash it again each.
-    crate::template::store()
-        .load(&options.template, &vmm)
-        .with_context(|| format!("loading template {:?}", options.template))?;
-    drop(vmm);
+    crate::jailed::prepare(&options.template)?;
     let workers = start_workers(&options)?;
     let mut config = ServerConfig {
         template: options.template.clone(),
@@ -146,26 +138,18 @@ fn start_workers(options: &ServeOptions) -> Result<Arc<Workers>> {
         Some(mb) => mb << 20,
         None => host_memory() / 4 * 3 / count as u64,
     };
-    let config = WorkerConfig {
-        exe: std::env::current_exe().context("finding the forkvm binary")?,
-        hello: Hello {
-            template: options.template.clone(),
-            cache_dir: forkvm_template::rootfs::default_cache_dir()
-                .to_string_lossy()
-                .into_owned(),
-            pool_depth: options.pool.size.div_ceil(count),
-            pool_threads: options.pool.refill_threads,
-            maxima: ExecLimits::maxima(),
-        },
-        count,
-        cgroup: Some(cgroup::Limits {
-            memory_bytes,
-            pids: 4096,
-            cpus: options.worker_cpus,
-        }),
+    let limits = cgroup::Limits {
+        memory_bytes,
+        pids: 4096,
+        cpus: options.worker_cpus,
     };
-    let workers =
-        Workers::start(config).map_err(|e| anyhow::anyhow!("starting the workers: {e}"))?;
+    let workers = crate::jailed::start(
+        &options.template,
+        count,
+        options.pool,
+        ExecLimits::maxima(),
+        Some(limits),
+    )?;
     eprintln!(
         "forkvm: {count} jailed worker(s) serving template {:?} (pids {:?})",
         options.template,
