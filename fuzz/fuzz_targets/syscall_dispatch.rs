@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use arbitrary::Arbitrary;
 use forkvm_image::{Fs, Image};
-use forkvm_kernel::memory::GuestRam;
+use forkvm_memory::GuestRam;
 use forkvm_kernel::{
     Console, DetachedFpu, Input, Limits, Outcome, Process, SpawnConfig, UserContext,
 };

@@ -43,7 +43,7 @@ impl Session {
             .ram()
             .private_pages()
             .map_or(0, |pages| {
-                pages.len() as u64 * forkvm_kernel::memory::PAGE_SIZE
+                pages.len() as u64 * forkvm_memory::ram::PAGE_SIZE
             })
     }
 

@@ -12,7 +12,6 @@
 //! own sandbox.
 
 pub(crate) mod abi;
-pub mod backing;
 pub mod console;
 pub mod context;
 pub mod control;
@@ -22,10 +21,8 @@ pub mod errno;
 pub mod fdtable;
 pub mod file;
 pub mod fileinfo;
-pub mod freed;
 pub mod host_ops;
 pub mod loader;
-pub mod memory;
 pub mod mm;
 pub mod net;
 pub mod notify;

@@ -10,10 +10,10 @@ use syscalls::Errno;
 use thiserror::Error;
 
 use crate::console::Console;
-use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 use crate::mm::{FileView, Vma, VmaKind};
 use crate::process::{Limits, Process, identity};
 use crate::stack::{self, StackSpec, auxv};
+use forkvm_memory::ram::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 
 /// Where a position-independent main program is placed (where non-PIE programs are linked).
 const PIE_BASE: u64 = 0x40_0000;

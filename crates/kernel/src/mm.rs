@@ -13,7 +13,7 @@ use forkvm_image::NodeId;
 use serde::{Deserialize, Serialize};
 use syscalls::Errno;
 
-use crate::memory::{HUGE_PAGE_SIZE, PAGE_SIZE, page_align_up};
+use forkvm_memory::ram::{HUGE_PAGE_SIZE, PAGE_SIZE, page_align_up};
 
 /// What backs a mapping (for accounting and diagnostics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

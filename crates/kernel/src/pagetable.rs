@@ -18,8 +18,8 @@
 //! caller toggles their host protection (`GuestRam::invalidate`), or has already replaced
 //! their host pages.
 
-use crate::memory::{GuestRam, HUGE_PAGE_SIZE, OutOfBounds, PAGE_SIZE};
 use crate::mm::AddressSpace;
+use forkvm_memory::ram::{GuestRam, HUGE_PAGE_SIZE, OutOfBounds, PAGE_SIZE};
 
 /// Page-map level 4 table.
 pub const PML4: u64 = 0x1_0000;

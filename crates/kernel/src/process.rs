@@ -14,7 +14,6 @@ use crate::control::{CONTROL_FD, ControlChannel};
 use crate::fdtable::FdTable;
 use crate::file::{FileObject, OpenFile, Stream};
 use crate::loader::{STACK_SIZE, SpawnError};
-use crate::memory::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 use crate::mm::{AddressSpace, Layout, Range};
 use crate::net::Sockets;
 use crate::notify::Notifiers;
@@ -25,6 +24,7 @@ use crate::stats::SyscallStats;
 use crate::threads::{Threads, Tid};
 use crate::timers::Timers;
 use crate::vdso::VdsoPlacement;
+use forkvm_memory::ram::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 
 /// Fixed identity the sandbox reports (it is alone in its own "system").
 pub mod identity {
@@ -293,7 +293,7 @@ impl Process {
     /// cost the refault their reuse exists to avoid. They stay reachable to the program,
     /// owned by the sandbox and counted in no limit, until mapped again: then they are
     /// zeroed (`GuestRam::reuse`) and toggled if the new mapping allows less.
-    pub(crate) fn sync_page_tables(&mut self) -> Result<(), crate::memory::MemoryError> {
+    pub(crate) fn sync_page_tables(&mut self) -> Result<(), forkvm_memory::ram::MemoryError> {
         let mut ranges = self.mm.take_changes();
         if ranges.is_empty() {
             return Ok(());
@@ -314,7 +314,7 @@ impl Process {
             let changes = self
                 .tables
                 .sync(&self.ram, &self.mm, start, end)
-                .map_err(|_| crate::memory::MemoryError::BadRange {
+                .map_err(|_| forkvm_memory::ram::MemoryError::BadRange {
                     addr: start,
                     len: end - start,
                 })?;

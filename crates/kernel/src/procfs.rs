@@ -9,11 +9,11 @@
 
 use std::fmt::Write;
 
-use crate::backing::Residency;
 use crate::fileinfo::FS_DEV;
-use crate::memory::PAGE_SIZE;
 use crate::mm::{Vma, VmaKind};
 use crate::process::{Process, identity};
+use forkvm_memory::backing::Residency;
+use forkvm_memory::ram::PAGE_SIZE;
 
 /// A generated file under `/proc/self/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

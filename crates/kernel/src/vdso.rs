@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use syscalls::Errno;
 use vm_memory::ByteValued;
 
-use crate::memory::{PAGE_SIZE, page_align_up};
 use crate::mm::{Vma, VmaKind};
 use crate::process::Process;
+use forkvm_memory::ram::{PAGE_SIZE, page_align_up};
 
 /// The vDSO shared object (linked at 0, no relocations).
 pub const IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vdso.so"));

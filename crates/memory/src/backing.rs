@@ -17,7 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
-use crate::memory::{GuestRam, HUGE_PAGE_SIZE, MemoryError, PAGE_SIZE};
+use crate::ram::{GuestRam, HUGE_PAGE_SIZE, MemoryError, PAGE_SIZE};
 
 /// `/proc/self/pagemap` flag: the page is present in RAM.
 const PM_PRESENT: u64 = 1 << 63;

@@ -16,7 +16,7 @@
 
 use rangemap::RangeSet;
 
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::ram::{GuestRam, MemoryError, PAGE_SIZE};
 
 /// Unmapped memory a sandbox may keep zeroed in place.
 pub const RETAIN_LIMIT: u64 = 128 << 20;

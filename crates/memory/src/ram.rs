@@ -160,7 +160,7 @@ impl GuestRam {
     }
 
     /// The ranges whose host pages were replaced since the last call.
-    pub(crate) fn take_replaced(&self) -> RangeSet<u64> {
+    pub fn take_replaced(&self) -> RangeSet<u64> {
         std::mem::take(&mut *self.replaced.lock().expect("replaced lock"))
     }
 

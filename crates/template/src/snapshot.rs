@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use forkvm_image::Image;
 use forkvm_kernel::ProcessState;
-use forkvm_kernel::backing::Backing;
-use forkvm_kernel::memory::{GuestRam, PAGE_SIZE};
+use forkvm_memory::backing::Backing;
+use forkvm_memory::ram::{GuestRam, PAGE_SIZE};
 use forkvm_vmm::{ForkSource, Sandbox, VcpuState, Vmm};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -12,7 +12,7 @@
 //! too; the VMM tells a genuine stub exit from a forged one by the code segment (ring 0) and
 //! the exact stub address, and ends a sandbox that forges one.
 
-use forkvm_kernel::memory::{GuestRam, OutOfBounds};
+use forkvm_memory::ram::{GuestRam, OutOfBounds};
 
 use crate::layout::{
     EXCEPTION_PORT_BASE, EXCEPTION_STUB_STRIDE, EXCEPTION_STUBS, EXCEPTION_VECTORS, GDT, IDT,

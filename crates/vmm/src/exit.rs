@@ -2,7 +2,7 @@
 
 use forkvm_kernel::OutputLimitReached;
 use forkvm_kernel::UserContext;
-use forkvm_kernel::memory::GuestRam;
+use forkvm_memory::ram::GuestRam;
 use kvm_bindings::kvm_sync_regs;
 
 use crate::descriptors;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkvm_image::Image;
-use forkvm_kernel::backing::Backing;
-use forkvm_kernel::memory::GuestRam;
 use forkvm_kernel::{Console, Input, Process, ProcessState};
+use forkvm_memory::backing::Backing;
+use forkvm_memory::ram::GuestRam;
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::sandbox::{SandboxError, create_vm};
@@ -107,8 +107,7 @@ impl Vmm {
         let (vm, vcpu, process) = sandbox.into_parts();
         let ram = process.into_ram();
         let private = ram.private_pages()?;
-        if (private.len() as u64).saturating_mul(forkvm_kernel::memory::PAGE_SIZE)
-            > max_private_bytes
+        if (private.len() as u64).saturating_mul(forkvm_memory::ram::PAGE_SIZE) > max_private_bytes
         {
             return Ok(None);
         }

@@ -12,8 +12,8 @@ use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use forkvm_kernel::backing::{Backing, Layer, merge_ranges};
-use forkvm_kernel::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use forkvm_memory::backing::{Backing, Layer, merge_ranges};
+use forkvm_memory::ram::{GuestRam, MemoryError, PAGE_SIZE};
 
 use crate::fork::ForkSource;
 use crate::{Sandbox, SandboxError, Vmm, VmmError};

@@ -17,7 +17,7 @@ pub mod tsc;
 pub mod vcpu;
 pub mod watchdog;
 
-use forkvm_kernel::memory::{GuestRam, MemoryError};
+use forkvm_memory::ram::{GuestRam, MemoryError};
 use kvm_ioctls::Kvm;
 use thiserror::Error;
 
@@ -39,7 +39,7 @@ pub enum VmmError {
     #[error("allocating guest RAM: {0}")]
     Ram(#[from] MemoryError),
     #[error("writing page tables and descriptors: {0}")]
-    SystemArea(#[from] forkvm_kernel::memory::OutOfBounds),
+    SystemArea(#[from] forkvm_memory::ram::OutOfBounds),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error("restoring the process state: {0}")]

@@ -14,8 +14,8 @@
 //! damage its own VM's exception frames, which the VMM validates (and a frame the
 //! program forges is reported as the program's fault: see `exit::is_real_exception`).
 
-use forkvm_kernel::memory::{GuestRam, OutOfBounds};
 use forkvm_kernel::pagetable::{LOW_PAGE_TABLE, PAGE_DIRECTORIES, PML4};
+use forkvm_memory::ram::{GuestRam, OutOfBounds};
 
 use crate::layout::{GDT, NULL_GUARD_END, RING0_STACK_BOTTOM, RING0_STACK_TOP, SYSCALL_STUB};
 

@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use forkvm_kernel::memory::GuestRam;
 use forkvm_kernel::vdso::GuestTsc;
 use forkvm_kernel::{
     Entry, ExitReason, Fpu, FpuError, FpuState, Outcome, Process, UserContext, UserRegs,
 };
+use forkvm_memory::ram::GuestRam;
 use kvm_bindings::{
     kvm_regs, kvm_segment, kvm_sregs, kvm_sync_regs, kvm_userspace_memory_region, kvm_xsave,
 };

@@ -11,9 +11,9 @@ use syscalls::Errno;
 
 use super::SysResult;
 use crate::file::FileObject;
-use crate::memory::{PAGE_SIZE, page_align_up};
 use crate::mm::{FileView, Vma, VmaKind};
 use crate::process::Process;
+use forkvm_memory::ram::{PAGE_SIZE, page_align_up};
 
 /// Anonymous mappings (and `mremap` growths) at least this large get huge-page backing;
 /// smaller ones are populated instead (see `prepare_fresh_anonymous`), so a program with

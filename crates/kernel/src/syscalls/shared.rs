@@ -13,8 +13,8 @@ use syscalls::Errno;
 
 use super::SysResult;
 use crate::errno::from_fs;
-use crate::memory::{PAGE_SIZE, page_align_up};
 use crate::process::Process;
+use forkvm_memory::ram::{PAGE_SIZE, page_align_up};
 
 /// Bytes copied per step between guest memory and the file.
 const CHUNK: u64 = 1 << 20;

@@ -10,10 +10,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use forkvm_image::{Fs, Image, build_image};
-use forkvm_kernel::memory::GuestRam;
 use forkvm_kernel::{
     Console, DetachedFpu, Input, Limits, Outcome, Process, SpawnConfig, UserContext,
 };
+use forkvm_memory::ram::GuestRam;
 
 /// Guest RAM of every test process.
 pub const RAM_SIZE: u64 = 64 << 20;
