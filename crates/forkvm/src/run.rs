@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use forkvm_image::{Fs, Image};
-use forkvm_kernel::{Console, Input, Limits, Process, SpawnConfig};
-use forkvm_vmm::{Sandbox, SandboxExit, Vmm};
+use forkvm_kernel::{Console, Input};
+use forkvm_vmm::{Program, Sandbox, SandboxExit, Vmm};
 
 /// Environment every sandboxed program starts with (plus `--env` additions).
 pub const DEFAULT_ENV: &[&str] = &[
@@ -56,8 +56,6 @@ pub struct Launch<'a> {
 
 /// Loads the program into fresh guest RAM and creates its VM, ready to run.
 pub fn launch(vmm: &Vmm, image: &Arc<Image>, launch: Launch<'_>) -> Result<Sandbox> {
-    let ram_bytes = launch.memory_mib << 20;
-    let ram = vmm.new_ram(ram_bytes)?;
     let mut env: Vec<Vec<u8>> = DEFAULT_ENV.iter().map(|e| e.as_bytes().to_vec()).collect();
     for extra in launch.env {
         let key = extra.split('=').next().unwrap_or_default();
@@ -66,20 +64,16 @@ pub fn launch(vmm: &Vmm, image: &Arc<Image>, launch: Launch<'_>) -> Result<Sandb
     }
     let mut argv = vec![launch.program.as_bytes().to_vec()];
     argv.extend(launch.args.iter().map(|a| a.as_bytes().to_vec()));
-    let config = SpawnConfig {
-        program: launch.program.as_bytes().to_vec(),
+    Ok(vmm.spawn(Program {
+        path: launch.program.as_bytes().to_vec(),
         argv,
         envp: env,
         cwd: launch.cwd.as_bytes().to_vec(),
-        limits: Limits {
-            memory_bytes: ram_bytes,
-            ..Limits::default()
-        },
-        user_start: forkvm_vmm::layout::USER_START,
-    };
-    let fs = Fs::with_limit(image.clone(), launch.overlay_limit);
-    let (process, entry) = Process::spawn(ram, fs, launch.console, config)?;
-    Ok(vmm.sandbox(process, entry)?)
+        ram_bytes: launch.memory_mib << 20,
+        fs: Fs::with_limit(image.clone(), launch.overlay_limit),
+        console: launch.console,
+        control_channel: false,
+    })?)
 }
 
 /// Runs the program and returns the exit status forkvm should exit with.

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use forkvm_image::Fs;
-use forkvm_kernel::{CaptureBuffer, Console, Input, Limits, Process, SpawnConfig};
-use forkvm_vmm::{RunResult, Vmm};
+use forkvm_kernel::{CaptureBuffer, Console, Input};
+use forkvm_vmm::{Program, RunResult, Vmm};
 
 use crate::rootfs::{RootfsSpec, default_cache_dir, ensure_rootfs};
 use crate::snapshot::{self, SnapshotMeta};
@@ -110,18 +110,6 @@ pub fn build(
     let argv = spec.argv();
     let mut env: Vec<Vec<u8>> = TEMPLATE_ENV.iter().map(|e| e.as_bytes().to_vec()).collect();
     env.extend(spec.env.iter().map(|e| e.as_bytes().to_vec()));
-    let ram_bytes = spec.memory_mib << 20;
-    let config = SpawnConfig {
-        program: argv[0].as_bytes().to_vec(),
-        argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        envp: env,
-        cwd: b"/root".to_vec(),
-        limits: Limits {
-            memory_bytes: ram_bytes,
-            ..Limits::default()
-        },
-        user_start: forkvm_vmm::layout::USER_START,
-    };
     let output = CaptureBuffer::default();
     let console = Console::new(
         Input::Empty,
@@ -129,10 +117,16 @@ pub fn build(
         Box::new(output.clone()),
         64 << 20,
     );
-    let ram = vmm.new_ram(ram_bytes)?;
-    let (mut process, entry) = Process::spawn(ram, fs, console, config)?;
-    process.open_control_channel()?;
-    let mut sandbox = vmm.sandbox(process, entry)?;
+    let mut sandbox = vmm.spawn(Program {
+        path: argv[0].as_bytes().to_vec(),
+        argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        envp: env,
+        cwd: b"/root".to_vec(),
+        ram_bytes: spec.memory_mib << 20,
+        fs,
+        console,
+        control_channel: true,
+    })?;
 
     progress(&format!("starting {} …", argv.join(" ")));
     let started = Instant::now();

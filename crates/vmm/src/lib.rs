@@ -44,8 +44,26 @@ pub enum VmmError {
     Sandbox(#[from] SandboxError),
     #[error("restoring the process state: {0}")]
     Process(forkvm_kernel::SpawnError),
+    #[error("starting the program: {0}")]
+    Spawn(forkvm_kernel::SpawnError),
     #[error("the warm-up request did not come back to the agent: {0}")]
     Warmup(String),
+}
+
+/// A program to start in a new sandbox (`Vmm::spawn`).
+pub struct Program {
+    /// Path of the program inside the sandbox filesystem.
+    pub path: Vec<u8>,
+    pub argv: Vec<Vec<u8>>,
+    pub envp: Vec<Vec<u8>>,
+    /// Absolute working directory.
+    pub cwd: Vec<u8>,
+    /// Guest RAM, which is also the program's memory limit.
+    pub ram_bytes: u64,
+    pub fs: forkvm_image::Fs,
+    pub console: forkvm_kernel::Console,
+    /// Opens the control channel on descriptor 3 (a template's agent).
+    pub control_channel: bool,
 }
 
 /// Smallest guest RAM we accept (the stack alone takes 8 MiB, python3 tens more).
@@ -86,6 +104,31 @@ impl Vmm {
         paging::build_system_area(&ram)?;
         descriptors::install(&ram)?;
         Ok(ram)
+    }
+
+    /// The one way to start a program in a new sandbox: fresh guest RAM with its system
+    /// area, the program loaded with its interpreter and initial stack, and its VM and
+    /// vCPU, ready to run.
+    pub fn spawn(&self, program: Program) -> Result<Sandbox, VmmError> {
+        let ram = self.new_ram(program.ram_bytes)?;
+        let config = forkvm_kernel::SpawnConfig {
+            program: program.path,
+            argv: program.argv,
+            envp: program.envp,
+            cwd: program.cwd,
+            limits: forkvm_kernel::Limits {
+                memory_bytes: program.ram_bytes,
+                ..forkvm_kernel::Limits::default()
+            },
+            user_start: layout::USER_START,
+        };
+        let (mut process, entry) =
+            forkvm_kernel::Process::spawn(ram, program.fs, program.console, config)
+                .map_err(VmmError::Spawn)?;
+        if program.control_channel {
+            process.open_control_channel().map_err(VmmError::Spawn)?;
+        }
+        self.sandbox(process, entry)
     }
 
     /// Creates the VM and vCPU for a loaded process.

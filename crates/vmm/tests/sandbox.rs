@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkvm_image::{Fs, Image};
-use forkvm_kernel::{CaptureBuffer, Console, Input, Limits, Process, SpawnConfig};
+use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_vmm::{SandboxExit, Vmm};
 
 struct Fixture {
@@ -46,21 +46,19 @@ fn run(f: &Fixture, args: &[&str], memory: u64, timeout: Option<Duration>) -> Ru
     );
     let mut argv = vec![b"/probe".to_vec()];
     argv.extend(args.iter().map(|a| a.as_bytes().to_vec()));
-    let config = SpawnConfig {
-        program: b"/probe".to_vec(),
-        argv,
-        envp: vec![b"PATH=/".to_vec()],
-        cwd: b"/".to_vec(),
-        limits: Limits {
-            memory_bytes: memory,
-            ..Limits::default()
-        },
-        user_start: forkvm_vmm::layout::USER_START,
-    };
-    let ram = f.vmm.new_ram(memory).unwrap();
-    let fs = Fs::with_limit(f.image.clone(), 1 << 20);
-    let (process, entry) = Process::spawn(ram, fs, console, config).unwrap();
-    let mut sandbox = f.vmm.sandbox(process, entry).unwrap();
+    let mut sandbox = f
+        .vmm
+        .spawn(forkvm_vmm::Program {
+            path: b"/probe".to_vec(),
+            argv,
+            envp: vec![b"PATH=/".to_vec()],
+            cwd: b"/".to_vec(),
+            ram_bytes: memory,
+            fs: Fs::with_limit(f.image.clone(), 1 << 20),
+            console,
+            control_channel: false,
+        })
+        .unwrap();
     let start = Instant::now();
     let exit = sandbox.run(timeout.map(|t| Instant::now() + t));
     Run {
