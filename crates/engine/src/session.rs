@@ -18,6 +18,9 @@ pub struct Session {
     streams: Streams,
     /// False once the sandbox ended (the code exited or crashed): it cannot run again.
     alive: bool,
+    /// This session's share of the memory layer it was forked from (held for it on the
+    /// host, shared with its sibling branches).
+    layer_share: u64,
 }
 
 impl Session {
@@ -47,6 +50,12 @@ impl Session {
             })
     }
 
+    /// Host memory the session holds: its own pages and files (`Process::host_bytes`) and
+    /// its share of the layer it was forked from.
+    pub fn host_bytes(&self) -> u64 {
+        self.sandbox.process().host_bytes() + self.layer_share
+    }
+
     /// Takes the sandbox (to tear it down off the request path).
     pub fn into_sandbox(self) -> Sandbox {
         self.sandbox
@@ -65,6 +74,7 @@ impl Engine {
             source: loaded.pool.source().clone(),
             streams,
             alive: true,
+            layer_share: 0,
         })
     }
 
@@ -104,6 +114,12 @@ impl Engine {
         }
         let vmm = self.vmm();
         let source = Arc::new(vmm.snapshot_fork(&session.sandbox, &session.source)?);
+        let layer_bytes: u64 = source
+            .backing
+            .layers
+            .last()
+            .map_or(0, |layer| layer.ranges.iter().map(|(s, e)| e - s).sum());
+        let layer_share = layer_bytes / count.max(1) as u64;
         let mut branches = Vec::with_capacity(count);
         for _ in 0..count {
             let streams = Streams::new();
@@ -115,6 +131,7 @@ impl Engine {
                 source: source.clone(),
                 streams,
                 alive: true,
+                layer_share,
             });
         }
         Ok(branches)

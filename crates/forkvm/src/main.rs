@@ -94,6 +94,10 @@ enum Command {
         /// CPU time each worker may use, in cores (its cgroup's limit; default: unlimited).
         #[arg(long)]
         worker_cpus: Option<f64>,
+        /// Host memory one key's sessions may hold, in MiB; past it they may not grow
+        /// (0: no limit).
+        #[arg(long, default_value_t = 4096)]
+        key_memory_mb: u64,
         /// Executions running at once (default: twice the cores).
         #[arg(long)]
         exec_slots: Option<usize>,
@@ -370,6 +374,7 @@ fn execute(cli: Cli) -> Result<i32> {
             workers,
             worker_memory_mb,
             worker_cpus,
+            key_memory_mb,
             exec_slots,
             rate,
             burst,
@@ -388,6 +393,7 @@ fn execute(cli: Cli) -> Result<i32> {
             workers,
             worker_memory_mb,
             worker_cpus,
+            key_memory_mb,
             exec_slots,
             fairness: forkvm_server::fairness::FairnessConfig {
                 rate_per_sec: rate,

@@ -25,6 +25,7 @@ pub struct ServeOptions {
     pub workers: Option<usize>,
     pub worker_memory_mb: Option<u64>,
     pub worker_cpus: Option<f64>,
+    pub key_memory_mb: u64,
     pub exec_slots: Option<usize>,
     pub fairness: FairnessConfig,
     pub max_body_mb: usize,
@@ -95,6 +96,7 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
         fairness: options.fairness,
         max_body_bytes: options.max_body_mb << 20,
         default_ttl: options.default_ttl,
+        key_memory_bytes: (options.key_memory_mb > 0).then_some(options.key_memory_mb << 20),
         ..ServerConfig::default()
     };
     if let Some(slots) = options.exec_slots {

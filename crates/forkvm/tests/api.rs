@@ -560,3 +560,87 @@ fn shutdown_finishes_in_flight_executions() {
     assert_eq!(body["stdout"], "finished\n");
     assert!(status.success(), "{status:?}");
 }
+
+fn session_info(server: &Server, key: &str, id: &str) -> Value {
+    client()
+        .get(server.url(&format!("/v1/sandboxes/{id}")))
+        .bearer_auth(key)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+#[test]
+fn host_memory_of_sessions_counts_against_the_keys_limit() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let server = Server::start(&["--key-memory-mb", "96"]);
+    let key = &server.alice;
+    let id = create_session(&server, key, json!({}));
+    let fresh = session_info(&server, key, &id)["memory_bytes"]
+        .as_u64()
+        .unwrap();
+    // 64 MiB the program writes are 64 MiB more of the host's memory.
+    exec_ok(
+        &server,
+        key,
+        &format!("/v1/sandboxes/{id}/exec"),
+        "data = b'\\x01' * (64 << 20)",
+    );
+    let grown = session_info(&server, key, &id)["memory_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(grown >= fresh + (64 << 20), "{fresh} -> {grown}");
+    assert!(grown < fresh + (80 << 20), "{fresh} -> {grown}");
+
+    // A branch holds its share of the layer its parent's pages were written to.
+    let (status, forked) = json_of(post(
+        &server,
+        key,
+        &format!("/v1/sandboxes/{id}/fork"),
+        json!({ "count": 1 }),
+    ));
+    assert_eq!(status, StatusCode::OK, "{forked}");
+    let branch = forked["ids"][0].as_str().unwrap().to_string();
+    let held = session_info(&server, key, &branch)["memory_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(held >= 64 << 20, "{held}");
+
+    // Past the key's limit its sessions may not grow; bob's may; deleting makes room.
+    let (status, body) = json_of(post(
+        &server,
+        key,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({ "code": "print(len(data))" }),
+    ));
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["kind"], "quota_exceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MiB of host memory"),
+        "{body}"
+    );
+    let (status, _) = json_of(post(&server, key, "/v1/sandboxes", json!({})));
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    create_session(&server, &server.bob, json!({}));
+    for gone in [&branch, &id] {
+        let response = client()
+            .delete(server.url(&format!("/v1/sandboxes/{gone}")))
+            .bearer_auth(key)
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    let id = create_session(&server, key, json!({}));
+    exec_ok(
+        &server,
+        key,
+        &format!("/v1/sandboxes/{id}/exec"),
+        "print(1)",
+    );
+}

@@ -27,6 +27,21 @@ pub enum PlaceError {
 }
 
 impl Process {
+    /// Host memory this sandbox holds of its own: private copies of guest pages (in its
+    /// mappings, the system area and its page tables), unmapped pages kept for reuse, and
+    /// the data of the files it wrote. Pages it shares with its template or layers (read,
+    /// never written) are not counted; neither are the bounded buffers of its pipes and
+    /// sockets.
+    pub fn host_bytes(&self) -> u64 {
+        let private_pages: u64 = self
+            .populated_ranges()
+            .into_iter()
+            .filter_map(|(start, end)| self.ram.residency(start, end).ok())
+            .map(|r| r.private_pages)
+            .sum();
+        private_pages * forkvm_memory::PAGE_SIZE + self.ram.retained_bytes() + self.fs.used_bytes()
+    }
+
     /// Lets the program map at most `extra` more bytes than it has mapped now (its heap,
     /// arrays, buffers), within guest RAM.
     pub fn limit_additional_memory(&mut self, extra: u64) {

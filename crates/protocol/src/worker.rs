@@ -116,18 +116,24 @@ pub enum Call {
 /// What a finished call produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Answer {
-    /// An execution's result; for a session's, whether the session can run again.
+    /// An execution's result; for a session's, whether the session can run again and the
+    /// host memory it holds afterwards (`Session::host_bytes`).
     Executed {
         result: Box<ExecResult>,
         session_alive: bool,
+        host_bytes: u64,
     },
-    Session(SessionHandle),
-    Sessions(Vec<SessionHandle>),
+    Session {
+        handle: SessionHandle,
+        host_bytes: u64,
+    },
+    /// New branches, with the host memory each holds.
+    Sessions(Vec<(SessionHandle, u64)>),
     Done,
     File(#[serde(with = "serde_bytes")] Vec<u8>),
     SessionState {
         alive: bool,
-        private_bytes: u64,
+        host_bytes: u64,
     },
     Stats(PoolCounters),
 }

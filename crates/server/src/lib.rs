@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub exec_slots: usize,
     /// The largest limits a request may ask for (the workers enforce the same).
     pub maxima: ExecLimits,
+    /// Host memory one key's sessions may hold before its sessions may not grow (new
+    /// sessions, forks, requests and uploads answer 429); `None`: no limit.
+    pub key_memory_bytes: Option<u64>,
     /// Executions one batch may hold.
     pub max_batch: usize,
     /// Wall-clock limit of an execution that does not ask for one.
@@ -84,6 +87,7 @@ impl Default for ServerConfig {
             max_file_bytes: 64 << 20,
             exec_slots: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
             maxima: ExecLimits::maxima(),
+            key_memory_bytes: Some(4 << 30),
             max_batch: 64,
             default_timeout: Duration::from_secs(30),
             default_ttl: Duration::from_secs(300),

@@ -2,6 +2,7 @@
 //! A session belongs to the key that created it: for any other key it does not exist (404).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +23,8 @@ pub struct SessionEntry {
     /// The sandbox; `None` while a request has it out on a blocking thread, or once the
     /// session is deleted.
     pub session: tokio::sync::Mutex<Option<Session>>,
+    /// Host memory the session held after its last request (see `RemoteSession`).
+    host_bytes: AtomicU64,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -37,7 +40,9 @@ impl SessionEntry {
         session: Session,
     ) -> SessionEntry {
         let now = SystemTime::now();
+        let host_bytes = AtomicU64::new(session.host_bytes());
         SessionEntry {
+            host_bytes,
             id: Uuid::now_v7(),
             owner: owner.to_string(),
             template: template.to_string(),
@@ -49,9 +54,14 @@ impl SessionEntry {
         }
     }
 
-    /// Marks the session as used now (restarting its TTL).
-    pub fn touch(&self) {
+    /// Marks the session as used now (restarting its TTL), holding `host_bytes`.
+    pub fn touch(&self, host_bytes: u64) {
         *self.last_used.lock().expect("session lock") = (Instant::now(), SystemTime::now());
+        self.host_bytes.store(host_bytes, Ordering::Relaxed);
+    }
+
+    pub fn host_bytes(&self) -> u64 {
+        self.host_bytes.load(Ordering::Relaxed)
     }
 
     fn idle_for(&self) -> Duration {
@@ -74,6 +84,7 @@ impl SessionEntry {
             ttl_seconds: self.ttl.as_secs(),
             metadata: self.metadata.clone(),
             alive,
+            memory_bytes: self.host_bytes(),
         }
     }
 }
@@ -123,6 +134,17 @@ impl SessionStore {
             .collect();
         list.sort_by_key(|e| e.id);
         list
+    }
+
+    /// Host memory `owner`'s sessions hold.
+    pub fn host_bytes_of(&self, owner: &str) -> u64 {
+        self.entries
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .filter(|e| e.owner == owner)
+            .map(|e| e.host_bytes())
+            .sum()
     }
 
     pub fn len(&self) -> usize {

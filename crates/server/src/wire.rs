@@ -304,6 +304,10 @@ pub struct SessionInfo {
     pub metadata: BTreeMap<String, String>,
     /// False once the code in it exited or crashed.
     pub alive: bool,
+    /// Host memory the session holds, as of its last request: its private pages, its
+    /// files, and its share of the layer it was forked from. Counts against the key's
+    /// `--key-memory-mb`.
+    pub memory_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -231,6 +231,7 @@ impl Worker {
                 .map(|result| Answer::Executed {
                     result: Box::new(result),
                     session_alive: false,
+                    host_bytes: 0,
                 })
                 .map_err(engine_failure),
             Call::CreateSession => {
@@ -238,7 +239,11 @@ impl Worker {
                     .engine
                     .create_session(&self.template)
                     .map_err(engine_failure)?;
-                Ok(Answer::Session(self.keep(session)))
+                let host_bytes = session.host_bytes();
+                Ok(Answer::Session {
+                    handle: self.keep(session),
+                    host_bytes,
+                })
             }
             Call::SessionExec {
                 session,
@@ -254,6 +259,7 @@ impl Worker {
                 Ok(Answer::Executed {
                     result: Box::new(result),
                     session_alive: session.alive(),
+                    host_bytes: session.host_bytes(),
                 })
             }
             Call::ForkSession { session, count } => {
@@ -263,7 +269,13 @@ impl Worker {
                     .fork_session(&session.lock().expect("session lock"), count)
                     .map_err(engine_failure)?;
                 Ok(Answer::Sessions(
-                    branches.into_iter().map(|b| self.keep(b)).collect(),
+                    branches
+                        .into_iter()
+                        .map(|b| {
+                            let bytes = b.host_bytes();
+                            (self.keep(b), bytes)
+                        })
+                        .collect(),
                 ))
             }
             Call::PutFile {
@@ -295,7 +307,7 @@ impl Worker {
                 let session = session.lock().expect("session lock");
                 Ok(Answer::SessionState {
                     alive: session.alive(),
-                    private_bytes: session.private_bytes(),
+                    host_bytes: session.host_bytes(),
                 })
             }
             Call::DropSession { session } => {

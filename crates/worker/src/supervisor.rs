@@ -266,7 +266,9 @@ impl Workers {
     pub fn create_session(&self) -> Result<RemoteSession, WorkerError> {
         let connection = self.pick(self.next_session.fetch_add(1, Ordering::Relaxed))?;
         match connection.call(Call::CreateSession, None, CALL_PATIENCE)? {
-            Answer::Session(handle) => Ok(RemoteSession::new(connection, handle)),
+            Answer::Session { handle, host_bytes } => {
+                Ok(RemoteSession::new(connection, handle, host_bytes))
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -281,7 +283,7 @@ impl Drop for Workers {
 fn unexpected(answer: &Answer) -> WorkerError {
     let kind = match answer {
         Answer::Executed { .. } => "an execution",
-        Answer::Session(_) => "a session",
+        Answer::Session { .. } => "a session",
         Answer::Sessions(_) => "sessions",
         Answer::Done => "done",
         Answer::File(_) => "a file",
@@ -358,15 +360,23 @@ pub struct RemoteSession {
     connection: Arc<Connection>,
     handle: SessionHandle,
     alive: bool,
+    /// Host memory it held when last measured, plus files put since.
+    host_bytes: u64,
 }
 
 impl RemoteSession {
-    fn new(connection: Arc<Connection>, handle: SessionHandle) -> RemoteSession {
+    fn new(connection: Arc<Connection>, handle: SessionHandle, host_bytes: u64) -> RemoteSession {
         RemoteSession {
             connection,
             handle,
             alive: true,
+            host_bytes,
         }
+    }
+
+    /// Host memory the session holds (as of its last call).
+    pub fn host_bytes(&self) -> u64 {
+        self.host_bytes
     }
 
     /// Whether the session can still run code (its code has not ended, its worker lives).
@@ -404,8 +414,10 @@ impl RemoteSession {
             Ok(Answer::Executed {
                 result,
                 session_alive,
+                host_bytes,
             }) => {
                 self.alive = session_alive;
+                self.host_bytes = host_bytes;
                 Ok(*result)
             }
             Ok(other) => Err(unexpected(&other)),
@@ -427,13 +439,14 @@ impl RemoteSession {
         match self.call(call, CALL_PATIENCE)? {
             Answer::Sessions(handles) => Ok(handles
                 .into_iter()
-                .map(|h| RemoteSession::new(self.connection.clone(), h))
+                .map(|(h, bytes)| RemoteSession::new(self.connection.clone(), h, bytes))
                 .collect()),
             other => Err(unexpected(&other)),
         }
     }
 
     pub fn put_file(&mut self, path: &str, data: Vec<u8>, mode: u32) -> Result<(), WorkerError> {
+        self.host_bytes += data.len() as u64;
         let call = Call::PutFile {
             session: self.handle,
             path: path.to_string(),

@@ -30,6 +30,21 @@ fn session_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found(format!("no sandbox {raw:?}")))
 }
 
+/// Refuses to let `caller`'s sessions grow while they hold more host memory than the
+/// key may.
+fn check_memory(state: &AppState, caller: &str) -> Result<(), ApiError> {
+    let held = state.sessions.host_bytes_of(caller);
+    match state.config.key_memory_bytes {
+        Some(limit) if held >= limit => Err(ApiError::quota(format!(
+            "this key's sessions hold {} MiB of host memory, its limit is {} MiB: delete \
+             sessions to make room",
+            held >> 20,
+            limit >> 20
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn find(state: &AppState, id: &str, caller: &str) -> Result<Arc<SessionEntry>, ApiError> {
     let uuid = session_id(id)?;
     state
@@ -54,8 +69,8 @@ async fn with_session<T: Send + 'static>(
     .await;
     match joined {
         Ok((session, value)) => {
+            entry.touch(session.host_bytes());
             *guard = Some(session);
-            entry.touch();
             Ok(value)
         }
         Err(e) => Err(ApiError::internal(format!("sandbox thread failed: {e}"))),
@@ -113,6 +128,7 @@ pub async fn create(
         }
         Some(s) => Duration::from_secs(s),
     };
+    check_memory(&state, &caller)?;
     let permit = state.fairness.reserve(&caller, 1)?;
     let workers = state.workers.clone();
     let session = tokio::task::spawn_blocking(move || workers.create_session())
@@ -209,6 +225,7 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let entry = find(&state, &id, &caller)?;
+    check_memory(&state, &caller)?;
     let request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
     let run = {
         let state = state.clone();
@@ -251,6 +268,7 @@ pub async fn fork(
         ));
     }
     let entry = find(&state, &id, &caller)?;
+    check_memory(&state, &caller)?;
     let permit = state.fairness.reserve(&caller, count)?;
     let branches = with_session(&entry, move |session| session.fork(count))
         .await?
@@ -296,6 +314,7 @@ pub async fn put_file(
         }
     })?;
     let entry = find(&state, &id, &caller)?;
+    check_memory(&state, &caller)?;
     let absolute = format!("/{}", path.trim_start_matches('/'));
     if absolute.split('/').any(|c| c == "..") {
         return Err(ApiError::invalid("path", "must not contain `..`"));
