@@ -33,13 +33,29 @@ impl Process {
     /// never written) are not counted; neither are the bounded buffers of its pipes and
     /// sockets.
     pub fn host_bytes(&self) -> u64 {
+        self.private_ram_bytes() + self.ram.retained_bytes() + self.fs.used_bytes()
+    }
+
+    /// The private guest pages of `host_bytes` (walks the host's page map of everything
+    /// mapped: the costly part).
+    pub fn private_ram_bytes(&self) -> u64 {
         let private_pages: u64 = self
             .populated_ranges()
             .into_iter()
             .filter_map(|(start, end)| self.ram.residency(start, end).ok())
             .map(|r| r.private_pages)
             .sum();
-        private_pages * forkvm_memory::PAGE_SIZE + self.ram.retained_bytes() + self.fs.used_bytes()
+        private_pages * forkvm_memory::PAGE_SIZE
+    }
+
+    /// The rest of `host_bytes`: unmapped pages kept for reuse, and file data (cheap).
+    pub fn kept_and_file_bytes(&self) -> u64 {
+        self.ram.retained_bytes() + self.fs.used_bytes()
+    }
+
+    /// Bytes the program has mapped (what the memory limit counts).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mm.charged_bytes()
     }
 
     /// Lets the program map at most `extra` more bytes than it has mapped now (its heap,

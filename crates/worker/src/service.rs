@@ -3,11 +3,12 @@
 //! until the server closes it. Each call runs on a thread of its own; a session's calls are
 //! serialized by the session's lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use forkvm_engine::{Engine, EngineError, Session, Streams, Tap};
 use forkvm_kernel::file::Stream;
@@ -66,6 +67,7 @@ pub fn run(socket: UnixStream) -> i32 {
         next_session: AtomicU64::new(1),
         writer,
     });
+    let calls = CallThreads::new();
     loop {
         let frame: CallFrame = match read_frame(&mut reader) {
             Ok(frame) => frame,
@@ -89,17 +91,79 @@ pub fn run(socket: UnixStream) -> i32 {
             }
             call => {
                 let worker = worker.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("forkvm-call".into())
-                    .spawn(move || {
-                        let outcome = worker.handle(frame.id, call);
-                        worker.answer(frame.id, outcome);
-                    });
-                if let Err(e) = spawned {
-                    tracing::error!(error = %e, "cannot start a call thread");
-                }
+                calls.run(Box::new(move || {
+                    let outcome = worker.handle(frame.id, call);
+                    worker.answer(frame.id, outcome);
+                }));
             }
         }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads calls run on: an idle one takes the next call, and a new one starts
+/// whenever more calls wait than threads are idle (a call may run for minutes, so no call
+/// ever waits for another to end). Reusing threads saves starting one per call; a thread
+/// idle for a minute ends.
+struct CallThreads {
+    state: Arc<(Mutex<Queue>, Condvar)>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    idle: usize,
+}
+
+const IDLE_THREAD_LIFETIME: Duration = Duration::from_secs(60);
+
+impl CallThreads {
+    fn new() -> CallThreads {
+        CallThreads {
+            state: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
+        }
+    }
+
+    fn run(&self, job: Job) {
+        let (queue, wake) = &*self.state;
+        let mut queue = queue.lock().expect("call queue lock");
+        queue.jobs.push_back(job);
+        if queue.jobs.len() <= queue.idle {
+            wake.notify_one();
+            return;
+        }
+        drop(queue);
+        let state = self.state.clone();
+        let started = std::thread::Builder::new()
+            .name("forkvm-call".into())
+            .spawn(move || serve_calls(&state));
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start a call thread");
+        }
+    }
+}
+
+fn serve_calls(state: &(Mutex<Queue>, Condvar)) {
+    let (queue, wake) = state;
+    loop {
+        let mut guard = queue.lock().expect("call queue lock");
+        let job = loop {
+            if let Some(job) = guard.jobs.pop_front() {
+                break job;
+            }
+            guard.idle += 1;
+            let (back, timeout) = wake
+                .wait_timeout(guard, IDLE_THREAD_LIFETIME)
+                .expect("call queue lock");
+            guard = back;
+            guard.idle -= 1;
+            if timeout.timed_out() && guard.jobs.is_empty() {
+                return;
+            }
+        };
+        drop(guard);
+        job();
     }
 }
 
@@ -235,11 +299,11 @@ impl Worker {
                 })
                 .map_err(engine_failure),
             Call::CreateSession => {
-                let session = self
+                let mut session = self
                     .engine
                     .create_session(&self.template)
                     .map_err(engine_failure)?;
-                let host_bytes = session.host_bytes();
+                let host_bytes = session.recent_host_bytes();
                 Ok(Answer::Session {
                     handle: self.keep(session),
                     host_bytes,
@@ -259,7 +323,7 @@ impl Worker {
                 Ok(Answer::Executed {
                     result: Box::new(result),
                     session_alive: session.alive(),
-                    host_bytes: session.host_bytes(),
+                    host_bytes: session.recent_host_bytes(),
                 })
             }
             Call::ForkSession { session, count } => {
@@ -271,8 +335,8 @@ impl Worker {
                 Ok(Answer::Sessions(
                     branches
                         .into_iter()
-                        .map(|b| {
-                            let bytes = b.host_bytes();
+                        .map(|mut b| {
+                            let bytes = b.recent_host_bytes();
                             (self.keep(b), bytes)
                         })
                         .collect(),
