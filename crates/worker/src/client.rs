@@ -36,7 +36,12 @@ pub enum WorkerError {
     Unavailable(String),
 }
 
-type Pending = HashMap<u64, mpsc::Sender<Event>>;
+/// Events waiting for a call's thread: bounded, so a worker flooding a call with output
+/// waits for the server instead of growing its memory.
+const EVENTS_IN_FLIGHT: usize = 64;
+
+/// Calls waiting for answers, with whether each streams output.
+type Pending = HashMap<u64, (mpsc::SyncSender<Event>, bool)>;
 
 /// One live worker.
 pub struct Connection {
@@ -131,12 +136,17 @@ impl Connection {
             let Some(calls) = pending.as_mut() else {
                 return;
             };
+            // Events for calls nobody waits for (fire-and-forget, or timed out), and output
+            // for calls that did not ask for it, are dropped.
             let sender = if done {
-                calls.remove(&id)
+                calls.remove(&id).map(|(sender, _)| sender)
             } else {
-                calls.get(&id).cloned()
+                calls
+                    .get(&id)
+                    .filter(|(_, streams)| *streams)
+                    .map(|(sender, _)| sender.clone())
             };
-            // Events for calls nobody waits for (fire-and-forget, or timed out) are dropped.
+            drop(pending);
             if let Some(sender) = sender {
                 let _ = sender.send(event);
             }
@@ -194,9 +204,9 @@ impl Connection {
         patience: Duration,
     ) -> Result<Answer, WorkerError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(EVENTS_IN_FLIGHT);
         match self.pending.lock().expect("pending lock").as_mut() {
-            Some(calls) => calls.insert(id, tx),
+            Some(calls) => calls.insert(id, (tx, tap.is_some())),
             None => return Err(self.gone()),
         };
         self.send(id, call)?;

@@ -92,7 +92,22 @@ pub fn run(socket: UnixStream) -> i32 {
             call => {
                 let worker = worker.clone();
                 calls.run(Box::new(move || {
-                    let outcome = worker.handle(frame.id, call);
+                    // A panic is a bug of ours that this call's input found: it fails this
+                    // call (and leaves its session unusable), not the worker's others.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        worker.handle(frame.id, call)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(failure(
+                            FailureKind::Internal,
+                            format!("the sandbox failed inside forkvm: {why}"),
+                        ))
+                    });
                     worker.answer(frame.id, outcome);
                 }));
             }
