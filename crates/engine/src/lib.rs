@@ -185,7 +185,7 @@ impl Engine {
             None => template.pool.fork(console)?,
         };
         let fork_time = started.elapsed();
-        let result = self.run_in(&mut sandbox, request, &streams, false);
+        let result = self.run_in(&mut sandbox, request, &streams, None);
         match tenant {
             // Only a sandbox parked cleanly at its next request is worth resetting.
             Some(tenant) if sandbox.parked().is_some() => {
@@ -202,15 +202,17 @@ impl Engine {
     }
 
     /// Runs `request` in `sandbox` (parked on its control channel), whose console writes to
-    /// `streams`. With `keep_namespace`, the code runs in the agent's persistent namespace
-    /// (a session). The sandbox is parked again afterwards unless it ended.
+    /// `streams`. For a session, `session_base` is what it had mapped when created: the
+    /// code runs in the agent's persistent namespace, and its memory limit counts from
+    /// there. The sandbox is parked again afterwards unless it ended.
     pub fn run_in(
         &self,
         sandbox: &mut Sandbox,
         request: &ExecRequest,
         streams: &Streams,
-        keep_namespace: bool,
+        session_base: Option<u64>,
     ) -> Result<ExecResult, EngineError> {
+        let keep_namespace = session_base.is_some();
         check_language(&request.language)?;
         let limits = request.limits.within(&self.maxima);
         let started = Instant::now();
@@ -218,7 +220,8 @@ impl Engine {
         for file in &request.files {
             process.place_file(&request.absolute(&file.path), &file.data, file.mode)?;
         }
-        process.limit_additional_memory(limits.memory_bytes);
+        let base = session_base.unwrap_or_else(|| process.mapped_bytes());
+        process.limit_memory(base, limits.memory_bytes);
         process.limit_open_files(limits.open_files);
         sandbox.set_cpu_limit(limits.cpu_time);
         let frame = forkvm_protocol::encode(&Request {

@@ -23,6 +23,9 @@ pub struct Session {
     layer_share: u64,
     /// The last measure of `host_bytes`: its value, when, and the mapped bytes then.
     measured: Option<Measure>,
+    /// What the session had mapped when it was created (its template's mappings): each
+    /// request's memory limit counts from here, so requests cannot add up past it.
+    mapped_at_start: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -111,7 +114,9 @@ impl Engine {
         let streams = Streams::new();
         let console = streams.console(&ExecRequest::python(""), &self.maxima);
         let sandbox = loaded.pool.fork(console)?;
+        let mapped_at_start = sandbox.process().mapped_bytes();
         Ok(Session {
+            mapped_at_start,
             sandbox,
             source: loaded.pool.source().clone(),
             streams,
@@ -139,7 +144,8 @@ impl Engine {
             .replace_console(streams.console(request, &limits));
         session.streams = streams;
         let started = Instant::now();
-        let result = self.run_in(&mut session.sandbox, request, &session.streams, true)?;
+        let base = Some(session.mapped_at_start);
+        let result = self.run_in(&mut session.sandbox, request, &session.streams, base)?;
         session.alive = session.sandbox.parked().is_some();
         let mut result = result;
         result.timings.total_us = started.elapsed().as_micros() as u64;
@@ -170,6 +176,7 @@ impl Engine {
             let prepared = vmm.prepare_fork(&source)?;
             let sandbox = vmm.finish_fork(prepared, &source, console)?;
             branches.push(Session {
+                mapped_at_start: session.mapped_at_start,
                 sandbox,
                 source: source.clone(),
                 streams,

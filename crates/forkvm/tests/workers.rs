@@ -303,3 +303,68 @@ fn a_call_outside_the_allowlist_kills_the_worker() {
     assert!(libc::WIFSIGNALED(status), "status {status:#x}");
     assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
 }
+
+/// The worker's own memory: anonymous pages (guest pages it copied or wrote), not the
+/// template's and image's file pages, which the page cache holds once for everyone.
+fn anonymous_bytes(pid: u32) -> u64 {
+    status_field(pid, "RssAnon")
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        << 10
+}
+
+#[test]
+fn what_sessions_can_make_a_worker_hold_is_bounded_by_their_limits() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let server = Server::start(&["--workers", "1"]);
+    let key = &server.alice;
+    let worker = wait_for_workers(server.pid(), 1, &[])[0];
+    let before = anonymous_bytes(worker);
+    let post = |path: &str, body: Value| -> (StatusCode, Value) {
+        let response = client()
+            .post(server.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .unwrap();
+        (response.status(), response.json().unwrap())
+    };
+    for _ in 0..3 {
+        let (status, session) = post("/v1/sandboxes", json!({}));
+        assert_eq!(status, StatusCode::CREATED, "{session}");
+        let exec = format!("/v1/sandboxes/{}/exec", session["id"].as_str().unwrap());
+        // Up to the limit is fine; past it is a MemoryError; writing where nothing is
+        // mapped is a fault, however much memory the loop would have touched.
+        let (_, body) = post(
+            &exec,
+            json!({ "code": "kept = b'\\x01' * (48 << 20)", "memory_mb": 64 }),
+        );
+        assert_eq!(body["exit_code"], 0, "{body}");
+        let (_, body) = post(
+            &exec,
+            json!({ "code": "more = b'\\x01' * (64 << 20)", "memory_mb": 64 }),
+        );
+        assert_eq!(body["error"]["kind"], "memory_limit", "{body}");
+        let (_, body) = post(
+            &exec,
+            json!({
+                "code": "import ctypes\nfor a in range(0x8000000, 0x30000000, 4096): ctypes.memset(a, 1, 1)",
+                "memory_mb": 64,
+            }),
+        );
+        assert_eq!(body["error"]["kind"], "fault", "{body}");
+    }
+    // Three sessions kept 48 MiB each; the worker holds that plus a bounded overhead per
+    // session (its interpreter's own pages, page tables, the pages of the failed
+    // allocation kept for reuse), nowhere near the 2.6 GiB the memset loops would touch.
+    let grown = anonymous_bytes(worker).saturating_sub(before);
+    assert!(
+        grown < 3 * (64 << 20) + (128 << 20),
+        "worker grew {} MiB",
+        grown >> 20
+    );
+}

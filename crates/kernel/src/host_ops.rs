@@ -58,14 +58,12 @@ impl Process {
         self.mm.charged_bytes()
     }
 
-    /// Lets the program map at most `extra` more bytes than it has mapped now (its heap,
-    /// arrays, buffers), within guest RAM.
-    pub fn limit_additional_memory(&mut self, extra: u64) {
-        let limit = self
-            .mm
-            .charged_bytes()
-            .saturating_add(extra)
-            .min(self.ram.size());
+    /// Lets the program have at most `base + extra` bytes mapped (its heap, arrays,
+    /// buffers beyond `base`), within guest RAM. A fresh fork passes what it has mapped
+    /// now; a session what it had mapped when it was created, so that its requests
+    /// together stay within one limit instead of each adding its own.
+    pub fn limit_memory(&mut self, base: u64, extra: u64) {
+        let limit = base.saturating_add(extra).min(self.ram.size());
         self.mm.set_limit_bytes(limit);
     }
 
