@@ -314,6 +314,7 @@ fn execute(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Worker => Ok(forkvm_worker::service::run(
             forkvm_worker::spawn::inherited_socket()?,
+            run::run_jailed,
         )),
         Command::Bench(BenchCommand::Startup { image, runs }) => {
             let image = match image {

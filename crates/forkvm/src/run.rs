@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use forkvm_image::{Fs, Image};
 use forkvm_kernel::{Console, Input};
+use forkvm_protocol::worker::{RunProgram, Start, write_frame};
 use forkvm_vmm::{Program, Sandbox, SandboxExit, Vmm};
 
 /// Environment every sandboxed program starts with (plus `--env` additions).
@@ -76,13 +77,77 @@ pub fn launch(vmm: &Vmm, image: &Arc<Image>, launch: Launch<'_>) -> Result<Sandb
     })?)
 }
 
-/// Runs the program and returns the exit status forkvm should exit with.
+/// Runs the program in a jailed worker (see `forkvm_worker`) and returns the exit status
+/// forkvm should exit with. The worker inherits this command's standard streams, so the
+/// program reads the terminal and writes to it directly.
 pub fn run(options: RunOptions) -> Result<i32> {
-    let vmm = Vmm::new().context("starting the VMM")?;
+    let cache = forkvm_template::rootfs::default_cache_dir();
+    let sealer =
+        forkvm_template::seal::Sealer::open(&cache).context("opening the cache's seal key")?;
+    // Verified (and stamped) here, where the stamp can be written: the worker sees the
+    // image read-only.
+    forkvm_template::snapshot::open_verified_image(&options.image, &sealer)
+        .with_context(|| format!("opening image {}", options.image.display()))?;
+    let exe = std::env::current_exe().context("finding the forkvm binary")?;
+    let mut worker = forkvm_worker::spawn::spawn(&exe).context("starting a worker")?;
+    let program = RunProgram {
+        image: options.image.to_string_lossy().into_owned(),
+        program: options.program,
+        args: options.args,
+        env: options.env,
+        cwd: options.cwd,
+        timeout: options.timeout,
+        cpu_time: options.cpu_time,
+        memory_mib: options.memory_mib,
+        output_limit: options.output_limit,
+        overlay_limit: options.overlay_limit,
+        strace: options.strace,
+    };
+    write_frame(&mut worker.socket, &Start::Run(program)).context("starting the worker")?;
+    let mut status = 0;
+    // SAFETY: waits for our own child; `status` is a valid out-pointer.
+    while unsafe { libc::waitpid(worker.pid, &mut status, 0) } < 0 {
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            anyhow::bail!(
+                "waiting for the worker: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    if libc::WIFEXITED(status) {
+        return Ok(libc::WEXITSTATUS(status));
+    }
+    let signal = libc::WTERMSIG(status);
+    eprintln!("forkvm: the worker running the program was killed by signal {signal}");
+    Ok(EXIT_INTERNAL)
+}
+
+/// `forkvm worker`'s side of `run`: jails itself to the image, then runs the program and
+/// returns the status to exit with.
+pub fn run_jailed(program: RunProgram) -> i32 {
+    match run_in_jail(program) {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("forkvm: {e:#}");
+            EXIT_INTERNAL
+        }
+    }
+}
+
+fn run_in_jail(options: RunProgram) -> Result<i32> {
+    let image_path = PathBuf::from(&options.image);
     let sealer = forkvm_template::seal::Sealer::open(&forkvm_template::rootfs::default_cache_dir())
         .context("opening the cache's seal key")?;
-    let image = forkvm_template::snapshot::open_verified_image(&options.image, &sealer)
-        .with_context(|| format!("opening image {}", options.image.display()))?;
+    forkvm_worker::jail::enter(&forkvm_worker::jail::Paths::for_image(
+        &image_path,
+        sealer.key_path(),
+    ))
+    .context("entering the jail")?;
+    let vmm = Vmm::new().context("starting the VMM")?;
+    let image = forkvm_template::snapshot::open_verified_image(&image_path, &sealer)
+        .with_context(|| format!("opening image {}", image_path.display()))?;
+    forkvm_worker::jail::drop_privileges().context("dropping privileges")?;
+    forkvm_worker::seccomp::install().context("installing the seccomp filter")?;
     let console = Console::new(
         Input::Host(Box::new(std::io::stdin())),
         Box::new(std::io::stdout()),
@@ -115,6 +180,7 @@ pub fn run(options: RunOptions) -> Result<i32> {
         tracing::info!(unsupported = ?stats.unsupported, "unsupported syscalls were called");
     }
     tracing::debug!(syscalls = stats.total, "sandbox finished");
+    std::io::stdout().flush()?;
     Ok(report(&exit, options.timeout))
 }
 

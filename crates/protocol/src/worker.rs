@@ -36,8 +36,35 @@ pub enum WireError {
     Malformed(#[from] bincode::Error),
 }
 
-/// What the server tells a worker once, before anything else: which template it serves
-/// and within which limits.
+/// The first frame a worker reads: what it is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Start {
+    /// Serve calls for a template (`forkvm serve`, `forkvm exec`).
+    Serve(Hello),
+    /// Run one program from an image and exit with its status (`forkvm run`): its
+    /// standard streams are the worker's own, inherited from the command.
+    Run(RunProgram),
+}
+
+/// A program for `forkvm run`, and its limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunProgram {
+    pub image: String,
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub timeout: Option<std::time::Duration>,
+    pub cpu_time: Option<std::time::Duration>,
+    pub memory_mib: u64,
+    pub output_limit: u64,
+    pub overlay_limit: u64,
+    /// Every system call, with its arguments and result, on standard error.
+    pub strace: bool,
+}
+
+/// What the server tells a worker it starts serving: which template it serves and within
+/// which limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
     pub template: String,

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkvm_protocol::worker::{
-    Answer, Call, CallFrame, Event, Failure, Hello, OutputStream, Ready, WireError, read_frame,
-    write_frame,
+    Answer, Call, CallFrame, Event, Failure, Hello, OutputStream, Ready, Start, WireError,
+    read_frame, write_frame,
 };
 
 use crate::spawn::Spawned;
@@ -65,7 +65,8 @@ impl Connection {
         let Spawned { pid, socket } = spawned;
         let mut reader = socket.try_clone().map_err(|e| e.to_string())?;
         let mut writer = socket;
-        write_frame(&mut writer, hello).map_err(|e| format!("greeting the worker: {e}"))?;
+        write_frame(&mut writer, &Start::Serve(hello.clone()))
+            .map_err(|e| format!("greeting the worker: {e}"))?;
         reader
             .set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;

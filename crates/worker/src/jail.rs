@@ -25,6 +25,20 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// What running a program from `image` needs: the image (and its stamp) and the
+    /// cache's sealing key to check it with.
+    pub fn for_image(image: &Path, key: &Path) -> Paths {
+        let mut files = vec![image.to_owned(), key.to_owned()];
+        let stamp = forkvm_template::seal::stamp_path(image);
+        if stamp.exists() {
+            files.push(stamp);
+        }
+        Paths {
+            dirs: Vec::new(),
+            files,
+        }
+    }
+
     /// What serving template `name` needs: its directory, its image (and the image's
     /// verification stamp), and the cache's sealing key to check them with.
     pub fn for_template(store: &TemplateStore, name: &str) -> Result<Paths, String> {

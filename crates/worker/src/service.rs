@@ -15,7 +15,7 @@ use forkvm_kernel::file::Stream;
 use forkvm_kernel::host_ops::ReadError;
 use forkvm_protocol::worker::{
     Answer, Call, CallFrame, Event, Failure, FailureKind, Hello, OutputStream, PoolCounters, Ready,
-    SessionHandle, WireError, read_frame, write_frame,
+    RunProgram, SessionHandle, Start, WireError, read_frame, write_frame,
 };
 use forkvm_template::TemplateStore;
 use forkvm_vmm::{PoolConfig, Vmm};
@@ -25,8 +25,10 @@ use crate::jail;
 /// The socket end shared by every thread that answers.
 type Writer = Arc<Mutex<UnixStream>>;
 
-/// Serves the server on `socket` until it closes it. Returns the process exit status.
-pub fn run(socket: UnixStream) -> i32 {
+/// The worker's life: reads what it is for on `socket`, then serves calls until the server
+/// closes the socket, or runs one program with `run_program` (which jails itself first).
+/// Returns the process exit status.
+pub fn run(socket: UnixStream, run_program: impl FnOnce(RunProgram) -> i32) -> i32 {
     let mut reader = match socket.try_clone() {
         Ok(reader) => reader,
         Err(e) => {
@@ -34,10 +36,11 @@ pub fn run(socket: UnixStream) -> i32 {
             return 1;
         }
     };
-    let hello: Hello = match read_frame(&mut reader) {
-        Ok(hello) => hello,
+    let hello = match read_frame(&mut reader) {
+        Ok(Start::Serve(hello)) => hello,
+        Ok(Start::Run(program)) => return run_program(program),
         Err(e) => {
-            eprintln!("forkvm worker: reading the server's hello: {e}");
+            eprintln!("forkvm worker: reading what to do: {e}");
             return 1;
         }
     };
