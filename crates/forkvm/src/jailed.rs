@@ -2,6 +2,7 @@
 //! template is built if missing and verified here in full (stamping its files), then the
 //! workers, which see it read-only, load it.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -31,7 +32,7 @@ pub fn start(
 ) -> Result<Arc<Workers>> {
     let count = count.max(1);
     let config = WorkerConfig {
-        exe: std::env::current_exe().context("finding the forkvm binary")?,
+        exe: PathBuf::from(forkvm_worker::spawn::OWN_BINARY),
         hello: Hello {
             template: template.to_string(),
             cache_dir: forkvm_template::rootfs::default_cache_dir()

@@ -483,8 +483,8 @@ fn execute(cli: Cli) -> Result<i32> {
             };
             let mut command = command.into_iter();
             let program = command.next().expect("clap requires a program");
-            run::run(run::RunOptions {
-                image,
+            run::run(forkvm_protocol::worker::RunProgram {
+                image: image.to_string_lossy().into_owned(),
                 program,
                 args: command.collect(),
                 env,

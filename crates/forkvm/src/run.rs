@@ -2,7 +2,7 @@
 //! and exit with its status.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,21 +27,6 @@ pub const EXIT_TIMEOUT: i32 = 124;
 pub const EXIT_OUTPUT_LIMIT: i32 = 125;
 /// Exit status when the VMM itself failed (`EX_SOFTWARE`).
 pub const EXIT_INTERNAL: i32 = 70;
-
-/// What to run and under which limits.
-pub struct RunOptions {
-    pub image: PathBuf,
-    pub program: String,
-    pub args: Vec<String>,
-    pub env: Vec<String>,
-    pub cwd: String,
-    pub timeout: Option<Duration>,
-    pub cpu_time: Option<Duration>,
-    pub memory_mib: u64,
-    pub output_limit: u64,
-    pub overlay_limit: u64,
-    pub strace: bool,
-}
 
 /// A program to start in a sandbox, with its standard streams.
 pub struct Launch<'a> {
@@ -80,30 +65,18 @@ pub fn launch(vmm: &Vmm, image: &Arc<Image>, launch: Launch<'_>) -> Result<Sandb
 /// Runs the program in a jailed worker (see `forkvm_worker`) and returns the exit status
 /// forkvm should exit with. The worker inherits this command's standard streams, so the
 /// program reads the terminal and writes to it directly.
-pub fn run(options: RunOptions) -> Result<i32> {
+pub fn run(options: RunProgram) -> Result<i32> {
     let cache = forkvm_template::rootfs::default_cache_dir();
     let sealer =
         forkvm_template::seal::Sealer::open(&cache).context("opening the cache's seal key")?;
     // Verified (and stamped) here, where the stamp can be written: the worker sees the
     // image read-only.
-    forkvm_template::snapshot::open_verified_image(&options.image, &sealer)
-        .with_context(|| format!("opening image {}", options.image.display()))?;
-    let exe = std::env::current_exe().context("finding the forkvm binary")?;
-    let mut worker = forkvm_worker::spawn::spawn(&exe).context("starting a worker")?;
-    let program = RunProgram {
-        image: options.image.to_string_lossy().into_owned(),
-        program: options.program,
-        args: options.args,
-        env: options.env,
-        cwd: options.cwd,
-        timeout: options.timeout,
-        cpu_time: options.cpu_time,
-        memory_mib: options.memory_mib,
-        output_limit: options.output_limit,
-        overlay_limit: options.overlay_limit,
-        strace: options.strace,
-    };
-    write_frame(&mut worker.socket, &Start::Run(program)).context("starting the worker")?;
+    let image = PathBuf::from(&options.image);
+    forkvm_template::snapshot::open_verified_image(&image, &sealer)
+        .with_context(|| format!("opening image {}", image.display()))?;
+    let mut worker = forkvm_worker::spawn::spawn(Path::new(forkvm_worker::spawn::OWN_BINARY))
+        .context("starting a worker")?;
+    write_frame(&mut worker.socket, &Start::Run(options)).context("starting the worker")?;
     let mut status = 0;
     // SAFETY: waits for our own child; `status` is a valid out-pointer.
     while unsafe { libc::waitpid(worker.pid, &mut status, 0) } < 0 {

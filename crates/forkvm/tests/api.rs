@@ -8,16 +8,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use reqwest::StatusCode;
-use reqwest::blocking::{Client, Response};
+use reqwest::blocking::Response;
 use serde_json::{Value, json};
-use server::Server;
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
+use server::{Server, client};
 
 fn post(server: &Server, key: &str, path: &str, body: Value) -> Response {
     client()

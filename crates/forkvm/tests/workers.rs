@@ -12,16 +12,8 @@ use forkvm_protocol::exec::ExecLimits;
 use forkvm_protocol::worker::{Call, Hello};
 use forkvm_worker::{Connection, WorkerError};
 use reqwest::StatusCode;
-use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use server::Server;
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
+use server::{Server, client};
 
 /// PIDs of `parent`'s children that run `forkvm worker`.
 fn workers_of(parent: u32) -> Vec<u32> {

@@ -13,6 +13,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+/// The running forkvm binary, as a worker is started from it: this path names the binary
+/// the process runs even after the file on disk was replaced (an upgrade, a rebuild),
+/// which the path `current_exe` returns would not.
+pub const OWN_BINARY: &str = "/proc/self/exe";
+
 /// The descriptor a worker finds its socket on.
 pub const WORKER_FD: i32 = 3;
 

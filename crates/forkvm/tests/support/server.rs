@@ -48,6 +48,14 @@ pub fn new_key(file: &Path, name: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// An HTTP client for the tests (generous timeout: some requests run slow code).
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
 /// A running server.
 pub struct Server {
     child: Child,
