@@ -95,7 +95,19 @@ fn workers_run_jailed_filtered_and_without_privileges() {
     let workers = wait_for_workers(server.pid(), 2, &[]);
     assert_eq!(workers.len(), 2, "{workers:?}");
     for &pid in &workers {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            assert!(
+                status.contains("\nSeccomp:\t2\n"),
+                "a thread of {pid}: {status}"
+            );
+        }
         assert_eq!(status_field(pid, "Seccomp"), "2", "worker {pid}");
+        let uid = status_field(pid, "Uid");
+        assert!(
+            uid.split_whitespace().all(|id| id == "65534"),
+            "worker {pid}: uid {uid}"
+        );
         assert_eq!(status_field(pid, "NoNewPrivs"), "1", "worker {pid}");
         assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
         assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
@@ -109,8 +121,9 @@ fn workers_run_jailed_filtered_and_without_privileges() {
         let root = format!("/proc/{pid}/root");
         assert!(!Path::new(&format!("{root}/etc/passwd")).exists());
         assert!(!Path::new(&format!("{root}/usr/bin")).exists());
+        assert!(!Path::new(&format!("{root}/proc/sys")).exists());
         assert!(Path::new(&format!("{root}/dev/kvm")).exists());
-        // The root holds nothing but /dev/kvm, /proc and the template's own files: the
+        // The root holds nothing but /dev/kvm and the template's own files: the
         // template's directory, the image, the sealing key.
         let top = |path: &Path| {
             path.components()
@@ -119,7 +132,6 @@ fn workers_run_jailed_filtered_and_without_privileges() {
         };
         let allowed = [
             Some("dev".to_string()),
-            Some("proc".to_string()),
             top(server::cache_dir()),
             top(&forkvm_testkit::default_image()),
         ];

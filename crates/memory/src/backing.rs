@@ -166,6 +166,12 @@ pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     merged
 }
 
+/// Opens this process's page map now, for the rest of its life: a jailed worker does this
+/// before it leaves `/proc` (and its privileges) behind.
+pub fn open_pagemap() -> Result<(), MemoryError> {
+    pagemap().map(|_| ())
+}
+
 fn pagemap() -> Result<&'static File, MemoryError> {
     static PAGEMAP: OnceLock<File> = OnceLock::new();
     if let Some(file) = PAGEMAP.get() {

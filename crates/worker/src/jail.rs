@@ -2,10 +2,11 @@
 //!
 //! The server starts the worker in new mount, PID, network, IPC and UTS namespaces
 //! (`spawn`). Here the worker finishes the job: its root becomes an empty, read-only tmpfs
-//! holding only `/dev/kvm`, a private `/proc`, and the files of the one template it serves
-//! (bind-mounted read-only at their own paths, so the template's recorded paths still
-//! hold); then every capability is dropped and `no_new_privs` set. What stays open is
-//! what the sandboxes need: KVM, the template's memory file and image, and the socket.
+//! holding only `/dev/kvm` and the files of the one template it serves (bind-mounted
+//! read-only at their own paths, so the template's recorded paths still hold), with no
+//! `/proc` (its page map is opened before); then it becomes `nobody` with no capability and
+//! `no_new_privs`. What stays open is what the sandboxes need: KVM, the page map, the
+//! template's memory file and image, and the socket.
 
 use std::ffi::CString;
 use std::fs::{self, File};
@@ -176,15 +177,10 @@ pub fn enter(paths: &Paths) -> io::Result<()> {
     for (source, path) in &files {
         bind(source, &place_file(path)?, false)?;
     }
-    let proc_dir = root.join("proc");
-    fs::create_dir_all(&proc_dir)?;
-    mount(
-        Some(Path::new("proc")),
-        &proc_dir,
-        Some("proc"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
-    )?;
+    // The one thing the worker reads from /proc; with it open, no /proc is needed (a
+    // root-owned /proc/sys is what a process with uid 0 could still write).
+    forkvm_memory::backing::open_pagemap()
+        .map_err(|e| io::Error::other(format!("opening /proc/self/pagemap: {e}")))?;
 
     // pivot_root(".", ".") stacks the old root under the new one; detaching it leaves
     // only the new root.
@@ -231,8 +227,12 @@ struct CapData {
 
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Drops every capability (bounding, ambient, effective, permitted, inheritable) and sets
-/// `no_new_privs`, so nothing the worker could still execute would give them back.
+/// The user and group a worker runs as: owner of nothing it can see.
+pub const NOBODY: libc::uid_t = 65534;
+
+/// Becomes `nobody` (no supplementary groups) with every capability dropped (bounding,
+/// ambient, effective, permitted, inheritable) and `no_new_privs` set, so nothing the
+/// worker could still execute would give them back. Everything it needs is open by now.
 pub fn drop_privileges() -> io::Result<()> {
     for cap in 0..64 {
         // SAFETY: prctl with integer arguments only.
@@ -250,6 +250,18 @@ pub fn drop_privileges() -> io::Result<()> {
             0,
             0,
         )
+    })?;
+    // Changing from uid 0 clears the permitted and effective sets too; the group first,
+    // while the right to change it is still there.
+    // SAFETY: setgroups with a count of zero reads no list.
+    check("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: integer arguments only.
+    check("setresgid", unsafe {
+        libc::setresgid(NOBODY, NOBODY, NOBODY)
+    })?;
+    // SAFETY: integer arguments only.
+    check("setresuid", unsafe {
+        libc::setresuid(NOBODY, NOBODY, NOBODY)
     })?;
     let header = CapHeader {
         version: CAPABILITY_VERSION_3,

@@ -1,6 +1,6 @@
-//! The worker's seccomp-bpf allowlist. Installed once, before the template loads and long
-//! before any guest code runs, on the worker's only thread: every thread it starts later
-//! (pool refill, calls running vCPUs, the watchdog) inherits it. They share one list
+//! The worker's seccomp-bpf allowlist. Installed once, before the template's pool starts and
+//! so before any guest code runs, on every thread the worker has: every thread it starts
+//! later (pool refill, calls running vCPUs, the watchdog) inherits it. They share one list
 //! because they do the same work: each call thread forks a VM, runs its vCPU and emulates
 //! its system calls, which is what the refill threads do too.
 //!
@@ -140,7 +140,8 @@ fn compile(
     Ok(filter.try_into()?)
 }
 
-/// Installs the filters on the calling thread (and so every thread it starts later).
+/// Installs the filters on every thread of the process (and so every thread it starts
+/// later).
 pub fn install() -> Result<(), seccompiler::Error> {
     // clone3's flags sit in memory a filter cannot read, so it is refused softly and glibc
     // falls back to clone, whose flags the allowlist checks. (Of two filters, the
@@ -157,8 +158,9 @@ pub fn install() -> Result<(), seccompiler::Error> {
         rules.entry(nr).or_default().push(rule);
     }
     let allowlist = compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?;
-    seccompiler::apply_filter(&clone3)?;
-    seccompiler::apply_filter(&allowlist)
+    // Every thread, including any started before (TSYNC): none may run unfiltered.
+    seccompiler::apply_filter_all_threads(&clone3)?;
+    seccompiler::apply_filter_all_threads(&allowlist)
 }
 
 /// Issues a call the allowlist refuses (`setns` on a bad descriptor, harmless if it were
