@@ -201,6 +201,15 @@ enum TemplateCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// What the jailed-worker boundary costs: the same requests through one worker and by
+    /// the engine in this process (the floor), alternating.
+    Jail {
+        #[arg(long, default_value = "python")]
+        template: String,
+        /// Timed requests per workload and side.
+        #[arg(long, default_value_t = 400)]
+        samples: usize,
+    },
     /// Forks of a template: latency from the warm pool, fork + a trivial exec, memory per
     /// live sandbox, many live sandboxes, refill rate; beside KVM, host-fork and bwrap
     /// floors.
@@ -431,6 +440,12 @@ fn execute(cli: Cli) -> Result<i32> {
                 warm: !cold,
             })?;
             eprint!("{}", bench::fork::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Jail { template, samples }) => {
+            let report = bench::jail::run(&template, samples.max(1))?;
+            eprint!("{}", bench::jail::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }

@@ -5,6 +5,7 @@ pub mod compute;
 pub mod exec;
 pub mod fork;
 pub mod host;
+pub mod jail;
 pub mod live;
 pub mod startup;
 
