@@ -3,12 +3,11 @@
 //! until the server closes it. Each call runs on a thread of its own; a session's calls are
 //! serialized by the session's lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use forkvm_engine::{Engine, EngineError, Session, Streams, Tap};
 use forkvm_kernel::file::Stream;
@@ -70,118 +69,50 @@ pub fn run(socket: UnixStream, run_program: impl FnOnce(RunProgram) -> i32) -> i
         next_session: AtomicU64::new(1),
         writer,
     });
-    let calls = CallThreads::new();
+    serve_calls(
+        &worker,
+        &Arc::new(Readers {
+            socket: Mutex::new(reader),
+            free: AtomicUsize::new(1),
+        }),
+    )
+}
+
+/// The socket, read by one thread at a time (leader/follower): the thread that reads a call
+/// hands reading on to a free thread, starting one when none is free, and runs the call
+/// itself. A call so starts on the thread that read it, with no hand-off on its path, and
+/// no call ever waits for another to end.
+struct Readers {
+    socket: Mutex<UnixStream>,
+    /// Threads not running a call (reading, or waiting to read).
+    free: AtomicUsize,
+}
+
+/// One reading thread's life; returns the exit status when the server closes the socket.
+fn serve_calls(worker: &Arc<Worker>, readers: &Arc<Readers>) -> i32 {
     loop {
-        let frame: CallFrame = match read_frame(&mut reader) {
+        let frame = read_frame::<CallFrame>(&mut *readers.socket.lock().expect("socket lock"));
+        let frame = match frame {
             Ok(frame) => frame,
-            Err(WireError::Closed) => return 0,
+            Err(WireError::Closed) => std::process::exit(0),
             Err(e) => {
                 tracing::error!(error = %e, "unreadable call from the server; stopping");
-                return 1;
+                std::process::exit(1);
             }
         };
-        match frame.call {
-            Call::Stats => worker.answer(frame.id, Ok(Answer::Stats(worker.stats()))),
-            Call::ProbeFilter => {
-                crate::seccomp::probe();
-                worker.answer(
-                    frame.id,
-                    Err(failure(
-                        FailureKind::Internal,
-                        "the seccomp filter let a refused call through",
-                    )),
-                );
-            }
-            call => {
-                let worker = worker.clone();
-                calls.run(Box::new(move || {
-                    // A panic is a bug of ours that this call's input found: it fails this
-                    // call (and leaves its session unusable), not the worker's others.
-                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        worker.handle(frame.id, call)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        let why = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        Err(failure(
-                            FailureKind::Internal,
-                            format!("the sandbox failed inside forkvm: {why}"),
-                        ))
-                    });
-                    worker.answer(frame.id, outcome);
-                }));
+        if readers.free.fetch_sub(1, Ordering::SeqCst) == 1 {
+            readers.free.fetch_add(1, Ordering::SeqCst);
+            let (worker, next) = (worker.clone(), readers.clone());
+            let started = std::thread::Builder::new()
+                .name("forkvm-call".into())
+                .spawn(move || serve_calls(&worker, &next));
+            if let Err(e) = started {
+                readers.free.fetch_sub(1, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot start a call thread");
             }
         }
-    }
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The threads calls run on: an idle one takes the next call, and a new one starts
-/// whenever more calls wait than threads are idle (a call may run for minutes, so no call
-/// ever waits for another to end). Reusing threads saves starting one per call; a thread
-/// idle for a minute ends.
-struct CallThreads {
-    state: Arc<(Mutex<Queue>, Condvar)>,
-}
-
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Job>,
-    idle: usize,
-}
-
-const IDLE_THREAD_LIFETIME: Duration = Duration::from_secs(60);
-
-impl CallThreads {
-    fn new() -> CallThreads {
-        CallThreads {
-            state: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
-        }
-    }
-
-    fn run(&self, job: Job) {
-        let (queue, wake) = &*self.state;
-        let mut queue = queue.lock().expect("call queue lock");
-        queue.jobs.push_back(job);
-        if queue.jobs.len() <= queue.idle {
-            wake.notify_one();
-            return;
-        }
-        drop(queue);
-        let state = self.state.clone();
-        let started = std::thread::Builder::new()
-            .name("forkvm-call".into())
-            .spawn(move || serve_calls(&state));
-        if let Err(e) = started {
-            tracing::error!(error = %e, "cannot start a call thread");
-        }
-    }
-}
-
-fn serve_calls(state: &(Mutex<Queue>, Condvar)) {
-    let (queue, wake) = state;
-    loop {
-        let mut guard = queue.lock().expect("call queue lock");
-        let job = loop {
-            if let Some(job) = guard.jobs.pop_front() {
-                break job;
-            }
-            guard.idle += 1;
-            let (back, timeout) = wake
-                .wait_timeout(guard, IDLE_THREAD_LIFETIME)
-                .expect("call queue lock");
-            guard = back;
-            guard.idle -= 1;
-            if timeout.timed_out() && guard.jobs.is_empty() {
-                return;
-            }
-        };
-        drop(guard);
-        job();
+        worker.run_call(frame);
+        readers.free.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -238,6 +169,41 @@ fn engine_failure(error: EngineError) -> Failure {
 }
 
 impl Worker {
+    /// Runs one call and answers it.
+    fn run_call(&self, frame: CallFrame) {
+        match frame.call {
+            Call::ProbeFilter => {
+                crate::seccomp::probe();
+                self.answer(
+                    frame.id,
+                    Err(failure(
+                        FailureKind::Internal,
+                        "the seccomp filter let a refused call through",
+                    )),
+                );
+            }
+            call => {
+                // A panic is a bug of ours that this call's input found: it fails this call
+                // (and leaves its session unusable), not the worker's others.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.handle(frame.id, call)
+                }))
+                .unwrap_or_else(|panic| {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(failure(
+                        FailureKind::Internal,
+                        format!("the sandbox failed inside forkvm: {why}"),
+                    ))
+                });
+                self.answer(frame.id, outcome);
+            }
+        }
+    }
+
     fn answer(&self, id: u64, outcome: Result<Answer, Failure>) {
         let event = Event::Done { id, outcome };
         if let Err(e) = write_frame(&mut *self.writer.lock().expect("writer lock"), &event) {
@@ -403,7 +369,7 @@ impl Worker {
                 Ok(Answer::Done)
             }
             Call::Stats => Ok(Answer::Stats(self.stats())),
-            Call::ProbeFilter => Err(failure(FailureKind::Internal, "probe on a call thread")),
+            Call::ProbeFilter => Err(failure(FailureKind::Internal, "probe out of place")),
         }
     }
 }
