@@ -34,10 +34,6 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_memfd_create, "fork-of-fork memory layers"),
     (libc::SYS_ftruncate, "size memory layers"),
     // Files already opened or opened read-only inside the jail.
-    (
-        libc::SYS_openat,
-        "the template's files and /proc/self/pagemap",
-    ),
     (libc::SYS_close, "descriptors"),
     (libc::SYS_read, "the server's socket, template files"),
     (libc::SYS_write, "the server's socket, logs"),
@@ -115,6 +111,15 @@ fn conditional_rules() -> Vec<(i64, &'static str, SeccompRule)> {
             libc::SYS_prctl,
             "PR_SET_NAME only (thread names)",
             rule(vec![equal(0, libc::PR_SET_NAME as u64)]),
+        ),
+        (
+            libc::SYS_openat,
+            "read-only opens only: nothing is created or written after the jail",
+            rule(vec![masked(
+                2,
+                (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64,
+                0,
+            )]),
         ),
     ]
 }
