@@ -21,12 +21,8 @@ pub const DEFAULT_ENV: &[&str] = &[
     "OPENBLAS_NUM_THREADS=1",
 ];
 
-/// Exit status for a wall-clock timeout (as `timeout(1)` uses).
-pub const EXIT_TIMEOUT: i32 = 124;
-/// Exit status when an output stream hit its cap.
-pub const EXIT_OUTPUT_LIMIT: i32 = 125;
-/// Exit status when the VMM itself failed (`EX_SOFTWARE`).
-pub const EXIT_INTERNAL: i32 = 70;
+// The statuses `forkvm exec` and the API use for the same endings.
+pub use forkvm_protocol::exec::{EXIT_INTERNAL, EXIT_OUTPUT_LIMIT, EXIT_TIMEOUT};
 
 /// A program to start in a sandbox, with its standard streams.
 pub struct Launch<'a> {
