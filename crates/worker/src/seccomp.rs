@@ -21,12 +21,7 @@ const KVM_IOCTL_TYPE: u64 = 0xAE;
 /// System calls allowed with any arguments, and why.
 pub const ALLOWED: &[(i64, &str)] = &[
     // Guest RAM, snapshot mappings, copy-on-write resets, thread stacks, the heap.
-    (libc::SYS_mmap, "map guest RAM, snapshot files and heap"),
-    (libc::SYS_munmap, "unmap them"),
-    (
-        libc::SYS_mprotect,
-        "toggle guest-page protection (MMU notifier), thread guards",
-    ),
+    (libc::SYS_munmap, "unmap guest RAM, snapshot files, buffers"),
     (libc::SYS_madvise, "discard guest pages on reset and unmap"),
     (libc::SYS_mremap, "grow buffers"),
     (libc::SYS_brk, "the allocator's heap"),
@@ -111,6 +106,16 @@ fn conditional_rules() -> Vec<(i64, &'static str, SeccompRule)> {
             libc::SYS_prctl,
             "PR_SET_NAME only (thread names)",
             rule(vec![equal(0, libc::PR_SET_NAME as u64)]),
+        ),
+        (
+            libc::SYS_mmap,
+            "guest RAM, snapshot files, heap, stacks; never executable (W^X for the worker)",
+            rule(vec![masked(2, libc::PROT_EXEC as u64, 0)]),
+        ),
+        (
+            libc::SYS_mprotect,
+            "guest-page protection toggles (MMU notifier), thread guards; never executable",
+            rule(vec![masked(2, libc::PROT_EXEC as u64, 0)]),
         ),
         (
             libc::SYS_openat,
