@@ -56,17 +56,6 @@ impl Session {
         self.sandbox.process().read_file(path, max)
     }
 
-    /// Bytes of host memory the session's guest has made its own (private pages).
-    pub fn private_bytes(&self) -> u64 {
-        self.sandbox
-            .process()
-            .ram()
-            .private_pages()
-            .map_or(0, |pages| {
-                pages.len() as u64 * forkvm_memory::ram::PAGE_SIZE
-            })
-    }
-
     /// Host memory the session holds: its own pages and files (`Process::host_bytes`) and
     /// its share of the layer it was forked from.
     pub fn host_bytes(&self) -> u64 {

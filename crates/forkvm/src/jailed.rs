@@ -16,7 +16,7 @@ pub fn prepare(template: &str) -> Result<()> {
     let vmm = Vmm::new()?;
     crate::template::ensure(template, &vmm)?;
     crate::template::store()
-        .load(template, &vmm)
+        .verify(template, &vmm)
         .with_context(|| format!("loading template {template:?}"))?;
     Ok(())
 }

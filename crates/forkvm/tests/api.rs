@@ -76,12 +76,7 @@ fn exec_batch_health_metrics_and_openapi() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["templates"]["python"]["ready"], true);
 
-    let metrics = client()
-        .get(server.url("/v1/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = server.metrics();
     for name in [
         "forkvm_fork_seconds_bucket",
         "forkvm_exec_seconds_bucket",
@@ -434,12 +429,7 @@ fn idle_sessions_expire_after_their_ttl() {
         assert!(Instant::now() < deadline, "session did not expire");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let metrics = client()
-        .get(server.url("/v1/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = server.metrics();
     assert!(
         metrics.contains("forkvm_sessions_expired_total 1"),
         "{metrics}"
@@ -554,16 +544,6 @@ fn shutdown_finishes_in_flight_executions() {
     assert!(status.success(), "{status:?}");
 }
 
-fn session_info(server: &Server, key: &str, id: &str) -> Value {
-    client()
-        .get(server.url(&format!("/v1/sandboxes/{id}")))
-        .bearer_auth(key)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
-}
-
 #[test]
 fn host_memory_of_sessions_counts_against_the_keys_limit() {
     if !forkvm_testkit::kvm_available() {
@@ -572,9 +552,7 @@ fn host_memory_of_sessions_counts_against_the_keys_limit() {
     let server = Server::start(&["--key-memory-mb", "96"]);
     let key = &server.alice;
     let id = create_session(&server, key, json!({}));
-    let fresh = session_info(&server, key, &id)["memory_bytes"]
-        .as_u64()
-        .unwrap();
+    let fresh = server.session(key, &id)["memory_bytes"].as_u64().unwrap();
     // 64 MiB the program writes are 64 MiB more of the host's memory.
     exec_ok(
         &server,
@@ -582,9 +560,7 @@ fn host_memory_of_sessions_counts_against_the_keys_limit() {
         &format!("/v1/sandboxes/{id}/exec"),
         "data = b'\\x01' * (64 << 20)",
     );
-    let grown = session_info(&server, key, &id)["memory_bytes"]
-        .as_u64()
-        .unwrap();
+    let grown = server.session(key, &id)["memory_bytes"].as_u64().unwrap();
     assert!(grown >= fresh + (64 << 20), "{fresh} -> {grown}");
     assert!(grown < fresh + (80 << 20), "{fresh} -> {grown}");
 
@@ -597,7 +573,7 @@ fn host_memory_of_sessions_counts_against_the_keys_limit() {
     ));
     assert_eq!(status, StatusCode::OK, "{forked}");
     let branch = forked["ids"][0].as_str().unwrap().to_string();
-    let held = session_info(&server, key, &branch)["memory_bytes"]
+    let held = server.session(key, &branch)["memory_bytes"]
         .as_u64()
         .unwrap();
     assert!(held >= 64 << 20, "{held}");

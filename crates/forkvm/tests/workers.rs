@@ -231,16 +231,7 @@ fn a_killed_worker_loses_only_its_own_sandboxes() {
     // The lost session says so; the other keeps its state.
     let lost: Vec<bool> = sessions
         .iter()
-        .map(|id| {
-            let info: Value = client()
-                .get(server.url(&format!("/v1/sandboxes/{id}")))
-                .bearer_auth(&key)
-                .send()
-                .unwrap()
-                .json()
-                .unwrap();
-            !info["alive"].as_bool().unwrap()
-        })
+        .map(|id| !server.session(&key, id)["alive"].as_bool().unwrap())
         .collect();
     assert_eq!(lost.iter().filter(|l| **l).count(), 1, "{lost:?}");
 
@@ -252,12 +243,7 @@ fn a_killed_worker_loses_only_its_own_sandboxes() {
         assert_eq!(status, StatusCode::OK, "request {i}: {body}");
         assert_eq!(body["stdout"], format!("{i}\n"));
     }
-    let metrics = client()
-        .get(server.url("/v1/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = server.metrics();
     assert!(
         metrics.contains("forkvm_worker_restarts_total 1"),
         "{metrics}"

@@ -128,8 +128,6 @@ pub enum Call {
         path: String,
         max: u64,
     },
-    /// Whether a session can still run code, and what it holds; `Answer::SessionState`.
-    SessionState { session: SessionHandle },
     /// Tears a session down.
     DropSession { session: SessionHandle },
     /// Pool counters; `Answer::Stats`.
@@ -158,10 +156,6 @@ pub enum Answer {
     Sessions(Vec<(SessionHandle, u64)>),
     Done,
     File(#[serde(with = "serde_bytes")] Vec<u8>),
-    SessionState {
-        alive: bool,
-        host_bytes: u64,
-    },
     Stats(PoolCounters),
 }
 

@@ -410,6 +410,33 @@ pub fn load(
     vmm: &Vmm,
     sealer: &Sealer,
 ) -> Result<(SnapshotMeta, ForkSource), SnapshotError> {
+    let (meta, state, memory, image) = open_verified(dir, vmm, sealer)?;
+    let mut backing = Backing::file(memory);
+    if let Err(e) = backing.pin(&meta.memory_extents) {
+        tracing::warn!(error = %e, "could not lock the snapshot in memory; forks may wait for the disk");
+    }
+    let source = ForkSource {
+        backing,
+        vcpu: state.vcpu,
+        process: state.process,
+        image,
+    };
+    Ok((meta, source))
+}
+
+/// Verifies a snapshot as `load` does (stamping what it hashed in full), without making it
+/// ready to fork: for a process that hands the snapshot to others (jailed workers, which
+/// see it read-only and so cannot stamp it themselves).
+pub fn verify(dir: &Path, vmm: &Vmm, sealer: &Sealer) -> Result<SnapshotMeta, SnapshotError> {
+    Ok(open_verified(dir, vmm, sealer)?.0)
+}
+
+/// The checks of `load`, returning what passed them.
+fn open_verified(
+    dir: &Path,
+    vmm: &Vmm,
+    sealer: &Sealer,
+) -> Result<(SnapshotMeta, SnapshotState, File, Arc<Image>), SnapshotError> {
     let meta = read_meta(dir)?;
     if !meta.sealed_by(sealer) {
         return Err(SnapshotError::Unsealed {
@@ -474,17 +501,7 @@ pub fn load(
             path: meta.image_path.clone(),
         });
     }
-    let mut backing = Backing::file(memory);
-    if let Err(e) = backing.pin(&meta.memory_extents) {
-        tracing::warn!(error = %e, "could not lock the snapshot in memory; forks may wait for the disk");
-    }
-    let source = ForkSource {
-        backing,
-        vcpu: state.vcpu,
-        process: state.process,
-        image,
-    };
-    Ok((meta, source))
+    Ok((meta, state, memory, image))
 }
 
 #[cfg(test)]

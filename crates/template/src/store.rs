@@ -122,6 +122,12 @@ impl TemplateStore {
         Ok(snapshot::load(&dir, vmm, &self.sealer()?)?)
     }
 
+    /// Verifies template `name` in full as `load` does, without loading it for forking.
+    pub fn verify(&self, name: &str, vmm: &Vmm) -> Result<SnapshotMeta, StoreError> {
+        let dir = self.existing(name)?;
+        Ok(snapshot::verify(&dir, vmm, &self.sealer()?)?)
+    }
+
     /// Deletes template `name`. Running forks keep working: they hold the memory file open.
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         let dir = self.existing(name)?;

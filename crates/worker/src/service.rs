@@ -350,14 +350,6 @@ impl Worker {
                     Err(e) => Err(failure(FailureKind::FileNotFound, e.to_string())),
                 }
             }
-            Call::SessionState { session } => {
-                let session = self.session(session)?;
-                let session = session.lock().expect("session lock");
-                Ok(Answer::SessionState {
-                    alive: session.alive(),
-                    host_bytes: session.host_bytes(),
-                })
-            }
             Call::DropSession { session } => {
                 let removed = self
                     .sessions

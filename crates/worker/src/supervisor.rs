@@ -287,7 +287,6 @@ fn unexpected(answer: &Answer) -> WorkerError {
         Answer::Sessions(_) => "sessions",
         Answer::Done => "done",
         Answer::File(_) => "a file",
-        Answer::SessionState { .. } => "a session state",
         Answer::Stats(_) => "stats",
     };
     WorkerError::Failed(Failure {
@@ -382,11 +381,6 @@ impl RemoteSession {
     /// Whether the session can still run code (its code has not ended, its worker lives).
     pub fn alive(&self) -> bool {
         self.alive && self.connection.alive()
-    }
-
-    /// The PID of the worker holding it.
-    pub fn worker_pid(&self) -> libc::pid_t {
-        self.connection.pid()
     }
 
     fn call(&mut self, call: Call, patience: Duration) -> Result<Answer, WorkerError> {

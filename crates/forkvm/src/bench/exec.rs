@@ -80,27 +80,15 @@ pub fn run(template: &str, samples: usize) -> Result<ExecReport> {
 }
 
 pub fn table(report: &ExecReport) -> String {
-    let mut out = format!(
-        "forkvm bench exec on {} ({} cores, {}), template {:?}\n\n{:<32} {:>22} {:>22} {:>7}\n",
-        report.machine.cpu,
-        report.machine.cores,
-        report.machine.kvm,
-        report.template,
-        "workload",
-        "fork+exec p50 / p99",
-        "host os.fork p50 / p99",
-        "ratio"
-    );
-    for w in &report.workloads {
-        out.push_str(&format!(
-            "{:<32} {:>9.0} / {:>7.0} us {:>9.0} / {:>7.0} us {:>6.2}x\n",
-            w.workload,
-            w.fork_exec.p50_us,
-            w.fork_exec.p99_us,
-            w.host_fork_exec.p50_us,
-            w.host_fork_exec.p99_us,
-            w.ratio_p50
-        ));
-    }
-    out
+    super::ratio_table(
+        format!(
+            "forkvm bench exec on {} ({} cores, {}), template {:?}",
+            report.machine.cpu, report.machine.cores, report.machine.kvm, report.template
+        ),
+        ["fork+exec p50 / p99", "host os.fork p50 / p99"],
+        report
+            .workloads
+            .iter()
+            .map(|w| (w.workload, &w.fork_exec, &w.host_fork_exec, w.ratio_p50)),
+    )
 }

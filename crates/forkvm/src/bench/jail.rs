@@ -114,27 +114,15 @@ pub fn run(template: &str, samples: usize) -> Result<JailReport> {
 }
 
 pub fn table(report: &JailReport) -> String {
-    let mut out = format!(
-        "forkvm bench jail on {} ({} cores, {}), template {:?}\n\n{:<32} {:>22} {:>22} {:>7}\n",
-        report.machine.cpu,
-        report.machine.cores,
-        report.machine.kvm,
-        report.template,
-        "workload",
-        "jailed worker p50 / p99",
-        "in-process p50 / p99",
-        "ratio"
-    );
-    for w in &report.workloads {
-        out.push_str(&format!(
-            "{:<32} {:>9.0} / {:>7.0} us {:>9.0} / {:>7.0} us {:>6.2}x\n",
-            w.workload,
-            w.jailed.p50_us,
-            w.jailed.p99_us,
-            w.in_process.p50_us,
-            w.in_process.p99_us,
-            w.ratio_p50
-        ));
-    }
-    out
+    super::ratio_table(
+        format!(
+            "forkvm bench jail on {} ({} cores, {}), template {:?}",
+            report.machine.cpu, report.machine.cores, report.machine.kvm, report.template
+        ),
+        ["jailed worker p50 / p99", "in-process p50 / p99"],
+        report
+            .workloads
+            .iter()
+            .map(|w| (w.workload, &w.jailed, &w.in_process, w.ratio_p50)),
+    )
 }

@@ -107,3 +107,23 @@ impl Machine {
         }
     }
 }
+
+/// A table of workloads, each measured two ways, with the p50 ratio of the first to the
+/// second: `heading` above, then one row per `(workload, first, second, ratio)`.
+pub fn ratio_table<'a>(
+    heading: String,
+    columns: [&str; 2],
+    rows: impl IntoIterator<Item = (&'a str, &'a Latency, &'a Latency, f64)>,
+) -> String {
+    let mut out = format!(
+        "{heading}\n\n{:<32} {:>22} {:>22} {:>7}\n",
+        "workload", columns[0], columns[1], "ratio"
+    );
+    for (name, first, second, ratio) in rows {
+        out.push_str(&format!(
+            "{:<32} {:>9.0} / {:>7.0} us {:>9.0} / {:>7.0} us {:>6.2}x\n",
+            name, first.p50_us, first.p99_us, second.p50_us, second.p99_us, ratio
+        ));
+    }
+    out
+}

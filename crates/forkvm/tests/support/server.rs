@@ -108,6 +108,27 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// The Prometheus text of `/v1/metrics`.
+    pub fn metrics(&self) -> String {
+        client()
+            .get(self.url("/v1/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    /// `GET /v1/sandboxes/{id}` as `key`.
+    pub fn session(&self, key: &str, id: &str) -> serde_json::Value {
+        client()
+            .get(self.url(&format!("/v1/sandboxes/{id}")))
+            .bearer_auth(key)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
