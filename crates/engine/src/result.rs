@@ -7,7 +7,8 @@ use forkvm_protocol::Reply;
 use forkvm_vmm::SandboxExit;
 
 use forkvm_protocol::exec::{
-    EXIT_INTERNAL, EXIT_OUTPUT_LIMIT, EXIT_TIMEOUT, ErrorKind, ExecError, ExecLimits,
+    EXIT_INTERNAL, EXIT_OUTPUT_LIMIT, EXIT_PROCESS_LIMIT, EXIT_TIMEOUT, ErrorKind, ExecError,
+    ExecLimits,
 };
 
 /// What the sandbox reported after the run, for classification.
@@ -110,6 +111,14 @@ pub(crate) fn classify(ending: &Ending<'_>) -> (i32, ExecError, Option<Stream>) 
                 Some(hit.stream),
             )
         }
+        Some(SandboxExit::ProcessLimit(limit)) => (
+            EXIT_PROCESS_LIMIT,
+            ExecError::new(
+                ErrorKind::ProcessLimit,
+                format!("stopped: a fork passed the sandbox's limit of {limit} processes"),
+            ),
+            None,
+        ),
         Some(SandboxExit::Internal(why)) => (
             EXIT_INTERNAL,
             ExecError::new(ErrorKind::Internal, why),

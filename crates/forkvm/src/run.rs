@@ -22,7 +22,9 @@ pub const DEFAULT_ENV: &[&str] = &[
 ];
 
 // The statuses `forkvm exec` and the API use for the same endings.
-pub use forkvm_protocol::exec::{EXIT_INTERNAL, EXIT_OUTPUT_LIMIT, EXIT_TIMEOUT};
+pub use forkvm_protocol::exec::{
+    EXIT_INTERNAL, EXIT_OUTPUT_LIMIT, EXIT_PROCESS_LIMIT, EXIT_TIMEOUT,
+};
 
 /// A program to start in a sandbox, with its standard streams.
 pub struct Launch<'a> {
@@ -187,6 +189,13 @@ fn report(exit: &SandboxExit, timeout: Option<Duration>) -> i32 {
         SandboxExit::Deadlock(why) => {
             let _ = writeln!(stderr, "forkvm: program deadlocked: {why}");
             EXIT_INTERNAL
+        }
+        SandboxExit::ProcessLimit(limit) => {
+            let _ = writeln!(
+                stderr,
+                "forkvm: process limit: a fork passed the limit of {limit} processes; stopped"
+            );
+            EXIT_PROCESS_LIMIT
         }
         SandboxExit::Internal(why) => {
             let _ = writeln!(stderr, "forkvm: internal error: {why}");

@@ -354,16 +354,20 @@ impl Process {
         addr: u64,
     ) -> crate::Outcome {
         let blocked = self.threads.current_mask() & bit(signal) != 0;
-        if blocked || !matches!(self.signals.disposition(signal), Disposition::Handle(_)) {
-            return crate::Outcome::Exit(ExitReason::Signaled(signal));
-        }
-        let tid = self.threads.current();
-        self.threads
-            .signal_thread(tid, SigInfo::fault(signal, code, addr));
-        match self.deliver_signals(ctx, fpu, None) {
-            Ok(_) => crate::Outcome::Switched,
-            Err(reason) => crate::Outcome::Exit(reason),
-        }
+        let outcome =
+            if blocked || !matches!(self.signals.disposition(signal), Disposition::Handle(_)) {
+                crate::Outcome::Exit(ExitReason::Signaled(signal))
+            } else {
+                let tid = self.threads.current();
+                self.threads
+                    .signal_thread(tid, SigInfo::fault(signal, code, addr));
+                match self.deliver_signals(ctx, fpu, None) {
+                    Ok(_) => crate::Outcome::Switched,
+                    Err(reason) => crate::Outcome::Exit(reason),
+                }
+            };
+        // A process other than the first dies alone; the VMM reports the first's fault.
+        self.settle(outcome)
     }
 }
 

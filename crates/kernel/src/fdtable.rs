@@ -22,7 +22,18 @@ struct Shared {
     refs: usize,
 }
 
-/// The descriptor table of the sandboxed process.
+/// One process's descriptors while another process's are in the table (see
+/// `FdTable::exchange`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FdSlots {
+    slots: Vec<Option<Slot>>,
+    max_fds: usize,
+}
+
+/// The descriptors of the current process, and the open file descriptions of the whole
+/// sandbox: after `fork` a parent's and a child's descriptors share descriptions (one offset,
+/// one set of status flags), and a description is released with its last descriptor in any
+/// process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FdTable {
     slots: Vec<Option<Slot>>,
@@ -49,6 +60,34 @@ impl FdTable {
     /// must fit below it.
     pub fn set_max_fds(&mut self, max_fds: usize) {
         self.max_fds = max_fds;
+    }
+
+    /// Puts `other`'s descriptors in the table and the current ones in `other` (another
+    /// process becomes current).
+    pub fn exchange(&mut self, other: &mut FdSlots) {
+        std::mem::swap(&mut self.slots, &mut other.slots);
+        std::mem::swap(&mut self.max_fds, &mut other.max_fds);
+    }
+
+    /// A new process's descriptors (`fork`): a copy of the current ones, each sharing its
+    /// description, except `skip`.
+    pub fn fork(&mut self, skip: &[i32]) -> FdSlots {
+        let mut slots = self.slots.clone();
+        for (fd, slot) in slots.iter_mut().enumerate() {
+            if skip.contains(&(fd as i32)) {
+                *slot = None;
+            }
+            if let Some(slot) = slot {
+                self.descriptions[slot.description]
+                    .as_mut()
+                    .expect("a slot always refers to a live description")
+                    .refs += 1;
+            }
+        }
+        FdSlots {
+            slots,
+            max_fds: self.max_fds,
+        }
     }
 
     /// Number of open descriptors.
@@ -261,6 +300,21 @@ mod tests {
         assert!(t.cloexec(b).unwrap());
         assert!(t.close(a).unwrap().is_none());
         assert!(t.close(b).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_forked_table_shares_descriptions_until_the_last_close() {
+        let mut t = FdTable::new(16);
+        let a = t.open(null(), false).unwrap();
+        let skipped = t.open(null(), false).unwrap();
+        let mut child = t.fork(&[skipped]);
+        t.exchange(&mut child);
+        assert_eq!(t.get(skipped).err(), Some(Errno::EBADF));
+        t.get_mut(a).unwrap().offset = 7;
+        assert!(t.close(a).unwrap().is_none(), "the parent still has it");
+        t.exchange(&mut child);
+        assert_eq!(t.get(a).unwrap().offset, 7, "one offset for both");
+        assert!(t.close(a).unwrap().is_some());
     }
 
     #[test]

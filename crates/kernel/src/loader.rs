@@ -91,19 +91,32 @@ impl Process {
             config.limits,
             config.user_start,
         )?;
-        let (node, canonical) = process.resolve_program(&config.program)?;
-        process.exe_path = canonical;
-        let main = process.load_object(node, &config.program, true)?;
-        process.mm.init_brk(main.end);
+        let entry = process.load_program(&config.program, &config.argv, &config.envp)?;
+        process.set_cmdline(&config.argv);
+        Ok((process, entry))
+    }
+
+    /// Loads `program` (with its interpreter) into the current memory, which must hold no
+    /// mappings but the stack, and builds its initial stack: what `spawn` and `execve` share.
+    pub(crate) fn load_program(
+        &mut self,
+        program: &[u8],
+        argv: &[Vec<u8>],
+        envp: &[Vec<u8>],
+    ) -> Result<Entry, SpawnError> {
+        let (node, canonical) = self.resolve_program(program)?;
+        self.exe_path = canonical;
+        let main = self.load_object(node, program, true)?;
+        self.mm.init_brk(main.end);
         let (entry, interp_base) = match &main.interp {
             Some(interp_path) => {
-                let (interp_node, _) = process.resolve_program(interp_path)?;
-                let interp = process.load_object(interp_node, interp_path, false)?;
+                let (interp_node, _) = self.resolve_program(interp_path)?;
+                let interp = self.load_object(interp_node, interp_path, false)?;
                 (interp.entry, interp.bias)
             }
             None => (main.entry, 0),
         };
-        let vdso = process.map_vdso().map_err(|errno| SpawnError::NoMemory {
+        let vdso = self.map_vdso().map_err(|errno| SpawnError::NoMemory {
             path: "[vdso]".into(),
             errno,
         })?;
@@ -130,28 +143,23 @@ impl Process {
             (auxv::AT_MINSIGSTKSZ, crate::delivery::MIN_SIGNAL_STACK),
         ];
         let spec = StackSpec {
-            argv: &config.argv,
-            envp: &config.envp,
+            argv,
+            envp,
             auxv: &aux,
             random,
-            execfn: &config.program,
+            execfn: program,
         };
-        let image = stack::build(process.mm.layout().user_end, &spec, STACK_SIZE / 4)
+        let image = stack::build(self.mm.layout().user_end, &spec, STACK_SIZE / 4)
             .ok_or(SpawnError::StackTooSmall(STACK_SIZE / 4))?;
-        process
-            .ram
+        self.ram
             .write(image.base, &image.bytes)
-            .map_err(|_| SpawnError::RamTooSmall(process.ram.size()))?;
-        process
-            .sync_page_tables()
-            .map_err(|_| SpawnError::RamTooSmall(process.ram.size()))?;
-        Ok((
-            process,
-            Entry {
-                rip: entry,
-                rsp: image.rsp,
-            },
-        ))
+            .map_err(|_| SpawnError::RamTooSmall(self.ram.size()))?;
+        self.sync_page_tables()
+            .map_err(|_| SpawnError::RamTooSmall(self.ram.size()))?;
+        Ok(Entry {
+            rip: entry,
+            rsp: image.rsp,
+        })
     }
 
     fn resolve_program(&self, path: &[u8]) -> Result<(NodeId, Vec<u8>), SpawnError> {

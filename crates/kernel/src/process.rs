@@ -19,6 +19,7 @@ use crate::net::Sockets;
 use crate::notify::Notifiers;
 use crate::pagetable::PageTables;
 use crate::pipe::Pipes;
+use crate::procs::{INIT, Procs};
 use crate::signals::SignalState;
 use crate::stats::SyscallStats;
 use crate::threads::{Threads, Tid};
@@ -28,8 +29,6 @@ use forkvm_memory::ram::{GuestRam, PAGE_SIZE, page_align_down, page_align_up};
 
 /// Fixed identity the sandbox reports (it is alone in its own "system").
 pub mod identity {
-    pub const PID: u64 = 1;
-    pub const PPID: u64 = 0;
     pub const UID: u64 = 0;
     pub const GID: u64 = 0;
     pub const HOSTNAME: &[u8] = b"forkvm";
@@ -92,6 +91,8 @@ pub struct ProcessState {
     pub(crate) names: HostNames,
     /// Size of the guest RAM (the program's part ends below it, at the page-table pool).
     pub(crate) ram_size: u64,
+    /// The next thread or process id to give out.
+    pub(crate) next_id: Tid,
 }
 
 impl ProcessState {
@@ -142,6 +143,16 @@ pub struct Process {
     /// Unmapped pages KVM may still map, with the entry flags they had (see
     /// `sync_page_tables`). A new VM caches nothing, so this starts empty in every fork.
     pub(crate) stale: rangemap::RangeMap<u64, u64>,
+    /// The sandbox's other processes, and which one is current (`procs`).
+    pub(crate) procs: Procs,
+    /// Where fresh guest RAM comes from (`execve`); none in tests without a VMM.
+    pub(crate) machine: Option<Arc<dyn Machine>>,
+}
+
+/// What the syscall layer needs from the VMM: fresh guest RAM with its system area (page
+/// tables, descriptor tables, stubs) in place, for a process that replaces its image.
+pub trait Machine: Send + Sync {
+    fn fresh_ram(&self, size: u64) -> Result<GuestRam, String>;
 }
 
 impl Process {
@@ -194,7 +205,7 @@ impl Process {
             stats: SyscallStats::default(),
             exe_path: Vec::new(),
             umask: 0o022,
-            threads: Threads::new(identity::PID as Tid),
+            threads: Threads::new(INIT),
             timers: Timers::default(),
             vdso: None,
             names: HostNames::default(),
@@ -203,7 +214,14 @@ impl Process {
             huge_pages: true,
             tables,
             stale: rangemap::RangeMap::new(),
+            procs: Procs::new(INIT + 1),
+            machine: None,
         })
+    }
+
+    /// Sets where fresh guest RAM comes from (the VMM does, for `execve`).
+    pub fn set_machine(&mut self, machine: Arc<dyn Machine>) {
+        self.machine = Some(machine);
     }
 
     /// The state a snapshot keeps (see `ProcessState`).
@@ -225,6 +243,7 @@ impl Process {
             vdso: self.vdso,
             names: self.names.clone(),
             ram_size: self.ram.size(),
+            next_id: self.procs.next_id(),
         }
     }
 
@@ -267,6 +286,8 @@ impl Process {
             huge_pages: true,
             tables,
             stale: rangemap::RangeMap::new(),
+            procs: Procs::new(state.next_id),
+            machine: None,
         })
     }
 
@@ -349,6 +370,10 @@ impl Process {
     pub(crate) fn io_event(&mut self) {
         self.notifiers.generation += 1;
         self.threads.wake_io();
+        // Pipes and sockets join processes: their waiters look again too.
+        for parked in self.procs.parked.values_mut() {
+            parked.own.threads.wake_io();
+        }
     }
 
     /// Opens the control channel on descriptor 3 (for a template's agent).

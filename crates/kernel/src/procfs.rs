@@ -11,7 +11,7 @@ use std::fmt::Write;
 
 use crate::fileinfo::FS_DEV;
 use crate::mm::{Vma, VmaKind};
-use crate::process::{Process, identity};
+use crate::process::Process;
 use forkvm_memory::backing::Residency;
 use forkvm_memory::ram::PAGE_SIZE;
 
@@ -27,8 +27,9 @@ pub enum ProcFile {
 impl ProcFile {
     /// The file an absolute, normalized path names: `/proc/self/X`, `/proc/thread-self/X`
     /// or `/proc/<our pid>/X`.
-    pub fn from_path(path: &[u8]) -> Option<ProcFile> {
-        match proc_self_entry(path)? {
+    /// The file `path` names in the directory of process `pid` (the caller), if any.
+    pub fn from_path(path: &[u8], pid: u32) -> Option<ProcFile> {
+        match proc_self_entry(path, pid)? {
             b"maps" => Some(ProcFile::Maps),
             b"smaps" => Some(ProcFile::Smaps),
             b"smaps_rollup" => Some(ProcFile::SmapsRollup),
@@ -38,9 +39,9 @@ impl ProcFile {
     }
 }
 
-/// The part of `path` after the directory of the process itself, if it names one.
-pub fn proc_self_entry(path: &[u8]) -> Option<&[u8]> {
-    let pid_dir = format!("/proc/{}/", identity::PID);
+/// The part of `path` after the directory of the process itself (`pid`), if it names one.
+pub fn proc_self_entry(path: &[u8], pid: u32) -> Option<&[u8]> {
+    let pid_dir = format!("/proc/{pid}/");
     [
         b"/proc/self/".as_slice(),
         b"/proc/thread-self/",
@@ -264,18 +265,21 @@ mod tests {
     #[test]
     fn recognizes_our_own_directories_only() {
         assert_eq!(
-            ProcFile::from_path(b"/proc/self/maps"),
+            ProcFile::from_path(b"/proc/self/maps", 1),
             Some(ProcFile::Maps)
         );
         assert_eq!(
-            ProcFile::from_path(b"/proc/thread-self/smaps"),
+            ProcFile::from_path(b"/proc/thread-self/smaps", 1),
             Some(ProcFile::Smaps)
         );
-        let ours = format!("/proc/{}/statm", identity::PID);
-        assert_eq!(ProcFile::from_path(ours.as_bytes()), Some(ProcFile::Statm));
-        assert_eq!(ProcFile::from_path(b"/proc/4242/maps"), None);
-        assert_eq!(ProcFile::from_path(b"/proc/self/mapsx"), None);
-        assert_eq!(ProcFile::from_path(b"/proc/self"), None);
+        let ours = "/proc/1/statm";
+        assert_eq!(
+            ProcFile::from_path(ours.as_bytes(), 1),
+            Some(ProcFile::Statm)
+        );
+        assert_eq!(ProcFile::from_path(b"/proc/4242/maps", 1), None);
+        assert_eq!(ProcFile::from_path(b"/proc/self/mapsx", 1), None);
+        assert_eq!(ProcFile::from_path(b"/proc/self", 1), None);
     }
 
     #[test]

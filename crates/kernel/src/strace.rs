@@ -111,6 +111,7 @@ impl Process {
                 }
             }
             Outcome::AwaitingControl => line.push_str(" = ? (waiting for the VMM)"),
+            Outcome::Reschedule => line.push_str(" = ? (another process runs)"),
             Outcome::Switched => {
                 let _ = write!(
                     line,

@@ -7,6 +7,7 @@
 
 use crate::context::{Fpu, UserContext};
 use crate::process::Process;
+use crate::procs::{INIT, Pid, exited, killed};
 use crate::syscalls::{ExitReason, Outcome};
 use crate::threads::{Decision, Resume, Tid, monotonic_ns};
 
@@ -22,9 +23,30 @@ impl Process {
     /// loaded (`Outcome::Switched`). With none runnable: `Idle` until the earliest
     /// deadline, after which the VMM calls this again, or a deadlock when there is none.
     pub fn resume(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
+        let outcome = self.pick(ctx, fpu);
+        self.settle(outcome)
+    }
+
+    fn pick(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
         let now = monotonic_ns();
         self.fire_timers(now);
-        match self.threads.decide(now) {
+        // Processes take turns by time slice; threads within one by theirs.
+        if self.process_slice_over(now)
+            && let Some(pid) = self.other_runnable(now)
+        {
+            return self.switch_process(pid, now, fpu);
+        }
+        let decision = self.threads.decide(now);
+        if !matches!(decision, Decision::Run(_))
+            && let Some(pid) = self.other_runnable(now)
+        {
+            return self.switch_process(pid, now, fpu);
+        }
+        let next_timer = [self.next_timer(), self.procs.parked_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        match decision {
             Decision::Run(tid) => {
                 if let Err(reason) = self.take_fpu(tid, fpu) {
                     return Outcome::Exit(reason);
@@ -44,17 +66,45 @@ impl Process {
                 }
                 self.back_to_user(ctx, fpu, Outcome::Switched, interrupted)
             }
-            Decision::Idle(until) => {
-                Outcome::Idle(self.next_timer().map_or(until, |t| t.min(until)))
-            }
-            Decision::Deadlock if self.next_timer().is_some() => {
-                Outcome::Idle(self.next_timer().unwrap_or(now))
-            }
+            Decision::Idle(until) => Outcome::Idle(next_timer.map_or(until, |t| t.min(until))),
+            Decision::Deadlock if next_timer.is_some() => Outcome::Idle(next_timer.unwrap_or(now)),
             Decision::Deadlock => Outcome::Exit(ExitReason::Deadlock(format!(
                 "every thread waits for something no thread can do: {}",
                 self.threads.describe_waits()
             ))),
         }
+    }
+
+    /// Makes `pid` current: the VMM then resumes it on the vCPU over its memory. When both
+    /// use one vCPU (a `vfork` child and its parent), the vector state in it is saved for
+    /// the thread that owns it, and the incoming process loads its own.
+    fn switch_process(&mut self, pid: Pid, now: u64, fpu: &mut dyn Fpu) -> Outcome {
+        let shared = self.procs.memory_owner(self.pid()) == self.procs.memory_owner(pid);
+        if shared {
+            let (owner, alive) = self.threads.fpu_owner();
+            if alive {
+                self.threads.store_fpu(owner, fpu.save());
+            }
+            self.threads.set_fpu_owner(0);
+        }
+        self.switch_to(pid);
+        if shared {
+            self.threads.set_fpu_owner(0);
+        }
+        self.procs.slice_start_ns = now;
+        Outcome::Reschedule
+    }
+
+    /// A process other than `INIT` that exits or is killed becomes a zombie and another
+    /// runs; `INIT`'s end (and every other end) is the sandbox's.
+    pub(crate) fn settle(&mut self, outcome: Outcome) -> Outcome {
+        let status = match outcome {
+            Outcome::Exit(ExitReason::Exited(code)) if self.pid() != INIT => exited(code),
+            Outcome::Exit(ExitReason::Signaled(signal)) if self.pid() != INIT => killed(signal),
+            other => return other,
+        };
+        self.exit_process(status);
+        Outcome::Reschedule
     }
 
     /// Makes the vCPU hold `tid`'s vector state, saving the previous owner's.
@@ -83,7 +133,8 @@ impl Process {
         }
         let now = monotonic_ns();
         self.fire_timers(now);
-        self.threads.should_preempt(now)
+        self.process_turn_over(now)
+            || self.threads.should_preempt(now)
             || self
                 .threads
                 .current_has_deliverable(self.signals.pending.set())
@@ -92,20 +143,37 @@ impl Process {
     /// Interrupts the running thread, whose live context is `ctx`: another thread gets the
     /// vCPU if one is due, and the thread that runs takes its signals.
     pub fn interrupt(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
-        if self.threads.should_preempt(monotonic_ns()) {
+        let now = monotonic_ns();
+        if self.process_turn_over(now) || self.threads.should_preempt(now) {
             self.threads.requeue_current(Resume::Continue);
             return self.reschedule(ctx, fpu);
         }
-        self.back_to_user(ctx, fpu, Outcome::Switched, None)
+        let outcome = self.back_to_user(ctx, fpu, Outcome::Switched, None);
+        self.settle(outcome)
+    }
+
+    /// Whether the current process has had its slice and another process can run.
+    fn process_turn_over(&mut self, now: u64) -> bool {
+        self.process_slice_over(now) && self.other_runnable(now).is_some()
     }
 
     /// When (`CLOCK_MONOTONIC` nanoseconds) the VMM should interrupt the running thread for
     /// the scheduler; `None` while only one thread can run and none waits with a deadline.
     pub fn next_interrupt(&self) -> Option<u64> {
-        match (self.threads.next_interrupt(), self.next_timer()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let turn_end = self.others_runnable().then(|| {
+            self.procs
+                .slice_start_ns
+                .saturating_add(crate::threads::TIMESLICE_NS)
+        });
+        [
+            self.threads.next_interrupt(),
+            self.next_timer(),
+            self.procs.parked_deadline(),
+            turn_end,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// How many threads the process has.

@@ -79,6 +79,11 @@ pub enum WaitOn {
     Signal,
     /// One of these signals becoming pending, blocked or not (`sigtimedwait`).
     SignalIn(SigSet),
+    /// A child process changing state (`wait4`, `waitid`): made again when one does.
+    Child,
+    /// The `vfork` child with this pid giving back the memory it borrowed (by `execve` or
+    /// exiting). No signal ends this wait, as in Linux.
+    Vfork(Tid),
 }
 
 /// A blocked thread's wait.
@@ -170,7 +175,6 @@ pub struct Threads {
     /// The thread whose vector state the vCPU holds (saved lazily, only when another
     /// thread's is loaded).
     fpu_owner: Tid,
-    next_tid: Tid,
     next_seq: u64,
     /// When the current thread got the vCPU.
     slice_start_ns: u64,
@@ -211,10 +215,22 @@ impl Threads {
             threads,
             current: main,
             fpu_owner: main,
-            next_tid: main + 1,
             next_seq: 0,
             slice_start_ns: 0,
         }
+    }
+
+    /// The table of a new process: its one thread `main`, runnable from `context` with
+    /// vector state `fpu`. The process's vCPU holds no thread's state yet (a new VM's, or
+    /// the parent's lent by `vfork`), so `fpu` is loaded when the thread first runs.
+    pub fn forked(main: Tid, context: UserContext, fpu: FpuState) -> Threads {
+        let mut table = Threads::new(main);
+        let thread = table.threads.get_mut(&main).expect("just made");
+        thread.state = State::Runnable(Resume::Continue);
+        thread.context = context;
+        thread.fpu = fpu;
+        table.fpu_owner = 0;
+        table
     }
 
     pub fn current(&self) -> Tid {
@@ -252,20 +268,25 @@ impl Threads {
         self.threads.get(&self.current).map_or(0, |t| t.robust_list)
     }
 
-    /// Adds a runnable thread that starts from `context` and `fpu`, with the creator's
-    /// signal mask (a new thread has no alternate stack and nothing pending).
+    /// Whether another thread may be added.
+    pub fn has_room(&self) -> bool {
+        self.threads.len() < MAX_THREADS
+    }
+
+    /// Adds thread `tid` (an id the process table gave out), runnable from `context` and
+    /// `fpu`, with the creator's signal mask (a new thread has no alternate stack and
+    /// nothing pending).
     pub fn spawn(
         &mut self,
+        tid: Tid,
         context: UserContext,
         fpu: FpuState,
         clear_child_tid: u64,
     ) -> Result<Tid, Errno> {
         let mask = self.current_mask();
-        if self.threads.len() >= MAX_THREADS {
+        if !self.has_room() || self.threads.contains_key(&tid) {
             return Err(Errno::EAGAIN);
         }
-        let tid = self.next_tid;
-        self.next_tid = tid.checked_add(1).ok_or(Errno::EAGAIN)?;
         self.threads.insert(
             tid,
             Thread {
@@ -410,6 +431,31 @@ impl Threads {
     /// Something happened to a descriptor: every thread waiting for I/O looks again.
     pub fn wake_io(&mut self) {
         self.wake(usize::MAX, Resume::Restart, |on| *on == WaitOn::Io);
+    }
+
+    /// A child process changed state: every thread in `wait4`/`waitid` looks again.
+    pub fn wake_child_waiters(&mut self) {
+        self.wake(usize::MAX, Resume::Restart, |on| *on == WaitOn::Child);
+    }
+
+    /// The `vfork` child `child` gave its parent's memory back: the parent's `vfork`
+    /// returns the child's pid.
+    pub fn vfork_done(&mut self, child: Tid) {
+        self.wake(1, Resume::Return(u64::from(child)), |on| {
+            *on == WaitOn::Vfork(child)
+        });
+    }
+
+    /// Whether any thread can run.
+    pub fn has_runnable(&self) -> bool {
+        self.threads
+            .values()
+            .any(|t| matches!(t.state, State::Runnable(_)))
+    }
+
+    /// The ids of every thread.
+    pub fn tids(&self) -> impl Iterator<Item = Tid> + '_ {
+        self.threads.keys().copied()
     }
 
     /// Ends the waits whose deadline is at or before `now`. Returns whether any did.
@@ -598,6 +644,7 @@ impl Threads {
             return None;
         };
         match wait.on {
+            WaitOn::Vfork(_) => None,
             WaitOn::SignalIn(set) if set & bit(signal) != 0 => Some(Resume::Restart),
             _ if thread.mask & bit(signal) != 0 => None,
             // A syscall that moved some bytes returns their count, as Linux's do.
@@ -670,6 +717,8 @@ impl Threads {
                     WaitOn::Signal | WaitOn::SignalIn(_) => {
                         format!("thread {tid} waits for a signal")
                     }
+                    WaitOn::Child => format!("thread {tid} waits for a child process"),
+                    WaitOn::Vfork(child) => format!("thread {tid} waits for vfork child {child}"),
                 }),
                 _ => None,
             })
@@ -681,6 +730,13 @@ impl Threads {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Thread ids for tests, never the same twice.
+    fn next() -> Tid {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(100);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
 
     fn futex(addr: u64) -> Wait {
         Wait {
@@ -698,10 +754,10 @@ mod tests {
     fn wakes_are_first_come_first_served_and_respect_the_count() {
         let mut t = Threads::new(1);
         let a = t
-            .spawn(UserContext::default(), FpuState::default(), 0)
+            .spawn(next(), UserContext::default(), FpuState::default(), 0)
             .unwrap();
         let b = t
-            .spawn(UserContext::default(), FpuState::default(), 0)
+            .spawn(next(), UserContext::default(), FpuState::default(), 0)
             .unwrap();
         t.block_current(futex(0x1000), 0);
         assert_eq!(t.run(b, 0).map(|r| r.1), Some(Resume::Continue));
@@ -767,11 +823,11 @@ mod tests {
     fn the_limit_holds() {
         let mut t = Threads::new(1);
         for _ in 1..MAX_THREADS {
-            t.spawn(UserContext::default(), FpuState::default(), 0)
+            t.spawn(next(), UserContext::default(), FpuState::default(), 0)
                 .unwrap();
         }
         assert_eq!(
-            t.spawn(UserContext::default(), FpuState::default(), 0),
+            t.spawn(next(), UserContext::default(), FpuState::default(), 0),
             Err(Errno::EAGAIN)
         );
     }

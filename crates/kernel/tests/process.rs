@@ -238,30 +238,6 @@ fn identity_syscalls() {
 }
 
 #[test]
-fn process_creation_is_refused_and_counted() {
-    let mut h = Harness::new();
-    for nr in [libc::SYS_fork, libc::SYS_vfork, libc::SYS_execve] {
-        assert_eq!(h.sys(nr, &[0; 6]), err(libc::ENOSYS), "syscall {nr}");
-    }
-    assert_eq!(h.sys(libc::SYS_fork, &[]), err(libc::ENOSYS));
-    // `clone` makes threads; a new process (what fork() asks for) is refused.
-    let sigchld = libc::SIGCHLD as u64;
-    assert_eq!(
-        h.sys(libc::SYS_clone, &[sigchld, 0, 0, 0, 0]),
-        err(libc::ENOSYS)
-    );
-    let args = h.at(0x100);
-    h.poke(args, &[0; 64]);
-    assert_eq!(h.sys(libc::SYS_clone3, &[args, 64]), err(libc::ENOSYS));
-    assert_eq!(h.sys(libc::SYS_clone3, &[0, 0]), err(libc::EINVAL));
-    let unsupported = &h.process.stats().unsupported;
-    assert_eq!(unsupported.get("fork"), Some(&2));
-    assert_eq!(unsupported.get("clone (new process)"), Some(&2));
-    assert_eq!(unsupported.get("execve"), Some(&1));
-    assert_eq!(unsupported.get("vfork"), Some(&1));
-}
-
-#[test]
 fn unknown_syscall_is_enosys_and_counted() {
     let mut h = Harness::new();
     let total_before = h.process.stats().total;

@@ -17,6 +17,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
+use rangemap::RangeSet;
+
 use crate::ram::{GuestRam, HUGE_PAGE_SIZE, MemoryError, PAGE_SIZE};
 
 /// `/proc/self/pagemap` flag: the page is present in RAM.
@@ -191,6 +193,11 @@ pub struct Residency {
     pub private_pages: u64,
 }
 
+/// `/proc/self/pagemap`: the page is swapped out.
+const PM_SWAPPED: u64 = 1 << 62;
+/// How much a duplicate copies at a time.
+const COPY_CHUNK: u64 = 1 << 20;
+
 /// What a reset did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResetStats {
@@ -203,7 +210,8 @@ pub struct ResetStats {
 impl GuestRam {
     /// Maps `backing` copy-on-write: the base file, then each layer's ranges over it.
     pub fn from_backing(backing: &Backing, size: u64) -> Result<GuestRam, MemoryError> {
-        let ram = GuestRam::private_file(&backing.base, size)?;
+        let mut ram = GuestRam::private_file(&backing.base, size)?;
+        ram.origin = Some(backing.clone());
         for layer in &backing.layers {
             for &(start, end) in &layer.ranges {
                 ram.map_backing(start, end - start, &layer.file)?;
@@ -242,6 +250,92 @@ impl GuestRam {
             addr += count as u64 * PAGE_SIZE;
         }
         Ok(())
+    }
+
+    /// A private copy of what `ranges` (page aligned) hold, in new RAM of the same size: a
+    /// forked process's memory. RAM that is a view of a snapshot is copied as a new view of
+    /// the same snapshot plus the pages that differ from it (the pages this RAM made its own,
+    /// and the ranges it mapped anew); other RAM as new anonymous memory holding the pages
+    /// present on the host (the rest read as zero) and every page of ranges that map a file.
+    pub fn duplicate(&self, ranges: &[(u64, u64)]) -> Result<GuestRam, MemoryError> {
+        for &(start, end) in ranges {
+            if start >= end || end > self.size() {
+                return Err(MemoryError::BadRange {
+                    addr: start,
+                    len: end.saturating_sub(start),
+                });
+            }
+        }
+        let (copy, own_pages) = match &self.origin {
+            Some(origin) => (GuestRam::from_backing(origin, self.size())?, PM_PRESENT),
+            None => (GuestRam::anonymous(self.size())?, PM_PRESENT | PM_FILE),
+        };
+        let remapped: RangeSet<u64> = match &self.origin {
+            Some(_) => self
+                .remapped
+                .lock()
+                .expect("remap log lock")
+                .iter()
+                .filter(|(s, e)| s < e)
+                .map(|&(s, e)| s..e)
+                .collect(),
+            None => std::iter::once(0..self.size()).collect(),
+        };
+        let anonymous = self
+            .host_pages
+            .lock()
+            .expect("host pages lock")
+            .anonymous()
+            .clone();
+        // Pages whose bytes must be written, and whether zeros among them may be skipped
+        // (only where the copy already reads as zero).
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut zeroed: RangeSet<u64> = RangeSet::new();
+        for &(start, end) in ranges {
+            self.walk_pagemap(start, end, |addr, flags| {
+                let present = flags & (PM_PRESENT | PM_SWAPPED) != 0;
+                let own = flags & PM_FILE == 0 || own_pages & PM_FILE != 0;
+                if present && own {
+                    match runs.last_mut() {
+                        Some(last) if last.1 == addr => last.1 = addr + PAGE_SIZE,
+                        _ => runs.push((addr, addr + PAGE_SIZE)),
+                    }
+                }
+            })?;
+            for piece in remapped.overlapping(&(start..end)) {
+                let (from, to) = (piece.start.max(start), piece.end.min(end));
+                if self.origin.is_some() {
+                    copy.discard(from, to - from)?;
+                }
+                zeroed.insert(from..to);
+                // Where a file is mapped its bytes live in the file: copy them all.
+                for file in anonymous.gaps(&(from..to)) {
+                    runs.push((file.start, file.end));
+                }
+            }
+        }
+        let mut buf = vec![0u8; COPY_CHUNK as usize];
+        let out_of_bounds = |e: crate::ram::OutOfBounds| MemoryError::BadRange {
+            addr: e.addr,
+            len: e.len,
+        };
+        for (start, end) in merge_ranges(runs) {
+            let mut at = start;
+            while at < end {
+                let len = (end - at).min(COPY_CHUNK);
+                let chunk = &mut buf[..len as usize];
+                self.read(at, chunk).map_err(out_of_bounds)?;
+                for (i, page) in chunk.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    let addr = at + i as u64 * PAGE_SIZE;
+                    if zeroed.contains(&addr) && page.iter().all(|&b| b == 0) {
+                        continue;
+                    }
+                    copy.write(addr, page).map_err(out_of_bounds)?;
+                }
+                at += len;
+            }
+        }
+        Ok(copy)
     }
 
     /// Guest addresses of the private (copied-on-write) pages, in order.

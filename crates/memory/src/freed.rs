@@ -59,6 +59,11 @@ impl HostPages {
     }
 
     /// Whether all of `[start, end)` is anonymous.
+    /// The ranges backed by anonymous host memory.
+    pub(crate) fn anonymous(&self) -> &RangeSet<u64> {
+        &self.anonymous
+    }
+
     pub(crate) fn is_anonymous(&self, start: u64, end: u64) -> bool {
         start >= end || self.anonymous.gaps(&(start..end)).next().is_none()
     }

@@ -80,6 +80,8 @@ pub struct GuestRam {
     replaced: Mutex<RangeSet<u64>>,
     /// Which ranges are host-anonymous, and which unmapped ones are kept zeroed (`freed`).
     pub(crate) host_pages: Mutex<HostPages>,
+    /// The snapshot this RAM is a copy-on-write view of (`from_backing`), for `duplicate`.
+    pub(crate) origin: Option<crate::backing::Backing>,
 }
 
 // SAFETY: the mapping is owned by `self` and lives until Drop; the raw base pointer is only
@@ -143,6 +145,7 @@ impl GuestRam {
             remapped: Mutex::new(Vec::new()),
             replaced: Mutex::new(RangeSet::new()),
             host_pages: Mutex::new(host_pages),
+            origin: None,
         })
     }
 

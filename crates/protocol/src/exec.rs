@@ -123,6 +123,8 @@ impl ExecRequest {
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit code when an output stream hit its cap.
 pub const EXIT_OUTPUT_LIMIT: i32 = 125;
+/// Exit code when a `fork` passed the process limit (`EX_OSERR`: it could not fork).
+pub const EXIT_PROCESS_LIMIT: i32 = 71;
 /// Exit code when the sandbox failed for a reason of ours (`EX_SOFTWARE`).
 pub const EXIT_INTERNAL: i32 = 70;
 
@@ -133,6 +135,7 @@ pub enum ErrorKind {
     Timeout,
     MemoryLimit,
     OutputLimit,
+    ProcessLimit,
     Fault,
     UnsupportedSyscall,
     Internal,
@@ -146,6 +149,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::MemoryLimit => "memory_limit",
             ErrorKind::OutputLimit => "output_limit",
+            ErrorKind::ProcessLimit => "process_limit",
             ErrorKind::Fault => "fault",
             ErrorKind::UnsupportedSyscall => "unsupported_syscall",
             ErrorKind::Internal => "internal",

@@ -8,8 +8,8 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{self, BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Instant;
@@ -18,7 +18,7 @@ use forkvm_image::{BuildError, FORMAT_VERSION, Image, ImageError, build_image};
 use sha2::{Digest, Sha256};
 
 /// Bumped whenever the build steps below change what ends up in the image.
-pub const BUILDER_VERSION: u32 = 3;
+pub const BUILDER_VERSION: u32 = 4;
 
 /// Where images are cached when `$FORKVM_CACHE_DIR` is unset.
 pub const SYSTEM_CACHE_DIR: &str = "/var/cache/forkvm";
@@ -42,22 +42,6 @@ const TRIMMED_DIRS: &[&str] = &[
 /// The excluded files are test data that is invalid Python on purpose. Output goes to
 /// stderr, where failures are reported from.
 const COMPILE_HOOK: &str = r#"[ ! -x "$1/usr/bin/python3" ] || chroot "$1" sh -c 'exec python3 -m compileall -q -j0 -x "/lib2to3/tests/data/|/test/bad(_coding|syntax_)" /usr/lib/python3*' >&2"#;
-
-/// Appended to each Python's `sitecustomize.py`. A sandbox cannot start processes: glibc's
-/// `system()` reports that as "the shell exited with status 127", which `os.system` returns
-/// without raising, so a program would carry on as if the command had run. This makes it raise
-/// the `OSError` that `subprocess` and `os.fork` already raise there.
-const SITE_POLICY: &str = r#"
-# Added by forkvm: this sandbox cannot start processes.
-def _forkvm_system(command):
-    import errno, os
-    raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), command)
-
-
-import os as _forkvm_os
-_forkvm_os.system = _forkvm_system
-del _forkvm_os
-"#;
 
 /// Lines of mmdebstrap's stderr kept for error reports.
 const STDERR_TAIL_LINES: usize = 40;
@@ -116,7 +100,9 @@ impl Default for RootfsSpec {
     /// product); msgpack, which the in-sandbox agent speaks to the VMM with; netbase
     /// (`/etc/services` and `/etc/protocols`, which name ports and protocols); and the
     /// standard library's test suite (used to check the syscall layer against real
-    /// programs). SciPy and scikit-learn stay out: Debian's SciPy depends on a compiler
+    /// programs); and the userland an agent's shell commands expect: bash and the core
+    /// utilities (in every Debian), plus gawk, compressors and archivers, `file`, `less`,
+    /// `ps` and friends, git, pip and venv. SciPy and scikit-learn stay out: Debian's SciPy depends on a compiler
     /// toolchain through Pythran, which triples the image; templates add them
     /// (`forkvm template build NAME --packages numpy,sklearn`).
     fn default() -> Self {
@@ -130,6 +116,17 @@ impl Default for RootfsSpec {
                 "python3-msgpack",
                 "netbase",
                 "libpython3.11-testsuite",
+                "gawk",
+                "xz-utils",
+                "bzip2",
+                "zip",
+                "unzip",
+                "file",
+                "less",
+                "procps",
+                "git",
+                "python3-pip",
+                "python3-venv",
             ]
             .map(String::from)
             .to_vec(),
@@ -342,7 +339,6 @@ fn prepare_tree(root: &Path) -> Result<(), RootfsError> {
         fs::create_dir(&tmp).map_err(prepare_error(&tmp))?;
     }
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(prepare_error(&tmp))?;
-    install_site_policy(root)?;
     write_network_identity(root)?;
     // Not following the link: on Debian it is relative into /usr/lib, valid inside the image.
     if fs::symlink_metadata(root.join("etc/os-release")).is_err() {
@@ -382,45 +378,6 @@ fn write_network_identity(root: &Path) -> Result<(), RootfsError> {
 fn prepare_error(path: &Path) -> impl FnOnce(io::Error) -> RootfsError {
     let path = path.to_owned();
     move |source| RootfsError::PrepareTree { path, source }
-}
-
-/// Appends [`SITE_POLICY`] to the `sitecustomize.py` of every Python in the tree (Debian keeps
-/// it in `/etc/python3.X/`, linked from `/usr/lib/python3.X/`), and drops the byte code compiled
-/// from the old text so no stale copy is left to check.
-fn install_site_policy(root: &Path) -> Result<(), RootfsError> {
-    let etc = root.join("etc");
-    for entry in fs::read_dir(&etc).map_err(prepare_error(&etc))? {
-        let entry = entry.map_err(prepare_error(&etc))?;
-        let name = entry.file_name();
-        let Some(version) = name.to_str().filter(|n| n.starts_with("python3.")) else {
-            continue;
-        };
-        let site = entry.path().join("sitecustomize.py");
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            // Packages ship a regular file; a link could point out of the tree.
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&site)
-            .map_err(prepare_error(&site))?;
-        file.write_all(SITE_POLICY.as_bytes())
-            .map_err(prepare_error(&site))?;
-        let cache = root.join("usr/lib").join(version).join("__pycache__");
-        let Ok(compiled) = fs::read_dir(&cache) else {
-            continue;
-        };
-        for entry in compiled {
-            let path = entry.map_err(prepare_error(&cache))?.path();
-            let stale = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("sitecustomize."));
-            if stale {
-                fs::remove_file(&path).map_err(prepare_error(&path))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The scratch directory mmdebstrap installs into; removed on drop, but never while

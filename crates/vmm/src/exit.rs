@@ -57,6 +57,8 @@ pub enum SandboxExit {
     OutputLimit(OutputLimitReached),
     /// The program blocked forever (e.g. a futex wait with no other thread).
     Deadlock(String),
+    /// A `fork` would have passed the sandbox's process limit (a fork bomb).
+    ProcessLimit(usize),
     /// Something the VMM did not expect (an exit it cannot explain, a failed ioctl).
     Internal(String),
 }

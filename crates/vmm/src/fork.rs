@@ -132,6 +132,7 @@ impl Vmm {
             Process::from_state(ram, source.image.clone(), source.process.clone(), console)
                 .map_err(VmmError::Process)?;
         Ok(Sandbox::from_restored(
+            self.kvm(),
             vm,
             vcpu,
             process,

@@ -18,6 +18,8 @@ pub mod vcpu;
 pub mod watchdog;
 
 use forkvm_memory::ram::{GuestRam, MemoryError};
+use std::sync::Arc;
+
 use kvm_ioctls::Kvm;
 use thiserror::Error;
 
@@ -71,8 +73,32 @@ pub const MIN_RAM: u64 = 64 << 20;
 
 /// The process-wide KVM handle and the CPU features every sandbox gets.
 pub struct Vmm {
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     cpu: CpuTemplate,
+}
+
+/// Allocates sparse guest RAM of `size` bytes holding the page tables, descriptor tables
+/// and stubs; the program's memory is still all zero.
+pub fn new_ram(size: u64) -> Result<GuestRam, VmmError> {
+    if !(MIN_RAM..=layout::MAX_RAM).contains(&size) || !size.is_multiple_of(layout::RAM_ALIGN) {
+        return Err(VmmError::RamSize {
+            size,
+            max: layout::MAX_RAM,
+        });
+    }
+    let ram = GuestRam::anonymous(size)?;
+    paging::build_system_area(&ram)?;
+    descriptors::install(&ram)?;
+    Ok(ram)
+}
+
+/// Fresh guest RAM for the syscall layer (`execve`).
+pub struct SystemArea;
+
+impl forkvm_kernel::Machine for SystemArea {
+    fn fresh_ram(&self, size: u64) -> Result<GuestRam, String> {
+        new_ram(size).map_err(|e| e.to_string())
+    }
 }
 
 impl Vmm {
@@ -80,10 +106,13 @@ impl Vmm {
     pub fn new() -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         let cpu = CpuTemplate::from_host(&kvm)?;
-        Ok(Self { kvm, cpu })
+        Ok(Self {
+            kvm: Arc::new(kvm),
+            cpu,
+        })
     }
 
-    pub fn kvm(&self) -> &Kvm {
+    pub fn kvm(&self) -> &Arc<Kvm> {
         &self.kvm
     }
 
@@ -94,16 +123,7 @@ impl Vmm {
     /// Allocates sparse guest RAM of `size` bytes holding the page tables, descriptor tables
     /// and stubs; the program's memory is still all zero.
     pub fn new_ram(&self, size: u64) -> Result<GuestRam, VmmError> {
-        if !(MIN_RAM..=layout::MAX_RAM).contains(&size) || !size.is_multiple_of(layout::RAM_ALIGN) {
-            return Err(VmmError::RamSize {
-                size,
-                max: layout::MAX_RAM,
-            });
-        }
-        let ram = GuestRam::anonymous(size)?;
-        paging::build_system_area(&ram)?;
-        descriptors::install(&ram)?;
-        Ok(ram)
+        new_ram(size)
     }
 
     /// The one way to start a program in a new sandbox: fresh guest RAM with its system

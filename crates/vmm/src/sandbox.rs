@@ -1,6 +1,8 @@
 //! A sandbox: one KVM VM with one vCPU running a program in ring 3, and the loop that serves
 //! its syscalls until it ends or parks on the control channel.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkvm_kernel::vdso::GuestTsc;
@@ -35,6 +37,11 @@ pub enum SandboxError {
     Vcpu(#[from] VcpuSetupError),
     #[error("the sandbox is not parked on its control channel")]
     NotParked,
+    #[error(
+        "the sandbox has {0} running processes besides its first: a snapshot or fork of a \
+         sandbox holds one process for now (end or wait for the others first)"
+    )]
+    SeveralProcesses(usize),
     #[error("completing the control-channel read: {0}")]
     Deliver(syscalls::Errno),
 }
@@ -55,12 +62,19 @@ pub struct Parked {
     pub sregs: kvm_sregs,
 }
 
-/// One VM, one vCPU, one process. Field order is drop order: the vCPU and VM go before the
-/// guest RAM (owned by `process`) they refer to.
+/// The sandbox's processes, each with guest RAM and a VM of its own; the one current in
+/// the syscall layer runs on `vcpu`. Field order is drop order: the vCPUs and VMs go before
+/// the guest RAM (owned by `process`) they refer to.
 pub struct Sandbox {
     vcpu: VcpuFd,
     _vm: VmFd,
+    /// The VMs of the other processes' memory, by the host address of their RAM.
+    others: HashMap<u64, (VcpuFd, VmFd)>,
+    /// The host address of the RAM `vcpu`'s VM maps.
+    space: u64,
     process: Process,
+    kvm: Arc<Kvm>,
+    cpu: CpuTemplate,
     user_cs: kvm_segment,
     user_ss: kvm_segment,
     parked: Option<Parked>,
@@ -76,7 +90,8 @@ const USER_RFLAGS_MASK: u64 = 0x3c_0dd5;
 
 /// Creates a VM whose only memory slot is `ram`.
 pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, SandboxError> {
-    let vm = kvm.create_vm().map_err(SandboxError::CreateVm)?;
+    // The scheduler's and watchdog's timer signals may interrupt it; it is made again.
+    let vm = retry_interrupted(|| kvm.create_vm()).map_err(SandboxError::CreateVm)?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -90,20 +105,53 @@ pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, SandboxError>
     Ok(vm)
 }
 
+/// Calls `op` until a timer signal does not interrupt it.
+fn retry_interrupted<T>(
+    mut op: impl FnMut() -> Result<T, kvm_ioctls::Error>,
+) -> Result<T, kvm_ioctls::Error> {
+    loop {
+        match op() {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            other => return other,
+        }
+    }
+}
+
+/// A VM over `ram` with a vCPU configured for ring 3, starting at `rip` with stack `rsp`.
+fn new_vm(
+    kvm: &Kvm,
+    cpu: &CpuTemplate,
+    ram: &GuestRam,
+    rip: u64,
+    rsp: u64,
+) -> Result<(VmFd, VcpuFd), SandboxError> {
+    let vm = create_vm(kvm, ram)?;
+    let mut vcpu = retry_interrupted(|| vm.create_vcpu(0)).map_err(SandboxError::CreateVcpu)?;
+    vcpu::configure(&vcpu, cpu, rip, rsp)?;
+    vcpu.set_sync_valid_reg(SyncReg::Register);
+    vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+    // KVM fills the shared register area only on an exit; `load_context` edits it in place
+    // before the first run, so it must start as the vCPU's real registers.
+    let sregs = vcpu.get_sregs().map_err(SandboxError::GetSregs)?;
+    let regs = vcpu.get_regs().map_err(SandboxError::GetSregs)?;
+    let sync = vcpu.sync_regs_mut();
+    sync.sregs = sregs;
+    sync.regs = regs;
+    Ok((vm, vcpu))
+}
+
 impl Sandbox {
     /// Creates the VM over `process`'s RAM and a vCPU ready to start at `entry`. The RAM must
     /// already hold the page tables and descriptors (`Vmm::new_ram`).
     pub fn new(
-        kvm: &Kvm,
+        kvm: &Arc<Kvm>,
         cpu: &CpuTemplate,
         process: Process,
         entry: Entry,
     ) -> Result<Self, SandboxError> {
-        let vm = create_vm(kvm, process.ram())?;
-        let vcpu = vm.create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
-        vcpu::configure(&vcpu, cpu, entry.rip, entry.rsp)?;
+        let (vm, vcpu) = new_vm(kvm, cpu, process.ram(), entry.rip, entry.rsp)?;
         let sregs = vcpu.get_sregs().map_err(SandboxError::GetSregs)?;
-        let mut sandbox = Self::assemble(vm, vcpu, process, sregs.cs, sregs.ss, None, cpu.tsc);
+        let mut sandbox = Self::assemble(kvm, cpu, vm, vcpu, process, (sregs.cs, sregs.ss), None);
         sandbox.process.refresh_clock(cpu.tsc);
         Ok(sandbox)
     }
@@ -112,41 +160,75 @@ impl Sandbox {
     /// (a fork of a snapshot).
     /// Its clock page is refreshed when a request is delivered.
     pub fn from_restored(
+        kvm: &Arc<Kvm>,
         vm: VmFd,
         vcpu: VcpuFd,
         process: Process,
         state: &VcpuState,
         cpu: &CpuTemplate,
     ) -> Self {
-        let (user_cs, user_ss) = vcpu::user_segments();
         let parked = Parked {
             regs: state.regs,
             sregs: state.sregs,
         };
-        Self::assemble(vm, vcpu, process, user_cs, user_ss, Some(parked), cpu.tsc)
+        let segments = vcpu::user_segments();
+        Self::assemble(kvm, cpu, vm, vcpu, process, segments, Some(parked))
     }
 
     fn assemble(
+        kvm: &Arc<Kvm>,
+        cpu: &CpuTemplate,
         vm: VmFd,
         mut vcpu: VcpuFd,
-        process: Process,
-        user_cs: kvm_segment,
-        user_ss: kvm_segment,
+        mut process: Process,
+        (user_cs, user_ss): (kvm_segment, kvm_segment),
         parked: Option<Parked>,
-        tsc: Option<GuestTsc>,
     ) -> Self {
         vcpu.set_sync_valid_reg(SyncReg::Register);
         vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        process.set_machine(Arc::new(crate::SystemArea));
         Self {
             vcpu,
             _vm: vm,
+            others: HashMap::new(),
+            space: process.ram().host_base(),
             process,
+            kvm: kvm.clone(),
+            cpu: cpu.clone(),
             user_cs,
             user_ss,
             parked,
             cpu_limit: None,
-            tsc,
+            tsc: cpu.tsc,
         }
+    }
+
+    /// Makes `vcpu` the one over the current process's memory (creating its VM the first
+    /// time), and drops the VMs of memory the syscall layer retired, then that memory.
+    fn select_vcpu(&mut self) -> Result<(), SandboxError> {
+        let retired = self.process.take_retired_ram();
+        let want = self.process.ram().host_base();
+        if want != self.space {
+            let (vcpu, vm) = match self.others.remove(&want) {
+                Some(pair) => pair,
+                None => {
+                    let (vm, vcpu) = new_vm(&self.kvm, &self.cpu, self.process.ram(), 0, 0)?;
+                    (vcpu, vm)
+                }
+            };
+            let old_vcpu = std::mem::replace(&mut self.vcpu, vcpu);
+            let old_vm = std::mem::replace(&mut self._vm, vm);
+            let old_space = std::mem::replace(&mut self.space, want);
+            if !retired.iter().any(|ram| ram.host_base() == old_space) {
+                self.others.insert(old_space, (old_vcpu, old_vm));
+            }
+        }
+        for ram in &retired {
+            self.others.remove(&ram.host_base());
+        }
+        // Only now, with no VM over it left, may the memory go.
+        drop(retired);
+        Ok(())
     }
 
     /// Limits the CPU time of every later run (per `run_until_request` call).
@@ -162,8 +244,14 @@ impl Sandbox {
         &mut self.process
     }
 
-    /// Takes the sandbox apart (to reset and reuse its VM).
-    pub fn into_parts(self) -> (VmFd, VcpuFd, Process) {
+    /// Takes the sandbox apart (to reset and reuse its VM): the first process's VM, vCPU and
+    /// state; every other process is dropped.
+    pub fn into_parts(mut self) -> (VmFd, VcpuFd, Process) {
+        self.process.make_init_current();
+        if let Err(e) = self.select_vcpu() {
+            tracing::error!(error = %e, "restoring the first process's VM");
+        }
+        self.others.clear();
         (self._vm, self.vcpu, self.process)
     }
 
@@ -176,6 +264,10 @@ impl Sandbox {
     pub fn capture_vcpu(&self) -> Result<VcpuState, SandboxError> {
         if self.parked.is_none() {
             return Err(SandboxError::NotParked);
+        }
+        let others = self.process.live_process_count() - 1;
+        if others > 0 {
+            return Err(SandboxError::SeveralProcesses(others));
         }
         Ok(VcpuState::capture(&self.vcpu)?)
     }
@@ -247,6 +339,10 @@ impl Sandbox {
                     step = Step::Continue;
                     break;
                 }
+                if let Err(e) = self.select_vcpu() {
+                    step = Step::End(SandboxExit::Internal(format!("a process's VM: {e}")));
+                    break;
+                }
                 let mut fpu = VcpuFpu(&self.vcpu);
                 let outcome = self.process.resume(&mut ctx, &mut fpu);
                 step = self.finish(outcome, ctx);
@@ -314,10 +410,15 @@ impl Sandbox {
     fn finish(&mut self, outcome: Outcome, ctx: UserContext) -> Step {
         match outcome {
             Outcome::Return(_) | Outcome::Switched => {
+                if let Err(e) = self.select_vcpu() {
+                    return Step::End(SandboxExit::Internal(format!("a process's VM: {e}")));
+                }
                 self.load_context(&ctx);
                 Step::Continue
             }
             Outcome::Idle(until) => Step::Idle(until, ctx),
+            // Another process runs next: resume it at once on its own vCPU.
+            Outcome::Reschedule => Step::Idle(0, ctx),
             Outcome::AwaitingControl => Step::End(SandboxExit::Internal(
                 "a thread parked on the control channel while switching".into(),
             )),
@@ -326,6 +427,7 @@ impl Sandbox {
                 ExitReason::Signaled(signal) => SandboxExit::Signaled(signal),
                 ExitReason::OutputLimit(limit) => SandboxExit::OutputLimit(limit),
                 ExitReason::Deadlock(why) => SandboxExit::Deadlock(why),
+                ExitReason::ProcessLimit(limit) => SandboxExit::ProcessLimit(limit),
             }),
         }
     }
@@ -494,6 +596,9 @@ pub(crate) fn live_context(sync: &kvm_sync_regs) -> UserContext {
 /// first (the caller's loop then sees the deadline and ends the sandbox).
 fn idle_until(until: u64, deadline: Option<Instant>) -> bool {
     let now = forkvm_kernel::threads::monotonic_ns();
+    if until <= now {
+        return true;
+    }
     let wait = Duration::from_nanos(until.saturating_sub(now));
     match deadline {
         Some(deadline) if Instant::now() + wait > deadline => {

@@ -101,10 +101,10 @@ impl Process {
             b"/dev/stderr" => Special::Link(b"/proc/self/fd/2".to_vec()),
             p if p.starts_with(b"/dev/fd/") => return fd_link(&p[8..]),
             p => {
-                if let Some(file) = ProcFile::from_path(p) {
+                if let Some(file) = ProcFile::from_path(p, self.pid()) {
                     return Some(Special::Proc(file));
                 }
-                match proc_self_entry(p)? {
+                match proc_self_entry(p, self.pid())? {
                     b"exe" => Special::Link(self.exe_path.clone()),
                     b"cwd" => Special::Link(self.cwd.clone()),
                     entry => return fd_link(entry.strip_prefix(b"fd/")?),

@@ -6,6 +6,7 @@
 
 pub(crate) mod copy;
 pub(crate) mod epoll;
+pub(crate) mod exec;
 pub(crate) mod fd;
 pub(crate) mod fs;
 pub(crate) mod futex;
@@ -17,6 +18,7 @@ pub(crate) mod notify;
 pub(crate) mod pipe;
 pub(crate) mod poll;
 pub(crate) mod proc;
+pub(crate) mod procs;
 pub(crate) mod shared;
 pub(crate) mod signal;
 pub(crate) mod socket;
@@ -42,6 +44,8 @@ pub enum ExitReason {
     OutputLimit(OutputLimitReached),
     /// The program waited for something that can never happen (a futex with no other thread).
     Deadlock(String),
+    /// A `fork` would have made more processes than the sandbox may have (a fork bomb).
+    ProcessLimit(usize),
 }
 
 /// What the VMM should do after a syscall.
@@ -55,6 +59,10 @@ pub enum Outcome {
     /// No thread can run before this `CLOCK_MONOTONIC` time (nanoseconds): wait until then,
     /// then call `Process::resume`.
     Idle(u64),
+    /// The current process changed (another one's thread runs next, or the process has a
+    /// new image): call `Process::resume` with the vector state of the vCPU over the new
+    /// current RAM (`Process::ram`).
+    Reschedule,
     /// End the sandbox.
     Exit(ExitReason),
     /// The program is reading the control channel and nothing is queued: park the vCPU at
@@ -76,6 +84,8 @@ pub(crate) enum Stop {
     ThreadExit,
     /// The syscall replaced the whole context (`rt_sigreturn`): nothing to put in `rax`.
     Replaced,
+    /// The process has a new image (`execve`): its one thread is runnable from its entry.
+    Exec,
 }
 
 impl From<Errno> for Stop {
@@ -140,7 +150,9 @@ impl Process {
                 self.reschedule(ctx, fpu)
             }
             Err(Stop::ThreadExit) => self.reschedule(ctx, fpu),
+            Err(Stop::Exec) => Outcome::Reschedule,
         };
+        let outcome = self.settle(outcome);
         if self.strace.is_some() {
             self.trace(call, &outcome);
         }
@@ -329,11 +341,22 @@ impl Process {
             Sysno::rseq => Err(Errno::ENOSYS.into()),
             Sysno::clone => self.sys_clone(a[0], a[1], a[2], a[3], a[4], ctx, fpu),
             Sysno::clone3 => self.sys_clone3(a[0], a[1], ctx, fpu),
-            Sysno::getpid => Ok(crate::process::identity::PID),
+            Sysno::getpid => Ok(u64::from(self.pid())),
             Sysno::gettid => Ok(u64::from(self.threads.current())),
-            Sysno::getppid => Ok(crate::process::identity::PPID),
-            Sysno::getpgrp | Sysno::getpgid | Sysno::getsid => Ok(crate::process::identity::PID),
-            Sysno::setpgid | Sysno::setsid => Err(Errno::EPERM.into()),
+            Sysno::getppid => self.sys_getppid(),
+            Sysno::getpgrp => self.sys_getpgid(0),
+            Sysno::getpgid => self.sys_getpgid(i64::from(a[0] as i32)),
+            Sysno::getsid => self.sys_getsid(i64::from(a[0] as i32)),
+            Sysno::setpgid => self.sys_setpgid(i64::from(a[0] as i32), i64::from(a[1] as i32)),
+            Sysno::setsid => self.sys_setsid(),
+            Sysno::fork => self.sys_fork(procs::NewProcess::plain(0), ctx, fpu),
+            Sysno::vfork => self.sys_fork(
+                procs::NewProcess::plain(procs::CLONE_VM | procs::CLONE_VFORK),
+                ctx,
+                fpu,
+            ),
+            Sysno::execve => self.sys_execve(libc::AT_FDCWD, a[0], a[1], a[2], 0),
+            Sysno::execveat => self.sys_execve(a[0] as i32, a[1], a[2], a[3], a[4] as i32),
             Sysno::getuid | Sysno::geteuid => Ok(crate::process::identity::UID),
             Sysno::getgid | Sysno::getegid => Ok(crate::process::identity::GID),
             Sysno::getresuid | Sysno::getresgid => self.sys_getresid(a[0], a[1], a[2]),
@@ -359,14 +382,11 @@ impl Process {
             Sysno::prctl => self.sys_prctl(a[0] as i32, a[1]),
             Sysno::capget => self.sys_capget(a[1]),
             Sysno::futex => self.sys_futex(a[0], a[1] as i32, a[2] as u32, a[3], a[4], a[5] as u32),
-            Sysno::wait4 | Sysno::waitid => Err(Errno::ECHILD.into()),
-            Sysno::kill => self.sys_kill(a[0] as i64, a[1] as i32),
+            Sysno::wait4 => self.sys_wait4(i64::from(a[0] as i32), a[1], a[2] as i32, a[3]),
+            Sysno::waitid => self.sys_waitid(a[0] as i32, a[1], a[2], a[3] as i32, a[4]),
+            Sysno::kill => self.sys_kill(i64::from(a[0] as i32), a[1] as i32),
             Sysno::tgkill => self.sys_tgkill(a[0] as i64, a[1] as i64, a[2] as i32),
-            Sysno::tkill => self.sys_tgkill(
-                crate::process::identity::PID as i64,
-                a[0] as i64,
-                a[1] as i32,
-            ),
+            Sysno::tkill => self.sys_tgkill(i64::from(self.pid()), a[0] as i64, a[1] as i32),
 
             // Signals.
             Sysno::rt_sigaction => self.sys_rt_sigaction(a[0] as i32, a[1], a[2], a[3]),
@@ -410,10 +430,6 @@ impl Process {
             // Entropy.
             Sysno::getrandom => self.sys_getrandom(a[0], a[1], a[2] as u32),
 
-            // Not available in a single-threaded, kernel-less sandbox: clean errors, so
-            // Python raises an exception instead of hanging.
-            Sysno::fork | Sysno::vfork => self.refuse(name_of(sysno), Errno::ENOSYS),
-            Sysno::execve | Sysno::execveat => self.refuse(name_of(sysno), Errno::ENOSYS),
             Sysno::pipe => self.sys_pipe2(a[0], 0),
             Sysno::pipe2 => self.sys_pipe2(a[0], a[1] as i32),
 
@@ -449,8 +465,4 @@ impl Process {
         tracing::debug!(syscall = name, "unsupported syscall");
         Err(Errno::ENOSYS.into())
     }
-}
-
-fn name_of(sysno: Sysno) -> &'static str {
-    sysno.name()
 }

@@ -8,7 +8,7 @@ use vm_memory::ByteValued;
 use super::{Stop, SysResult};
 use crate::abi::Timeval;
 use crate::context::UserContext;
-use crate::process::{Process, identity};
+use crate::process::Process;
 
 const ARCH_SET_GS: i32 = 0x1001;
 const ARCH_SET_FS: i32 = 0x1002;
@@ -225,7 +225,7 @@ impl Process {
         new: u64,
         old: u64,
     ) -> SysResult {
-        if pid != 0 && pid as u64 != identity::PID {
+        if pid != 0 && pid as u32 != self.pid() {
             return Err(Errno::ESRCH.into());
         }
         let (cur, max) = self.rlimit(resource)?;
@@ -287,7 +287,7 @@ impl Process {
     }
 
     pub(crate) fn sys_sched_getaffinity(&mut self, pid: i32, len: u64, mask: u64) -> SysResult {
-        if pid != 0 && pid as u64 != identity::PID {
+        if pid != 0 && pid as u32 != self.pid() {
             return Err(Errno::ESRCH.into());
         }
         if len < 8 || !len.is_multiple_of(8) {
@@ -309,7 +309,9 @@ impl Process {
 
     pub(crate) fn sys_prctl(&mut self, option: i32, arg: u64) -> SysResult {
         match option {
-            libc::PR_SET_NAME | libc::PR_SET_PDEATHSIG | libc::PR_SET_DUMPABLE => Ok(0),
+            libc::PR_SET_PDEATHSIG => self.set_pdeathsig(arg),
+            libc::PR_GET_PDEATHSIG => self.get_pdeathsig(arg),
+            libc::PR_SET_NAME | libc::PR_SET_DUMPABLE => Ok(0),
             libc::PR_GET_NAME => {
                 self.write_user(arg, b"python3\0\0\0\0\0\0\0\0\0")?;
                 Ok(0)

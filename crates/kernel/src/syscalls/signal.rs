@@ -35,7 +35,7 @@ impl Process {
         }
         self.signals.pending.add(info);
         self.threads
-            .notify_process_signal(signal, identity::PID as Tid);
+            .notify_process_signal(signal, self.procs.current);
         self.signalfd_event();
     }
 
@@ -59,40 +59,32 @@ impl Process {
         Ok(())
     }
 
-    pub(crate) fn sys_kill(&mut self, pid: i64, signal: i32) -> SysResult {
-        if pid != identity::PID as i64 && pid != 0 && pid != -1 {
-            return Err(Errno::ESRCH.into());
-        }
-        if signal != 0 && !valid(signal) {
-            return Err(Errno::EINVAL.into());
-        }
-        if signal != 0 {
-            self.send_to_process(SigInfo::from_process(
-                signal,
-                code::SI_USER,
-                identity::PID as u32,
-                identity::UID as u32,
-            ));
-        }
-        Ok(0)
-    }
-
     /// `tgkill`/`tkill`.
     pub(crate) fn sys_tgkill(&mut self, tgid: i64, tid: i64, signal: i32) -> SysResult {
         if tgid <= 0 || tid <= 0 || (signal != 0 && !valid(signal)) {
             return Err(Errno::EINVAL.into());
         }
         let tid = u32::try_from(tid).map_err(|_| Errno::ESRCH)?;
-        if tgid != identity::PID as i64 || !self.threads.exists(tid) {
+        let tgid = Tid::try_from(tgid).map_err(|_| Errno::ESRCH)?;
+        let info = SigInfo::from_process(signal, code::SI_TKILL, self.pid(), identity::UID as u32);
+        if tgid != self.pid() {
+            // A thread of another process: that process's table says whether it exists.
+            if !self.procs.is_alive(tgid) {
+                return Err(Errno::ESRCH.into());
+            }
+            return self
+                .with_process(tgid, |p| match signal {
+                    0 if p.threads.exists(tid) => Ok(()),
+                    0 => Err(Errno::ESRCH),
+                    _ => p.send_to_thread(tid, info),
+                })
+                .map(|()| 0)
+                .map_err(Stop::from);
+        }
+        if !self.threads.exists(tid) {
             return Err(Errno::ESRCH.into());
         }
         if signal != 0 {
-            let info = SigInfo::from_process(
-                signal,
-                code::SI_TKILL,
-                identity::PID as u32,
-                identity::UID as u32,
-            );
             self.send_to_thread(tid, info)?;
         }
         Ok(0)
@@ -107,7 +99,7 @@ impl Process {
         signal: i32,
         info: u64,
     ) -> SysResult {
-        if pid != identity::PID as i64 {
+        if pid != i64::from(self.pid()) {
             return Err(Errno::ESRCH.into());
         }
         if !valid(signal) {

@@ -1,12 +1,13 @@
 //! Threads: `clone`/`clone3` as `pthread_create` makes them, a thread's `exit`, robust futex
-//! lists, `sched_yield`, and `tgkill`'s addressing. New processes (`clone` without
-//! `CLONE_THREAD`, `fork`, `vfork`) are not offered yet (`ENOSYS`).
+//! lists, `sched_yield`, and `tgkill`'s addressing. `clone` of a new process goes to
+//! `procs::sys_fork`.
 
 use std::mem::size_of;
 
 use syscalls::Errno;
 use vm_memory::ByteValued;
 
+use super::procs::NewProcess;
 use super::{ExitReason, Stop, SysResult};
 use crate::abi::from_prefix;
 use crate::context::{Fpu, UserContext};
@@ -92,6 +93,17 @@ impl Process {
         if flags & CLONE_THREAD != 0 && exit_signal != 0 {
             return Err(Errno::EINVAL.into());
         }
+        if flags & CLONE_THREAD == 0 {
+            let new = NewProcess {
+                flags,
+                exit_signal: exit_signal as i32,
+                stack,
+                tls,
+                parent_tid,
+                child_tid,
+            };
+            return self.sys_fork(new, ctx, fpu);
+        }
         self.spawn_thread(
             NewThread {
                 flags,
@@ -132,6 +144,17 @@ impl Process {
             }
             _ => return Err(Errno::EINVAL.into()),
         };
+        if parsed.flags & CLONE_THREAD == 0 {
+            let new = NewProcess {
+                flags: parsed.flags,
+                exit_signal: i32::try_from(parsed.exit_signal).map_err(|_| Errno::EINVAL)?,
+                stack,
+                tls: parsed.tls,
+                parent_tid: parsed.parent_tid,
+                child_tid: parsed.child_tid,
+            };
+            return self.sys_fork(new, ctx, fpu);
+        }
         self.spawn_thread(
             NewThread {
                 flags: parsed.flags,
@@ -149,9 +172,8 @@ impl Process {
     /// with the caller's registers and vector state otherwise.
     fn spawn_thread(&mut self, new: NewThread, ctx: &UserContext, fpu: &mut dyn Fpu) -> SysResult {
         let flags = new.flags;
-        if flags & CLONE_THREAD == 0 || flags & CLONE_VFORK != 0 {
-            // A new process: `fork`, `vfork`, `posix_spawn`.
-            return self.refuse("clone (new process)", Errno::ENOSYS);
+        if flags & CLONE_VFORK != 0 {
+            return Err(Errno::EINVAL.into());
         }
         if flags & THREAD_FLAGS != THREAD_FLAGS || flags & CLONE_PIDFD != 0 {
             return Err(Errno::EINVAL.into());
@@ -182,7 +204,13 @@ impl Process {
         } else {
             0
         };
-        let tid = self.threads.spawn(child, fpu.save(), clear_child_tid)?;
+        if !self.threads.has_room() {
+            return Err(Errno::EAGAIN.into());
+        }
+        let tid = self.procs.alloc_id()?;
+        let tid = self
+            .threads
+            .spawn(tid, child, fpu.save(), clear_child_tid)?;
         for (flag, addr) in [
             (CLONE_PARENT_SETTID, new.parent_tid),
             (CLONE_CHILD_SETTID, new.child_tid),

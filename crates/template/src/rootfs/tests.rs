@@ -179,33 +179,3 @@ fn builds_the_default_rootfs() {
     .unwrap();
     assert_eq!(again, path);
 }
-
-#[test]
-fn the_site_policy_is_appended_and_stale_byte_code_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    fs::create_dir_all(root.join("etc/python3.11")).unwrap();
-    fs::create_dir_all(root.join("etc/python3-dist")).unwrap();
-    fs::write(root.join("etc/python3.11/sitecustomize.py"), "# vendor\n").unwrap();
-    let cache = root.join("usr/lib/python3.11/__pycache__");
-    fs::create_dir_all(&cache).unwrap();
-    fs::write(cache.join("sitecustomize.cpython-311.pyc"), "stale").unwrap();
-    fs::write(cache.join("os.cpython-311.pyc"), "kept").unwrap();
-
-    install_site_policy(root).unwrap();
-
-    let site = fs::read_to_string(root.join("etc/python3.11/sitecustomize.py")).unwrap();
-    assert!(site.starts_with("# vendor\n"), "{site}");
-    assert!(site.ends_with(SITE_POLICY), "{site}");
-    assert!(!cache.join("sitecustomize.cpython-311.pyc").exists());
-    assert!(cache.join("os.cpython-311.pyc").exists());
-    assert!(!root.join("etc/python3-dist/sitecustomize.py").exists());
-
-    // A link is refused rather than followed out of the tree.
-    let outside = root.join("outside.py");
-    fs::write(&outside, "").unwrap();
-    fs::remove_file(root.join("etc/python3.11/sitecustomize.py")).unwrap();
-    symlink(&outside, root.join("etc/python3.11/sitecustomize.py")).unwrap();
-    assert!(install_site_policy(root).is_err());
-    assert_eq!(fs::read_to_string(&outside).unwrap(), "");
-}

@@ -55,10 +55,10 @@ pub(super) struct Ucred {
 }
 
 impl Ucred {
-    /// The credentials every sender in the sandbox has.
-    pub(super) fn ours() -> Ucred {
+    /// The credentials of a sender in process `pid` (every process has the same user).
+    pub(super) fn of(pid: u32) -> Ucred {
         Ucred {
-            pid: identity::PID as u32,
+            pid,
             uid: identity::UID as u32,
             gid: identity::GID as u32,
         }
@@ -144,7 +144,7 @@ impl Process {
                 // Credentials may only claim what they are: this process.
                 (AF_UNIX, libc::SOL_SOCKET, SCM_CREDENTIALS)
                     if data.len() == size_of::<Ucred>()
-                        && from_prefix::<Ucred>(data) != Ucred::ours() =>
+                        && from_prefix::<Ucred>(data) != Ucred::of(self.pid()) =>
                 {
                     return Err(Errno::EPERM);
                 }
@@ -226,7 +226,11 @@ impl Process {
         match socket.family {
             AF_UNIX => {
                 if flag(libc::SOL_SOCKET, libc::SO_PASSCRED) {
-                    writer.put(libc::SOL_SOCKET, SCM_CREDENTIALS, Ucred::ours().as_slice());
+                    writer.put(
+                        libc::SOL_SOCKET,
+                        SCM_CREDENTIALS,
+                        Ucred::of(self.pid()).as_slice(),
+                    );
                 }
                 let rights = std::mem::take(&mut received.rights);
                 self.install_rights(&mut writer, rights, cloexec);

@@ -136,7 +136,7 @@ impl Process {
                     return Err(Errno::ENOPROTOOPT.into());
                 }
                 // Every peer is this process.
-                Ucred::ours().as_slice().to_vec()
+                Ucred::of(self.pid()).as_slice().to_vec()
             }
             (libc::SOL_SOCKET, libc::SO_RCVBUF | libc::SO_SNDBUF) => socket
                 .options

@@ -1,0 +1,476 @@
+//! The sandbox's processes: the table of them (pids, parents, groups, sessions, exit
+//! statuses), and which one is current.
+//!
+//! Every process has guest RAM and a KVM VM of its own: guest addresses are physical here
+//! (see docs/ARCHITECTURE.md), so two address spaces cannot share one VM. All of them are
+//! served by this one syscall layer on one host thread, as the threads of one process are.
+//! `Process` holds the *current* process's state in its fields, so syscall handlers need not
+//! know there are others; the rest wait in `Procs::parked` and are exchanged in when the
+//! scheduler picks one of their threads, or when a syscall acts on them (`with_process`).
+//! Descriptions, pipes, sockets, the filesystem and the console belong to the sandbox and
+//! are never exchanged.
+//!
+//! A `vfork` child borrows its parent's memory (and so its VM) until it calls `execve` or
+//! exits; the parent waits meanwhile. Memory is kept with its owner whenever its user is
+//! not current (`memory_owner`), so lending needs no copy and no bookkeeping beyond that.
+
+use std::collections::BTreeMap;
+
+use forkvm_memory::ram::GuestRam;
+use rangemap::RangeMap;
+
+use crate::fdtable::FdSlots;
+use crate::mm::AddressSpace;
+use crate::pagetable::PageTables;
+use crate::process::Process;
+use crate::signals::{Disposition, SigInfo, SignalState};
+use crate::threads::{Threads, Tid, monotonic_ns};
+use crate::timers::Timers;
+use crate::vdso::VdsoPlacement;
+
+/// A process id (the id of its main thread; threads and processes share one id space).
+pub type Pid = Tid;
+
+/// The first process: the program the sandbox started (or the template's agent). When it
+/// ends, the sandbox ends, and orphans become its children.
+pub const INIT: Pid = 1;
+
+/// Processes (live and zombie) a sandbox may have at once. A `fork` beyond it ends the
+/// sandbox with `ExitReason::ProcessLimit`: a fork bomb is stopped at once rather than left
+/// to spin on `EAGAIN` until the wall clock runs out.
+pub const MAX_PROCESSES: usize = 128;
+
+/// `SA_NOCLDWAIT`: children of a process with it set on `SIGCHLD` are reaped at once.
+const SA_NOCLDWAIT: u64 = 2;
+/// `siginfo.si_code` values of `SIGCHLD`.
+const CLD_EXITED: i32 = 1;
+const CLD_KILLED: i32 = 2;
+
+/// A process's memory: its guest RAM and what describes it.
+pub(crate) struct Memory {
+    pub ram: GuestRam,
+    pub mm: AddressSpace,
+    pub tables: PageTables,
+    pub stale: RangeMap<u64, u64>,
+    pub vdso: Option<VdsoPlacement>,
+}
+
+/// What a process has of its own besides memory.
+pub(crate) struct Own {
+    pub files: FdSlots,
+    pub cwd: Vec<u8>,
+    pub signals: SignalState,
+    pub exe_path: Vec<u8>,
+    pub umask: u32,
+    pub threads: Threads,
+    pub timers: Timers,
+}
+
+impl Default for Own {
+    fn default() -> Self {
+        Own {
+            files: FdSlots::default(),
+            cwd: Vec::new(),
+            signals: SignalState::default(),
+            exe_path: Vec::new(),
+            umask: 0o022,
+            threads: Threads::new(0),
+            timers: Timers::default(),
+        }
+    }
+}
+
+/// A live process that is not current.
+#[derive(Default)]
+pub(crate) struct Parked {
+    pub own: Own,
+    /// Its memory, or `None` while the current process uses it (a `vfork` child's, or the
+    /// child's own parent's... see `memory_owner`).
+    pub memory: Option<Memory>,
+}
+
+/// A wait status as `wait4` reports it.
+pub type WaitStatus = i32;
+
+/// The status of a process that called `exit(code)`.
+pub fn exited(code: i32) -> WaitStatus {
+    (code & 0xff) << 8
+}
+
+/// The status of a process a signal ended.
+pub fn killed(signal: i32) -> WaitStatus {
+    signal & 0x7f
+}
+
+/// Whether a process lives or waits to be reaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Life {
+    Alive,
+    Zombie(WaitStatus),
+}
+
+/// One process's entry in the table.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub ppid: Pid,
+    pub pgid: Pid,
+    pub sid: Pid,
+    pub life: Life,
+    /// The signal its parent gets when it ends (`SIGCHLD`, or what `clone` named).
+    pub exit_signal: i32,
+    /// The parent whose memory it uses, while a `vfork` child has not yet called `execve`.
+    pub borrows_from: Option<Pid>,
+    /// `PR_SET_PDEATHSIG`: the signal it gets when its parent ends.
+    pub pdeathsig: i32,
+    /// Its arguments, NUL-separated (`/proc/[pid]/cmdline`).
+    pub cmdline: Vec<u8>,
+    /// Whether it has called `execve` (a parent may no longer `setpgid` it).
+    pub execed: bool,
+}
+
+impl Entry {
+    fn init() -> Entry {
+        Entry {
+            ppid: 0,
+            pgid: INIT,
+            sid: INIT,
+            life: Life::Alive,
+            exit_signal: libc::SIGCHLD,
+            borrows_from: None,
+            pdeathsig: 0,
+            cmdline: Vec::new(),
+            execed: true,
+        }
+    }
+}
+
+/// The process table.
+pub(crate) struct Procs {
+    pub entries: BTreeMap<Pid, Entry>,
+    pub parked: BTreeMap<Pid, Parked>,
+    pub current: Pid,
+    /// The next thread or process id to give out.
+    next_id: Tid,
+    /// When the current process got the vCPU (processes take turns by time slice).
+    pub slice_start_ns: u64,
+    /// RAM of processes that ended or replaced their image: the VMM drops their VMs, then
+    /// these (`Process::take_retired_ram`).
+    pub retired: Vec<GuestRam>,
+}
+
+impl Procs {
+    /// A table holding only `INIT`, ids given out from `next_id` on.
+    pub fn new(next_id: Tid) -> Procs {
+        Procs {
+            entries: BTreeMap::from([(INIT, Entry::init())]),
+            parked: BTreeMap::new(),
+            current: INIT,
+            next_id: next_id.max(INIT + 1),
+            slice_start_ns: 0,
+            retired: Vec::new(),
+        }
+    }
+
+    /// The next id given out (a snapshot keeps it).
+    pub fn next_id(&self) -> Tid {
+        self.next_id
+    }
+
+    /// A new thread or process id (`EAGAIN` if they ran out).
+    pub fn alloc_id(&mut self) -> Result<Tid, syscalls::Errno> {
+        let id = self.next_id;
+        self.next_id = id
+            .checked_add(1)
+            .filter(|&n| n < 1 << 22)
+            .ok_or(syscalls::Errno::EAGAIN)?;
+        Ok(id)
+    }
+
+    pub fn is_alive(&self, pid: Pid) -> bool {
+        self.entries
+            .get(&pid)
+            .is_some_and(|e| e.life == Life::Alive)
+    }
+
+    /// The process whose memory `pid` uses.
+    pub fn memory_owner(&self, pid: Pid) -> Pid {
+        self.entries
+            .get(&pid)
+            .and_then(|e| e.borrows_from)
+            .unwrap_or(pid)
+    }
+
+    /// Live processes other than the current one, in round-robin order after it.
+    pub fn others_in_turn(&self) -> Vec<Pid> {
+        let current = self.current;
+        self.parked
+            .range(current + 1..)
+            .chain(self.parked.range(..current))
+            .map(|(&pid, _)| pid)
+            .collect()
+    }
+
+    /// The earliest deadline of a waiting thread or armed timer in a parked process.
+    pub fn parked_deadline(&self) -> Option<u64> {
+        self.parked
+            .values()
+            .flat_map(|p| [p.own.threads.next_deadline(), p.own.timers.next_expiry()])
+            .flatten()
+            .min()
+    }
+}
+
+impl Process {
+    /// The current process's id.
+    pub fn pid(&self) -> Pid {
+        self.procs.current
+    }
+
+    /// Makes the first process current again (to take the sandbox apart: its VM is the one
+    /// a pool resets and reuses).
+    pub fn make_init_current(&mut self) {
+        if self.pid() != INIT && self.procs.parked.contains_key(&INIT) {
+            self.switch_to(INIT);
+        }
+    }
+
+    /// Records the current process's arguments (`/proc/[pid]/cmdline`).
+    pub(crate) fn set_cmdline(&mut self, argv: &[Vec<u8>]) {
+        let pid = self.pid();
+        if let Some(entry) = self.procs.entries.get_mut(&pid) {
+            entry.cmdline = argv.join(&0u8);
+            entry.cmdline.push(0);
+        }
+    }
+
+    /// How many processes of the sandbox are alive (not counting zombies).
+    pub fn live_process_count(&self) -> usize {
+        self.procs
+            .entries
+            .values()
+            .filter(|e| e.life == Life::Alive)
+            .count()
+    }
+
+    /// How many processes the sandbox has, live or waiting to be reaped.
+    pub fn process_count(&self) -> usize {
+        self.procs.entries.len()
+    }
+
+    /// Guest RAM of processes that are gone. The VMM drops the VMs over them first, then
+    /// the RAM.
+    pub fn take_retired_ram(&mut self) -> Vec<GuestRam> {
+        std::mem::take(&mut self.procs.retired)
+    }
+
+    /// Every live process's guest RAM (for memory accounting).
+    pub fn all_ram(&self) -> impl Iterator<Item = &GuestRam> {
+        std::iter::once(&self.ram).chain(
+            self.procs
+                .parked
+                .values()
+                .filter_map(|p| p.memory.as_ref().map(|m| &m.ram)),
+        )
+    }
+
+    fn exchange_own(&mut self, own: &mut Own) {
+        self.files.exchange(&mut own.files);
+        std::mem::swap(&mut self.cwd, &mut own.cwd);
+        std::mem::swap(&mut self.signals, &mut own.signals);
+        std::mem::swap(&mut self.exe_path, &mut own.exe_path);
+        std::mem::swap(&mut self.umask, &mut own.umask);
+        std::mem::swap(&mut self.threads, &mut own.threads);
+        std::mem::swap(&mut self.timers, &mut own.timers);
+    }
+
+    /// Puts `memory` in place of the current memory, which goes into `memory`.
+    pub(crate) fn exchange_memory(&mut self, memory: &mut Memory) {
+        std::mem::swap(&mut self.ram, &mut memory.ram);
+        std::mem::swap(&mut self.mm, &mut memory.mm);
+        std::mem::swap(&mut self.tables, &mut memory.tables);
+        std::mem::swap(&mut self.stale, &mut memory.stale);
+        std::mem::swap(&mut self.vdso, &mut memory.vdso);
+    }
+
+    /// Makes `pid` (live) the current process. The one leaving is parked, or, if it has
+    /// ended, dropped: its memory is retired, or given back to the parent it borrowed it
+    /// from.
+    pub(crate) fn switch_to(&mut self, pid: Pid) {
+        let out = self.procs.current;
+        if pid == out {
+            return;
+        }
+        let mut incoming = self
+            .procs
+            .parked
+            .remove(&pid)
+            .expect("only a parked process is switched to");
+        let mut outgoing = Parked::default();
+        self.exchange_own(&mut outgoing.own);
+        self.exchange_own(&mut incoming.own);
+        let (owner_out, owner_in) = (self.procs.memory_owner(out), self.procs.memory_owner(pid));
+        if owner_out != owner_in {
+            let mut memory = if owner_in == pid {
+                incoming.memory.take()
+            } else {
+                self.procs
+                    .parked
+                    .get_mut(&owner_in)
+                    .and_then(|p| p.memory.take())
+            }
+            .expect("a process's memory is with its owner while it is not current");
+            self.exchange_memory(&mut memory);
+            let out_alive = self.procs.is_alive(out);
+            if owner_out == out {
+                if out_alive {
+                    outgoing.memory = Some(memory);
+                } else {
+                    self.procs.retired.push(memory.ram);
+                }
+            } else if let Some(lender) = self.procs.parked.get_mut(&owner_out) {
+                lender.memory = Some(memory);
+            }
+        }
+        if self.procs.is_alive(out) {
+            self.procs.parked.insert(out, outgoing);
+        } else if let Some(entry) = self.procs.entries.get_mut(&out) {
+            entry.borrows_from = None;
+        }
+        self.procs.current = pid;
+    }
+
+    /// Runs `f` with `pid` (live) as the current process, then switches back.
+    pub(crate) fn with_process<R>(&mut self, pid: Pid, f: impl FnOnce(&mut Process) -> R) -> R {
+        let back = self.procs.current;
+        self.switch_to(pid);
+        let result = f(self);
+        self.switch_to(back);
+        result
+    }
+
+    /// Sends `info` to process `pid` (live, current or not).
+    pub(crate) fn signal_process(&mut self, pid: Pid, info: SigInfo) {
+        if pid == self.pid() {
+            self.send_to_process(info);
+        } else if self.procs.is_alive(pid) {
+            self.with_process(pid, |p| p.send_to_process(info));
+        }
+    }
+
+    /// The current process (not `INIT`) ends with `status`: its descriptors close, its
+    /// children go to `INIT`, its parent is told, and another process becomes current.
+    pub(crate) fn exit_process(&mut self, status: WaitStatus) {
+        let pid = self.pid();
+        debug_assert_ne!(pid, INIT, "INIT's end is the sandbox's");
+        let fds: Vec<i32> = self.files.fds().collect();
+        for fd in fds {
+            let _ = self.close_fd(fd);
+        }
+        self.timers = Timers::default();
+        let lender = self.procs.entries.get(&pid).and_then(|e| e.borrows_from);
+        let children: Vec<(Pid, Entry)> = self
+            .procs
+            .entries
+            .iter()
+            .filter(|(_, e)| e.ppid == pid)
+            .map(|(&c, e)| (c, e.clone()))
+            .collect();
+        let mut orphaned_zombie = false;
+        for (child, entry) in &children {
+            if let Some(e) = self.procs.entries.get_mut(child) {
+                e.ppid = INIT;
+            }
+            match entry.life {
+                Life::Zombie(_) => orphaned_zombie = true,
+                Life::Alive if entry.pdeathsig != 0 => {
+                    self.signal_process(*child, SigInfo::kernel(entry.pdeathsig));
+                }
+                Life::Alive => {}
+            }
+        }
+        if orphaned_zombie {
+            self.with_process(INIT, |p| p.threads.wake_child_waiters());
+        }
+        let entry = self.procs.entries.get(&pid).cloned();
+        let parent = entry.as_ref().map_or(INIT, |e| e.ppid);
+        let exit_signal = entry.as_ref().map_or(libc::SIGCHLD, |e| e.exit_signal);
+        if let Some(lender) = lender
+            && let Some(p) = self.procs.parked.get_mut(&lender)
+        {
+            p.own.threads.vfork_done(pid);
+        }
+        let mut reap_at_once = false;
+        if self.procs.is_alive(parent) {
+            let (code, value) = if status & 0x7f == 0 {
+                (CLD_EXITED, (status >> 8) & 0xff)
+            } else {
+                (CLD_KILLED, status & 0x7f)
+            };
+            let mut info = SigInfo::from_process(exit_signal, code, pid, 0);
+            info.fields[1] = value as u32 as u64;
+            reap_at_once = self.with_process(parent, |p| {
+                let action = p.signals.action(libc::SIGCHLD);
+                if exit_signal != 0 {
+                    p.send_to_process(info);
+                }
+                p.threads.wake_child_waiters();
+                exit_signal == libc::SIGCHLD
+                    && (action.disposition(libc::SIGCHLD) == Disposition::Ignore
+                        && action.handler == 1
+                        || action.flags & SA_NOCLDWAIT != 0)
+            });
+        }
+        // Everything that needs this process current is done: it becomes a zombie, and
+        // the next process to run takes its place.
+        let now = monotonic_ns();
+        let next = self
+            .other_runnable(now)
+            .or_else(|| self.procs.is_alive(parent).then_some(parent))
+            .unwrap_or(INIT);
+        self.threads = Threads::new(0);
+        if let Some(e) = self.procs.entries.get_mut(&pid) {
+            e.life = Life::Zombie(status);
+        }
+        self.switch_to(next);
+        self.procs.slice_start_ns = now;
+        if reap_at_once {
+            self.procs.entries.remove(&pid);
+        }
+    }
+
+    /// A parked process with a thread that can run at `now`, in round-robin order (timers
+    /// due in parked processes fire first).
+    pub(crate) fn other_runnable(&mut self, now: u64) -> Option<Pid> {
+        for pid in self.procs.others_in_turn() {
+            let due = self
+                .procs
+                .parked
+                .get(&pid)
+                .and_then(|p| p.own.timers.next_expiry())
+                .is_some_and(|t| t <= now);
+            if due {
+                self.with_process(pid, |p| p.fire_timers(now));
+            }
+            let parked = self.procs.parked.get_mut(&pid)?;
+            parked.own.threads.expire(now);
+            if parked.own.threads.has_runnable() {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    /// Whether the current process has had the vCPU for a full time slice.
+    pub(crate) fn process_slice_over(&self, now: u64) -> bool {
+        now.saturating_sub(self.procs.slice_start_ns) >= crate::threads::TIMESLICE_NS
+    }
+
+    /// Whether some parked process has a thread that can run (not counting waits that
+    /// have timed out but not been looked at).
+    pub(crate) fn others_runnable(&self) -> bool {
+        self.procs
+            .parked
+            .values()
+            .any(|p| p.own.threads.has_runnable())
+    }
+}

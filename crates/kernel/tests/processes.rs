@@ -1,0 +1,262 @@
+//! Processes without KVM: fork with its own memory, vfork borrowing it, wait statuses,
+//! signals between processes, groups and sessions, pipes across processes, execve's errors
+//! and `#!` lines, and the process limit.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Harness, err};
+use forkvm_kernel::{ExitReason, Machine, Outcome};
+use forkvm_memory::ram::GuestRam;
+
+const WNOHANG: u64 = 1;
+const ANY: u64 = u64::MAX; // pid -1
+
+/// Fresh RAM without a VMM's system area: enough for the loader.
+struct AnonymousRam;
+
+impl Machine for AnonymousRam {
+    fn fresh_ram(&self, size: u64) -> Result<GuestRam, String> {
+        GuestRam::anonymous(size).map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the next thread after a switch (`Outcome::Reschedule`): what the VMM does.
+fn run_next(h: &mut Harness) -> Outcome {
+    h.process.resume(&mut h.ctx, &mut h.fpu)
+}
+
+fn status_at(h: &Harness, addr: u64) -> i32 {
+    i32::from_le_bytes(h.peek(addr, 4).try_into().unwrap())
+}
+
+#[test]
+fn a_forked_child_has_its_own_memory_and_its_parent_reaps_its_status() {
+    let mut h = Harness::new();
+    let marker = h.at(0x300);
+    h.poke(marker, b"before");
+    let child = h.sys(libc::SYS_fork, &[]);
+    assert_eq!(child, 2);
+    h.poke(marker, b"parent");
+    let status = h.at(0x200);
+    assert_eq!(
+        h.sys(libc::SYS_wait4, &[child as u64, status, WNOHANG, 0]),
+        0
+    );
+    assert_eq!(
+        h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
+        Outcome::Reschedule
+    );
+    assert_eq!(h.process.pid(), 2);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.ctx.regs.rax, 0, "fork returns 0 in the child");
+    assert_eq!(h.peek(marker, 6), b"before", "the child's copy is its own");
+    h.poke(marker, b"child!");
+    assert_eq!(h.sys(libc::SYS_getpid, &[]), 2);
+    assert_eq!(h.sys(libc::SYS_getppid, &[]), 1);
+    assert_eq!(h.call(libc::SYS_exit_group, &[3]), Outcome::Reschedule);
+    assert_eq!(h.process.pid(), 1);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.peek(marker, 6), b"parent");
+    // The wait is made again (the VMM resumes at the `syscall` instruction).
+    assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child);
+    assert_eq!(status_at(&h, status), 3 << 8);
+    assert_eq!(
+        h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]),
+        err(libc::ECHILD)
+    );
+    assert_eq!(h.process.process_count(), 1);
+    assert_eq!(
+        h.process.take_retired_ram().len(),
+        1,
+        "the child's RAM goes"
+    );
+}
+
+#[test]
+fn a_vfork_child_borrows_its_parents_memory_and_the_parent_waits() {
+    let mut h = Harness::new();
+    let marker = h.at(0x300);
+    assert_eq!(h.call(libc::SYS_vfork, &[]), Outcome::Reschedule);
+    assert_eq!(h.process.pid(), 2);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.ctx.regs.rax, 0);
+    h.poke(marker, b"shared");
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.process.pid(), 1);
+    assert_eq!(h.ctx.regs.rax, 2, "vfork returns the child's pid");
+    assert_eq!(h.peek(marker, 6), b"shared", "one memory for both");
+    assert!(
+        h.process.take_retired_ram().is_empty(),
+        "the memory was lent"
+    );
+}
+
+#[test]
+fn a_signal_to_another_process_ends_it_and_its_parent_sees_how() {
+    let mut h = Harness::new();
+    let child = h.sys(libc::SYS_fork, &[]) as u64;
+    assert_eq!(h.sys(libc::SYS_kill, &[child, libc::SIGTERM as u64]), 0);
+    assert_eq!(h.sys(libc::SYS_kill, &[999, 0]), err(libc::ESRCH));
+    let status = h.at(0x200);
+    assert_eq!(
+        h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
+        Outcome::Reschedule
+    );
+    // The child takes the signal on its way to user mode and dies of it.
+    assert_eq!(run_next(&mut h), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child as i64);
+    assert_eq!(status_at(&h, status), libc::SIGTERM);
+}
+
+#[test]
+fn groups_and_sessions() {
+    let mut h = Harness::new();
+    assert_eq!(h.sys(libc::SYS_getpgid, &[0]), 1);
+    assert_eq!(h.sys(libc::SYS_getsid, &[0]), 1);
+    assert_eq!(
+        h.sys(libc::SYS_setsid, &[]),
+        err(libc::EPERM),
+        "a group leader"
+    );
+    let child = h.sys(libc::SYS_fork, &[]) as u64;
+    assert_eq!(h.sys(libc::SYS_getpgid, &[child]), 1);
+    assert_eq!(h.sys(libc::SYS_setpgid, &[child, child]), 0);
+    assert_eq!(h.sys(libc::SYS_getpgid, &[child]), child as i64);
+    assert_eq!(h.sys(libc::SYS_setpgid, &[child, 77]), err(libc::EPERM));
+    assert_eq!(h.sys(libc::SYS_getpgid, &[4242]), err(libc::ESRCH));
+    // kill(-pgid) reaches the group; kill(0) the caller's own.
+    assert_eq!(h.sys(libc::SYS_kill, &[(-(child as i64)) as u64, 0]), 0);
+    assert_eq!(
+        h.sys(libc::SYS_kill, &[(-4242i64) as u64, 0]),
+        err(libc::ESRCH)
+    );
+}
+
+#[test]
+fn a_pipe_joins_two_processes_with_blocking_and_end_of_file() {
+    let mut h = Harness::new();
+    let fds = h.at(0x100);
+    assert_eq!(h.sys(libc::SYS_pipe2, &[fds, 0]), 0);
+    let bytes = h.peek(fds, 8);
+    let (r, w) = (
+        u64::from(u32::from_le_bytes(bytes[..4].try_into().unwrap())),
+        u64::from(u32::from_le_bytes(bytes[4..].try_into().unwrap())),
+    );
+    let child = h.sys(libc::SYS_fork, &[]);
+    assert!(child > 0);
+    assert_eq!(h.sys(libc::SYS_close, &[w]), 0);
+    let buf = h.at(0x400);
+    // Nothing written yet and the child still holds the write end: the read waits.
+    assert_eq!(h.call(libc::SYS_read, &[r, buf, 16]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.process.pid(), child as u32);
+    let data = h.at(0x500);
+    h.poke(data, b"hi");
+    assert_eq!(h.sys(libc::SYS_write, &[w, data, 2]), 2);
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.sys(libc::SYS_read, &[r, buf, 16]), 2);
+    assert_eq!(h.peek(buf, 2), b"hi");
+    assert_eq!(
+        h.sys(libc::SYS_read, &[r, buf, 16]),
+        0,
+        "every writer is gone"
+    );
+}
+
+#[test]
+fn a_child_does_not_inherit_signal_handlers_pending_signals_or_timers() {
+    let mut h = Harness::new();
+    assert_eq!(h.sys(libc::SYS_alarm, &[100]), 0);
+    let child = h.sys(libc::SYS_fork, &[]);
+    assert!(child > 0);
+    let status = h.at(0x200);
+    assert_eq!(
+        h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
+        Outcome::Reschedule
+    );
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.sys(libc::SYS_alarm, &[0]), 0, "no alarm in the child");
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+}
+
+/// Creates `path` with `data` and `mode` through the syscalls.
+fn create(h: &mut Harness, path: &str, data: &[u8], mode: u32) {
+    let p = h.cstr(0x600, path);
+    let flags = (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u64;
+    let fd = h.sys(libc::SYS_open, &[p, flags, u64::from(mode)]);
+    assert!(fd >= 0, "create {path}: {fd}");
+    assert_eq!(h.write_fd(fd, data), data.len() as i64);
+    assert_eq!(h.sys(libc::SYS_close, &[fd as u64]), 0);
+}
+
+#[test]
+fn execve_reports_what_linux_does_for_bad_targets() {
+    let mut h = Harness::new();
+    h.process.set_machine(Arc::new(AnonymousRam));
+    create(&mut h, "/tmp/plain", b"data", 0o644);
+    create(&mut h, "/tmp/junk", b"not a program", 0o755);
+    create(&mut h, "/tmp/lost", b"#!/no/such/interpreter\n", 0o755);
+    create(&mut h, "/tmp/empty", b"#!   \n", 0o755);
+    for (path, errno) in [
+        ("/no/such/file", libc::ENOENT),
+        ("/bin", libc::EACCES),
+        ("/tmp/plain", libc::EACCES),
+        ("/tmp/junk", libc::ENOEXEC),
+        ("/tmp/lost", libc::ENOENT),
+        ("/tmp/empty", libc::ENOEXEC),
+    ] {
+        let p = h.cstr(0x700, path);
+        assert_eq!(h.sys(libc::SYS_execve, &[p, 0, 0]), err(errno), "{path}");
+    }
+    // Arguments past the 2 MiB Linux allows are E2BIG, before anything changes.
+    let long = h.at(0x2000);
+    h.poke(long, &[b'x'; 20_000]);
+    h.poke(long + 20_000, &[0]);
+    let argv = h.at(0x8000);
+    for i in 0..120u64 {
+        h.poke(argv + 8 * i, &long.to_le_bytes());
+    }
+    h.poke(argv + 8 * 120, &0u64.to_le_bytes());
+    let tiny = h.cstr(0x700, "/bin/tiny");
+    assert_eq!(h.sys(libc::SYS_execve, &[tiny, argv, 0]), err(libc::E2BIG));
+}
+
+#[test]
+fn execve_loads_a_program_and_follows_a_shebang_line() {
+    let mut h = Harness::new();
+    h.process.set_machine(Arc::new(AnonymousRam));
+    create(&mut h, "/tmp/script", b"#!/bin/tiny -x\necho\n", 0o755);
+    let before = h.process.ram().host_base();
+    let path = h.cstr(0x700, "/tmp/script");
+    assert_eq!(h.call(libc::SYS_execve, &[path, 0, 0]), Outcome::Reschedule);
+    assert_ne!(
+        h.process.ram().host_base(),
+        before,
+        "a new image, in new RAM"
+    );
+    assert_eq!(h.process.take_retired_ram().len(), 1);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    // tiny's entry point: just past its headers.
+    assert_eq!(h.ctx.regs.rip, common::TINY_BASE + 64 + 56);
+    assert_eq!(h.sys(libc::SYS_getpid, &[]), 1, "the pid stays");
+}
+
+#[test]
+fn a_fork_bomb_ends_the_sandbox_at_the_process_limit() {
+    let mut h = Harness::new();
+    let mut forks = 0;
+    let reason = loop {
+        match h.call(libc::SYS_fork, &[]) {
+            Outcome::Return(_) => forks += 1,
+            Outcome::Exit(reason) => break reason,
+            other => panic!("fork: {other:?}"),
+        }
+    };
+    assert_eq!(reason, ExitReason::ProcessLimit(128));
+    assert_eq!(forks, 127);
+}
