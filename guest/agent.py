@@ -109,6 +109,28 @@ def run_code(code, main):
         return 1, type(error).__name__
 
 
+# Shells a request may name as its language; the code runs as `SHELL -c CODE`.
+SHELLS = {"bash": "/bin/bash", "sh": "/bin/sh"}
+
+
+def run_shell(code, shell):
+    """Runs `code` with `shell` on the request's streams (descriptors 0-2, inherited) and
+    returns its exit status as a shell reports a child's: 128 + signal when one ended it."""
+    try:
+        pid = os.posix_spawn(SHELLS[shell], [shell, "-c", code], os.environ)
+    except OSError as error:
+        os.write(2, f"forkvm: cannot start {shell}: {error}\n".encode())
+        return 127, type(error).__name__
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    return (128 - code if code < 0 else code), None
+
+
 # The `__main__` of a session: what one request defines, the next one sees.
 SESSION_MAIN = types.ModuleType("__main__")
 # This agent's own module, `__main__` again between requests.
@@ -127,7 +149,11 @@ def serve(request):
         main = SESSION_MAIN
     else:
         main = types.ModuleType("__main__")
-    exit_code, exception = run_code(request.get("code", b""), main)
+    language = request.get("language") or "python"
+    if language in SHELLS:
+        exit_code, exception = run_shell(request.get("code", b""), language)
+    else:
+        exit_code, exception = run_code(request.get("code", b""), main)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

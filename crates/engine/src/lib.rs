@@ -230,6 +230,7 @@ impl Engine {
             env: request.env.clone(),
             cwd: request.cwd.clone(),
             keep_namespace,
+            language: request.language.clone(),
         })?;
         let (reply, ended) = run_request(sandbox, &frame, started + limits.timeout)?;
         let process = sandbox.process();

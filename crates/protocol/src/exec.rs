@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Languages a template can run. Templates today hold CPython only; other languages need
-/// threads and `execve` in the sandbox first.
-pub const LANGUAGES: &[&str] = &["python"];
+/// Languages a template can run: Python in the template's agent, and shell scripts, which
+/// the agent runs with the image's shells (`bash -c CODE`, `sh -c CODE`).
+pub const LANGUAGES: &[&str] = &["python", "bash", "sh"];
 
 /// A file to place in the sandbox before the code runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,6 +51,10 @@ pub struct Request {
     /// Run in the agent's persistent namespace (a session) instead of a fresh `__main__`.
     #[serde(default)]
     pub keep_namespace: bool,
+    /// What the code is: `python` (also when empty), or a shell's name (`bash`, `sh`), which
+    /// the agent runs the code with as `SHELL -c CODE`.
+    #[serde(default)]
+    pub language: String,
 }
 
 impl Request {

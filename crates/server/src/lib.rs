@@ -137,6 +137,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(api::sessions::show).delete(api::sessions::delete),
         )
         .route("/v1/sandboxes/{id}/exec", post(api::sessions::exec))
+        .route("/v1/sandboxes/{id}/commands", post(api::sessions::commands))
         .route("/v1/sandboxes/{id}/fork", post(api::sessions::fork))
         .route(
             "/v1/sandboxes/{id}/files/{*path}",

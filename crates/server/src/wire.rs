@@ -36,7 +36,8 @@ pub struct FileBody {
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     pub code: String,
-    /// `python` (default). Other languages are refused with 422.
+    /// `python` (default), or `bash` / `sh` to run the code as a shell script. Others are
+    /// refused with 422.
     #[serde(default)]
     pub language: Option<String>,
     /// Wall-clock limit (default 30, at most the server's maximum).
@@ -65,6 +66,48 @@ pub struct ExecBody {
     /// text/event-stream`).
     #[serde(default)]
     pub stream: bool,
+}
+
+/// A command line to run in a session's filesystem with `bash -c`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandBody {
+    /// The command line, e.g. `ls -la | head`.
+    pub cmd: String,
+    /// Working directory (created if missing).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock limit (default 30, at most the server's maximum).
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+    /// Text the command reads on stdin.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Send output as Server-Sent Events while the command runs (also: `Accept:
+    /// text/event-stream`).
+    #[serde(default)]
+    pub stream: bool,
+}
+
+impl CommandBody {
+    /// The same run as an exec of the command line as a bash script.
+    pub fn into_exec(self) -> ExecBody {
+        ExecBody {
+            code: self.cmd,
+            language: Some("bash".to_string()),
+            timeout_seconds: self.timeout_seconds,
+            cpu_seconds: None,
+            memory_mb: None,
+            output_limit_bytes: None,
+            stdin: self.stdin,
+            env: self.env,
+            cwd: self.cwd,
+            files: Vec::new(),
+            stream: self.stream,
+        }
+    }
 }
 
 impl ExecBody {

@@ -19,8 +19,8 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::sessions::SessionEntry;
 use crate::wire::{
-    CreateSessionBody, ExecBody, ExecResponse, FileWritten, ForkBody, ForkResponse, SessionInfo,
-    SessionList,
+    CommandBody, CreateSessionBody, ExecBody, ExecResponse, FileWritten, ForkBody, ForkResponse,
+    SessionInfo, SessionList,
 };
 
 /// Most branches one fork request may make.
@@ -224,6 +224,38 @@ pub async fn exec(
     body: Result<Json<ExecBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
+    run_in_session(state, caller, id, headers, body).await
+}
+
+/// Run a command line in a session (`bash -c CMD`), in its filesystem and with its
+/// environment; background processes it starts stay in the session.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/commands", tag = "sessions", request_body = CommandBody,
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "How the command ran (or an event stream)", body = ExecResponse),
+        (status = 404, description = "No such session for this key", body = crate::error::ErrorBody),
+        (status = 409, description = "The session's code has exited; it cannot run more", body = crate::error::ErrorBody),
+        (status = 422, description = "A field has a value that is not allowed", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn commands(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<CommandBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    run_in_session(state, caller, id, headers, body.into_exec()).await
+}
+
+async fn run_in_session(
+    state: Arc<AppState>,
+    caller: String,
+    id: String,
+    headers: HeaderMap,
+    body: ExecBody,
+) -> Result<Response, ApiError> {
     let entry = find(&state, &id, &caller)?;
     check_memory(&state, &caller)?;
     let request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
