@@ -224,7 +224,7 @@ fn the_open_file_limit_applies() {
 #[test]
 fn other_languages_are_refused_clearly() {
     let Some(engine) = engine() else { return };
-    for language in ["node", "bash"] {
+    for language in ["node", "cobol"] {
         let mut request = ExecRequest::python("console.log(1)");
         request.language = language.into();
         let error = engine.exec("python", &request).unwrap_err();
@@ -233,6 +233,19 @@ fn other_languages_are_refused_clearly() {
             error.to_string().contains("unsupported language"),
             "{error}"
         );
+    }
+}
+
+#[test]
+fn shell_code_runs_with_the_images_shells() {
+    let Some(engine) = engine() else { return };
+    for language in ["bash", "sh"] {
+        let mut request = ExecRequest::python("echo $((6 * 7)) | cat; echo err >&2; exit 3");
+        request.language = language.into();
+        let result = exec(engine, &request);
+        assert_eq!(result.stdout, b"42\n", "{language}");
+        assert_eq!(result.stderr, b"err\n", "{language}");
+        assert_eq!(result.exit_code, 3, "{language}");
     }
 }
 

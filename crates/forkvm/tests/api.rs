@@ -185,7 +185,7 @@ fn bad_requests_get_precise_statuses() {
         &server,
         &server.alice,
         "/v1/exec/batch",
-        json!({"executions": [{"code": "1"}, {"code": "1", "language": "bash"}]}),
+        json!({"executions": [{"code": "1"}, {"code": "1", "language": "cobol"}]}),
     ));
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(error["error"]["field"], "executions[1].language");
@@ -611,5 +611,56 @@ fn host_memory_of_sessions_counts_against_the_keys_limit() {
         key,
         &format!("/v1/sandboxes/{id}/exec"),
         "print(1)",
+    );
+}
+
+#[test]
+fn commands_run_in_a_sessions_filesystem_and_bash_code_runs_over_http() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let server = Server::start(&[]);
+    let key = &server.alice;
+    let id = create_session(&server, key, json!({}));
+    exec_ok(
+        &server,
+        key,
+        &format!("/v1/sandboxes/{id}/exec"),
+        "open('/tmp/note.txt', 'w').write('from python\\n')",
+    );
+    let commands = format!("/v1/sandboxes/{id}/commands");
+    let (status, ran) = json_of(post(
+        &server,
+        key,
+        &commands,
+        json!({"cmd": "cat note.txt; echo \"$GREETING\"; wc -c; exit 2", "cwd": "/tmp",
+               "env": {"GREETING": "hello"}, "stdin": "four"}),
+    ));
+    assert_eq!(status, StatusCode::OK, "{ran}");
+    assert_eq!(ran["stdout"], "from python\nhello\n4\n", "{ran}");
+    assert_eq!(ran["exit_code"], 2);
+    let (status, bad) = json_of(post(&server, key, &commands, json!({"command": "ls"})));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+
+    let (status, bash) = json_of(post(
+        &server,
+        key,
+        "/v1/exec",
+        json!({"code": "seq 1 3 | paste -sd+ | tr + \" \" | wc -w", "language": "bash"}),
+    ));
+    assert_eq!(status, StatusCode::OK, "{bash}");
+    assert_eq!(bash["stdout"], "3\n", "{bash}");
+    let (status, bomb) = json_of(post(
+        &server,
+        key,
+        "/v1/exec",
+        json!({"code": ":(){ :|:& };:", "language": "bash"}),
+    ));
+    assert_eq!(status, StatusCode::OK, "{bomb}");
+    assert_eq!(bomb["error"]["kind"], "process_limit", "{bomb}");
+    assert_eq!(bomb["exit_code"], 71);
+    assert_eq!(
+        exec_ok(&server, key, "/v1/exec", "print('still fine')")["stdout"],
+        "still fine\n"
     );
 }

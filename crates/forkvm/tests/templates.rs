@@ -1,32 +1,17 @@
 //! End-to-end tests of `forkvm template …` and `forkvm exec` in a private cache directory
 //! (the Debian image is linked in, so nothing is rebuilt).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A fresh cache directory with every root filesystem image of the default cache linked in
-/// (so none is rebuilt; one that is missing gets built here).
 fn cache_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-cache-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let default = forkvm_testkit::default_image();
-    for entry in std::fs::read_dir(default.parent().unwrap()).unwrap() {
-        let path = entry.unwrap().path();
-        let file = path.file_name().unwrap().to_string_lossy().into_owned();
-        if file.starts_with("rootfs-") && file.ends_with(".img") {
-            std::os::unix::fs::symlink(&path, dir.join(&file)).unwrap();
-        }
-    }
-    dir
+    common::private_cache(name)
 }
 
 fn forkvm(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_forkvm"))
-        .args(args)
-        .env("FORKVM_CACHE_DIR", cache)
-        .output()
-        .expect("running forkvm")
+    common::forkvm_in(cache, args)
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -31,6 +31,7 @@ pub mod pipe;
 pub mod process;
 pub mod procfs;
 pub mod procs;
+mod proctree;
 pub mod readiness;
 pub mod signals;
 pub mod slab;

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 /// Bytes a pipe holds (Linux's default pipe size).
 pub const PIPE_CAPACITY: usize = 64 * 1024;
+/// The most `F_SETPIPE_SZ` may ask for (Linux's default `/proc/sys/fs/pipe-max-size`).
+pub const PIPE_MAX_CAPACITY: usize = 1 << 20;
 /// Writes up to this size are atomic (POSIX `PIPE_BUF`).
 pub const PIPE_BUF: usize = 4096;
 
@@ -42,12 +44,40 @@ pub struct Pipe {
     /// A writer has opened it: until then a FIFO's reader waits instead of seeing the end
     /// (Linux makes the reader's `open` wait; here its reads do).
     pub had_writer: bool,
+    /// Bytes it holds when set by `F_SETPIPE_SZ` (0: `PIPE_CAPACITY`).
+    #[serde(default)]
+    pub capacity: usize,
 }
 
 impl Pipe {
+    /// Bytes the pipe holds at most.
+    pub fn capacity(&self) -> usize {
+        if self.capacity == 0 {
+            PIPE_CAPACITY
+        } else {
+            self.capacity
+        }
+    }
+
     /// Free space in the buffer.
     pub fn room(&self) -> usize {
-        PIPE_CAPACITY - self.data.len()
+        self.capacity().saturating_sub(self.data.len())
+    }
+
+    /// `F_SETPIPE_SZ`: at least `wanted` bytes, a power of two of pages, up to
+    /// `PIPE_MAX_CAPACITY` (`EPERM` beyond), and never below what it holds (`EBUSY`).
+    pub fn resize(&mut self, wanted: u64) -> Result<usize, syscalls::Errno> {
+        let size = usize::try_from(wanted)
+            .ok()
+            .filter(|&w| w <= PIPE_MAX_CAPACITY)
+            .ok_or(syscalls::Errno::EPERM)?
+            .max(4096)
+            .next_power_of_two();
+        if size < self.data.len() {
+            return Err(syscalls::Errno::EBUSY);
+        }
+        self.capacity = size;
+        Ok(size)
     }
 }
 
@@ -66,6 +96,7 @@ impl Pipes {
             writers: 1,
             fifo: None,
             had_writer: true,
+            capacity: 0,
         };
         self.insert(pipe)
     }

@@ -24,6 +24,7 @@ use crate::mm::AddressSpace;
 use crate::pagetable::PageTables;
 use crate::process::Process;
 use crate::signals::{Disposition, SigInfo, SignalState};
+use crate::syscalls::creds::Creds;
 use crate::threads::{Threads, Tid, monotonic_ns};
 use crate::timers::Timers;
 use crate::vdso::VdsoPlacement;
@@ -126,6 +127,10 @@ pub(crate) struct Entry {
     pub cmdline: Vec<u8>,
     /// Whether it has called `execve` (a parent may no longer `setpgid` it).
     pub execed: bool,
+    /// `CLOCK_MONOTONIC` nanoseconds when it was made.
+    pub started_ns: u64,
+    /// Its user and group ids.
+    pub creds: Creds,
 }
 
 impl Entry {
@@ -140,6 +145,8 @@ impl Entry {
             pdeathsig: 0,
             cmdline: Vec::new(),
             execed: true,
+            started_ns: monotonic_ns(),
+            creds: Creds::default(),
         }
     }
 }
@@ -156,6 +163,8 @@ pub(crate) struct Procs {
     /// RAM of processes that ended or replaced their image: the VMM drops their VMs, then
     /// these (`Process::take_retired_ram`).
     pub retired: Vec<GuestRam>,
+    /// `CLOCK_MONOTONIC` nanoseconds when the sandbox started (its "boot").
+    pub boot_ns: u64,
 }
 
 impl Procs {
@@ -168,6 +177,7 @@ impl Procs {
             next_id: next_id.max(INIT + 1),
             slice_start_ns: 0,
             retired: Vec::new(),
+            boot_ns: monotonic_ns(),
         }
     }
 

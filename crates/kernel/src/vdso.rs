@@ -75,7 +75,7 @@ const _: () = {
 const MAX_CARRY_NS: u64 = 1_000_000_000;
 
 /// Reads a host clock in nanoseconds.
-fn host_ns(clock: libc::clockid_t) -> u64 {
+pub(crate) fn host_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

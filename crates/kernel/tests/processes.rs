@@ -260,3 +260,55 @@ fn a_fork_bomb_ends_the_sandbox_at_the_process_limit() {
     assert_eq!(reason, ExitReason::ProcessLimit(128));
     assert_eq!(forks, 127);
 }
+
+/// Reads a whole (small) file through the syscalls.
+fn read_file(h: &mut Harness, path: &str) -> String {
+    let fd = h.open(path, libc::O_RDONLY, 0);
+    assert!(fd >= 0, "open {path}: {fd}");
+    let bytes = h.read_fd(fd, 8192).expect("read");
+    assert_eq!(h.sys(libc::SYS_close, &[fd as u64]), 0);
+    String::from_utf8(bytes).expect("text")
+}
+
+#[test]
+fn proc_lists_each_process_with_the_files_ps_reads() {
+    let mut h = Harness::new();
+    let child = h.sys(libc::SYS_fork, &[]);
+    let stat = read_file(&mut h, &format!("/proc/{child}/stat"));
+    let fields: Vec<&str> = stat.split_whitespace().collect();
+    assert_eq!(fields[0], child.to_string());
+    assert_eq!(fields[3], "1", "its parent: {stat}");
+    assert_eq!(fields.len(), 52, "{stat}");
+    let status = read_file(&mut h, "/proc/self/status");
+    assert!(
+        status.contains("Pid:\t1\n") && status.contains("PPid:\t0\n"),
+        "{status}"
+    );
+    assert!(read_file(&mut h, "/proc/meminfo").starts_with("MemTotal:"));
+    assert!(read_file(&mut h, "/proc/uptime").contains('.'));
+    let fd = h.open("/proc", libc::O_RDONLY | libc::O_DIRECTORY, 0);
+    let buf = h.at(0x1000);
+    let n = h.sys(libc::SYS_getdents64, &[fd as u64, buf, 4096]);
+    let names: Vec<String> = common::parse_dirents(&h.peek(buf, n as usize))
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert!(
+        names.contains(&"1".to_string()) && names.contains(&child.to_string()),
+        "{names:?}"
+    );
+    // Reaped, the child's directory goes.
+    assert_eq!(
+        h.sys(libc::SYS_kill, &[child as u64, libc::SIGKILL as u64]),
+        0
+    );
+    let status = h.at(0x200);
+    assert_eq!(
+        h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
+        Outcome::Reschedule
+    );
+    assert_eq!(run_next(&mut h), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child);
+    assert!(h.stat(&format!("/proc/{child}"), 0).is_err());
+}

@@ -4,7 +4,34 @@
 //! Running the real `forkvm` binary against the default image.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+/// A fresh cache directory with every root filesystem image of the default cache linked in
+/// (so none is rebuilt; one that is missing gets built here).
+pub fn private_cache(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-cache-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let default = forkvm_testkit::default_image();
+    for entry in std::fs::read_dir(default.parent().unwrap()).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if file.starts_with("rootfs-") && file.ends_with(".img") {
+            std::os::unix::fs::symlink(&path, dir.join(&file)).unwrap();
+        }
+    }
+    dir
+}
+
+/// Runs `forkvm ARGS…` with `cache` as its cache directory.
+pub fn forkvm_in(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forkvm"))
+        .args(args)
+        .env("FORKVM_CACHE_DIR", cache)
+        .output()
+        .expect("running forkvm")
+}
 
 /// Runs `forkvm run [flags] -- program args…` with `stdin`, returning its output.
 pub fn forkvm_run(flags: &[&str], command: &[&str], stdin: &[u8]) -> Output {

@@ -46,6 +46,7 @@ impl Process {
             return Err(Errno::EINVAL.into());
         }
         let mut path = self.read_cstring(path, PATH_MAX - 1)?;
+        self.refresh_proc(&path);
         if path.is_empty() {
             if flags & libc::AT_EMPTY_PATH == 0 {
                 return Err(Errno::ENOENT.into());

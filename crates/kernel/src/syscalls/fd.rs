@@ -10,7 +10,6 @@ use super::SysResult;
 use crate::errno::from_fs;
 use crate::file::{DirEntry, FileObject};
 use crate::fileinfo::{self, FileStat};
-use crate::pipe::PIPE_CAPACITY;
 use crate::process::Process;
 
 /// Largest `getdents64` buffer we fill in one call.
@@ -201,10 +200,19 @@ impl Process {
                 self.files.get(fd)?;
                 Ok(0)
             }
-            libc::F_GETPIPE_SZ | libc::F_SETPIPE_SZ => match self.files.get(fd)?.object {
-                FileObject::Pipe { .. } => Ok(PIPE_CAPACITY as u64),
-                _ => Err(Errno::EBADF.into()),
-            },
+            libc::F_GETPIPE_SZ | libc::F_SETPIPE_SZ => {
+                let FileObject::Pipe { id, .. } = self.files.get(fd)?.object else {
+                    return Err(Errno::EBADF.into());
+                };
+                let pipe = self.pipes.get_mut(id).ok_or(Errno::EBADF)?;
+                if cmd == libc::F_GETPIPE_SZ {
+                    return Ok(pipe.capacity() as u64);
+                }
+                let size = pipe.resize(arg)?;
+                // A larger pipe may have room for a waiting writer.
+                self.io_event();
+                Ok(size as u64)
+            }
             _ => {
                 self.files.get(fd)?;
                 Err(Errno::EINVAL.into())

@@ -51,11 +51,12 @@ fn normalize(path: &[u8]) -> Vec<u8> {
 }
 
 impl Process {
-    pub(crate) fn read_path(&self, addr: u64) -> Result<Vec<u8>, Errno> {
+    pub(crate) fn read_path(&mut self, addr: u64) -> Result<Vec<u8>, Errno> {
         let path = self.read_cstring(addr, PATH_MAX - 1)?;
         if path.is_empty() {
             return Err(Errno::ENOENT);
         }
+        self.refresh_proc(&path);
         Ok(path)
     }
 
@@ -319,7 +320,7 @@ impl Process {
         Ok(self.fs.stat(resolved.node).map_err(from_fs)?.into())
     }
 
-    fn stat_target(&self, dirfd: i32, path: u64, flags: i32) -> Result<FileStat, Errno> {
+    fn stat_target(&mut self, dirfd: i32, path: u64, flags: i32) -> Result<FileStat, Errno> {
         if flags
             & !(libc::AT_SYMLINK_NOFOLLOW
                 | libc::AT_EMPTY_PATH
@@ -339,6 +340,7 @@ impl Process {
             }
             return self.fd_stat(dirfd);
         }
+        self.refresh_proc(&raw);
         self.path_stat(dirfd, &raw, flags & libc::AT_SYMLINK_NOFOLLOW == 0)
     }
 

@@ -5,6 +5,7 @@
 //! counted by name and logged, so the list of what programs still need is always at hand.
 
 pub(crate) mod copy;
+pub(crate) mod creds;
 pub(crate) mod epoll;
 pub(crate) mod exec;
 pub(crate) mod fd;
@@ -32,6 +33,7 @@ use crate::console::OutputLimitReached;
 use crate::context::{Fpu, UserContext};
 use crate::process::Process;
 use crate::threads::{Resume, Wait};
+use creds::Ids;
 
 /// Why the program stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,11 +359,26 @@ impl Process {
             ),
             Sysno::execve => self.sys_execve(libc::AT_FDCWD, a[0], a[1], a[2], 0),
             Sysno::execveat => self.sys_execve(a[0] as i32, a[1], a[2], a[3], a[4] as i32),
-            Sysno::getuid | Sysno::geteuid => Ok(crate::process::identity::UID),
-            Sysno::getgid | Sysno::getegid => Ok(crate::process::identity::GID),
-            Sysno::getresuid | Sysno::getresgid => self.sys_getresid(a[0], a[1], a[2]),
-            Sysno::getgroups => Ok(0),
-            Sysno::setuid | Sysno::setgid | Sysno::setgroups => Err(Errno::EPERM.into()),
+            Sysno::getuid => self.sys_getid(Ids::User, 0),
+            Sysno::geteuid => self.sys_getid(Ids::User, 1),
+            Sysno::getgid => self.sys_getid(Ids::Group, 0),
+            Sysno::getegid => self.sys_getid(Ids::Group, 1),
+            Sysno::getresuid => self.sys_getresid(Ids::User, [a[0], a[1], a[2]]),
+            Sysno::getresgid => self.sys_getresid(Ids::Group, [a[0], a[1], a[2]]),
+            Sysno::getgroups => self.sys_getgroups(a[0] as i32, a[1]),
+            Sysno::setgroups => self.sys_setgroups(a[0], a[1]),
+            Sysno::setuid => self.sys_setid(Ids::User, a[0] as u32),
+            Sysno::setgid => self.sys_setid(Ids::Group, a[0] as u32),
+            Sysno::setreuid => self.sys_setreid(Ids::User, a[0] as u32, a[1] as u32),
+            Sysno::setregid => self.sys_setreid(Ids::Group, a[0] as u32, a[1] as u32),
+            Sysno::setresuid => {
+                self.sys_setresid(Ids::User, [a[0] as u32, a[1] as u32, a[2] as u32])
+            }
+            Sysno::setresgid => {
+                self.sys_setresid(Ids::Group, [a[0] as u32, a[1] as u32, a[2] as u32])
+            }
+            Sysno::setfsuid => self.sys_setfsid(Ids::User),
+            Sysno::setfsgid => self.sys_setfsid(Ids::Group),
             Sysno::uname => self.sys_uname(a[0]),
             Sysno::sethostname => self.sys_set_name(a[0], a[1], false),
             Sysno::setdomainname => self.sys_set_name(a[0], a[1], true),

@@ -241,7 +241,7 @@ impl Process {
             .map_err(from_fs)
     }
 
-    fn node_for_utimes(&self, dirfd: i32, path: u64, flags: i32) -> Result<NodeId, Errno> {
+    fn node_for_utimes(&mut self, dirfd: i32, path: u64, flags: i32) -> Result<NodeId, Errno> {
         if path == 0 {
             return match self.files.get(dirfd)?.object {
                 FileObject::Node { node, .. } => Ok(node),

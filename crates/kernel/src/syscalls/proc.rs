@@ -148,13 +148,6 @@ impl Process {
         }
     }
 
-    pub(crate) fn sys_getresid(&mut self, a: u64, b: u64, c: u64) -> SysResult {
-        for addr in [a, b, c] {
-            self.write_obj(addr, &0u32)?;
-        }
-        Ok(0)
-    }
-
     pub(crate) fn sys_uname(&mut self, out: u64) -> SysResult {
         let names = Utsname {
             sysname: utsname_field(b"Linux"),

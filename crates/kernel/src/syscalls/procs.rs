@@ -195,7 +195,9 @@ impl Process {
                 borrows_from: vfork.then_some(self.procs.memory_owner(me)),
                 pdeathsig: 0,
                 cmdline: parent_entry.cmdline,
+                creds: parent_entry.creds,
                 execed: false,
+                started_ns: crate::threads::monotonic_ns(),
             },
         );
         self.procs.parked.insert(pid, Parked { own, memory });
@@ -472,7 +474,7 @@ impl Process {
         if signal == 0 {
             return Ok(0);
         }
-        let info = SigInfo::from_process(signal, code::SI_USER, me, identity::UID as u32);
+        let info = SigInfo::from_process(signal, code::SI_USER, me, self.creds().uid[0]);
         // The caller last: a signal that ends it must not keep the others from theirs.
         for (target, life) in targets.iter().filter(|(p, _)| *p != me) {
             if *life == Life::Alive {

@@ -7,7 +7,7 @@ use syscalls::Errno;
 use super::{Stop, SysResult};
 use crate::abi::StackT;
 use crate::delivery::MIN_SIGNAL_STACK;
-use crate::process::{Process, identity};
+use crate::process::Process;
 use crate::signals::{Disposition, NSIG, SigAction, SigInfo, SigSet, UNBLOCKABLE, bit, code};
 use crate::threads::{AltStack, Resume, SignalWake, Tid, Wait, WaitOn};
 
@@ -66,7 +66,7 @@ impl Process {
         }
         let tid = u32::try_from(tid).map_err(|_| Errno::ESRCH)?;
         let tgid = Tid::try_from(tgid).map_err(|_| Errno::ESRCH)?;
-        let info = SigInfo::from_process(signal, code::SI_TKILL, self.pid(), identity::UID as u32);
+        let info = SigInfo::from_process(signal, code::SI_TKILL, self.pid(), self.creds().uid[0]);
         if tgid != self.pid() {
             // A thread of another process: that process's table says whether it exists.
             if !self.procs.is_alive(tgid) {
