@@ -63,14 +63,26 @@ with mp.get_context("fork").Pool(2) as pool:
     results = pool.map(work, range(8))
 print([r[0] for r in results])
 print(len({r[1] for r in results}) >= 1, all(pid != os.getpid() for _, pid in results))
-q = mp.get_context("fork").Queue()
-p = mp.get_context("fork").Process(target=q.put, args=("from the child",))
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=q.put, args=("from the child",))
 p.start(); print(q.get()); p.join(); print(p.exitcode)
+# Shared memory and the locks on it: two children add under a lock.
+v = ctx.Value("i", 0)
+def add(v):
+    for _ in range(200):
+        with v.get_lock():
+            v.value += 1
+ps = [ctx.Process(target=add, args=(v,)) for _ in range(2)]
+[p.start() for p in ps]; [p.join() for p in ps]
+e = ctx.Event()
+p = ctx.Process(target=e.set); p.start(); p.join()
+print(v.value, e.is_set())
 "#,
     );
     assert_eq!(
         out,
-        "[0, 1, 4, 9, 16, 25, 36, 49]\nTrue True\nfrom the child\n0\n"
+        "[0, 1, 4, 9, 16, 25, 36, 49]\nTrue True\nfrom the child\n0\n400 True\n"
     );
 }
 

@@ -33,6 +33,7 @@ pub mod procfs;
 pub mod procs;
 mod proctree;
 pub mod readiness;
+pub(crate) mod shm;
 pub mod signals;
 pub mod slab;
 pub mod stack;

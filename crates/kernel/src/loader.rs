@@ -257,6 +257,7 @@ impl Process {
                         shared_with: None,
                         write_back: false,
                     }),
+                    segment: None,
                 })
                 .map_err(no_memory)?;
             self.discard(&replaced).map_err(no_memory)?;

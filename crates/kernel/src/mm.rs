@@ -65,6 +65,10 @@ pub struct Vma {
     pub reserved: bool,
     /// The file behind a `VmaKind::File` mapping.
     pub file: Option<FileView>,
+    /// For a `MAP_SHARED` mapping, the shared memory segment it shows (`crate::shm`) and
+    /// the segment offset of its first byte.
+    #[serde(default)]
+    pub segment: Option<(u64, u64)>,
 }
 
 impl Vma {
@@ -78,6 +82,7 @@ impl Vma {
             shared: false,
             reserved: false,
             file: None,
+            segment: None,
         }
     }
 
@@ -89,10 +94,14 @@ impl Vma {
             offset: f.offset + (start - self.start),
             ..f.clone()
         });
+        let segment = self
+            .segment
+            .map(|(id, offset)| (id, offset + (start - self.start)));
         Vma {
             start,
             end: end.min(self.end),
             file,
+            segment,
             ..self.clone()
         }
     }
@@ -113,7 +122,15 @@ impl Vma {
             }
             _ => false,
         };
+        let segment_continues = match (self.segment, next.segment) {
+            (None, None) => true,
+            (Some((a, offset)), Some((b, next_offset))) => {
+                a == b && offset + (self.end - self.start) == next_offset
+            }
+            _ => false,
+        };
         self.end == next.start
+            && segment_continues
             && self.prot == next.prot
             && self.kind == next.kind
             && self.shared == next.shared
@@ -247,6 +264,14 @@ impl AddressSpace {
     /// All mappings in address order.
     pub fn vmas(&self) -> impl Iterator<Item = &Vma> {
         self.vmas.values()
+    }
+
+    /// Makes every shared memory segment mapping an ordinary one (a restored snapshot holds
+    /// their bytes, but not the segments).
+    pub fn forget_segments(&mut self) {
+        for vma in self.vmas.values_mut() {
+            vma.segment = None;
+        }
     }
 
     /// True when every byte of `[addr, addr+len)` is mapped. Zero-length ranges are valid.

@@ -145,6 +145,8 @@ pub struct Process {
     pub(crate) stale: rangemap::RangeMap<u64, u64>,
     /// The sandbox's other processes, and which one is current (`procs`).
     pub(crate) procs: Procs,
+    /// Memory that processes map shared (`shm`).
+    pub(crate) segments: crate::shm::Segments,
     /// Where fresh guest RAM comes from (`execve`); none in tests without a VMM.
     pub(crate) machine: Option<Arc<dyn Machine>>,
 }
@@ -215,6 +217,7 @@ impl Process {
             tables,
             stale: rangemap::RangeMap::new(),
             procs: Procs::new(INIT + 1),
+            segments: Default::default(),
             machine: None,
         })
     }
@@ -262,9 +265,11 @@ impl Process {
             });
         }
         let tables = PageTables::for_ram(ram.size());
+        let mut mm = state.mm;
+        mm.forget_segments();
         Ok(Process {
             ram,
-            mm: state.mm,
+            mm,
             fs: Fs::from_overlay_state(image, state.overlay),
             files: state.files,
             pipes: state.pipes,
@@ -287,6 +292,7 @@ impl Process {
             tables,
             stale: rangemap::RangeMap::new(),
             procs: Procs::new(state.next_id),
+            segments: Default::default(),
             machine: None,
         })
     }

@@ -442,6 +442,7 @@ impl Process {
             e.life = Life::Zombie(status);
         }
         self.switch_to(next);
+        self.forget_unused_segments();
         self.procs.slice_start_ns = now;
         if reap_at_once {
             self.procs.entries.remove(&pid);

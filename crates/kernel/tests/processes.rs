@@ -312,3 +312,48 @@ fn proc_lists_each_process_with_the_files_ps_reads() {
     assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child);
     assert!(h.stat(&format!("/proc/{child}"), 0).is_err());
 }
+
+#[test]
+fn shared_memory_is_shared_with_children_and_so_are_its_futexes() {
+    let mut h = Harness::new();
+    let shared = h.sys(
+        libc::SYS_mmap,
+        &[
+            0,
+            8192,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    ) as u64;
+    let private = h.at(0x300);
+    h.poke(shared, &0u32.to_le_bytes());
+    let child = h.sys(libc::SYS_fork, &[]);
+    // The parent waits on a futex in the shared page; the child writes and wakes it.
+    let wait = libc::FUTEX_WAIT as u64; // not PRIVATE: a process-shared futex
+    assert_eq!(
+        h.call(libc::SYS_futex, &[shared, wait, 0, 0]),
+        Outcome::Reschedule
+    );
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.process.pid(), child as u32);
+    h.poke(shared, &7u32.to_le_bytes());
+    h.poke(private, b"child");
+    let wake = libc::FUTEX_WAKE as u64;
+    assert_eq!(
+        h.sys(libc::SYS_futex, &[shared, wake, 1, 0]),
+        1,
+        "the parent woke"
+    );
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.process.pid(), 1);
+    assert_eq!(h.ctx.regs.rax, 0, "FUTEX_WAIT returned 0");
+    assert_eq!(
+        h.peek(shared, 4),
+        7u32.to_le_bytes(),
+        "shared memory is shared"
+    );
+    assert_ne!(h.peek(private, 5), b"child", "private memory is not");
+}

@@ -58,6 +58,21 @@ pub enum MemoryError {
     Remap(std::io::Error),
 }
 
+/// A new anonymous memory file (`memfd`) of `size` bytes, all zero: a layer of a snapshot,
+/// or memory several processes map at once.
+pub fn memory_file(name: &std::ffi::CStr, size: u64) -> Result<File, MemoryError> {
+    // SAFETY: the name is a valid NUL-terminated string; memfd_create returns a new
+    // descriptor we take ownership of below (or -1).
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Remap(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size).map_err(MemoryError::Remap)?;
+    Ok(file)
+}
+
 /// An access outside guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[error("guest access {addr:#x}+{len:#x} is outside guest RAM")]
@@ -342,6 +357,23 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Maps `len` bytes of `file` at `offset` over `[addr, addr+len)`, shared: every other
+    /// mapping of those bytes (another process's RAM) sees what the guest writes here.
+    pub fn map_shared(
+        &self,
+        addr: u64,
+        len: u64,
+        file: &File,
+        offset: u64,
+    ) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.map_with(addr, len, file, offset, libc::MAP_SHARED)?;
+        self.record_remap(addr, len);
+        Ok(())
+    }
+
     /// Maps `[addr, addr+len)` of a backing file (a snapshot or one of its layers) at its own
     /// offset: restoring what the RAM is a view of, so not logged as a replacement.
     pub(crate) fn map_backing(&self, addr: u64, len: u64, file: &File) -> Result<(), MemoryError> {
@@ -355,18 +387,31 @@ impl GuestRam {
         file: &File,
         offset: u64,
     ) -> Result<(), MemoryError> {
+        self.map_with(addr, len, file, offset, libc::MAP_PRIVATE)
+    }
+
+    /// Maps `file` at `offset` over `[addr, addr+len)` with `kind` (`MAP_PRIVATE` or
+    /// `MAP_SHARED`).
+    fn map_with(
+        &self,
+        addr: u64,
+        len: u64,
+        file: &File,
+        offset: u64,
+        kind: libc::c_int,
+    ) -> Result<(), MemoryError> {
         let host = self.check_pages(addr, len)?;
         if !offset.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadRange { addr: offset, len });
         }
-        // SAFETY: as in `discard`: the target range is inside our own mapping; the file mapping
-        // is private, so guest writes never reach the file.
+        // SAFETY: as in `discard`: the target range is inside our own mapping. A private file
+        // mapping never writes the file; a shared one is a memory file made to be shared.
         let ret = unsafe {
             libc::mmap(
                 host,
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                kind | libc::MAP_FIXED,
                 file.as_raw_fd(),
                 offset as libc::off_t,
             )

@@ -8,7 +8,6 @@
 //! past `MAX_LAYERS`, the snapshot is flattened into one new base.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -22,19 +21,6 @@ use crate::{Sandbox, SandboxError, Vmm, VmmError};
 pub const MAX_LAYERS: usize = 8;
 
 /// An anonymous, sparse memory file of `size` bytes.
-fn memory_file(size: u64) -> Result<File, MemoryError> {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create returns a new
-    // descriptor we take ownership of below (or -1).
-    let fd = unsafe { libc::memfd_create(c"forkvm-layer".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Remap(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(MemoryError::Remap)?;
-    Ok(file)
-}
-
 /// Guest RAM read at once while copying a layer.
 const COPY_CHUNK: usize = 1 << 20;
 
@@ -89,7 +75,7 @@ impl Vmm {
         let vcpu = sandbox.capture_vcpu()?;
         let changed = ram.changed_ranges()?;
         let backing = if parent.backing.layers.len() < MAX_LAYERS {
-            let file = memory_file(ram.size())?;
+            let file = forkvm_memory::ram::memory_file(c"forkvm-layer", ram.size())?;
             copy_pages(ram, &file, &changed)?;
             let mut layers = parent.backing.layers.clone();
             layers.push(Layer {
@@ -108,7 +94,7 @@ impl Vmm {
             for layer in &parent.backing.layers {
                 ranges.extend(layer.ranges.iter().copied());
             }
-            let file = memory_file(ram.size())?;
+            let file = forkvm_memory::ram::memory_file(c"forkvm-layer", ram.size())?;
             copy_pages(ram, &file, &merge_ranges(ranges))?;
             Backing::file(file)
         };

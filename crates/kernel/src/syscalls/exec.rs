@@ -81,6 +81,7 @@ impl Process {
         };
         self.exchange_memory(&mut memory);
         self.give_back_or_retire(memory);
+        self.forget_unused_segments();
         let entry = match self.load_program(&image.program, &image.argv, &envp) {
             Ok(entry) => entry,
             Err(e) => {

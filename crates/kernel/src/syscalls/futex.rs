@@ -1,7 +1,7 @@
 //! `futex`: the waits and wakes glibc's mutexes, condition variables, semaphores and thread
-//! joins are built on. All of a sandbox's threads share one address space and one vCPU, so
-//! "private" and "shared" futexes are the same, and checking the word and blocking is
-//! atomic by construction. Priority-inheritance operations are not offered (`ENOSYS`);
+//! joins are built on. A process's threads share one address space and all processes one
+//! syscall layer, so checking the word and blocking is atomic by construction. A wake of a
+//! word in shared memory (`shm`) also reaches waiters in the other processes that map it. Priority-inheritance operations are not offered (`ENOSYS`);
 //! glibc uses them only for mutexes created with `PTHREAD_PRIO_INHERIT`.
 
 use syscalls::Errno;
@@ -115,7 +115,11 @@ impl Process {
 
     fn futex_wake(&mut self, addr: u64, bitset: u32, count: usize) -> SysResult {
         self.futex_word(addr)?;
-        Ok(self.threads.futex_wake(addr, bitset, count) as u64)
+        let mut woken = self.threads.futex_wake(addr, bitset, count);
+        if woken < count {
+            woken += self.wake_shared_futex(addr, bitset, count - woken);
+        }
+        Ok(woken as u64)
     }
 
     /// `FUTEX_WAKE_OP`: changes the word at `addr2`, wakes waiters on `addr`, and on

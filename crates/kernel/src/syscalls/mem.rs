@@ -150,6 +150,15 @@ impl Process {
         if let Some(node) = node {
             self.sync_shared_to_file(node)?;
         }
+        // Shared memory is a segment other processes (children) map too.
+        let segment = match (kind == libc::MAP_SHARED, node) {
+            (false, _) => None,
+            (true, None) => Some((self.new_anonymous_segment(len)?, 0)),
+            (true, Some(node)) => {
+                let end = offset.checked_add(len).ok_or(Errno::EOVERFLOW)?;
+                Some((self.node_segment(node, end)?, offset))
+            }
+        };
         let replaced = self.mm.map_fixed(Vma {
             start,
             end: start + len,
@@ -158,9 +167,15 @@ impl Process {
             shared: kind == libc::MAP_SHARED,
             reserved: node.is_none() && flags & (libc::MAP_STACK | libc::MAP_NORESERVE) != 0,
             file: file_view,
+            segment,
         })?;
         self.release_unmapped(&replaced)?;
         self.reuse(start, len)?;
+        if let Some((id, segment_offset)) = segment {
+            self.map_segment(id, start, len, segment_offset)?;
+            self.forget_unused_segments();
+            return Ok(start);
+        }
         match node {
             Some(node) => self.populate_from_file(node, start, len, offset)?,
             // Thread stacks (MAP_STACK) are mostly untouched: Linux keeps them off huge pages
@@ -180,6 +195,7 @@ impl Process {
         self.write_back_shared(None, addr, addr.saturating_add(len))?;
         let removed = self.mm.unmap(addr, len)?;
         self.release_unmapped(&removed)?;
+        self.forget_unused_segments();
         Ok(0)
     }
 

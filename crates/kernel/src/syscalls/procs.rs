@@ -125,10 +125,7 @@ impl Process {
         let memory = if vfork {
             None
         } else {
-            let ram = self.ram.duplicate(&self.populated_ranges()).map_err(|e| {
-                tracing::warn!(error = %e, "copying memory for fork");
-                Errno::ENOMEM
-            })?;
+            let ram = self.duplicate_memory()?;
             if flags & CLONE_CHILD_SETTID != 0 {
                 ram.write(new.child_tid, &pid.to_le_bytes())
                     .map_err(|_| Errno::EFAULT)?;
@@ -215,6 +212,36 @@ impl Process {
             on_timeout: Resume::Return(u64::from(pid)),
             on_signal: SignalWake::Restart,
         }))
+    }
+
+    /// A copy of the current memory for a forked child: private pages copied (copy-on-write
+    /// from the snapshot where there is one), shared segments mapped.
+    fn duplicate_memory(&self) -> Result<forkvm_memory::ram::GuestRam, Errno> {
+        let segments = self.segment_ranges();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in self.populated_ranges() {
+            let mut from = start;
+            for &(s, e, _, _) in segments.iter().filter(|r| r.0 < end && start < r.1) {
+                if from < s {
+                    ranges.push((from, s));
+                }
+                from = from.max(e);
+            }
+            if from < end {
+                ranges.push((from, end));
+            }
+        }
+        let host_error = |e: forkvm_memory::ram::MemoryError| {
+            tracing::warn!(error = %e, "copying memory for fork");
+            Errno::ENOMEM
+        };
+        let ram = self.ram.duplicate(&ranges).map_err(host_error)?;
+        for (start, end, id, offset) in segments {
+            let segment = self.segments.get(id).ok_or(Errno::ENOMEM)?;
+            ram.map_shared(start, end - start, &segment.file, offset)
+                .map_err(host_error)?;
+        }
+        Ok(ram)
     }
 
     /// The children of the current process a wait for `which` may report.

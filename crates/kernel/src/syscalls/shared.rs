@@ -96,6 +96,12 @@ impl Process {
         offset: u64,
         len: u64,
     ) -> Result<(), Errno> {
+        // Shared mappings in other processes show the file's segment: it gets the bytes.
+        if len > 0 && self.segments.of_node(node).is_some() {
+            let mut data = vec![0u8; len.min(16 << 20) as usize];
+            let n = self.fs.read_at(node, offset, &mut data).map_err(from_fs)?;
+            self.write_to_node_segment(node, offset, &data[..n]);
+        }
         for piece in self.shared_pieces(Some(node), 0, u64::MAX, false) {
             let piece_len = piece.end - piece.start;
             let from = offset.max(piece.offset);
