@@ -131,6 +131,8 @@ pub(crate) struct Entry {
     pub started_ns: u64,
     /// Its user and group ids.
     pub creds: Creds,
+    /// Its scheduling policy, priority and nice value.
+    pub sched: crate::syscalls::sched::Sched,
 }
 
 impl Entry {
@@ -147,6 +149,7 @@ impl Entry {
             execed: true,
             started_ns: monotonic_ns(),
             creds: Creds::default(),
+            sched: Default::default(),
         }
     }
 }

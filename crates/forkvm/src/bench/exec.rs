@@ -1,5 +1,6 @@
-//! `forkvm bench exec`: fork + exec of typical small requests from the warm pool, each
-//! beside the same code run by a host `os.fork()` of a warm numpy Python.
+//! `forkvm bench exec`: fork + exec of typical small requests from the warm pool (Python,
+//! a child process, a shell line), each beside the same work done by a host `os.fork()`
+//! of a warm numpy Python.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,17 +13,46 @@ use serde::Serialize;
 use super::fork::{console, run_trivial, wait_for_depth};
 use super::{Latency, Machine};
 
-/// The workloads: name and Python code.
-const WORKLOADS: &[(&str, &str)] = &[
-    ("print(1+1)", "print(1+1)"),
-    (
+/// A request to time: its name, language and code, and the Python the host's forked child
+/// runs for the same work.
+struct Workload {
+    name: &'static str,
+    language: &'static str,
+    code: &'static str,
+    host_code: &'static str,
+}
+
+const fn python(name: &'static str, code: &'static str) -> Workload {
+    Workload {
+        name,
+        language: "python",
+        code,
+        host_code: code,
+    }
+}
+
+const WORKLOADS: &[Workload] = &[
+    python("print(1+1)", "print(1+1)"),
+    python(
         "json.dumps(list(range(1000)))",
         "import json; json.dumps(list(range(1000)))",
     ),
-    (
+    python(
         "200x200 numpy matmul",
         "import numpy as np; a = np.random.rand(200, 200); (a @ a).sum()",
     ),
+    // A child process: vfork, execve of a new image in a new VM, wait.
+    python(
+        "subprocess.run([\"true\"])",
+        "import subprocess; subprocess.run([\"true\"])",
+    ),
+    // A shell request: the agent spawns bash, which runs the line.
+    Workload {
+        name: "bash: echo hi",
+        language: "bash",
+        code: "echo hi",
+        host_code: "import os; os.waitpid(os.posix_spawn('/bin/bash', ['bash', '-c', 'echo hi'], os.environ), 0)",
+    },
 ];
 
 /// One workload in forks and on the host.
@@ -51,9 +81,13 @@ pub fn run(template: &str, samples: usize) -> Result<ExecReport> {
     let pool = Pool::start(vmm, Arc::new(source), PoolConfig::default(), Some(warmup));
     pool.wait_full(Duration::from_secs(120));
     let mut workloads = Vec::new();
-    for &(name, code) in WORKLOADS {
+    for workload in WORKLOADS {
+        let name = workload.name;
         eprintln!("bench: {name} ({samples} forks)…");
-        let frame = forkvm_protocol::encode(&Request::code(code))?;
+        let frame = forkvm_protocol::encode(&Request {
+            language: workload.language.to_string(),
+            ..Request::code(workload.code)
+        })?;
         let mut times = Vec::with_capacity(samples);
         for _ in 0..samples {
             wait_for_depth(&pool, 1);
@@ -64,7 +98,7 @@ pub fn run(template: &str, samples: usize) -> Result<ExecReport> {
             pool.release(sandbox);
         }
         let fork_exec = Latency::of(times);
-        let host_fork_exec = super::host::fork_exec(code, samples)?;
+        let host_fork_exec = super::host::fork_exec(workload.host_code, samples)?;
         workloads.push(ExecWorkload {
             workload: name,
             ratio_p50: fork_exec.p50_us / host_fork_exec.p50_us,

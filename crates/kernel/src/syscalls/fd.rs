@@ -131,7 +131,7 @@ impl Process {
                 offset
             }
             libc::SEEK_HOLE => {
-                if offset < 0 || offset as u64 > size {
+                if offset < 0 || offset as u64 >= size {
                     return Err(Errno::ENXIO.into());
                 }
                 size as i64
@@ -365,6 +365,36 @@ impl Process {
         }
         let node = *node;
         self.fs.truncate(node, len).map_err(from_fs)?;
+        Ok(0)
+    }
+
+    /// `fallocate`: mode 0 makes the file at least `offset + len` long (the overlay holds
+    /// no holes, so there is nothing else to reserve); other modes are not offered.
+    pub(crate) fn sys_fallocate(&mut self, fd: i32, mode: i32, offset: i64, len: i64) -> SysResult {
+        let file = self.files.get(fd)?;
+        let FileObject::Node { node, .. } = &file.object else {
+            return Err(match file.object {
+                FileObject::Pipe { .. } | FileObject::Socket { .. } => Errno::ESPIPE,
+                _ => Errno::ENODEV,
+            }
+            .into());
+        };
+        if offset < 0 || len <= 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        if !file.writable() {
+            return Err(Errno::EBADF.into());
+        }
+        if mode != 0 {
+            return Err(Errno::EOPNOTSUPP.into());
+        }
+        let node = *node;
+        let end = (offset as u64)
+            .checked_add(len as u64)
+            .ok_or(Errno::EFBIG)?;
+        if self.fs.stat(node).map_err(from_fs)?.size < end {
+            self.fs.truncate(node, end).map_err(from_fs)?;
+        }
         Ok(0)
     }
 

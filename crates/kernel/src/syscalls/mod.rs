@@ -20,6 +20,7 @@ pub(crate) mod pipe;
 pub(crate) mod poll;
 pub(crate) mod proc;
 pub(crate) mod procs;
+pub(crate) mod sched;
 pub(crate) mod shared;
 pub(crate) mod signal;
 pub(crate) mod socket;
@@ -207,7 +208,10 @@ impl Process {
             Sysno::fadvise64 => self.files.get(a[0] as i32).map(|_| 0).map_err(Stop::from),
             Sysno::flock => self.files.get(a[0] as i32).map(|_| 0).map_err(Stop::from),
             Sysno::fchmod => self.sys_fchmod(a[0] as i32, a[1] as u32),
-            Sysno::fchown => self.files.get(a[0] as i32).map(|_| 0).map_err(Stop::from),
+            Sysno::fchown => self.sys_fchown(a[0] as i32, a[1] as u32, a[2] as u32),
+            Sysno::fallocate => {
+                self.sys_fallocate(a[0] as i32, a[1] as i32, a[2] as i64, a[3] as i64)
+            }
             Sysno::fchdir => self.sys_fchdir(a[0] as i32),
             Sysno::fstatfs => self.sys_fstatfs(a[0] as i32, a[1]),
             Sysno::sendfile => self.sys_sendfile(a[0] as i32, a[1] as i32, a[2], a[3]),
@@ -310,8 +314,17 @@ impl Process {
             Sysno::truncate => self.sys_truncate(a[0], a[1] as i64),
             Sysno::chmod => self.sys_fchmodat(libc::AT_FDCWD, a[0], a[1] as u32),
             Sysno::fchmodat => self.sys_fchmodat(a[0] as i32, a[1], a[2] as u32),
-            Sysno::chown | Sysno::lchown => self.sys_path_exists(libc::AT_FDCWD, a[0]),
-            Sysno::fchownat => self.sys_path_exists(a[0] as i32, a[1]),
+            Sysno::chown => self.sys_chown(libc::AT_FDCWD, a[0], a[1] as u32, a[2] as u32, 0),
+            Sysno::lchown => self.sys_chown(
+                libc::AT_FDCWD,
+                a[0],
+                a[1] as u32,
+                a[2] as u32,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ),
+            Sysno::fchownat => {
+                self.sys_chown(a[0] as i32, a[1], a[2] as u32, a[3] as u32, a[4] as i32)
+            }
             Sysno::utimensat => self.sys_utimensat(a[0] as i32, a[1], a[2], a[3] as i32),
             Sysno::statfs => self.sys_statfs(a[0], a[1]),
             Sysno::mknod => self.sys_mknodat(libc::AT_FDCWD, a[0], a[1] as u32),
@@ -389,12 +402,25 @@ impl Process {
             Sysno::getrusage => self.sys_getrusage(a[0] as i32, a[1]),
             Sysno::times => self.sys_times(a[0]),
             Sysno::sched_getaffinity => self.sys_sched_getaffinity(a[0] as i32, a[1], a[2]),
-            Sysno::sched_setaffinity => Ok(0),
+            Sysno::sched_setaffinity => {
+                self.sys_sched_setaffinity(i64::from(a[0] as i32), a[1], a[2])
+            }
             Sysno::sched_yield => self.sys_sched_yield(),
-            Sysno::sched_getscheduler => Ok(0),
-            Sysno::sched_getparam => self.write_obj(a[1], &0u32).map(|_| 0).map_err(Stop::from),
-            Sysno::getpriority => Ok(20),
-            Sysno::setpriority => Ok(0),
+            Sysno::sched_getscheduler => self.sys_sched_getscheduler(i64::from(a[0] as i32)),
+            Sysno::sched_setscheduler => {
+                self.sys_sched_setscheduler(i64::from(a[0] as i32), Some(a[1] as i32), a[2])
+            }
+            Sysno::sched_setparam => {
+                self.sys_sched_setscheduler(i64::from(a[0] as i32), None, a[1])
+            }
+            Sysno::sched_getparam => self.sys_sched_getparam(i64::from(a[0] as i32), a[1]),
+            Sysno::sched_get_priority_max => self.sys_sched_priority(a[0] as i32, true),
+            Sysno::sched_get_priority_min => self.sys_sched_priority(a[0] as i32, false),
+            Sysno::sched_rr_get_interval => {
+                self.sys_sched_rr_get_interval(i64::from(a[0] as i32), a[1])
+            }
+            Sysno::getpriority => self.sys_getpriority(a[0] as i32, a[1] as u32),
+            Sysno::setpriority => self.sys_setpriority(a[0] as i32, a[1] as u32, a[2] as i32),
             Sysno::getcpu => self.sys_getcpu(a[0], a[1]),
             Sysno::prctl => self.sys_prctl(a[0] as i32, a[1]),
             Sysno::capget => self.sys_capget(a[1]),

@@ -166,9 +166,45 @@ impl Process {
         Ok(0)
     }
 
-    pub(crate) fn sys_path_exists(&mut self, dirfd: i32, path: u64) -> SysResult {
-        let path = self.read_path(path)?;
-        self.resolve_at(dirfd, &path, true)?;
+    /// `chown`, `lchown`, `fchownat`: -1 leaves an id as it is.
+    pub(crate) fn sys_chown(
+        &mut self,
+        dirfd: i32,
+        path: u64,
+        uid: u32,
+        gid: u32,
+        flags: i32,
+    ) -> SysResult {
+        if flags & !(libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH) != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        let path = self.read_cstring(path, 4095)?;
+        let node = if path.is_empty() {
+            if flags & libc::AT_EMPTY_PATH == 0 {
+                return Err(Errno::ENOENT.into());
+            }
+            return self.sys_fchown(dirfd, uid, gid);
+        } else {
+            self.refresh_proc(&path);
+            let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+            self.resolve_at(dirfd, &path, follow)?.node
+        };
+        self.change_owner(node, uid, gid)
+    }
+
+    pub(crate) fn sys_fchown(&mut self, fd: i32, uid: u32, gid: u32) -> SysResult {
+        match self.files.get(fd)?.object {
+            FileObject::Node { node, .. } => self.change_owner(node, uid, gid),
+            // Pipes, sockets and devices have no owner to keep here.
+            _ => Ok(0),
+        }
+    }
+
+    fn change_owner(&mut self, node: NodeId, uid: u32, gid: u32) -> SysResult {
+        let keep = |id: u32| (id != u32::MAX).then_some(id);
+        self.fs
+            .set_owner(node, keep(uid), keep(gid))
+            .map_err(from_fs)?;
         Ok(0)
     }
 

@@ -193,6 +193,7 @@ impl Process {
                 pdeathsig: 0,
                 cmdline: parent_entry.cmdline,
                 creds: parent_entry.creds,
+                sched: parent_entry.sched,
                 execed: false,
                 started_ns: crate::threads::monotonic_ns(),
             },
