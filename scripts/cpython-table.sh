@@ -24,7 +24,6 @@ options() {
   case $1 in
     test_socketserver) echo "-u network" ;;
     test_socket) echo "-i *VSOCK*" ;;           # the host may have a vsock device that hangs
-    test_thread) echo "-i *test_forkinthread*" ;; # without fork it waits forever on a pipe
     *) echo "" ;;
   esac
 }

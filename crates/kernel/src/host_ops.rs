@@ -4,7 +4,9 @@
 use forkvm_image::{FsError, Kind};
 
 use crate::console::Console;
+use crate::mm::AddressSpace;
 use crate::process::Process;
+use forkvm_memory::ram::GuestRam;
 
 /// Why a file could not be read from the sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -33,24 +35,31 @@ impl Process {
     /// never written) are not counted; neither are the bounded buffers of its pipes and
     /// sockets.
     pub fn host_bytes(&self) -> u64 {
-        self.private_ram_bytes() + self.ram.retained_bytes() + self.fs.used_bytes()
+        self.private_ram_bytes() + self.kept_and_file_bytes()
     }
 
-    /// The private guest pages of `host_bytes` (walks the host's page map of everything
-    /// mapped: the costly part).
+    /// The private guest pages of `host_bytes`, in every process's memory, and the shared
+    /// memory segments (walks the host's page map of everything mapped: the costly part).
     pub fn private_ram_bytes(&self) -> u64 {
-        let private_pages: u64 = self
-            .populated_ranges()
-            .into_iter()
-            .filter_map(|(start, end)| self.ram.residency(start, end).ok())
-            .map(|r| r.private_pages)
-            .sum();
-        private_pages * forkvm_memory::PAGE_SIZE
+        let private = |ram: &GuestRam, mm: &AddressSpace| -> u64 {
+            crate::process::populated_ranges(mm, ram.size())
+                .into_iter()
+                .filter_map(|(start, end)| ram.residency(start, end).ok())
+                .map(|r| r.private_pages)
+                .sum()
+        };
+        let mut pages = private(&self.ram, &self.mm);
+        for memory in self.procs.parked.values().filter_map(|p| p.memory.as_ref()) {
+            pages += private(&memory.ram, &memory.mm);
+        }
+        pages * forkvm_memory::PAGE_SIZE + self.segments.resident_bytes()
     }
 
-    /// The rest of `host_bytes`: unmapped pages kept for reuse, and file data (cheap).
+    /// The rest of `host_bytes`: unmapped pages kept for reuse (in every process's memory),
+    /// and file data (cheap).
     pub fn kept_and_file_bytes(&self) -> u64 {
-        self.ram.retained_bytes() + self.fs.used_bytes()
+        let retained: u64 = self.all_ram().map(GuestRam::retained_bytes).sum();
+        retained + self.fs.used_bytes()
     }
 
     /// Bytes the program has mapped (what the memory limit counts).

@@ -151,6 +151,16 @@ pub struct Process {
     pub(crate) machine: Option<Arc<dyn Machine>>,
 }
 
+/// The parts of `ram_size` bytes of guest RAM that can hold anything under `mm` (see
+/// `Process::populated_ranges`).
+pub(crate) fn populated_ranges(mm: &AddressSpace, ram_size: u64) -> Vec<(u64, u64)> {
+    let layout = mm.layout();
+    let mut ranges = vec![(0, layout.user_start)];
+    ranges.extend(mm.vmas().map(|v| (v.start, v.end)));
+    ranges.push((layout.user_end, ram_size));
+    ranges
+}
+
 /// What the syscall layer needs from the VMM: fresh guest RAM with its system area (page
 /// tables, descriptor tables, stubs) in place, for a process that replaces its image.
 pub trait Machine: Send + Sync {
@@ -301,11 +311,7 @@ impl Process {
     /// the program's mappings, and the page-table pool above them. The rest is zero, so a
     /// snapshot or a layer keeps only these.
     pub fn populated_ranges(&self) -> Vec<(u64, u64)> {
-        let layout = self.mm.layout();
-        let mut ranges = vec![(0, layout.user_start)];
-        ranges.extend(self.mm.vmas().map(|v| (v.start, v.end)));
-        ranges.push((layout.user_end, self.ram.size()));
-        ranges
+        populated_ranges(&self.mm, self.ram.size())
     }
 
     /// Brings the guest page tables up to date with the mappings changed since the last

@@ -45,6 +45,16 @@ impl Segments {
         self.next_id
     }
 
+    /// Host memory the segments hold (their files' allocated pages).
+    pub fn resident_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.by_id
+            .values()
+            .filter_map(|s| s.file.metadata().ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    }
+
     pub fn get(&self, id: u64) -> Option<&Segment> {
         self.by_id.get(&id)
     }

@@ -52,7 +52,10 @@ fn stat_of_proc_self_cwd_named_like_itself_terminates() {
         let p = h.cstr(0x100, dir);
         // `/proc` is the sandbox's own now: these may already exist.
         let made = h.sys(libc::SYS_mkdir, &[p, 0o755]);
-        assert!(made == 0 || made == err(libc::EEXIST), "mkdir {dir}: {made}");
+        assert!(
+            made == 0 || made == err(libc::EEXIST),
+            "mkdir {dir}: {made}"
+        );
     }
     let p = h.cstr(0x100, "/proc/self/cwd");
     assert_eq!(h.sys(libc::SYS_chdir, &[p]), 0);
