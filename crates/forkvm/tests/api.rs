@@ -650,15 +650,25 @@ fn commands_run_in_a_sessions_filesystem_and_bash_code_runs_over_http() {
     ));
     assert_eq!(status, StatusCode::OK, "{bash}");
     assert_eq!(bash["stdout"], "3\n", "{bash}");
+    // A fork bomb is stopped at the process limit...
     let (status, bomb) = json_of(post(
+        &server,
+        key,
+        "/v1/exec",
+        json!({"code": ":(){ :|: };:", "language": "bash"}),
+    ));
+    assert_eq!(status, StatusCode::OK, "{bomb}");
+    assert_eq!(bomb["error"]["kind"], "process_limit", "{bomb}");
+    assert_eq!(bomb["exit_code"], 71);
+    // ...and one in the background ends with the request: its shell returns at once, and
+    // what it left behind goes with the sandbox.
+    let (status, background) = json_of(post(
         &server,
         key,
         "/v1/exec",
         json!({"code": ":(){ :|:& };:", "language": "bash"}),
     ));
-    assert_eq!(status, StatusCode::OK, "{bomb}");
-    assert_eq!(bomb["error"]["kind"], "process_limit", "{bomb}");
-    assert_eq!(bomb["exit_code"], 71);
+    assert_eq!(status, StatusCode::OK, "{background}");
     assert_eq!(
         exec_ok(&server, key, "/v1/exec", "print('still fine')")["stdout"],
         "still fine\n"
