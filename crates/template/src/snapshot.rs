@@ -29,7 +29,7 @@ use crate::cpu::CpuFeatures;
 use crate::seal::Sealer;
 
 /// Version of the snapshot format; loading refuses others.
-pub const SNAPSHOT_FORMAT: u32 = 8;
+pub const SNAPSHOT_FORMAT: u32 = 9;
 /// Largest `state.bin` accepted (a guard against a corrupt length field, not a real limit).
 const MAX_STATE_BYTES: u64 = 1 << 30;
 /// Bytes written per `pwrite` when saving memory.
