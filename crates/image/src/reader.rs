@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -164,7 +165,7 @@ impl Drop for Mapping {
 /// An opened image: the file (for the VMM's own mappings of aligned file data) and one
 /// read-only mapping of it that every accessor reads from without copying.
 pub struct Image {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     map: Mapping,
     header: Header,
@@ -220,7 +221,7 @@ impl Image {
             .ok_or_else(|| ImageError::NotAnImage(path.clone()))?;
         check_header(&header, file_len)?;
         let image = Image {
-            file,
+            file: Arc::new(file),
             path,
             map,
             header,
@@ -242,8 +243,9 @@ impl Image {
         &self.path
     }
 
-    /// The open image file, for host `mmap` of page-aligned file data by the VMM.
-    pub fn file(&self) -> &File {
+    /// The open image file, for host `mmap` of page-aligned file data by the VMM (shared, so
+    /// a mapping can keep a handle to what it maps).
+    pub fn file(&self) -> &Arc<File> {
         &self.file
     }
 

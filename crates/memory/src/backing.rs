@@ -253,10 +253,11 @@ impl GuestRam {
     }
 
     /// A private copy of what `ranges` (page aligned) hold, in new RAM of the same size: a
-    /// forked process's memory. RAM that is a view of a snapshot is copied as a new view of
-    /// the same snapshot plus the pages that differ from it (the pages this RAM made its own,
-    /// and the ranges it mapped anew); other RAM as new anonymous memory holding the pages
-    /// present on the host (the rest read as zero) and every page of ranges that map a file.
+    /// forked process's memory, copying as little as it can. RAM that is a view of a
+    /// snapshot is copied as a new view of the same snapshot; files mapped copy-on-write
+    /// (`map_file`: shared libraries, the program) are mapped again the same way; only the
+    /// pages this RAM made its own (written, or anonymous and touched) are copied. A range
+    /// mapped from anything else is copied whole.
     pub fn duplicate(&self, ranges: &[(u64, u64)]) -> Result<GuestRam, MemoryError> {
         for &(start, end) in ranges {
             if start >= end || end > self.size() {
@@ -266,10 +267,11 @@ impl GuestRam {
                 });
             }
         }
-        let (copy, own_pages) = match &self.origin {
-            Some(origin) => (GuestRam::from_backing(origin, self.size())?, PM_PRESENT),
-            None => (GuestRam::anonymous(self.size())?, PM_PRESENT | PM_FILE),
+        let copy = match &self.origin {
+            Some(origin) => GuestRam::from_backing(origin, self.size())?,
+            None => GuestRam::anonymous(self.size())?,
         };
+        // Where this RAM no longer shows its origin (all of it, without one).
         let remapped: RangeSet<u64> = match &self.origin {
             Some(_) => self
                 .remapped
@@ -287,15 +289,14 @@ impl GuestRam {
             .expect("host pages lock")
             .anonymous()
             .clone();
-        // Pages whose bytes must be written, and whether zeros among them may be skipped
-        // (only where the copy already reads as zero).
+        let file_maps = self.file_maps.lock().expect("file maps lock").clone();
+        // Pages whose bytes must be written, and where the copy already reads as zero (so a
+        // page of zeros there need not be).
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut zeroed: RangeSet<u64> = RangeSet::new();
         for &(start, end) in ranges {
             self.walk_pagemap(start, end, |addr, flags| {
-                let present = flags & (PM_PRESENT | PM_SWAPPED) != 0;
-                let own = flags & PM_FILE == 0 || own_pages & PM_FILE != 0;
-                if present && own {
+                if flags & (PM_PRESENT | PM_SWAPPED) != 0 && flags & PM_FILE == 0 {
                     match runs.last_mut() {
                         Some(last) if last.1 == addr => last.1 = addr + PAGE_SIZE,
                         _ => runs.push((addr, addr + PAGE_SIZE)),
@@ -304,13 +305,25 @@ impl GuestRam {
             })?;
             for piece in remapped.overlapping(&(start..end)) {
                 let (from, to) = (piece.start.max(start), piece.end.min(end));
-                if self.origin.is_some() {
-                    copy.discard(from, to - from)?;
+                for (mapped, map) in file_maps.overlapping(&(from..to)) {
+                    let (a, b) = (mapped.start.max(from), mapped.end.min(to));
+                    let offset = u64::try_from(i128::from(a) + map.delta).map_err(|_| {
+                        MemoryError::BadRange {
+                            addr: a,
+                            len: b - a,
+                        }
+                    })?;
+                    copy.map_file(a, b - a, &map.file, offset)?;
                 }
-                zeroed.insert(from..to);
-                // Where a file is mapped its bytes live in the file: copy them all.
-                for file in anonymous.gaps(&(from..to)) {
-                    runs.push((file.start, file.end));
+                for gap in file_maps.gaps(&(from..to)) {
+                    if self.origin.is_some() {
+                        copy.discard(gap.start, gap.end - gap.start)?;
+                    }
+                    zeroed.insert(gap.clone());
+                    // Mapped from a file we cannot map again: copy all of it.
+                    for file in anonymous.gaps(&gap) {
+                        runs.push((file.start, file.end));
+                    }
                 }
             }
         }
@@ -421,6 +434,8 @@ impl GuestRam {
         private: &[u64],
     ) -> Result<ResetStats, MemoryError> {
         let mut stats = ResetStats::default();
+        // What was mapped anew is the backing's again below: no file stays mapped.
+        self.file_maps.lock().expect("file maps lock").clear();
         let remapped = merge_ranges(std::mem::take(
             &mut *self.remapped.lock().expect("remap log lock"),
         ));
@@ -470,6 +485,41 @@ mod tests {
         let mut b = [0u8; 1];
         ram.read(addr, &mut b).unwrap();
         b[0]
+    }
+
+    #[test]
+    fn a_duplicate_holds_what_the_original_showed_and_nothing_it_does_later() {
+        let size = 32 * PAGE_SIZE;
+        let file = Arc::new(file_with(
+            &[(0, 1), (PAGE_SIZE, 2), (2 * PAGE_SIZE, 3)],
+            4 * PAGE_SIZE,
+        ));
+        for origin in [
+            None,
+            Some(Backing::file(file_with(&[(8 * PAGE_SIZE, 9)], size))),
+        ] {
+            let ram = match &origin {
+                Some(backing) => GuestRam::from_backing(backing, size).unwrap(),
+                None => GuestRam::anonymous(size).unwrap(),
+            };
+            // A file mapped copy-on-write, one of its pages written; anonymous pages written
+            // (one with zeros over the snapshot's bytes); the snapshot's page untouched.
+            ram.map_file(4 * PAGE_SIZE, 3 * PAGE_SIZE, &file, 0)
+                .unwrap();
+            ram.write(5 * PAGE_SIZE, &[7]).unwrap();
+            ram.write(12 * PAGE_SIZE, &[5]).unwrap();
+            ram.discard(9 * PAGE_SIZE, PAGE_SIZE).unwrap();
+            let copy = ram.duplicate(&[(0, size)]).unwrap();
+            ram.write(4 * PAGE_SIZE, &[42]).unwrap();
+            assert_eq!(byte_at(&copy, 4 * PAGE_SIZE), 1, "the file's page");
+            assert_eq!(byte_at(&copy, 5 * PAGE_SIZE), 7, "the written page");
+            assert_eq!(byte_at(&copy, 5 * PAGE_SIZE + 1), 2);
+            assert_eq!(byte_at(&copy, 6 * PAGE_SIZE), 3);
+            assert_eq!(byte_at(&copy, 12 * PAGE_SIZE), 5);
+            assert_eq!(byte_at(&copy, 9 * PAGE_SIZE), 0, "discarded reads zero");
+            let snapshot_byte = if origin.is_some() { 9 } else { 0 };
+            assert_eq!(byte_at(&copy, 8 * PAGE_SIZE), snapshot_byte);
+        }
     }
 
     #[test]

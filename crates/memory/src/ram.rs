@@ -15,10 +15,10 @@
 //! map it with one 2 MiB entry, KVM maps it with one large shadow page, and the guest's first
 //! touch of 2 MiB costs one fault instead of 512 (`back_with_huge_pages`).
 
-use rangemap::RangeSet;
+use rangemap::{RangeMap, RangeSet};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -97,7 +97,25 @@ pub struct GuestRam {
     pub(crate) host_pages: Mutex<HostPages>,
     /// The snapshot this RAM is a copy-on-write view of (`from_backing`), for `duplicate`.
     pub(crate) origin: Option<crate::backing::Backing>,
+    /// Ranges that map a file copy-on-write (`map_file`) and still do, for `duplicate`.
+    pub(crate) file_maps: Mutex<RangeMap<u64, FileMap>>,
 }
+
+/// A file mapped over guest RAM: which file, and its offset minus the guest address (the
+/// same for every page of one mapping, so neighbours of one mapping merge).
+#[derive(Debug, Clone)]
+pub(crate) struct FileMap {
+    pub file: Arc<File>,
+    pub delta: i128,
+}
+
+impl PartialEq for FileMap {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.file, &other.file) && self.delta == other.delta
+    }
+}
+
+impl Eq for FileMap {}
 
 // SAFETY: the mapping is owned by `self` and lives until Drop; the raw base pointer is only
 // used for mmap/mremap/munmap calls on ranges checked to lie inside it. The guest only runs
@@ -161,6 +179,7 @@ impl GuestRam {
             replaced: Mutex::new(RangeSet::new()),
             host_pages: Mutex::new(host_pages),
             origin: None,
+            file_maps: Mutex::new(RangeMap::new()),
         })
     }
 
@@ -174,6 +193,10 @@ impl GuestRam {
                 .lock()
                 .expect("replaced lock")
                 .insert(addr..addr + len);
+            self.file_maps
+                .lock()
+                .expect("file maps lock")
+                .remove(addr..addr + len);
         }
     }
 
@@ -346,7 +369,7 @@ impl GuestRam {
         &self,
         addr: u64,
         len: u64,
-        file: &File,
+        file: &Arc<File>,
         offset: u64,
     ) -> Result<(), MemoryError> {
         if len == 0 {
@@ -354,6 +377,13 @@ impl GuestRam {
         }
         self.map_unlogged(addr, len, file, offset)?;
         self.record_remap(addr, len);
+        self.file_maps.lock().expect("file maps lock").insert(
+            addr..addr + len,
+            FileMap {
+                file: file.clone(),
+                delta: i128::from(offset) - i128::from(addr),
+            },
+        );
         Ok(())
     }
 
