@@ -655,7 +655,7 @@ fn commands_run_in_a_sessions_filesystem_and_bash_code_runs_over_http() {
         &server,
         key,
         "/v1/exec",
-        json!({"code": ":(){ :|: };:", "language": "bash"}),
+        json!({"code": ":(){ :|:; };:", "language": "bash"}),
     ));
     assert_eq!(status, StatusCode::OK, "{bomb}");
     assert_eq!(bomb["error"]["kind"], "process_limit", "{bomb}");

@@ -174,10 +174,22 @@ fn fork_bombs_end_with_the_process_limit() {
     );
     let bash = forkvm_run(
         &["--timeout", "60"],
-        &["/bin/bash", "-c", ":(){ :|:& };:"],
+        &["/bin/bash", "-c", ":(){ :|:; };:"],
         b"",
     );
     assert_eq!(bash.status.code(), Some(71), "{}", stderr(&bash));
+    // In the background, the bomb goes with the sandbox, which ends with its first
+    // process (the shell returns at once).
+    let background = forkvm_run(
+        &["--timeout", "60"],
+        &["/bin/bash", "-c", ":(){ :|:& };:; echo started"],
+        b"",
+    );
+    assert!(
+        matches!(background.status.code(), Some(0 | 71)),
+        "{}",
+        stderr(&background)
+    );
 }
 
 #[test]
