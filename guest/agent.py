@@ -177,7 +177,7 @@ PRELOAD = (
     "json", "re", "math", "random", "datetime", "collections", "itertools", "functools",
     "decimal", "fractions", "statistics", "string", "textwrap", "hashlib", "base64",
     "struct", "io", "csv", "time", "traceback", "dataclasses", "enum", "typing", "pathlib",
-    "tempfile", "copy", "heapq", "bisect", "operator",
+    "tempfile", "copy", "heapq", "bisect", "operator", "subprocess", "shlex", "shutil",
 )
 
 
