@@ -129,6 +129,9 @@ pub(crate) struct Entry {
     pub execed: bool,
     /// `CLOCK_MONOTONIC` nanoseconds when it was made.
     pub started_ns: u64,
+    /// It was orphaned and adopted by `INIT`, which did not make it and so will not wait
+    /// for it: it is reaped when it ends rather than left a zombie.
+    pub adopted: bool,
     /// Its user and group ids.
     pub creds: Creds,
     /// Its scheduling policy, priority and nice value.
@@ -148,6 +151,7 @@ impl Entry {
             cmdline: Vec::new(),
             execed: true,
             started_ns: monotonic_ns(),
+            adopted: false,
             creds: Creds::default(),
             sched: Default::default(),
         }
@@ -388,21 +392,21 @@ impl Process {
             .filter(|(_, e)| e.ppid == pid)
             .map(|(&c, e)| (c, e.clone()))
             .collect();
-        let mut orphaned_zombie = false;
         for (child, entry) in &children {
             if let Some(e) = self.procs.entries.get_mut(child) {
                 e.ppid = INIT;
+                e.adopted = true;
             }
             match entry.life {
-                Life::Zombie(_) => orphaned_zombie = true,
+                // A zombie nobody will wait for now.
+                Life::Zombie(_) => {
+                    self.procs.entries.remove(child);
+                }
                 Life::Alive if entry.pdeathsig != 0 => {
                     self.signal_process(*child, SigInfo::kernel(entry.pdeathsig));
                 }
                 Life::Alive => {}
             }
-        }
-        if orphaned_zombie {
-            self.with_process(INIT, |p| p.threads.wake_child_waiters());
         }
         let entry = self.procs.entries.get(&pid).cloned();
         let parent = entry.as_ref().map_or(INIT, |e| e.ppid);
@@ -412,8 +416,9 @@ impl Process {
         {
             p.own.threads.vfork_done(pid);
         }
-        let mut reap_at_once = false;
-        if self.procs.is_alive(parent) {
+        let adopted = entry.as_ref().is_some_and(|e| e.adopted);
+        let mut reap_at_once = adopted;
+        if self.procs.is_alive(parent) && !adopted {
             let (code, value) = if status & 0x7f == 0 {
                 (CLD_EXITED, (status >> 8) & 0xff)
             } else {

@@ -357,3 +357,84 @@ fn shared_memory_is_shared_with_children_and_so_are_its_futexes() {
     );
     assert_ne!(h.peek(private, 5), b"child", "private memory is not");
 }
+
+#[test]
+fn an_orphan_is_adopted_by_init_and_reaped_when_it_ends() {
+    let mut h = Harness::new();
+    let child = h.sys(libc::SYS_fork, &[]);
+    let status = h.at(0x200);
+    assert_eq!(
+        h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
+        Outcome::Reschedule
+    );
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.process.pid(), child as u32);
+    let grandchild = h.sys(libc::SYS_fork, &[]);
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+    // The grandchild runs next (round robin), now a child of 1.
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.process.pid(), grandchild as u32);
+    assert_eq!(h.sys(libc::SYS_getppid, &[]), 1);
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child);
+    assert_eq!(h.process.process_count(), 1, "no zombie is left for init");
+}
+
+#[test]
+fn limits_are_per_process_and_may_only_go_down() {
+    let mut h = Harness::new();
+    let child = h.sys(libc::SYS_fork, &[]) as u64;
+    let limit = h.at(0x400);
+    assert_eq!(
+        h.sys(
+            libc::SYS_prlimit64,
+            &[child, libc::RLIMIT_NOFILE as u64, 0, limit]
+        ),
+        0
+    );
+    let before = h.peek_u64(limit);
+    h.poke(limit, &[16u64.to_le_bytes(), 16u64.to_le_bytes()].concat());
+    assert_eq!(
+        h.sys(
+            libc::SYS_prlimit64,
+            &[child, libc::RLIMIT_NOFILE as u64, limit, 0]
+        ),
+        0
+    );
+    let out = h.at(0x500);
+    assert_eq!(
+        h.sys(
+            libc::SYS_prlimit64,
+            &[child, libc::RLIMIT_NOFILE as u64, 0, out]
+        ),
+        0
+    );
+    assert_eq!(h.peek_u64(out), 16, "the child's limit");
+    assert_eq!(
+        h.sys(
+            libc::SYS_prlimit64,
+            &[0, libc::RLIMIT_NOFILE as u64, 0, out]
+        ),
+        0
+    );
+    assert_eq!(h.peek_u64(out), before, "ours is as it was");
+    h.poke(
+        limit,
+        &[u64::MAX.to_le_bytes(), u64::MAX.to_le_bytes()].concat(),
+    );
+    assert_eq!(
+        h.sys(
+            libc::SYS_prlimit64,
+            &[0, libc::RLIMIT_NOFILE as u64, limit, 0]
+        ),
+        err(libc::EPERM)
+    );
+    assert_eq!(
+        h.sys(
+            libc::SYS_prlimit64,
+            &[4242, libc::RLIMIT_NOFILE as u64, 0, out]
+        ),
+        err(libc::ESRCH)
+    );
+}

@@ -204,13 +204,19 @@ impl Process {
                 let m = self.mm.limit_bytes();
                 (m, m)
             }
-            libc::RLIMIT_NPROC => (1, 1),
+            libc::RLIMIT_NPROC => {
+                let n = crate::procs::MAX_PROCESSES as u64;
+                (n, n)
+            }
             libc::RLIMIT_CORE | libc::RLIMIT_MEMLOCK => (0, 0),
             r if r < RLIMIT_COUNT => (INF, INF),
             _ => return Err(Errno::EINVAL),
         })
     }
 
+    /// `prlimit64` (and `getrlimit`/`setrlimit`) of the caller or another process. Limits are
+    /// the VMM's: a process may lower its open-file and address-space limits (for itself
+    /// and the children it makes after), not raise them past what it was given.
     pub(crate) fn sys_prlimit64(
         &mut self,
         pid: i32,
@@ -218,17 +224,17 @@ impl Process {
         new: u64,
         old: u64,
     ) -> SysResult {
-        if pid != 0 && pid as u32 != self.pid() {
-            return Err(Errno::ESRCH.into());
-        }
-        let (cur, max) = self.rlimit(resource)?;
-        if new != 0 {
-            // Limits are the VMM's to set; lowering is accepted and ignored, raising refused.
-            let wanted: Rlimit = self.read_obj(new)?;
-            if wanted.rlim_max > max {
-                return Err(Errno::EPERM.into());
-            }
-        }
+        let target = match pid {
+            0 => self.pid(),
+            p if p > 0 && self.procs.is_alive(p as u32) => p as u32,
+            _ => return Err(Errno::ESRCH.into()),
+        };
+        let wanted: Option<Rlimit> = if new != 0 {
+            Some(self.read_obj(new)?)
+        } else {
+            None
+        };
+        let (cur, max) = self.with_process(target, |p| p.apply_rlimit(resource, wanted))?;
         if old != 0 {
             let limit = Rlimit {
                 rlim_cur: cur,
@@ -237,6 +243,34 @@ impl Process {
             self.write_obj(old, &limit)?;
         }
         Ok(0)
+    }
+
+    /// Sets `resource` to `wanted` (if any) in the current process; returns the limit from
+    /// before.
+    fn apply_rlimit(&mut self, resource: u32, wanted: Option<Rlimit>) -> Result<(u64, u64), Errno> {
+        let (cur, max) = self.rlimit(resource)?;
+        let Some(wanted) = wanted else {
+            return Ok((cur, max));
+        };
+        if wanted.rlim_cur > wanted.rlim_max {
+            return Err(Errno::EINVAL);
+        }
+        if wanted.rlim_max > max {
+            return Err(Errno::EPERM);
+        }
+        match resource {
+            libc::RLIMIT_NOFILE => {
+                let n = usize::try_from(wanted.rlim_cur).unwrap_or(usize::MAX);
+                self.files.set_max_fds(n.min(self.files.max_fds()));
+            }
+            libc::RLIMIT_AS | libc::RLIMIT_DATA => {
+                self.mm
+                    .set_limit_bytes(wanted.rlim_cur.min(self.mm.limit_bytes()));
+            }
+            // The rest are fixed (and lowering them is accepted without effect).
+            _ => {}
+        }
+        Ok((cur, max))
     }
 
     fn cpu_time(&self) -> (u64, u64) {

@@ -196,6 +196,7 @@ impl Process {
                 sched: parent_entry.sched,
                 execed: false,
                 started_ns: crate::threads::monotonic_ns(),
+                adopted: false,
             },
         );
         self.procs.parked.insert(pid, Parked { own, memory });
