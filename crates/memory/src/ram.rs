@@ -375,7 +375,7 @@ impl GuestRam {
         if len == 0 {
             return Ok(());
         }
-        self.map_unlogged(addr, len, file, offset)?;
+        self.map_with(addr, len, file, offset, libc::MAP_PRIVATE)?;
         self.record_remap(addr, len);
         self.file_maps.lock().expect("file maps lock").insert(
             addr..addr + len,
@@ -407,17 +407,7 @@ impl GuestRam {
     /// Maps `[addr, addr+len)` of a backing file (a snapshot or one of its layers) at its own
     /// offset: restoring what the RAM is a view of, so not logged as a replacement.
     pub(crate) fn map_backing(&self, addr: u64, len: u64, file: &File) -> Result<(), MemoryError> {
-        self.map_unlogged(addr, len, file, addr)
-    }
-
-    fn map_unlogged(
-        &self,
-        addr: u64,
-        len: u64,
-        file: &File,
-        offset: u64,
-    ) -> Result<(), MemoryError> {
-        self.map_with(addr, len, file, offset, libc::MAP_PRIVATE)
+        self.map_with(addr, len, file, addr, libc::MAP_PRIVATE)
     }
 
     /// Maps `file` at `offset` over `[addr, addr+len)` with `kind` (`MAP_PRIVATE` or

@@ -366,7 +366,7 @@ impl Process {
             Sysno::setsid => self.sys_setsid(),
             Sysno::fork => self.sys_fork(procs::NewProcess::plain(0), ctx, fpu),
             Sysno::vfork => self.sys_fork(
-                procs::NewProcess::plain(procs::CLONE_VM | procs::CLONE_VFORK),
+                procs::NewProcess::plain(thread::CLONE_VM | thread::CLONE_VFORK),
                 ctx,
                 fpu,
             ),

@@ -13,16 +13,12 @@ use crate::procs::{Entry, INIT, Life, MAX_PROCESSES, Memory, Own, Parked, Pid};
 use crate::signals::{SigInfo, SignalState, code};
 use crate::threads::{Resume, SignalWake, Threads, Wait, WaitOn};
 
-pub(crate) const CLONE_VM: u64 = 0x100;
-pub(crate) const CLONE_FS: u64 = 0x200;
-pub(crate) const CLONE_FILES: u64 = 0x400;
-pub(crate) const CLONE_SIGHAND: u64 = 0x800;
-pub(crate) const CLONE_VFORK: u64 = 0x4000;
-pub(crate) const CLONE_PARENT: u64 = 0x8000;
-pub(crate) const CLONE_SETTLS: u64 = 0x80000;
-pub(crate) const CLONE_PARENT_SETTID: u64 = 0x100000;
-pub(crate) const CLONE_CHILD_CLEARTID: u64 = 0x200000;
-pub(crate) const CLONE_CHILD_SETTID: u64 = 0x1000000;
+use super::thread::{
+    CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS, CLONE_PARENT_SETTID,
+    CLONE_SETTLS, CLONE_SIGHAND, CLONE_VFORK, CLONE_VM, child_context,
+};
+
+const CLONE_PARENT: u64 = 0x8000;
 
 /// Flags a new process may be created with.
 const PROCESS_FLAGS: u64 = CLONE_VM
@@ -142,14 +138,7 @@ impl Process {
             self.write_obj(new.child_tid, &pid)?;
         }
 
-        let mut child = *ctx;
-        child.regs.rax = 0;
-        if new.stack != 0 {
-            child.regs.rsp = new.stack;
-        }
-        if flags & CLONE_SETTLS != 0 {
-            child.fs_base = new.tls;
-        }
+        let child = child_context(ctx, flags, new.stack, new.tls);
         let state = fpu.save();
         let mut threads = Threads::forked(pid, child, state.clone());
         threads.set_current_mask(self.threads.current_mask());

@@ -14,19 +14,19 @@ use crate::context::{Fpu, UserContext};
 use crate::process::Process;
 use crate::threads::Tid;
 
-const CLONE_VM: u64 = 0x100;
-const CLONE_FS: u64 = 0x200;
-const CLONE_FILES: u64 = 0x400;
-const CLONE_SIGHAND: u64 = 0x800;
-const CLONE_PIDFD: u64 = 0x1000;
-const CLONE_VFORK: u64 = 0x4000;
-const CLONE_THREAD: u64 = 0x10000;
-const CLONE_SYSVSEM: u64 = 0x40000;
-const CLONE_SETTLS: u64 = 0x80000;
-const CLONE_PARENT_SETTID: u64 = 0x100000;
-const CLONE_CHILD_CLEARTID: u64 = 0x200000;
-const CLONE_DETACHED: u64 = 0x400000;
-const CLONE_CHILD_SETTID: u64 = 0x1000000;
+pub(crate) const CLONE_VM: u64 = 0x100;
+pub(crate) const CLONE_FS: u64 = 0x200;
+pub(crate) const CLONE_FILES: u64 = 0x400;
+pub(crate) const CLONE_SIGHAND: u64 = 0x800;
+pub(crate) const CLONE_PIDFD: u64 = 0x1000;
+pub(crate) const CLONE_VFORK: u64 = 0x4000;
+pub(crate) const CLONE_THREAD: u64 = 0x10000;
+pub(crate) const CLONE_SYSVSEM: u64 = 0x40000;
+pub(crate) const CLONE_SETTLS: u64 = 0x80000;
+pub(crate) const CLONE_PARENT_SETTID: u64 = 0x100000;
+pub(crate) const CLONE_CHILD_CLEARTID: u64 = 0x200000;
+pub(crate) const CLONE_DETACHED: u64 = 0x400000;
+pub(crate) const CLONE_CHILD_SETTID: u64 = 0x1000000;
 
 /// What a thread needs: one address space, descriptor table and signal handlers.
 const THREAD_FLAGS: u64 = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD;
@@ -73,6 +73,20 @@ struct NewThread {
     tls: u64,
     parent_tid: u64,
     child_tid: u64,
+}
+
+/// Where a `clone` child (thread or process) starts: the caller's registers, `clone`
+/// returning 0, on `stack` if one was given, with the TLS base `CLONE_SETTLS` asks for.
+pub(crate) fn child_context(ctx: &UserContext, flags: u64, stack: u64, tls: u64) -> UserContext {
+    let mut child = *ctx;
+    child.regs.rax = 0;
+    if stack != 0 {
+        child.regs.rsp = stack;
+    }
+    if flags & CLONE_SETTLS != 0 {
+        child.fs_base = tls;
+    }
+    child
 }
 
 impl Process {
@@ -191,14 +205,7 @@ impl Process {
                 self.check_user(addr, 4)?;
             }
         }
-        let mut child = *ctx;
-        child.regs.rax = 0;
-        if new.stack != 0 {
-            child.regs.rsp = new.stack;
-        }
-        if flags & CLONE_SETTLS != 0 {
-            child.fs_base = new.tls;
-        }
+        let child = child_context(ctx, flags, new.stack, new.tls);
         let clear_child_tid = if flags & CLONE_CHILD_CLEARTID != 0 {
             new.child_tid
         } else {
