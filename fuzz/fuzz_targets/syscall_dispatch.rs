@@ -363,8 +363,16 @@ fuzz_target!(|program: Program| {
         let fresh = context(call.number.resolve(), args);
         ctx.regs = fresh.regs;
         let syscall = ctx.syscall();
-        let outcome = process.handle_syscall(&mut ctx, &mut fpu);
+        let mut outcome = process.handle_syscall(&mut ctx, &mut fpu);
         check_consistency(&mut process);
+        // Another process runs next (a fork's child, an exit): as the VMM does, resume it.
+        for _ in 0..MAX_CALLS {
+            if outcome != Outcome::Reschedule {
+                break;
+            }
+            outcome = process.resume(&mut ctx, &mut fpu);
+            check_consistency(&mut process);
+        }
         match outcome {
             Outcome::Return(value) => {
                 assert!(value as i64 >= -4095, "{syscall:?} returned {value:#x}");
@@ -373,6 +381,7 @@ fuzz_target!(|program: Program| {
             Outcome::Switched => {}
             // Every thread waits for a deadline: the program would only sleep from here.
             Outcome::Idle(_) | Outcome::Exit(_) | Outcome::AwaitingControl => break,
+            Outcome::Reschedule => break,
         }
     }
 });
