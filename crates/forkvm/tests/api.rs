@@ -674,3 +674,43 @@ fn commands_run_in_a_sessions_filesystem_and_bash_code_runs_over_http() {
         "still fine\n"
     );
 }
+
+#[test]
+fn a_sessions_background_process_outlives_its_request_and_holds_back_a_fork() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let server = Server::start(&[]);
+    let key = &server.alice;
+    let id = create_session(&server, key, json!({}));
+    let commands = format!("/v1/sandboxes/{id}/commands");
+    let run = |cmd: &str| {
+        let (status, body) = json_of(post(&server, key, &commands, json!({ "cmd": cmd })));
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    };
+    let started = run("sleep 1000 & echo $!");
+    let pid = started["stdout"].as_str().unwrap().trim().to_string();
+    // Still there at the next request (paused in between, running during it).
+    let listed = run(&format!("ps -o stat= -p {pid}"));
+    assert!(
+        !listed["stdout"].as_str().unwrap().trim().is_empty(),
+        "{listed}"
+    );
+    let (status, refused) = json_of(post(
+        &server,
+        key,
+        &format!("/v1/sandboxes/{id}/fork"),
+        json!({"count": 1}),
+    ));
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["error"]["kind"], "processes_running", "{refused}");
+    run(&format!("kill {pid}"));
+    let (status, forked) = json_of(post(
+        &server,
+        key,
+        &format!("/v1/sandboxes/{id}/fork"),
+        json!({"count": 1}),
+    ));
+    assert_eq!(status, StatusCode::OK, "{forked}");
+}

@@ -370,13 +370,69 @@ impl Process {
         if pid == self.pid() {
             self.send_to_process(info);
         } else if self.procs.is_alive(pid) {
-            self.with_process(pid, |p| p.send_to_process(info));
+            let fatal = self.with_process(pid, |p| {
+                p.send_to_process(info);
+                p.dies_of(info.signo)
+            });
+            // A parked process that would die of it on its way back to user mode dies now:
+            // it would run none of its code first, and nobody need wait for it to be run.
+            if fatal && pid != INIT && self.procs.memory_owner(pid) == pid {
+                self.end_parked(pid, killed(info.signo));
+            }
         }
     }
 
     /// The current process (not `INIT`) ends with `status`: its descriptors close, its
     /// children go to `INIT`, its parent is told, and another process becomes current.
     pub(crate) fn exit_process(&mut self, status: WaitStatus) {
+        let pid = self.pid();
+        let (parent, reap_at_once) = self.wind_up(status);
+        // Everything that needs this process current is done: it becomes a zombie, and
+        // the next process to run takes its place.
+        let now = monotonic_ns();
+        let next = self
+            .other_runnable(now)
+            .or_else(|| self.procs.is_alive(parent).then_some(parent))
+            .unwrap_or(INIT);
+        self.become_zombie(status);
+        self.switch_to(next);
+        self.settle_zombie(pid, reap_at_once);
+        self.procs.slice_start_ns = now;
+    }
+
+    /// Ends parked process `pid` (not `INIT`) at once with `status`, as a signal whose
+    /// default action ends it does: it would run no code of its own before dying.
+    fn end_parked(&mut self, pid: Pid, status: WaitStatus) {
+        let reap_at_once = self.with_process(pid, |p| {
+            let (_, reap) = p.wind_up(status);
+            p.become_zombie(status);
+            reap
+        });
+        self.settle_zombie(pid, reap_at_once);
+    }
+
+    /// The current process is now a zombie: no thread of it will run again.
+    fn become_zombie(&mut self, status: WaitStatus) {
+        let pid = self.pid();
+        self.threads = Threads::new(0);
+        if let Some(e) = self.procs.entries.get_mut(&pid) {
+            e.life = Life::Zombie(status);
+        }
+    }
+
+    /// After a zombie's memory is gone: drops segments nobody maps, and the zombie itself
+    /// if nobody will wait for it.
+    fn settle_zombie(&mut self, pid: Pid, reap_at_once: bool) {
+        self.forget_unused_segments();
+        if reap_at_once {
+            self.procs.entries.remove(&pid);
+        }
+    }
+
+    /// What the end of the current process does while it is still current: descriptors
+    /// closed, children to `INIT`, a borrowed memory's lender woken, the parent told.
+    /// Returns the parent, and whether the zombie is to be reaped at once.
+    fn wind_up(&mut self, status: WaitStatus) -> (Pid, bool) {
         let pid = self.pid();
         debug_assert_ne!(pid, INIT, "INIT's end is the sandbox's");
         let fds: Vec<i32> = self.files.fds().collect();
@@ -438,23 +494,7 @@ impl Process {
                         || action.flags & SA_NOCLDWAIT != 0)
             });
         }
-        // Everything that needs this process current is done: it becomes a zombie, and
-        // the next process to run takes its place.
-        let now = monotonic_ns();
-        let next = self
-            .other_runnable(now)
-            .or_else(|| self.procs.is_alive(parent).then_some(parent))
-            .unwrap_or(INIT);
-        self.threads = Threads::new(0);
-        if let Some(e) = self.procs.entries.get_mut(&pid) {
-            e.life = Life::Zombie(status);
-        }
-        self.switch_to(next);
-        self.forget_unused_segments();
-        self.procs.slice_start_ns = now;
-        if reap_at_once {
-            self.procs.entries.remove(&pid);
-        }
+        (parent, reap_at_once)
     }
 
     /// A parked process with a thread that can run at `now`, in round-robin order (timers

@@ -446,6 +446,11 @@ impl Threads {
         });
     }
 
+    /// Whether some thread does not block `signal`.
+    pub fn any_unblocked(&self, signal: i32) -> bool {
+        self.threads.values().any(|t| t.mask & bit(signal) == 0)
+    }
+
     /// Whether any thread can run.
     pub fn has_runnable(&self) -> bool {
         self.threads

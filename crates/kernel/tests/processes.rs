@@ -98,18 +98,35 @@ fn a_vfork_child_borrows_its_parents_memory_and_the_parent_waits() {
 fn a_signal_to_another_process_ends_it_and_its_parent_sees_how() {
     let mut h = Harness::new();
     let child = h.sys(libc::SYS_fork, &[]) as u64;
-    assert_eq!(h.sys(libc::SYS_kill, &[child, libc::SIGTERM as u64]), 0);
     assert_eq!(h.sys(libc::SYS_kill, &[999, 0]), err(libc::ESRCH));
+    // Its default action ends the child at once: it would run none of its code first.
+    assert_eq!(h.sys(libc::SYS_kill, &[child, libc::SIGTERM as u64]), 0);
     let status = h.at(0x200);
+    assert_eq!(
+        h.sys(libc::SYS_wait4, &[ANY, status, WNOHANG, 0]),
+        child as i64
+    );
+    assert_eq!(status_at(&h, status), libc::SIGTERM);
+    // One it handles is delivered when it runs.
+    let handled = h.sys(libc::SYS_fork, &[]) as u64;
     assert_eq!(
         h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
         Outcome::Reschedule
     );
-    // The child takes the signal on its way to user mode and dies of it.
-    assert_eq!(run_next(&mut h), Outcome::Reschedule);
     assert_eq!(run_next(&mut h), Outcome::Switched);
-    assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child as i64);
-    assert_eq!(status_at(&h, status), libc::SIGTERM);
+    assert_eq!(h.process.pid(), handled as u32);
+    let action = h.at(0x600);
+    h.poke(
+        action,
+        &[1u64.to_le_bytes(), [0; 8], [0; 8], [0; 8]].concat(),
+    ); // SIG_IGN
+    let usr1 = libc::SIGUSR1 as u64;
+    assert_eq!(h.sys(libc::SYS_rt_sigaction, &[usr1, action, 0, 8]), 0);
+    assert_eq!(h.sys(libc::SYS_kill, &[1, 0]), 0);
+    assert_eq!(h.call(libc::SYS_exit_group, &[4]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), handled as i64);
+    assert_eq!(status_at(&h, status), 4 << 8);
 }
 
 #[test]
@@ -303,12 +320,6 @@ fn proc_lists_each_process_with_the_files_ps_reads() {
         0
     );
     let status = h.at(0x200);
-    assert_eq!(
-        h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
-        Outcome::Reschedule
-    );
-    assert_eq!(run_next(&mut h), Outcome::Reschedule);
-    assert_eq!(run_next(&mut h), Outcome::Switched);
     assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child);
     assert!(h.stat(&format!("/proc/{child}"), 0).is_err());
 }

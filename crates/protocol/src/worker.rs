@@ -170,6 +170,8 @@ pub enum FailureKind {
     BadFile,
     FileNotFound,
     FileTooLarge,
+    /// A session with other processes running cannot be snapshotted (forked) yet.
+    ProcessesRunning,
     Internal,
 }
 

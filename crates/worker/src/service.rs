@@ -18,6 +18,7 @@ use forkvm_protocol::worker::{
 };
 use forkvm_template::TemplateStore;
 use forkvm_vmm::{PoolConfig, Vmm};
+use forkvm_vmm::{SandboxError, VmmError};
 
 use crate::jail;
 
@@ -163,6 +164,8 @@ fn engine_failure(error: EngineError) -> Failure {
         EngineError::SessionEnded => FailureKind::SessionEnded,
         EngineError::Store(_) => FailureKind::TemplateUnavailable,
         EngineError::PlaceFile(_) => FailureKind::BadFile,
+        EngineError::Vmm(VmmError::Sandbox(SandboxError::SeveralProcesses(_)))
+        | EngineError::Deliver(SandboxError::SeveralProcesses(_)) => FailureKind::ProcessesRunning,
         _ => FailureKind::Internal,
     };
     failure(kind, error.to_string())

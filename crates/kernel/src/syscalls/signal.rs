@@ -39,6 +39,15 @@ impl Process {
         self.signalfd_event();
     }
 
+    /// Whether `signal`, just sent to the current process, ends it by its default action:
+    /// `SIGKILL`, or a signal it neither handles nor ignores that one of its threads lets
+    /// through.
+    pub(crate) fn dies_of(&self, signal: i32) -> bool {
+        signal == libc::SIGKILL
+            || (self.signals.disposition(signal) == Disposition::Terminate
+                && self.threads.any_unblocked(signal))
+    }
+
     /// A signal became pending: a thread waiting on a signalfd looks again.
     fn signalfd_event(&mut self) {
         if !self.notifiers.signalfds.is_empty() {

@@ -23,6 +23,7 @@ pub fn worker_error(error: WorkerError, field: &str) -> ApiError {
         WorkerError::Failed(failure) => match failure.kind {
             FailureKind::UnsupportedLanguage => ApiError::invalid("language", message),
             FailureKind::SessionEnded => ApiError::conflict("session_ended", message),
+            FailureKind::ProcessesRunning => ApiError::conflict("processes_running", message),
             FailureKind::TemplateUnavailable => ApiError::unavailable(message),
             FailureKind::BadFile => ApiError::invalid(field, message),
             FailureKind::FileNotFound => ApiError::not_found(message),
