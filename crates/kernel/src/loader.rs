@@ -91,16 +91,19 @@ impl Process {
             config.limits,
             config.user_start,
         )?;
-        let entry = process.load_program(&config.program, &config.argv, &config.envp)?;
+        let entry =
+            process.load_program(&config.program, &config.program, &config.argv, &config.envp)?;
         process.set_cmdline(&config.argv);
         Ok((process, entry))
     }
 
     /// Loads `program` (with its interpreter) into the current memory, which must hold no
     /// mappings but the stack, and builds its initial stack: what `spawn` and `execve` share.
+    /// `execfn` is the path the program was asked for by (`AT_EXECFN`: a `#!` script's own).
     pub(crate) fn load_program(
         &mut self,
         program: &[u8],
+        execfn: &[u8],
         argv: &[Vec<u8>],
         envp: &[Vec<u8>],
     ) -> Result<Entry, SpawnError> {
@@ -147,7 +150,7 @@ impl Process {
             envp,
             auxv: &aux,
             random,
-            execfn: program,
+            execfn,
         };
         let image = stack::build(self.mm.layout().user_end, &spec, STACK_SIZE / 4)
             .ok_or(SpawnError::StackTooSmall(STACK_SIZE / 4))?;

@@ -70,9 +70,27 @@ impl Process {
             Decision::Deadlock if next_timer.is_some() => Outcome::Idle(next_timer.unwrap_or(now)),
             Decision::Deadlock => Outcome::Exit(ExitReason::Deadlock(format!(
                 "every thread waits for something no thread can do: {}",
-                self.threads.describe_waits()
+                self.describe_all_waits()
             ))),
         }
+    }
+
+    /// What every thread of every process waits for (a deadlock's report).
+    fn describe_all_waits(&self) -> String {
+        if self.procs.parked.is_empty() {
+            return self.threads.describe_waits();
+        }
+        std::iter::once((self.pid(), self.threads.describe_waits()))
+            .chain(
+                self.procs
+                    .parked
+                    .iter()
+                    .map(|(pid, p)| (*pid, p.own.threads.describe_waits())),
+            )
+            .filter(|(_, waits)| !waits.is_empty())
+            .map(|(pid, waits)| format!("process {pid}: {waits}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// Makes `pid` current: the VMM then resumes it on the vCPU over its memory. When both

@@ -449,3 +449,24 @@ fn limits_are_per_process_and_may_only_go_down() {
         err(libc::ESRCH)
     );
 }
+
+#[test]
+fn a_wait_no_process_can_end_is_a_deadlock_naming_each_process() {
+    let mut h = Harness::new();
+    let fds = h.at(0x100);
+    assert_eq!(h.sys(libc::SYS_pipe2, &[fds, 0]), 0);
+    let r = u64::from(u32::from_le_bytes(h.peek(fds, 4).try_into().unwrap()));
+    let child = h.sys(libc::SYS_fork, &[]);
+    let buf = h.at(0x400);
+    // Both read the pipe, and both hold its write end: nothing can ever arrive.
+    assert_eq!(h.call(libc::SYS_read, &[r, buf, 1]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.process.pid(), child as u32);
+    let Outcome::Exit(ExitReason::Deadlock(why)) = h.call(libc::SYS_read, &[r, buf, 1]) else {
+        panic!("a deadlock")
+    };
+    assert!(
+        why.contains("process 1") && why.contains(&format!("process {child}")),
+        "{why}"
+    );
+}

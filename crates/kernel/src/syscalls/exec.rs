@@ -82,7 +82,7 @@ impl Process {
         self.exchange_memory(&mut memory);
         self.give_back_or_retire(memory);
         self.forget_unused_segments();
-        let entry = match self.load_program(&image.program, &image.argv, &envp) {
+        let entry = match self.load_program(&image.program, &path, &image.argv, &envp) {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::debug!(error = %e, "execve failed past its point of no return");
