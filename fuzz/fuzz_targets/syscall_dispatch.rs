@@ -215,6 +215,16 @@ fn image() -> Arc<Image> {
         .clone()
 }
 
+/// Fresh RAM for `execve`, as the VMM gives it (without its stubs: nothing runs here), so
+/// the fuzzer reaches past `execve`'s point of no return.
+struct FreshRam;
+
+impl forkvm_kernel::Machine for FreshRam {
+    fn fresh_ram(&self, size: u64) -> Result<GuestRam, String> {
+        GuestRam::anonymous(size).map_err(|e| e.to_string())
+    }
+}
+
 fn new_process(spawn: bool, stdin: Vec<u8>) -> (Process, u64) {
     let fs = Fs::with_limit(image(), OVERLAY_LIMIT);
     let ram = GuestRam::anonymous(RAM_SIZE).expect("guest RAM");
@@ -240,6 +250,7 @@ fn new_process(spawn: bool, stdin: Vec<u8>) -> (Process, u64) {
     } else {
         Process::new(ram, fs, console, b"/etc", LIMITS, USER_START).expect("process")
     };
+    process.set_machine(Arc::new(FreshRam));
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
     let mut ctx = context(

@@ -24,6 +24,17 @@ use forkvm_memory::ram::PAGE_SIZE;
 /// Clock ticks per second (`AT_CLKTCK`, `sysconf(_SC_CLK_TCK)`).
 const TICKS: u64 = 100;
 
+/// What a lookup under `/proc` needs written.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    /// `/proc`'s own files (`/proc/meminfo`).
+    Top,
+    /// Those and one process's directory (`/proc/7/stat`, `/proc/self/status`).
+    Process(Pid),
+    /// Everything: `/proc` itself is being listed or entered.
+    All,
+}
+
 /// What `/proc/[pid]` shows of one process.
 struct Described {
     pid: Pid,
@@ -45,23 +56,77 @@ impl Process {
         if !(under_proc(path) || (!path.starts_with(b"/") && under_proc(&self.cwd))) {
             return;
         }
-        if let Err(e) = self.write_proc_tree() {
+        let scope = match path.strip_prefix(b"/proc/") {
+            _ if !path.starts_with(b"/") => Scope::All,
+            Some(rest) => {
+                let name = rest.split(|&b| b == b'/').next().unwrap_or_default();
+                match name {
+                    b"" => Scope::All,
+                    b"self" | b"thread-self" => Scope::Process(self.pid()),
+                    _ => std::str::from_utf8(name)
+                        .ok()
+                        .and_then(|n| n.parse::<Pid>().ok())
+                        .map_or(Scope::Top, Scope::Process),
+                }
+            }
+            None => Scope::All,
+        };
+        if let Err(e) = self.write_proc_tree(scope) {
             tracing::debug!(error = %e, "writing /proc");
         }
     }
 
-    fn write_proc_tree(&mut self) -> Result<(), FsError> {
+    /// Writes `/proc`'s own files, and the process directories `scope` reaches (a lookup of
+    /// `/proc/7/stat` needs process 7's alone: `ps` opens a few files per process).
+    fn write_proc_tree(&mut self, scope: Scope) -> Result<(), FsError> {
         let root = self.fs.root();
         let proc_dir = self.dir_in(root, b"proc")?;
-        let described: Vec<Described> = self
+        self.write_top_files(proc_dir)?;
+        let pids: Vec<Pid> = match scope {
+            Scope::Top => return Ok(()),
+            Scope::Process(pid) => vec![pid],
+            Scope::All => {
+                // Directories of processes that are gone go.
+                let listed: Vec<Vec<u8>> = self
+                    .fs
+                    .read_dir(proc_dir)?
+                    .into_iter()
+                    .map(|e| e.name)
+                    .filter(|name| name.iter().all(u8::is_ascii_digit))
+                    .collect();
+                for name in listed {
+                    let gone = std::str::from_utf8(&name)
+                        .ok()
+                        .and_then(|n| n.parse::<Pid>().ok())
+                        .is_none_or(|pid| !self.procs.entries.contains_key(&pid));
+                    if gone {
+                        self.remove_tree(proc_dir, &name)?;
+                    }
+                }
+                self.procs.entries.keys().copied().collect()
+            }
+        };
+        for pid in pids {
+            if self.procs.entries.contains_key(&pid) {
+                let described = self.describe(pid);
+                self.write_process_dir(proc_dir, &described)?;
+            } else {
+                self.remove_tree(proc_dir, pid.to_string().as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `meminfo`, `cpuinfo`, `uptime`, `loadavg`, `stat`, `version` and the `self` link.
+    fn write_top_files(&mut self, proc_dir: NodeId) -> Result<(), FsError> {
+        let total = self.procs.entries.len();
+        let running = 1 + self
             .procs
-            .entries
-            .keys()
-            .copied()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|pid| self.describe(pid))
-            .collect();
+            .parked
+            .values()
+            .filter(|p| p.own.threads.has_runnable())
+            .count();
+        let last = self.procs.entries.keys().max().copied().unwrap_or(1);
         let now = monotonic_ns();
         let uptime = now.saturating_sub(self.procs.boot_ns);
         self.put(proc_dir, b"meminfo", self.meminfo().as_bytes())?;
@@ -76,12 +141,10 @@ impl Process {
             )
             .as_bytes(),
         )?;
-        let running = described.iter().filter(|d| d.state == 'R').count();
-        let last = described.iter().map(|d| d.pid).max().unwrap_or(1);
         self.put(
             proc_dir,
             b"loadavg",
-            format!("0.00 0.00 0.00 {running}/{} {last}\n", described.len()).as_bytes(),
+            format!("0.00 0.00 0.00 {running}/{total} {last}\n").as_bytes(),
         )?;
         let boot_epoch =
             crate::vdso::host_ns(libc::CLOCK_REALTIME).saturating_sub(uptime) / 1_000_000_000;
@@ -100,28 +163,7 @@ impl Process {
             b"version",
             b"Linux version 6.1.0-forkvm (forkvm) #1 SMP PREEMPT_DYNAMIC forkvm\n",
         )?;
-        self.put_link(proc_dir, b"self", self.pid().to_string().as_bytes())?;
-        // Directories of processes that are gone go.
-        let listed: Vec<Vec<u8>> = self
-            .fs
-            .read_dir(proc_dir)?
-            .into_iter()
-            .map(|e| e.name)
-            .filter(|name| name.iter().all(u8::is_ascii_digit))
-            .collect();
-        for name in listed {
-            let gone = std::str::from_utf8(&name)
-                .ok()
-                .and_then(|n| n.parse::<Pid>().ok())
-                .is_none_or(|pid| !self.procs.entries.contains_key(&pid));
-            if gone {
-                self.remove_tree(proc_dir, &name)?;
-            }
-        }
-        for process in &described {
-            self.write_process_dir(proc_dir, process)?;
-        }
-        Ok(())
+        self.put_link(proc_dir, b"self", self.pid().to_string().as_bytes())
     }
 
     fn describe(&mut self, pid: Pid) -> Described {

@@ -26,14 +26,20 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_mremap, "grow buffers"),
     (libc::SYS_brk, "the allocator's heap"),
     (libc::SYS_mlock, "keep the image in memory"),
-    (libc::SYS_memfd_create, "fork-of-fork memory layers"),
-    (libc::SYS_ftruncate, "size memory layers"),
+    (
+        libc::SYS_memfd_create,
+        "memory layers, shared memory segments",
+    ),
+    (libc::SYS_ftruncate, "size memory layers and segments"),
     // Files already opened or opened read-only inside the jail.
     (libc::SYS_close, "descriptors"),
     (libc::SYS_read, "the server's socket, template files"),
     (libc::SYS_write, "the server's socket, logs"),
     (libc::SYS_pread64, "the image, pagemap"),
-    (libc::SYS_pwrite64, "memory layers"),
+    (
+        libc::SYS_pwrite64,
+        "memory layers, segments filled from files",
+    ),
     (libc::SYS_readv, "socket reads"),
     (libc::SYS_writev, "socket and log writes"),
     (libc::SYS_lseek, "SEEK_DATA/SEEK_HOLE over memory files"),
