@@ -13,10 +13,10 @@ use std::sync::{Arc, OnceLock};
 
 use arbitrary::Arbitrary;
 use forkvm_image::{Fs, Image};
-use forkvm_memory::GuestRam;
 use forkvm_kernel::{
     Console, DetachedFpu, Input, Limits, Outcome, Process, SpawnConfig, UserContext,
 };
+use forkvm_memory::GuestRam;
 use libfuzzer_sys::fuzz_target;
 
 // The image tree and builder the kernel's integration tests use.
