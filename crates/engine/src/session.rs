@@ -144,20 +144,15 @@ impl Engine {
     /// `count` new sessions, each starting from exactly the state `session` has now.
     pub fn fork_session(
         &self,
-        session: &Session,
+        session: &mut Session,
         count: usize,
     ) -> Result<Vec<Session>, EngineError> {
         if !session.alive {
             return Err(EngineError::SessionEnded);
         }
         let vmm = self.vmm();
-        let source = Arc::new(vmm.snapshot_fork(&session.sandbox, &session.source)?);
-        let layer_bytes: u64 = source
-            .backing
-            .layers
-            .last()
-            .map_or(0, |layer| layer.ranges.iter().map(|(s, e)| e - s).sum());
-        let layer_share = layer_bytes / count.max(1) as u64;
+        let source = Arc::new(vmm.snapshot_fork(&mut session.sandbox, &session.source)?);
+        let layer_share = source.added_bytes() / count.max(1) as u64;
         let mut branches = Vec::with_capacity(count);
         for _ in 0..count {
             let streams = Streams::new();

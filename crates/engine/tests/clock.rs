@@ -141,7 +141,7 @@ fn monotonic_time_never_runs_backwards_across_requests_and_forks() {
         assert!(now >= last, "{now} after {last}");
         last = now;
     }
-    let mut branches = engine.fork_session(&session, 2).unwrap();
+    let mut branches = engine.fork_session(&mut session, 2).unwrap();
     for branch in &mut branches {
         let now = session_exec(&engine, branch, read);
         assert!(

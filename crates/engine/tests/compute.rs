@@ -165,7 +165,7 @@ fn forks_of_a_session_holding_large_arrays_branch_exactly() {
         &mut parent,
         "import numpy as np\nbig = np.arange(16 << 20, dtype=np.int64)",
     );
-    let mut branches = engine.fork_session(&parent, 2).unwrap();
+    let mut branches = engine.fork_session(&mut parent, 2).unwrap();
     run(&mut branches[0], "big[::1000] = -1");
     run(&mut branches[1], "big += 1\nextra = np.ones(8 << 20)");
     let total = "print(int(big.sum()), int(big[::1000].sum()))";

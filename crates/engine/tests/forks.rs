@@ -233,7 +233,7 @@ fn a_fork_of_a_fork_sees_its_parent_at_the_snapshot_and_nothing_later() {
     };
     let show = "import builtins\nprint(builtins.V, open('/tmp/f').read())";
     assert_eq!(exec_in(&mut parent, &out, &set("one")), "set\n");
-    let child_source = vmm.snapshot_fork(&parent, &template).unwrap();
+    let child_source = vmm.snapshot_fork(&mut parent, &template).unwrap();
     assert_eq!(exec_in(&mut parent, &out, &set("two")), "set\n");
 
     let (mut child, child_out) = fork_of(&vmm, &child_source);
@@ -244,7 +244,7 @@ fn a_fork_of_a_fork_sees_its_parent_at_the_snapshot_and_nothing_later() {
     let (mut sibling, sibling_out) = fork_of(&vmm, &child_source);
     assert_eq!(exec_in(&mut child, &child_out, &set("three")), "set\n");
     assert_eq!(exec_in(&mut sibling, &sibling_out, show), "one one\n");
-    let grandchild_source = vmm.snapshot_fork(&child, &child_source).unwrap();
+    let grandchild_source = vmm.snapshot_fork(&mut child, &child_source).unwrap();
     let (mut grandchild, grandchild_out) = fork_of(&vmm, &grandchild_source);
     assert_eq!(
         exec_in(&mut grandchild, &grandchild_out, show),
@@ -269,7 +269,7 @@ fn long_fork_chains_are_flattened_and_stay_correct() {
             exec_in(&mut sandbox, &out, &code),
             format!("{generation}\n")
         );
-        source = vmm.snapshot_fork(&sandbox, &source).unwrap();
+        source = vmm.snapshot_fork(&mut sandbox, &source).unwrap();
         assert!(source.backing.layers.len() <= forkvm_vmm::layer::MAX_LAYERS);
     }
     let (mut last, out) = fork_of(&vmm, &source);

@@ -61,7 +61,7 @@ fn forks_of_a_session_start_from_its_state_and_diverge() {
         &mut parent,
         "items = ['root']\nopen('/tmp/log', 'w').write('root')",
     );
-    let mut branches = engine.fork_session(&parent, 3).unwrap();
+    let mut branches = engine.fork_session(&mut parent, 3).unwrap();
     run(engine, &mut parent, "items.append('parent-later')");
     for (i, branch) in branches.iter_mut().enumerate() {
         run(
@@ -80,6 +80,55 @@ fn forks_of_a_session_start_from_its_state_and_diverge() {
         run(engine, &mut parent, "print(items, open('/tmp/log').read())"),
         "['root', 'parent-later'] root\n"
     );
+}
+
+/// A child that waits on a pipe and bumps a counter in memory it shares with the session
+/// (`MAP_SHARED`), so each request sees the child's work through the shared page.
+const SHARED_CHILD: &str = r#"
+import mmap, os, time
+shared = mmap.mmap(-1, 4096)
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(w)
+    while os.read(r, 1):
+        shared[0] += 1
+    os._exit(0)
+os.close(r)
+def bump():
+    before = shared[0]
+    os.write(w, b"x")
+    while shared[0] == before:
+        time.sleep(0.001)
+    return shared[0]
+"#;
+
+#[test]
+fn a_fork_of_a_session_forks_its_children_and_shared_memory() {
+    let Some(engine) = engine() else { return };
+    let mut parent = engine.create_session("python").unwrap();
+    run(engine, &mut parent, SHARED_CHILD);
+    assert_eq!(run(engine, &mut parent, "print(bump())"), "1\n");
+    let mut branches = engine.fork_session(&mut parent, 2).unwrap();
+    // Each branch has its own child and its own copy of the shared page, still shared
+    // between the two.
+    assert_eq!(
+        run(engine, &mut branches[0], "print(bump(), bump())"),
+        "2 3\n"
+    );
+    assert_eq!(run(engine, &mut branches[1], "print(bump())"), "2\n");
+    assert_eq!(run(engine, &mut parent, "print(bump())"), "2\n");
+    // The child is a real process of the branch: it ends when its pipe closes, and the
+    // branch reaps it.
+    assert_eq!(
+        run(
+            engine,
+            &mut branches[1],
+            "os.close(w)\n_, status = os.waitpid(child, 0)\nprint(os.waitstatus_to_exitcode(status))"
+        ),
+        "0\n"
+    );
+    assert_eq!(run(engine, &mut branches[0], "print(bump())"), "4\n");
 }
 
 #[test]

@@ -17,8 +17,12 @@ fn copy_template(name: &str) -> Option<(TemplateStore, PathBuf)> {
     let store = TemplateStore::new(&root);
     let dir = store.dir("python").unwrap();
     std::fs::create_dir_all(&dir).unwrap();
-    for file in ["memory", "state.bin", "meta.json"] {
-        std::fs::copy(built.dir("python").unwrap().join(file), dir.join(file)).unwrap();
+    // memory, state.bin, meta.json, and a file per shared segment (or other process).
+    for entry in std::fs::read_dir(built.dir("python").unwrap()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "verified") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
     }
     // The copy is sealed with the original cache's key.
     let key = built.sealer().unwrap().key_path().to_owned();
@@ -84,6 +88,20 @@ fn a_changed_memory_byte_is_caught() {
     let error = load_error(&store);
     assert_eq!(corrupt_path(&error), dir.join("memory"));
     assert!(error.to_string().contains("memory"), "{error}");
+}
+
+#[test]
+fn a_changed_segment_byte_is_caught() {
+    let Some((store, dir)) = copy_template("segment") else {
+        return;
+    };
+    // The agent maps glibc's gconv cache shared: the snapshot keeps it as a segment.
+    let meta = store.show("python").unwrap();
+    let segment = meta.segments.first().expect("the python template has a segment");
+    let (offset, _) = segment.extents[0];
+    let path = dir.join(format!("segment-{}", segment.id));
+    flip_byte(&path, offset + 10);
+    assert_eq!(corrupt_path(&load_error(&store)), path);
 }
 
 #[test]

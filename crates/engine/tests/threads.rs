@@ -128,7 +128,7 @@ fn a_session_keeps_its_threads_between_requests() {
     assert_eq!(exec("jobs.put(50)\nprint(results.get(timeout=5))"), "100\n");
 
     // A branch of the session resumes the thread too, in its own memory.
-    let mut branches = engine.fork_session(&session, 2).unwrap();
+    let mut branches = engine.fork_session(&mut session, 2).unwrap();
     for (i, branch) in branches.iter_mut().enumerate() {
         let code = format!("jobs.put({i})\nprint(results.get(timeout=5))");
         let result = engine

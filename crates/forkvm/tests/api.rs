@@ -675,8 +675,39 @@ fn commands_run_in_a_sessions_filesystem_and_bash_code_runs_over_http() {
     );
 }
 
+/// A helper process that keeps a count in its own memory and hands out the next number to
+/// each connection on a Unix socket.
+const COUNTER: &str = r#"
+import os, socket
+path = "/tmp/counter.sock"
+server = socket.socket(socket.AF_UNIX)
+server.bind(path + ".new")
+os.rename(path + ".new", path)
+server.listen()
+count = 0
+while True:
+    conn, _ = server.accept()
+    count += 1
+    conn.sendall(f"{count} {os.getpid()}".encode())
+    conn.close()
+"#;
+
+/// Asks the counter for its next number (waiting for it to be listening).
+const ASK: &str = r#"
+import socket, time
+def ask():
+    for _ in range(400):
+        try:
+            c = socket.socket(socket.AF_UNIX)
+            c.connect("/tmp/counter.sock")
+            return c.recv(64).decode()
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.025)
+print(ask())
+"#;
+
 #[test]
-fn a_sessions_background_process_outlives_its_request_and_holds_back_a_fork() {
+fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
     if !forkvm_testkit::kvm_available() {
         return;
     }
@@ -689,7 +720,14 @@ fn a_sessions_background_process_outlives_its_request_and_holds_back_a_fork() {
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     };
-    let started = run("sleep 1000 & echo $!");
+    let put = client()
+        .put(server.url(&format!("/v1/sandboxes/{id}/files/tmp/counter.py")))
+        .bearer_auth(key)
+        .body(COUNTER)
+        .send()
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let started = run("python3 /tmp/counter.py > /dev/null 2>&1 & echo $!");
     let pid = started["stdout"].as_str().unwrap().trim().to_string();
     // Still there at the next request (paused in between, running during it).
     let listed = run(&format!("ps -o stat= -p {pid}"));
@@ -697,20 +735,32 @@ fn a_sessions_background_process_outlives_its_request_and_holds_back_a_fork() {
         !listed["stdout"].as_str().unwrap().trim().is_empty(),
         "{listed}"
     );
-    let (status, refused) = json_of(post(
-        &server,
-        key,
-        &format!("/v1/sandboxes/{id}/fork"),
-        json!({"count": 1}),
-    ));
-    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
-    assert_eq!(refused["error"]["kind"], "processes_running", "{refused}");
-    run(&format!("kill {pid}"));
+    let ask = |session: &str| {
+        let path = format!("/v1/sandboxes/{session}/exec");
+        exec_ok(&server, key, &path, ASK)["stdout"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(ask(&id), format!("1 {pid}\n"));
+    assert_eq!(ask(&id), format!("2 {pid}\n"));
+
+    // Each branch gets the helper as it was, with its count, and counts on its own.
     let (status, forked) = json_of(post(
         &server,
         key,
         &format!("/v1/sandboxes/{id}/fork"),
-        json!({"count": 1}),
+        json!({"count": 2}),
     ));
     assert_eq!(status, StatusCode::OK, "{forked}");
+    let branches: Vec<String> = forked["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ask(&branches[0]), format!("3 {pid}\n"));
+    assert_eq!(ask(&branches[0]), format!("4 {pid}\n"));
+    assert_eq!(ask(&branches[1]), format!("3 {pid}\n"));
+    assert_eq!(ask(&id), format!("3 {pid}\n"));
 }

@@ -199,3 +199,81 @@ fn a_data_science_template_plots_byte_for_byte_what_the_host_plots() {
     }
     assert_eq!(text(&sandbox.stdout), text(&host.stdout));
 }
+
+/// A helper the template's entry starts before the agent: it counts connections on a Unix
+/// socket in its own memory.
+const COUNTER: &str = r#"
+import os, socket
+server = socket.socket(socket.AF_UNIX)
+server.bind("/tmp/counter.sock")
+server.listen()
+count = 0
+while True:
+    conn, _ = server.accept()
+    count += 1
+    conn.sendall(f"{count} {os.getpid()} {os.getppid()}".encode())
+    conn.close()
+"#;
+
+/// Asks the helper for its next number (it may still be starting).
+const ASK: &str = r#"
+import socket, time
+for _ in range(400):
+    try:
+        c = socket.socket(socket.AF_UNIX)
+        c.connect("/tmp/counter.sock")
+        print(c.recv(64).decode())
+        break
+    except (FileNotFoundError, ConnectionRefusedError):
+        time.sleep(0.025)
+"#;
+
+#[test]
+fn a_template_whose_entry_starts_a_helper_holds_it_in_every_fork() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let cache = cache_dir("helpers");
+    assert!(!COUNTER.contains('\''));
+    let script = format!("python3 -c '{COUNTER}' & exec python3 /opt/forkvm/agent.py");
+    let built = forkvm(
+        &cache,
+        &[
+            "template",
+            "build",
+            "helper",
+            "--entry",
+            "/bin/bash",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    let shown = forkvm(&cache, &["template", "show", "helper"]);
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+
+    // Every fork starts from the snapshot: the helper there, its count at zero, its parent
+    // the agent (which replaced the shell as process 1).
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let exec = forkvm(&cache, &["exec", "--template", "helper", ASK]);
+        assert!(exec.status.success(), "{}", text(&exec.stderr));
+        answers.push(text(&exec.stdout));
+    }
+    let first: Vec<&str> = answers[0].split_whitespace().collect();
+    assert_eq!(first.len(), 3, "{answers:?}");
+    assert_eq!((first[0], first[2]), ("1", "1"), "{answers:?}");
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+
+    // Two questions in one request: one helper, counting on.
+    let twice = forkvm(
+        &cache,
+        &["exec", "--template", "helper", &format!("{ASK}\n{ASK}")],
+    );
+    let out = text(&twice.stdout);
+    let counts: Vec<&str> = out
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or(""))
+        .collect();
+    assert_eq!(counts, ["1", "2"], "{}", text(&twice.stderr));
+}

@@ -60,6 +60,8 @@ pub enum SpawnError {
     TooFewFiles(usize),
     #[error("guest RAM of {ram} bytes does not match the {state}-byte snapshot")]
     RamMismatch { ram: u64, state: u64 },
+    #[error("restoring the snapshot's processes: {0}")]
+    Restore(String),
 }
 
 struct LoadedObject {

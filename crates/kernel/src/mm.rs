@@ -266,35 +266,37 @@ impl AddressSpace {
         self.vmas.values()
     }
 
-    /// Makes every shared memory segment mapping an ordinary one (a restored snapshot holds
-    /// their bytes, but not the segments).
-    pub fn forget_segments(&mut self) {
-        for vma in self.vmas.values_mut() {
-            vma.segment = None;
-        }
-    }
-
     /// True when every byte of `[addr, addr+len)` is mapped. Zero-length ranges are valid.
     pub fn is_mapped(&self, addr: u64, len: u64) -> bool {
+        self.covered(addr, len, |_| true)
+    }
+
+    /// True when every byte of `[addr, addr+len)` is mapped writable (what the kernel may
+    /// write on the program's behalf, as Linux's `copy_to_user`).
+    pub fn is_writable(&self, addr: u64, len: u64) -> bool {
+        self.covered(addr, len, |vma| vma.prot & libc::PROT_WRITE as u32 != 0)
+    }
+
+    /// True when mappings that each satisfy `ok` cover every byte of `[addr, addr+len)`.
+    fn covered(&self, addr: u64, len: u64, ok: impl Fn(&Vma) -> bool) -> bool {
         if len == 0 {
             return true;
         }
         let Some(end) = addr.checked_add(len) else {
             return false;
         };
-        let mut cursor = addr;
         let first = self.vmas.range(..=addr).next_back();
         let Some((_, vma)) = first else {
             return false;
         };
-        if vma.end <= addr {
+        if vma.end <= addr || !ok(vma) {
             return false;
         }
-        cursor = cursor.max(vma.end);
+        let mut cursor = addr.max(vma.end);
         while cursor < end {
             match self.vmas.get(&cursor) {
-                Some(next) => cursor = next.end,
-                None => return false,
+                Some(next) if ok(next) => cursor = next.end,
+                _ => return false,
             }
         }
         true

@@ -93,6 +93,9 @@ pub struct ProcessState {
     pub(crate) ram_size: u64,
     /// The next thread or process id to give out.
     pub(crate) next_id: Tid,
+    /// The process table, the other processes and the shared memory segments (shared by
+    /// every clone: a fork takes from it only what it needs).
+    pub(crate) table: Arc<crate::procs_state::TableState>,
 }
 
 impl ProcessState {
@@ -104,6 +107,16 @@ impl ProcessState {
     /// Whether the process was parked on its control channel.
     pub fn awaiting_control(&self) -> bool {
         self.control.pending().is_some()
+    }
+
+    /// The processes besides the first whose memory a fork must be given (`OtherMemory`).
+    pub fn memories(&self) -> Vec<crate::procs::Pid> {
+        self.table.memories().collect()
+    }
+
+    /// The shared memory segments a fork must be given, as id and size.
+    pub fn segments(&self) -> Vec<(u64, u64)> {
+        self.table.segments().collect()
     }
 }
 
@@ -257,16 +270,19 @@ impl Process {
             names: self.names.clone(),
             ram_size: self.ram.size(),
             next_id: self.procs.next_id(),
+            table: Arc::new(self.table_state()),
         }
     }
 
     /// A process resumed from `state` over `ram` (which holds the matching memory, e.g. a
-    /// private mapping of a snapshot) and `image`, with fresh standard streams.
+    /// private mapping of a snapshot) and `image`, with fresh standard streams; the
+    /// snapshot's other processes and shared memory come back over `others`.
     pub fn from_state(
         ram: GuestRam,
         image: Arc<Image>,
         state: ProcessState,
         console: Console,
+        others: crate::procs_state::OtherMemory,
     ) -> Result<Process, SpawnError> {
         if ram.size() != state.ram_size() {
             return Err(SpawnError::RamMismatch {
@@ -275,11 +291,9 @@ impl Process {
             });
         }
         let tables = PageTables::for_ram(ram.size());
-        let mut mm = state.mm;
-        mm.forget_segments();
-        Ok(Process {
+        let mut process = Process {
             ram,
-            mm,
+            mm: state.mm,
             fs: Fs::from_overlay_state(image, state.overlay),
             files: state.files,
             pipes: state.pipes,
@@ -304,7 +318,9 @@ impl Process {
             procs: Procs::new(state.next_id),
             segments: Default::default(),
             machine: None,
-        })
+        };
+        process.restore_table(&state.table, others)?;
+        Ok(process)
     }
 
     /// The parts of guest RAM that can hold anything: the system area below the program,
@@ -472,9 +488,10 @@ impl Process {
         Ok(buf)
     }
 
-    /// Writes `data` into program memory, failing with EFAULT unless all of it is mapped.
+    /// Writes `data` into program memory, failing with EFAULT unless all of it is mapped
+    /// writable.
     pub(crate) fn write_user(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
-        self.check_user(addr, data.len() as u64)?;
+        self.check_user_writable(addr, data.len() as u64)?;
         self.ram.write(addr, data).map_err(|_| Errno::EFAULT)
     }
 
@@ -512,6 +529,14 @@ impl Process {
 
     pub(crate) fn check_user(&self, addr: u64, len: u64) -> Result<(), Errno> {
         if self.mm.is_mapped(addr, len) {
+            Ok(())
+        } else {
+            Err(Errno::EFAULT)
+        }
+    }
+
+    pub(crate) fn check_user_writable(&self, addr: u64, len: u64) -> Result<(), Errno> {
+        if self.mm.is_writable(addr, len) {
             Ok(())
         } else {
             Err(Errno::EFAULT)

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use forkvm_memory::ram::GuestRam;
 use rangemap::RangeMap;
+use serde::{Deserialize, Serialize};
 
 use crate::fdtable::FdSlots;
 use crate::mm::AddressSpace;
@@ -57,6 +58,7 @@ pub(crate) struct Memory {
 }
 
 /// What a process has of its own besides memory.
+#[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct Own {
     pub files: FdSlots,
     pub cwd: Vec<u8>,
@@ -104,14 +106,14 @@ pub fn killed(signal: i32) -> WaitStatus {
 }
 
 /// Whether a process lives or waits to be reaped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Life {
     Alive,
     Zombie(WaitStatus),
 }
 
 /// One process's entry in the table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Entry {
     pub ppid: Pid,
     pub pgid: Pid,

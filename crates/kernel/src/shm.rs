@@ -9,6 +9,12 @@
 //! the file in any process shows (glibc's `sem_open` semaphores, which multiprocessing's
 //! locks and queues use, live in such a file under `/dev/shm`). The file itself is kept in
 //! step as before (`syscalls::shared`). A futex in a segment is woken across processes.
+//!
+//! A fork of a snapshot gets the snapshot's segments *frozen*: the stored file itself,
+//! mapped read-only on the host, shared with every other fork. Most are read-only file
+//! mappings (glibc's locale caches) that no fork ever writes, and copying them would cost
+//! every fork. The first thing that could write one (a writable mapping, `mprotect`, a
+//! `write` to its file) gives the sandbox a copy of its own first (`thaw_segment`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -16,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use forkvm_image::NodeId;
-use forkvm_memory::ram::{memory_file, page_align_up};
+use forkvm_memory::ram::{GuestRam, copy_memory_file, memory_file, page_align_up};
 use syscalls::Errno;
 
 use crate::mm::AddressSpace;
@@ -29,6 +35,17 @@ pub(crate) struct Segment {
     pub size: u64,
     /// The file whose shared mappings it holds, if any.
     pub node: Option<NodeId>,
+    /// `file` is a snapshot's, shared with other sandboxes: never to be written.
+    pub frozen: bool,
+}
+
+impl Segment {
+    /// Shows `[start, start+len)` of the segment from `offset` in `ram` (read-only on the
+    /// host while frozen).
+    pub fn map_into(&self, ram: &GuestRam, start: u64, len: u64, offset: u64) -> Result<(), Errno> {
+        ram.map_shared(start, len, &self.file, offset, !self.frozen)
+            .map_err(host_error)
+    }
 }
 
 /// The sandbox's segments, by id.
@@ -57,6 +74,35 @@ impl Segments {
 
     pub fn get(&self, id: u64) -> Option<&Segment> {
         self.by_id.get(&id)
+    }
+
+    /// Every segment, by id.
+    pub fn all(&self) -> impl Iterator<Item = (u64, &Segment)> {
+        self.by_id.iter().map(|(&id, s)| (id, s))
+    }
+
+    /// The last id given out (a snapshot keeps it).
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// No segments yet, ids given out after `next_id` (a restored snapshot's).
+    pub fn restored(next_id: u64) -> Segments {
+        Segments {
+            by_id: BTreeMap::new(),
+            next_id,
+        }
+    }
+
+    /// Puts back segment `id` of a restored snapshot, frozen.
+    pub fn restore(&mut self, id: u64, file: Arc<File>, size: u64, node: Option<NodeId>) {
+        let segment = Segment {
+            file,
+            size,
+            node,
+            frozen: true,
+        };
+        self.by_id.insert(id, segment);
     }
 
     pub fn of_node(&self, node: NodeId) -> Option<u64> {
@@ -88,6 +134,7 @@ impl Process {
             file: Arc::new(file),
             size: len,
             node: None,
+            frozen: false,
         }))
     }
 
@@ -97,6 +144,8 @@ impl Process {
         let end = page_align_up(end).ok_or(Errno::ENOMEM)?;
         let (id, from) = match self.segments.of_node(node) {
             Some(id) => {
+                // The new mapping may be writable.
+                self.thaw_segment(id)?;
                 let segment = &self.segments.by_id[&id];
                 if segment.size >= end {
                     return Ok(id);
@@ -110,6 +159,7 @@ impl Process {
                     file: Arc::new(file),
                     size: end,
                     node: Some(node),
+                    frozen: false,
                 });
                 (id, 0)
             }
@@ -147,17 +197,58 @@ impl Process {
         offset: u64,
     ) -> Result<(), Errno> {
         let segment = self.segments.get(id).ok_or(Errno::EINVAL)?;
-        self.ram
-            .map_shared(start, len, &segment.file, offset)
-            .map_err(host_error)
+        segment.map_into(&self.ram, start, len, offset)
+    }
+
+    /// Gives the sandbox its own copy of frozen segment `id` (see the module's notes) and
+    /// shows it in place of the snapshot's in every process that maps it.
+    pub(crate) fn thaw_segment(&mut self, id: u64) -> Result<(), Errno> {
+        let Some(segment) = self.segments.by_id.get_mut(&id) else {
+            return Ok(());
+        };
+        if !segment.frozen {
+            return Ok(());
+        }
+        let copy =
+            copy_memory_file(c"forkvm-shared", &segment.file, segment.size).map_err(host_error)?;
+        segment.file = Arc::new(copy);
+        segment.frozen = false;
+        let segment = &self.segments.by_id[&id];
+        let parked = self.procs.parked.values().filter_map(|p| p.memory.as_ref());
+        for (ram, mm) in
+            std::iter::once((&self.ram, &self.mm)).chain(parked.map(|m| (&m.ram, &m.mm)))
+        {
+            for (start, end, _, offset) in segment_vmas(mm).into_iter().filter(|v| v.2 == id) {
+                segment.map_into(ram, start, end - start, offset)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Thaws the frozen segments `[start, start+len)` of the current memory shows (before
+    /// it may become writable).
+    pub(crate) fn thaw_segments_in(&mut self, start: u64, len: u64) -> Result<(), Errno> {
+        let end = start.saturating_add(len);
+        let ids: BTreeSet<u64> = segment_vmas(&self.mm)
+            .into_iter()
+            .filter(|&(s, e, _, _)| s < end && start < e)
+            .map(|v| v.2)
+            .collect();
+        for id in ids {
+            self.thaw_segment(id)?;
+        }
+        Ok(())
     }
 
     /// `data` was written to `node` at `offset`: its segment (what every shared mapping of
     /// it shows) gets the same bytes. Returns whether it has a segment.
-    pub(crate) fn write_to_node_segment(&self, node: NodeId, offset: u64, data: &[u8]) -> bool {
+    pub(crate) fn write_to_node_segment(&mut self, node: NodeId, offset: u64, data: &[u8]) -> bool {
         let Some(id) = self.segments.of_node(node) else {
             return false;
         };
+        if self.thaw_segment(id).is_err() {
+            return true;
+        }
         let segment = &self.segments.by_id[&id];
         let end = (offset + data.len() as u64).min(segment.size);
         if offset < end {
@@ -171,9 +262,8 @@ impl Process {
 
     /// The segment ranges of the current memory: guest range, segment id, segment offset.
     pub(crate) fn segment_ranges(&self) -> Vec<(u64, u64, u64, u64)> {
-        self.mm
-            .vmas()
-            .filter_map(|v| v.segment.map(|(id, offset)| (v.start, v.end, id, offset)))
+        segment_vmas(&self.mm)
+            .into_iter()
             .filter(|&(_, _, id, _)| self.segments.get(id).is_some())
             .collect()
     }
@@ -219,6 +309,13 @@ impl Process {
         }
         woken
     }
+}
+
+/// The segment mappings of `mm`: guest start, end, segment id, segment offset.
+pub(crate) fn segment_vmas(mm: &AddressSpace) -> Vec<(u64, u64, u64, u64)> {
+    mm.vmas()
+        .filter_map(|v| v.segment.map(|(id, offset)| (v.start, v.end, id, offset)))
+        .collect()
 }
 
 /// Where `mm` shows byte `offset` of segment `id`, if it does.

@@ -399,6 +399,20 @@ fn madvise_dontneed_zeroes() {
 }
 
 #[test]
+fn the_kernel_writes_only_where_the_program_may() {
+    let mut h = Harness::new();
+    let addr = h.mmap_anon(PAGE) as u64;
+    let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0) as u64;
+    let read_only = libc::PROT_READ as u64;
+    assert_eq!(h.sys(libc::SYS_mprotect, &[addr, PAGE, read_only]), 0);
+    // As Linux's copy_to_user: a read-only buffer is a bad address, and stays untouched.
+    assert_eq!(h.sys(libc::SYS_read, &[fd, addr, 5]), err(libc::EFAULT));
+    assert_eq!(h.peek(addr, 5), vec![0; 5]);
+    assert_eq!(h.sys(libc::SYS_mprotect, &[addr, PAGE, RW]), 0);
+    assert_eq!(h.sys(libc::SYS_read, &[fd, addr, 5]), 5);
+}
+
+#[test]
 fn bad_user_pointers_are_efault() {
     let mut h = Harness::new();
     let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0) as u64;

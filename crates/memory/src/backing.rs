@@ -26,6 +26,8 @@ const PM_PRESENT: u64 = 1 << 63;
 /// `/proc/self/pagemap` flag: a file page (shared with the page cache). A present page without
 /// it, in a private file mapping, is a private copy.
 const PM_FILE: u64 = 1 << 61;
+/// `/proc/self/pagemap`: the page is swapped out.
+const PM_SWAPPED: u64 = 1 << 62;
 /// Pagemap entries read per call.
 const PAGEMAP_BATCH: usize = 512;
 
@@ -193,8 +195,6 @@ pub struct Residency {
     pub private_pages: u64,
 }
 
-/// `/proc/self/pagemap`: the page is swapped out.
-const PM_SWAPPED: u64 = 1 << 62;
 /// How much a duplicate copies at a time.
 const COPY_CHUNK: u64 = 1 << 20;
 
@@ -351,11 +351,17 @@ impl GuestRam {
         Ok(copy)
     }
 
-    /// Guest addresses of the private (copied-on-write) pages, in order.
+    /// The snapshot this RAM is a copy-on-write view of, if it is one.
+    pub fn origin(&self) -> Option<&Backing> {
+        self.origin.as_ref()
+    }
+
+    /// Guest addresses of the private (copied-on-write) pages, in order: present or
+    /// swapped out, and not the page cache's.
     pub fn private_pages(&self) -> Result<Vec<u64>, MemoryError> {
         let mut pages = Vec::new();
         self.walk_pagemap(0, self.size(), |addr, flags| {
-            if flags & PM_PRESENT != 0 && flags & PM_FILE == 0 {
+            if flags & (PM_PRESENT | PM_SWAPPED) != 0 && flags & PM_FILE == 0 {
                 pages.push(addr);
             }
         })?;

@@ -73,6 +73,36 @@ pub fn memory_file(name: &std::ffi::CStr, size: u64) -> Result<File, MemoryError
     Ok(file)
 }
 
+/// A new memory file holding a copy of the first `size` bytes of `source` (pages of zeros
+/// stay holes): a shared memory segment's bytes for a fork of its own.
+pub fn copy_memory_file(
+    name: &std::ffi::CStr,
+    source: &File,
+    size: u64,
+) -> Result<File, MemoryError> {
+    use std::os::unix::fs::FileExt;
+    let copy = memory_file(name, size)?;
+    let mut chunk = vec![0u8; size.min(1 << 20) as usize];
+    let mut at = 0u64;
+    while at < size {
+        let len = ((size - at) as usize).min(chunk.len());
+        let data = &mut chunk[..len];
+        source.read_exact_at(data, at).map_err(MemoryError::Remap)?;
+        for (i, page) in data.chunks(PAGE_SIZE as usize).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                let offset = at + (i as u64) * PAGE_SIZE;
+                copy.write_all_at(page, offset)
+                    .map_err(MemoryError::Remap)?;
+            }
+        }
+        at += len as u64;
+    }
+    Ok(copy)
+}
+
+/// Host protection of guest RAM.
+const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
 /// An access outside guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[error("guest access {addr:#x}+{len:#x} is outside guest RAM")]
@@ -375,7 +405,7 @@ impl GuestRam {
         if len == 0 {
             return Ok(());
         }
-        self.map_with(addr, len, file, offset, libc::MAP_PRIVATE)?;
+        self.map_with(addr, len, file, offset, libc::MAP_PRIVATE, RW)?;
         self.record_remap(addr, len);
         self.file_maps.lock().expect("file maps lock").insert(
             addr..addr + len,
@@ -389,17 +419,25 @@ impl GuestRam {
 
     /// Maps `len` bytes of `file` at `offset` over `[addr, addr+len)`, shared: every other
     /// mapping of those bytes (another process's RAM) sees what the guest writes here.
+    /// Without `writable`, the host maps it read-only: nothing, not even a bug on our side,
+    /// can write through it.
     pub fn map_shared(
         &self,
         addr: u64,
         len: u64,
         file: &File,
         offset: u64,
+        writable: bool,
     ) -> Result<(), MemoryError> {
         if len == 0 {
             return Ok(());
         }
-        self.map_with(addr, len, file, offset, libc::MAP_SHARED)?;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        self.map_with(addr, len, file, offset, libc::MAP_SHARED, prot)?;
         self.record_remap(addr, len);
         Ok(())
     }
@@ -407,11 +445,11 @@ impl GuestRam {
     /// Maps `[addr, addr+len)` of a backing file (a snapshot or one of its layers) at its own
     /// offset: restoring what the RAM is a view of, so not logged as a replacement.
     pub(crate) fn map_backing(&self, addr: u64, len: u64, file: &File) -> Result<(), MemoryError> {
-        self.map_with(addr, len, file, addr, libc::MAP_PRIVATE)
+        self.map_with(addr, len, file, addr, libc::MAP_PRIVATE, RW)
     }
 
     /// Maps `file` at `offset` over `[addr, addr+len)` with `kind` (`MAP_PRIVATE` or
-    /// `MAP_SHARED`).
+    /// `MAP_SHARED`) and host protection `prot`.
     fn map_with(
         &self,
         addr: u64,
@@ -419,6 +457,7 @@ impl GuestRam {
         file: &File,
         offset: u64,
         kind: libc::c_int,
+        prot: libc::c_int,
     ) -> Result<(), MemoryError> {
         let host = self.check_pages(addr, len)?;
         if !offset.is_multiple_of(PAGE_SIZE) {
@@ -430,7 +469,7 @@ impl GuestRam {
             libc::mmap(
                 host,
                 len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 kind | libc::MAP_FIXED,
                 file.as_raw_fd(),
                 offset as libc::off_t,

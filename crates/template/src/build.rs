@@ -147,7 +147,14 @@ pub fn build(
         started.elapsed().as_secs_f64()
     ));
     store.create(&spec.name, |dir: &Path| {
-        snapshot::write(dir, &sandbox, vmm, argv.clone(), agent_digest(), &sealer)
-            .map_err(StoreError::from)
+        snapshot::write(
+            dir,
+            &mut sandbox,
+            vmm,
+            argv.clone(),
+            agent_digest(),
+            &sealer,
+        )
+        .map_err(StoreError::from)
     })
 }

@@ -1,12 +1,14 @@
 //! The on-disk snapshot of a parked sandbox, and loading it back as a `ForkSource`.
 //!
-//! A snapshot directory holds three files:
+//! A snapshot directory holds:
 //! * `memory`: guest RAM as a sparse file of RAM size. Only the non-zero pages of the system
 //!   area and of the program's mappings are written; everything else is a hole. Forks map
 //!   it `MAP_PRIVATE`, so it is never written after it is made.
-//! * `state.bin`: the vCPU state and the syscall layer's state (bincode).
-//! * `meta.json`: format version, image digest, CPU features, sizes, the memory file's data
-//!   extents and SHA-256 digests of both other files.
+//! * `memory-<pid>`: the same for each other process the template's program started, and
+//!   `segment-<id>`: the bytes of each shared memory segment (`MAP_SHARED`) they map.
+//! * `state.bin`: the vCPU state and the syscall layer's state (bincode), every process's.
+//! * `meta.json`: format version, image digest, CPU features, sizes, each memory file's data
+//!   extents and SHA-256 digests of all the other files.
 //!
 //! Loading verifies the digests (integrity), the image digest (the overlay refers to image
 //! inodes) and the CPU features (compatibility) before anything is restored.
@@ -20,8 +22,8 @@ use std::sync::Arc;
 use forkvm_image::Image;
 use forkvm_kernel::ProcessState;
 use forkvm_memory::backing::Backing;
-use forkvm_memory::ram::{GuestRam, PAGE_SIZE};
-use forkvm_vmm::{ForkSource, Sandbox, VcpuState, Vmm};
+use forkvm_memory::ram::PAGE_SIZE;
+use forkvm_vmm::{ForkSource, OtherSources, Sandbox, VcpuState, Vmm};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -29,7 +31,7 @@ use crate::cpu::CpuFeatures;
 use crate::seal::Sealer;
 
 /// Version of the snapshot format; loading refuses others.
-pub const SNAPSHOT_FORMAT: u32 = 9;
+pub const SNAPSHOT_FORMAT: u32 = 10;
 /// Largest `state.bin` accepted (a guard against a corrupt length field, not a real limit).
 const MAX_STATE_BYTES: u64 = 1 << 30;
 /// Bytes written per `pwrite` when saving memory.
@@ -108,6 +110,12 @@ pub struct SnapshotMeta {
     /// `(offset, length)` of every data run in `memory`; the rest is holes (zero).
     pub memory_extents: Vec<(u64, u64)>,
     pub memory_sha256: String,
+    /// The memory files of the other processes (`memory-<pid>`, RAM size each) and of the
+    /// shared memory segments (`segment-<id>`).
+    #[serde(default)]
+    pub processes: Vec<StoredMemory>,
+    #[serde(default)]
+    pub segments: Vec<StoredMemory>,
     pub state_sha256: String,
     pub cpu: CpuFeatures,
     /// SHA-256 of the exec agent the template runs (see `build::agent_digest`): a template
@@ -140,10 +148,36 @@ impl SnapshotMeta {
         sealer.check(&self.sealed_bytes(), &self.seal)
     }
 
-    /// Bytes of guest memory the snapshot actually stores.
+    /// Bytes of memory the snapshot actually stores, every process's and segment's.
     pub fn memory_bytes(&self) -> u64 {
-        self.memory_extents.iter().map(|e| e.1).sum()
+        let others = self.processes.iter().chain(&self.segments);
+        self.memory_extents.iter().map(|e| e.1).sum::<u64>()
+            + others.map(StoredMemory::bytes).sum::<u64>()
     }
+}
+
+/// One more memory file of a snapshot: which process (pid) or segment (id) it holds, its
+/// size, its data extents and their digest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredMemory {
+    pub id: u64,
+    pub size: u64,
+    pub extents: Vec<(u64, u64)>,
+    pub sha256: String,
+}
+
+impl StoredMemory {
+    fn bytes(&self) -> u64 {
+        self.extents.iter().map(|e| e.1).sum()
+    }
+}
+
+fn process_memory_name(pid: u64) -> String {
+    format!("memory-{pid}")
+}
+
+fn segment_name(id: u64) -> String {
+    format!("segment-{id}")
 }
 
 #[derive(Serialize, Deserialize)]
@@ -156,14 +190,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes the memory file: the non-zero pages of `ranges` at their own offsets.
+/// Writes a memory file of `size` bytes: the non-zero pages of `ranges` at their own
+/// offsets, each read with `read(offset, page)`.
 fn write_memory(
     path: &Path,
-    ram: &GuestRam,
+    size: u64,
     ranges: &[(u64, u64)],
+    read: impl Fn(u64, &mut [u8]) -> Result<(), String>,
 ) -> Result<(Vec<(u64, u64)>, String), SnapshotError> {
     let file = File::create(path).map_err(io_error(path))?;
-    file.set_len(ram.size()).map_err(io_error(path))?;
+    file.set_len(size).map_err(io_error(path))?;
     let mut extents: Vec<(u64, u64)> = Vec::new();
     let mut hasher = Sha256::new();
     let mut run: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
@@ -187,11 +223,10 @@ fn write_memory(
     for &(start, end) in ranges {
         let mut addr = start;
         while addr < end {
-            ram.read(addr, &mut page)
-                .map_err(|e| SnapshotError::Malformed {
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })?;
+            read(addr, &mut page).map_err(|reason| SnapshotError::Malformed {
+                path: path.to_owned(),
+                reason,
+            })?;
             let zero = page.iter().all(|&b| b == 0);
             let contiguous = run_start + run.len() as u64 == addr;
             if zero || !contiguous || run.len() >= WRITE_CHUNK {
@@ -209,6 +244,32 @@ fn write_memory(
     flush(&mut run, run_start)?;
     file.sync_all().map_err(io_error(path))?;
     Ok((extents, hex(&hasher.finalize())))
+}
+
+/// Opens the memory file at `path` and checks it is what `stored` says: its size, and (once
+/// after each change: see `seal`) the digest of its extents and nothing outside them.
+fn open_memory(path: &Path, stored: &StoredMemory, sealer: &Sealer) -> Result<File, SnapshotError> {
+    let memory = OpenOptions::new()
+        .read(true)
+        .open(path)
+        .map_err(io_error(path))?;
+    let len = memory.metadata().map_err(io_error(path))?.len();
+    if len != stored.size {
+        return Err(SnapshotError::Malformed {
+            path: path.to_owned(),
+            reason: format!("{len} bytes where {} were written", stored.size),
+        });
+    }
+    if !sealer.is_verified(path, &memory) {
+        if memory_digest(&memory, path, &stored.extents)? != stored.sha256 {
+            return Err(SnapshotError::Corrupt {
+                path: path.to_owned(),
+            });
+        }
+        check_holes(&memory, path, &stored.extents)?;
+        sealer.record_verified(path, &memory);
+    }
+    Ok(memory)
 }
 
 /// Digest of the memory file's extents, computed the way `write_memory` computed it.
@@ -324,7 +385,7 @@ pub fn open_verified_image(path: &Path, sealer: &Sealer) -> Result<Arc<Image>, S
 /// empty). Returns the metadata written.
 pub fn write(
     dir: &Path,
-    sandbox: &Sandbox,
+    sandbox: &mut Sandbox,
     vmm: &Vmm,
     entry: Vec<String>,
     agent_sha256: String,
@@ -333,15 +394,50 @@ pub fn write(
     if sandbox.parked().is_none() {
         return Err(SnapshotError::NotParked);
     }
+    let vcpu = sandbox.capture()?;
     let process = sandbox.process();
     let state = SnapshotState {
-        vcpu: sandbox.capture_vcpu()?,
+        vcpu,
         process: process.state(),
     };
     // Everything else in RAM is zero by the kernel's invariant.
     let ranges = process.populated_ranges();
     let memory_path = dir.join("memory");
-    let (memory_extents, memory_sha256) = write_memory(&memory_path, process.ram(), &ranges)?;
+    let ram_size = process.ram().size();
+    let read_ram = |ram: &forkvm_memory::ram::GuestRam, addr: u64, page: &mut [u8]| {
+        ram.read(addr, page).map_err(|e| e.to_string())
+    };
+    let (memory_extents, memory_sha256) =
+        write_memory(&memory_path, ram_size, &ranges, |addr, page| {
+            read_ram(process.ram(), addr, page)
+        })?;
+    let mut processes = Vec::new();
+    for parked in process.parked_memories() {
+        let pid = u64::from(parked.pid);
+        let path = dir.join(process_memory_name(pid));
+        let (extents, sha256) = write_memory(&path, ram_size, &parked.populated, |addr, page| {
+            read_ram(parked.ram, addr, page)
+        })?;
+        processes.push(StoredMemory {
+            id: pid,
+            size: ram_size,
+            extents,
+            sha256,
+        });
+    }
+    let mut segments = Vec::new();
+    for (id, file, size, _) in process.segment_files() {
+        let path = dir.join(segment_name(id));
+        let (extents, sha256) = write_memory(&path, size, &[(0, size)], |at, page| {
+            file.read_exact_at(page, at).map_err(|e| e.to_string())
+        })?;
+        segments.push(StoredMemory {
+            id,
+            size,
+            extents,
+            sha256,
+        });
+    }
 
     let state_path = dir.join("state.bin");
     let state_bytes = bincode::serialize(&state).map_err(|e| SnapshotError::Malformed {
@@ -362,6 +458,8 @@ pub fn write(
         ram_bytes: process.ram().size(),
         memory_extents,
         memory_sha256,
+        processes,
+        segments,
         state_sha256: hex(&Sha256::digest(&state_bytes)),
         cpu: CpuFeatures::of(vmm.cpu()),
         agent_sha256,
@@ -411,15 +509,30 @@ pub fn load(
     sealer: &Sealer,
 ) -> Result<(SnapshotMeta, ForkSource), SnapshotError> {
     let (meta, state, memory, image) = open_verified(dir, vmm, sealer)?;
-    let mut backing = Backing::file(memory);
-    if let Err(e) = backing.pin(&meta.memory_extents) {
-        tracing::warn!(error = %e, "could not lock the snapshot in memory; forks may wait for the disk");
+    let pinned = |file: File, extents: &[(u64, u64)]| {
+        let mut backing = Backing::file(file);
+        if let Err(e) = backing.pin(extents) {
+            tracing::warn!(error = %e, "could not lock the snapshot in memory; forks may wait for the disk");
+        }
+        backing
+    };
+    let mut others = OtherSources::default();
+    for stored in &meta.processes {
+        let file = open_memory(&dir.join(process_memory_name(stored.id)), stored, sealer)?;
+        // `open_verified` compared the ids with the state's pids.
+        let pid = stored.id.try_into().expect("a pid");
+        others.memories.insert(pid, pinned(file, &stored.extents));
+    }
+    for stored in &meta.segments {
+        let file = open_memory(&dir.join(segment_name(stored.id)), stored, sealer)?;
+        others.segments.insert(stored.id, Arc::new(file));
     }
     let source = ForkSource {
-        backing,
+        backing: pinned(memory, &meta.memory_extents),
         vcpu: state.vcpu,
         process: state.process,
         image,
+        others,
     };
     Ok((meta, source))
 }
@@ -470,26 +583,43 @@ fn open_verified(
         })?;
 
     let memory_path = dir.join("memory");
-    let memory = OpenOptions::new()
-        .read(true)
-        .open(&memory_path)
-        .map_err(io_error(&memory_path))?;
-    let memory_len = memory.metadata().map_err(io_error(&memory_path))?.len();
-    if memory_len != meta.ram_bytes || state.process.ram_size() != meta.ram_bytes {
+    if state.process.ram_size() != meta.ram_bytes {
         return Err(SnapshotError::Malformed {
-            path: memory_path,
-            reason: format!(
-                "{memory_len} bytes of memory for a {}-byte guest",
-                meta.ram_bytes
-            ),
+            path: state_path,
+            reason: format!("state for a {}-byte guest", state.process.ram_size()),
         });
     }
-    if !sealer.is_verified(&memory_path, &memory) {
-        if memory_digest(&memory, &memory_path, &meta.memory_extents)? != meta.memory_sha256 {
-            return Err(SnapshotError::Corrupt { path: memory_path });
+    let init = StoredMemory {
+        id: 1,
+        size: meta.ram_bytes,
+        extents: meta.memory_extents.clone(),
+        sha256: meta.memory_sha256.clone(),
+    };
+    let memory = open_memory(&memory_path, &init, sealer)?;
+    for stored in &meta.processes {
+        if stored.size != meta.ram_bytes {
+            return Err(SnapshotError::Malformed {
+                path: dir.join(process_memory_name(stored.id)),
+                reason: format!(
+                    "{} bytes of memory for a {}-byte guest",
+                    stored.size, meta.ram_bytes
+                ),
+            });
         }
-        check_holes(&memory, &memory_path, &meta.memory_extents)?;
-        sealer.record_verified(&memory_path, &memory);
+    }
+    let stored_pids: Vec<u64> = meta.processes.iter().map(|m| m.id).collect();
+    let stored_segments: Vec<(u64, u64)> = meta.segments.iter().map(|m| (m.id, m.size)).collect();
+    let state_pids: Vec<u64> = state
+        .process
+        .memories()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    if stored_pids != state_pids || stored_segments != state.process.segments() {
+        return Err(SnapshotError::Malformed {
+            path: dir.join("meta.json"),
+            reason: "its processes and segments are not the state's".into(),
+        });
     }
 
     let image = open_verified_image(&meta.image_path, sealer)?;

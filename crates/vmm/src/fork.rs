@@ -6,11 +6,14 @@
 //! and needs nothing from the request, so `Pool` does it ahead of time; turning a
 //! prepared VM into a runnable sandbox only clones the process state.
 
+use std::collections::BTreeMap;
+use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkvm_image::Image;
-use forkvm_kernel::{Console, Input, Process, ProcessState};
+use forkvm_kernel::procs::Pid;
+use forkvm_kernel::{Console, Input, OtherMemory, Process, ProcessState};
 use forkvm_memory::backing::Backing;
 use forkvm_memory::ram::GuestRam;
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -29,12 +32,52 @@ pub struct ForkSource {
     pub vcpu: VcpuState,
     pub process: ProcessState,
     pub image: Arc<Image>,
+    /// The memory of the snapshot's other processes and shared segments.
+    pub others: OtherSources,
+}
+
+/// What the other processes of a snapshot (beyond the first) start from: each one's guest
+/// memory, and the bytes of each shared memory segment (never written; a fork gets copies).
+#[derive(Default, Clone)]
+pub struct OtherSources {
+    pub memories: BTreeMap<Pid, Backing>,
+    pub segments: BTreeMap<u64, Arc<File>>,
+}
+
+impl OtherSources {
+    /// Fresh memory for a fork's other processes, and its segments (which the fork copies
+    /// only if it may write them).
+    fn instantiate(&self, process: &ProcessState) -> Result<OtherMemory, VmmError> {
+        let mut memory = OtherMemory::default();
+        for (&pid, backing) in &self.memories {
+            let ram = GuestRam::from_backing(backing, process.ram_size())?;
+            memory.rams.insert(pid, ram);
+        }
+        memory.segments = self.segments.clone();
+        Ok(memory)
+    }
 }
 
 impl ForkSource {
     /// Guest RAM size of every fork.
     pub fn ram_size(&self) -> u64 {
         self.process.ram_size()
+    }
+
+    /// Bytes of memory a snapshot of a fork (`Vmm::snapshot_fork`) added: each process's
+    /// top layer (or, flattened, its new base file) and the segments' copies.
+    pub fn added_bytes(&self) -> u64 {
+        let allocated = |file: &File| {
+            use std::os::unix::fs::MetadataExt;
+            file.metadata().map_or(0, |m| m.blocks() * 512)
+        };
+        let of = |backing: &Backing| match backing.layers.last() {
+            Some(layer) => layer.ranges.iter().map(|(s, e)| e - s).sum(),
+            None => allocated(&backing.base),
+        };
+        let memories: u64 = self.others.memories.values().map(of).sum();
+        let segments: u64 = self.others.segments.values().map(|f| allocated(f)).sum();
+        of(&self.backing) + memories + segments
     }
 }
 
@@ -128,9 +171,15 @@ impl Vmm {
         console: Console,
     ) -> Result<Sandbox, VmmError> {
         let PreparedVm { vcpu, vm, ram } = prepared;
-        let process =
-            Process::from_state(ram, source.image.clone(), source.process.clone(), console)
-                .map_err(VmmError::Process)?;
+        let others = source.others.instantiate(&source.process)?;
+        let process = Process::from_state(
+            ram,
+            source.image.clone(),
+            source.process.clone(),
+            console,
+            others,
+        )
+        .map_err(VmmError::Process)?;
         Ok(Sandbox::from_restored(
             self.kvm(),
             vm,

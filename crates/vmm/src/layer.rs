@@ -2,7 +2,8 @@
 //!
 //! A fork parked on its control channel becomes a new `ForkSource` whose memory is its
 //! parent's backing plus one layer holding the pages this fork changed (found precisely:
-//! private copies and replaced ranges, see `forkvm_kernel::backing`). Layers live in
+//! private copies and replaced ranges, see `forkvm_memory::backing`); each of its other
+//! processes gets the same over the backing its own memory is a view of. Layers live in
 //! anonymous memory files (`memfd`): a branch costs only the pages it changed, and its
 //! memory goes back to the host when the last fork of it is gone. Chains are bounded:
 //! past `MAX_LAYERS`, the snapshot is flattened into one new base.
@@ -12,9 +13,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use forkvm_memory::backing::{Backing, Layer, merge_ranges};
-use forkvm_memory::ram::{GuestRam, MemoryError, PAGE_SIZE};
+use forkvm_memory::ram::{GuestRam, MemoryError, PAGE_SIZE, copy_memory_file};
 
-use crate::fork::ForkSource;
+use crate::fork::{ForkSource, OtherSources};
 use crate::{Sandbox, SandboxError, Vmm, VmmError};
 
 /// Layers a snapshot may stack before it is flattened.
@@ -59,50 +60,77 @@ fn copy_pages(ram: &GuestRam, file: &File, ranges: &[(u64, u64)]) -> Result<(), 
     Ok(())
 }
 
-impl Vmm {
-    /// Snapshots `sandbox`, a fork of `parent` parked on its control channel, into a new
-    /// source whose forks see its state at this moment and nothing it does later.
-    pub fn snapshot_fork(
-        &self,
-        sandbox: &Sandbox,
-        parent: &ForkSource,
-    ) -> Result<ForkSource, VmmError> {
-        let process = sandbox.process();
-        if !process.awaiting_control() {
-            return Err(SandboxError::NotParked.into());
-        }
-        let ram = process.ram();
-        let vcpu = sandbox.capture_vcpu()?;
-        let changed = ram.changed_ranges()?;
-        let backing = if parent.backing.layers.len() < MAX_LAYERS {
-            let file = forkvm_memory::ram::memory_file(c"forkvm-layer", ram.size())?;
+/// The backing a snapshot keeps of `ram` (whose mappings lie in `populated`): the
+/// backing it is a view of plus a layer of the pages it changed; past `MAX_LAYERS`, or for
+/// RAM that is a view of nothing (a process that ran `execve`), one new base file.
+fn backing_of(ram: &GuestRam, populated: Vec<(u64, u64)>) -> Result<Backing, MemoryError> {
+    let changed = ram.changed_ranges()?;
+    let file = forkvm_memory::ram::memory_file(c"forkvm-layer", ram.size())?;
+    match ram.origin() {
+        Some(origin) if origin.layers.len() < MAX_LAYERS => {
             copy_pages(ram, &file, &changed)?;
-            let mut layers = parent.backing.layers.clone();
+            let mut layers = origin.layers.clone();
             layers.push(Layer {
                 file: Arc::new(file),
                 ranges: changed,
             });
-            Backing {
-                base: parent.backing.base.clone(),
+            Ok(Backing {
+                base: origin.base.clone(),
                 layers,
-                pins: parent.backing.pins.clone(),
-            }
-        } else {
+                pins: origin.pins.clone(),
+            })
+        }
+        Some(origin) => {
             // Flatten: everything that can hold data goes into one new base.
-            let mut ranges = process.populated_ranges();
+            let mut ranges = populated;
             ranges.extend(changed);
-            for layer in &parent.backing.layers {
+            for layer in &origin.layers {
                 ranges.extend(layer.ranges.iter().copied());
             }
-            let file = forkvm_memory::ram::memory_file(c"forkvm-layer", ram.size())?;
             copy_pages(ram, &file, &merge_ranges(ranges))?;
-            Backing::file(file)
-        };
+            Ok(Backing::file(file))
+        }
+        // Fresh RAM is zero wherever it has not changed.
+        None => {
+            copy_pages(ram, &file, &changed)?;
+            Ok(Backing::file(file))
+        }
+    }
+}
+
+impl Vmm {
+    /// Snapshots `sandbox`, a fork parked on its control channel, into a new source whose
+    /// forks see its state at this moment (every process, every shared segment) and
+    /// nothing it does later.
+    pub fn snapshot_fork(
+        &self,
+        sandbox: &mut Sandbox,
+        parent: &ForkSource,
+    ) -> Result<ForkSource, VmmError> {
+        if !sandbox.process().awaiting_control() {
+            return Err(SandboxError::NotParked.into());
+        }
+        let vcpu = sandbox.capture()?;
+        let process = sandbox.process();
+        let backing = backing_of(process.ram(), process.populated_ranges())?;
+        let mut others = OtherSources::default();
+        for parked in process.parked_memories() {
+            let backing = backing_of(parked.ram, parked.populated)?;
+            others.memories.insert(parked.pid, backing);
+        }
+        for (id, file, size, frozen) in process.segment_files() {
+            let stored = match frozen {
+                true => file.clone(),
+                false => Arc::new(copy_memory_file(c"forkvm-segment", file, size)?),
+            };
+            others.segments.insert(id, stored);
+        }
         Ok(ForkSource {
             backing,
             vcpu,
             process: process.state(),
             image: parent.image.clone(),
+            others,
         })
     }
 }

@@ -24,7 +24,7 @@ use kvm_ioctls::Kvm;
 use thiserror::Error;
 
 pub use exit::{Fault, SandboxExit};
-pub use fork::{ForkSource, PreparedVm};
+pub use fork::{ForkSource, OtherSources, PreparedVm};
 pub use pool::{Pool, PoolConfig, PoolStats};
 pub use sandbox::{Parked, RunResult, Sandbox, SandboxError};
 pub use vcpu::{CpuTemplate, VcpuState};

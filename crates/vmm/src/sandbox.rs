@@ -37,11 +37,8 @@ pub enum SandboxError {
     Vcpu(#[from] VcpuSetupError),
     #[error("the sandbox is not parked on its control channel")]
     NotParked,
-    #[error(
-        "the sandbox has {0} running processes besides its first: a snapshot or fork of a \
-         sandbox holds one process for now (end or wait for the others first)"
-    )]
-    SeveralProcesses(usize),
+    #[error("the sandbox cannot be snapshotted now: {0}")]
+    Busy(#[from] forkvm_kernel::CaptureError),
     #[error("completing the control-channel read: {0}")]
     Deliver(syscalls::Errno),
 }
@@ -260,15 +257,16 @@ impl Sandbox {
         self.parked.as_ref()
     }
 
-    /// The full vCPU state, for a snapshot (only meaningful while parked).
-    pub fn capture_vcpu(&self) -> Result<VcpuState, SandboxError> {
+    /// Readies the sandbox for a snapshot and returns the first process's full vCPU state
+    /// (only while parked): every other process's vector state moves from its vCPU into
+    /// its thread records, where a fork (which makes new VMs) finds it.
+    pub fn capture(&mut self) -> Result<VcpuState, SandboxError> {
         if self.parked.is_none() {
             return Err(SandboxError::NotParked);
         }
-        let others = self.process.live_process_count() - 1;
-        if others > 0 {
-            return Err(SandboxError::SeveralProcesses(others));
-        }
+        let others = &self.others;
+        self.process
+            .save_parked_fpu(|host_base| others.get(&host_base).map(|(vcpu, _)| xsave(vcpu)))?;
         Ok(VcpuState::capture(&self.vcpu)?)
     }
 
@@ -616,15 +614,20 @@ fn idle_until(until: u64, deadline: Option<Instant>) -> bool {
 /// switches threads.
 struct VcpuFpu<'a>(&'a VcpuFd);
 
+/// A vCPU's vector state.
+fn xsave(vcpu: &VcpuFd) -> FpuState {
+    match vcpu.get_xsave() {
+        Ok(xsave) => FpuState(xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect()),
+        Err(e) => {
+            tracing::error!(error = %e, "KVM_GET_XSAVE failed");
+            FpuState::default()
+        }
+    }
+}
+
 impl Fpu for VcpuFpu<'_> {
     fn save(&mut self) -> FpuState {
-        match self.0.get_xsave() {
-            Ok(xsave) => FpuState(xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect()),
-            Err(e) => {
-                tracing::error!(error = %e, "KVM_GET_XSAVE failed");
-                FpuState::default()
-            }
-        }
+        xsave(self.0)
     }
 
     fn load(&mut self, state: &FpuState) -> Result<(), FpuError> {

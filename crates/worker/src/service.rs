@@ -164,8 +164,8 @@ fn engine_failure(error: EngineError) -> Failure {
         EngineError::SessionEnded => FailureKind::SessionEnded,
         EngineError::Store(_) => FailureKind::TemplateUnavailable,
         EngineError::PlaceFile(_) => FailureKind::BadFile,
-        EngineError::Vmm(VmmError::Sandbox(SandboxError::SeveralProcesses(_)))
-        | EngineError::Deliver(SandboxError::SeveralProcesses(_)) => FailureKind::ProcessesRunning,
+        EngineError::Vmm(VmmError::Sandbox(SandboxError::Busy(_)))
+        | EngineError::Deliver(SandboxError::Busy(_)) => FailureKind::ProcessesRunning,
         _ => FailureKind::Internal,
     };
     failure(kind, error.to_string())
@@ -317,7 +317,7 @@ impl Worker {
                 let session = self.session(session)?;
                 let branches = self
                     .engine
-                    .fork_session(&session.lock().expect("session lock"), count)
+                    .fork_session(&mut session.lock().expect("session lock"), count)
                     .map_err(engine_failure)?;
                 Ok(Answer::Sessions(
                     branches

@@ -12,7 +12,7 @@ use crate::process::Process;
 const MAX_GROUPS: usize = 65536;
 
 /// A process's ids: real, effective and saved, of user and group, and its groups.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Creds {
     pub uid: [u32; 3],
     pub gid: [u32; 3],

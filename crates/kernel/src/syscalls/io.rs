@@ -169,7 +169,7 @@ impl Process {
     }
 
     fn zero_user(&self, addr: u64, len: u64) -> Result<(), Errno> {
-        self.check_user(addr, len)?;
+        self.check_user_writable(addr, len)?;
         self.ram.fill_zero(addr, len).map_err(|_| Errno::EFAULT)
     }
 

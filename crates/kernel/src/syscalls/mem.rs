@@ -200,6 +200,9 @@ impl Process {
     }
 
     pub(crate) fn sys_mprotect(&mut self, addr: u64, len: u64, prot: u64) -> SysResult {
+        if prot & libc::PROT_WRITE as u64 != 0 {
+            self.thaw_segments_in(addr, len)?;
+        }
         self.mm.protect(addr, len, prot as u32)?;
         Ok(0)
     }

@@ -229,8 +229,7 @@ impl Process {
         let ram = self.ram.duplicate(&ranges).map_err(host_error)?;
         for (start, end, id, offset) in segments {
             let segment = self.segments.get(id).ok_or(Errno::ENOMEM)?;
-            ram.map_shared(start, end - start, &segment.file, offset)
-                .map_err(host_error)?;
+            segment.map_into(&ram, start, end - start, offset)?;
         }
         Ok(ram)
     }

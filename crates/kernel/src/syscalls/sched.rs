@@ -24,7 +24,7 @@ const PRIO_USER: i32 = 2;
 const SLICE_NS: i64 = crate::threads::TIMESLICE_NS as i64;
 
 /// A process's scheduling attributes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Sched {
     pub policy: i32,
     pub priority: i32,
