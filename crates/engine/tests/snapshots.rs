@@ -97,7 +97,10 @@ fn a_changed_segment_byte_is_caught() {
     };
     // The agent maps glibc's gconv cache shared: the snapshot keeps it as a segment.
     let meta = store.show("python").unwrap();
-    let segment = meta.segments.first().expect("the python template has a segment");
+    let segment = meta
+        .segments
+        .first()
+        .expect("the python template has a segment");
     let (offset, _) = segment.extents[0];
     let path = dir.join(format!("segment-{}", segment.id));
     flip_byte(&path, offset + 10);

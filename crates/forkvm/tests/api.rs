@@ -1,5 +1,6 @@
 //! The HTTP API against the real `forkvm serve` on loopback.
 
+mod common;
 #[path = "support/server.rs"]
 mod server;
 
@@ -675,37 +676,6 @@ fn commands_run_in_a_sessions_filesystem_and_bash_code_runs_over_http() {
     );
 }
 
-/// A helper process that keeps a count in its own memory and hands out the next number to
-/// each connection on a Unix socket.
-const COUNTER: &str = r#"
-import os, socket
-path = "/tmp/counter.sock"
-server = socket.socket(socket.AF_UNIX)
-server.bind(path + ".new")
-os.rename(path + ".new", path)
-server.listen()
-count = 0
-while True:
-    conn, _ = server.accept()
-    count += 1
-    conn.sendall(f"{count} {os.getpid()}".encode())
-    conn.close()
-"#;
-
-/// Asks the counter for its next number (waiting for it to be listening).
-const ASK: &str = r#"
-import socket, time
-def ask():
-    for _ in range(400):
-        try:
-            c = socket.socket(socket.AF_UNIX)
-            c.connect("/tmp/counter.sock")
-            return c.recv(64).decode()
-        except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(0.025)
-print(ask())
-"#;
-
 #[test]
 fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
     if !forkvm_testkit::kvm_available() {
@@ -723,7 +693,7 @@ fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
     let put = client()
         .put(server.url(&format!("/v1/sandboxes/{id}/files/tmp/counter.py")))
         .bearer_auth(key)
-        .body(COUNTER)
+        .body(common::COUNTER)
         .send()
         .unwrap();
     assert_eq!(put.status(), StatusCode::CREATED);
@@ -737,13 +707,13 @@ fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
     );
     let ask = |session: &str| {
         let path = format!("/v1/sandboxes/{session}/exec");
-        exec_ok(&server, key, &path, ASK)["stdout"]
+        exec_ok(&server, key, &path, common::ASK)["stdout"]
             .as_str()
             .unwrap()
             .to_string()
     };
-    assert_eq!(ask(&id), format!("1 {pid}\n"));
-    assert_eq!(ask(&id), format!("2 {pid}\n"));
+    assert_eq!(ask(&id), format!("1 {pid} 1\n"));
+    assert_eq!(ask(&id), format!("2 {pid} 1\n"));
 
     // Each branch gets the helper as it was, with its count, and counts on its own.
     let (status, forked) = json_of(post(
@@ -759,8 +729,8 @@ fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
         .iter()
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ask(&branches[0]), format!("3 {pid}\n"));
-    assert_eq!(ask(&branches[0]), format!("4 {pid}\n"));
-    assert_eq!(ask(&branches[1]), format!("3 {pid}\n"));
-    assert_eq!(ask(&id), format!("3 {pid}\n"));
+    assert_eq!(ask(&branches[0]), format!("3 {pid} 1\n"));
+    assert_eq!(ask(&branches[0]), format!("4 {pid} 1\n"));
+    assert_eq!(ask(&branches[1]), format!("3 {pid} 1\n"));
+    assert_eq!(ask(&id), format!("3 {pid} 1\n"));
 }

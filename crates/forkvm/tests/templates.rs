@@ -200,42 +200,17 @@ fn a_data_science_template_plots_byte_for_byte_what_the_host_plots() {
     assert_eq!(text(&sandbox.stdout), text(&host.stdout));
 }
 
-/// A helper the template's entry starts before the agent: it counts connections on a Unix
-/// socket in its own memory.
-const COUNTER: &str = r#"
-import os, socket
-server = socket.socket(socket.AF_UNIX)
-server.bind("/tmp/counter.sock")
-server.listen()
-count = 0
-while True:
-    conn, _ = server.accept()
-    count += 1
-    conn.sendall(f"{count} {os.getpid()} {os.getppid()}".encode())
-    conn.close()
-"#;
-
-/// Asks the helper for its next number (it may still be starting).
-const ASK: &str = r#"
-import socket, time
-for _ in range(400):
-    try:
-        c = socket.socket(socket.AF_UNIX)
-        c.connect("/tmp/counter.sock")
-        print(c.recv(64).decode())
-        break
-    except (FileNotFoundError, ConnectionRefusedError):
-        time.sleep(0.025)
-"#;
-
 #[test]
 fn a_template_whose_entry_starts_a_helper_holds_it_in_every_fork() {
     if !forkvm_testkit::kvm_available() {
         return;
     }
     let cache = cache_dir("helpers");
-    assert!(!COUNTER.contains('\''));
-    let script = format!("python3 -c '{COUNTER}' & exec python3 /opt/forkvm/agent.py");
+    assert!(!common::COUNTER.contains('\''));
+    let script = format!(
+        "python3 -c '{}' & exec python3 /opt/forkvm/agent.py",
+        common::COUNTER
+    );
     let built = forkvm(
         &cache,
         &[
@@ -256,7 +231,7 @@ fn a_template_whose_entry_starts_a_helper_holds_it_in_every_fork() {
     // the agent (which replaced the shell as process 1).
     let mut answers = Vec::new();
     for _ in 0..3 {
-        let exec = forkvm(&cache, &["exec", "--template", "helper", ASK]);
+        let exec = forkvm(&cache, &["exec", "--template", "helper", common::ASK]);
         assert!(exec.status.success(), "{}", text(&exec.stderr));
         answers.push(text(&exec.stdout));
     }
@@ -268,7 +243,12 @@ fn a_template_whose_entry_starts_a_helper_holds_it_in_every_fork() {
     // Two questions in one request: one helper, counting on.
     let twice = forkvm(
         &cache,
-        &["exec", "--template", "helper", &format!("{ASK}\n{ASK}")],
+        &[
+            "exec",
+            "--template",
+            "helper",
+            &format!("{}\n{}", common::ASK, common::ASK),
+        ],
     );
     let out = text(&twice.stdout);
     let counts: Vec<&str> = out

@@ -64,3 +64,31 @@ pub fn stdout(output: &Output) -> String {
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A helper process that counts connections on a Unix socket in its own memory and answers
+/// each with the count, its pid and its parent's.
+pub const COUNTER: &str = r#"
+import os, socket
+server = socket.socket(socket.AF_UNIX)
+server.bind("/tmp/counter.sock")
+server.listen()
+count = 0
+while True:
+    conn, _ = server.accept()
+    count += 1
+    conn.sendall(f"{count} {os.getpid()} {os.getppid()}".encode())
+    conn.close()
+"#;
+
+/// Asks the counter for its next number, waiting for it to be listening.
+pub const ASK: &str = r#"
+import socket, time
+for _ in range(400):
+    try:
+        c = socket.socket(socket.AF_UNIX)
+        c.connect("/tmp/counter.sock")
+        print(c.recv(64).decode())
+        break
+    except (FileNotFoundError, ConnectionRefusedError):
+        time.sleep(0.025)
+"#;
