@@ -508,7 +508,14 @@ pub fn load(
     vmm: &Vmm,
     sealer: &Sealer,
 ) -> Result<(SnapshotMeta, ForkSource), SnapshotError> {
-    let (meta, state, memory, image) = open_verified(dir, vmm, sealer)?;
+    let Verified {
+        meta,
+        state,
+        memory,
+        image,
+        others: memories,
+        segments,
+    } = open_verified(dir, vmm, sealer)?;
     let pinned = |file: File, extents: &[(u64, u64)]| {
         let mut backing = Backing::file(file);
         if let Err(e) = backing.pin(extents) {
@@ -517,14 +524,12 @@ pub fn load(
         backing
     };
     let mut others = OtherSources::default();
-    for stored in &meta.processes {
-        let file = open_memory(&dir.join(process_memory_name(stored.id)), stored, sealer)?;
+    for (stored, file) in meta.processes.iter().zip(memories) {
         // `open_verified` compared the ids with the state's pids.
         let pid = stored.id.try_into().expect("a pid");
         others.memories.insert(pid, pinned(file, &stored.extents));
     }
-    for stored in &meta.segments {
-        let file = open_memory(&dir.join(segment_name(stored.id)), stored, sealer)?;
+    for (stored, file) in meta.segments.iter().zip(segments) {
         others.segments.insert(stored.id, Arc::new(file));
     }
     let source = ForkSource {
@@ -541,15 +546,11 @@ pub fn load(
 /// ready to fork: for a process that hands the snapshot to others (jailed workers, which
 /// see it read-only and so cannot stamp it themselves).
 pub fn verify(dir: &Path, vmm: &Vmm, sealer: &Sealer) -> Result<SnapshotMeta, SnapshotError> {
-    Ok(open_verified(dir, vmm, sealer)?.0)
+    Ok(open_verified(dir, vmm, sealer)?.meta)
 }
 
 /// The checks of `load`, returning what passed them.
-fn open_verified(
-    dir: &Path,
-    vmm: &Vmm,
-    sealer: &Sealer,
-) -> Result<(SnapshotMeta, SnapshotState, File, Arc<Image>), SnapshotError> {
+fn open_verified(dir: &Path, vmm: &Vmm, sealer: &Sealer) -> Result<Verified, SnapshotError> {
     let meta = read_meta(dir)?;
     if !meta.sealed_by(sealer) {
         return Err(SnapshotError::Unsealed {
@@ -631,7 +632,39 @@ fn open_verified(
             path: meta.image_path.clone(),
         });
     }
-    Ok((meta, state, memory, image))
+    // Every other memory file, verified (and stamped) here too: `verify` must leave
+    // nothing for a jailed worker's `load` to hash in full.
+    let mut others = Vec::new();
+    for stored in &meta.processes {
+        let path = dir.join(process_memory_name(stored.id));
+        others.push(open_memory(&path, stored, sealer)?);
+    }
+    let mut segments = Vec::new();
+    for stored in &meta.segments {
+        segments.push(open_memory(
+            &dir.join(segment_name(stored.id)),
+            stored,
+            sealer,
+        )?);
+    }
+    Ok(Verified {
+        meta,
+        state,
+        memory,
+        image,
+        others,
+        segments,
+    })
+}
+
+/// A snapshot that passed `open_verified`: its files open, in `meta`'s order.
+struct Verified {
+    meta: SnapshotMeta,
+    state: SnapshotState,
+    memory: File,
+    image: Arc<Image>,
+    others: Vec<File>,
+    segments: Vec<File>,
 }
 
 #[cfg(test)]
