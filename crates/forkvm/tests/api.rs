@@ -232,6 +232,19 @@ fn create_session(server: &Server, key: &str, body: Value) -> String {
     info["id"].as_str().unwrap().to_string()
 }
 
+/// Forks session `id` into `count` new sessions, returning their ids.
+fn fork_session(server: &Server, key: &str, id: &str, count: usize) -> Vec<String> {
+    let path = format!("/v1/sandboxes/{id}/fork");
+    let (status, forked) = json_of(post(server, key, &path, json!({ "count": count })));
+    assert_eq!(status, StatusCode::OK, "{forked}");
+    forked["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn sessions_keep_state_take_files_and_fork_into_diverging_branches() {
     if !forkvm_testkit::kvm_available() {
@@ -284,19 +297,7 @@ fn sessions_keep_state_take_files_and_fork_into_diverging_branches() {
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 
     // Three branches start from this state and diverge.
-    let (status, fork) = json_of(post(
-        &server,
-        key,
-        &format!("/v1/sandboxes/{id}/fork"),
-        json!({"count": 3}),
-    ));
-    assert_eq!(status, StatusCode::OK, "{fork}");
-    let branches: Vec<String> = fork["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let branches = fork_session(&server, key, &id, 3);
     assert_eq!(branches.len(), 3);
     exec_ok(&server, key, &exec_path, "state.append('parent')");
     for (i, branch) in branches.iter().enumerate() {
@@ -716,19 +717,7 @@ fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
     assert_eq!(ask(&id), format!("2 {pid} 1\n"));
 
     // Each branch gets the helper as it was, with its count, and counts on its own.
-    let (status, forked) = json_of(post(
-        &server,
-        key,
-        &format!("/v1/sandboxes/{id}/fork"),
-        json!({"count": 2}),
-    ));
-    assert_eq!(status, StatusCode::OK, "{forked}");
-    let branches: Vec<String> = forked["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let branches = fork_session(&server, key, &id, 2);
     assert_eq!(ask(&branches[0]), format!("3 {pid} 1\n"));
     assert_eq!(ask(&branches[0]), format!("4 {pid} 1\n"));
     assert_eq!(ask(&branches[1]), format!("3 {pid} 1\n"));

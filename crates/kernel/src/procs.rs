@@ -262,15 +262,6 @@ impl Process {
         }
     }
 
-    /// How many processes of the sandbox are alive (not counting zombies).
-    pub fn live_process_count(&self) -> usize {
-        self.procs
-            .entries
-            .values()
-            .filter(|e| e.life == Life::Alive)
-            .count()
-    }
-
     /// How many processes the sandbox has, live or waiting to be reaped.
     pub fn process_count(&self) -> usize {
         self.procs.entries.len()
