@@ -21,13 +21,30 @@ fn copy_template(name: &str) -> Option<(TemplateStore, PathBuf)> {
     for entry in std::fs::read_dir(built.dir("python").unwrap()).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "verified") {
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+            copy_sparse(&path, &dir.join(path.file_name().unwrap()));
         }
     }
     // The copy is sealed with the original cache's key.
     let key = built.sealer().unwrap().key_path().to_owned();
     std::fs::copy(key, root.join("seal.key")).unwrap();
     Some((store, dir))
+}
+
+/// Copies a file keeping its holes: a memory file is mostly holes, and `std::fs::copy` would
+/// write every zero (a gigabyte per copy, enough to fill a CI disk across these tests).
+fn copy_sparse(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
 }
 
 fn load_error(store: &TemplateStore) -> StoreError {
@@ -161,7 +178,7 @@ fn a_changed_image_byte_is_caught() {
     // A private copy of the image, one byte of its body changed.
     let original = store.show("python").unwrap().image_path;
     let copy = dir.join("image.img");
-    std::fs::copy(&original, &copy).unwrap();
+    copy_sparse(&original, &copy);
     let len = std::fs::metadata(&copy).unwrap().len();
     flip_byte(&copy, len / 2);
     let copy_str = copy.to_str().unwrap().to_owned();
