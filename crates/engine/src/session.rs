@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use forkvm_kernel::console::Console;
 use forkvm_kernel::host_ops::{PlaceError, ReadError};
-use forkvm_vmm::{ForkSource, Sandbox};
+use forkvm_vmm::{ForkSource, RunResult, Sandbox};
 
 use crate::{Engine, EngineError, ExecRequest, ExecResult, Streams};
 
@@ -15,7 +16,6 @@ pub struct Session {
     sandbox: Sandbox,
     /// What this session's memory is a copy-on-write view of (to fork it).
     source: Arc<ForkSource>,
-    streams: Streams,
     /// False once the sandbox ended (the code exited or crashed): it cannot run again.
     alive: bool,
     /// This session's share of the memory layer it was forked from (held for it on the
@@ -94,21 +94,60 @@ impl Session {
     pub fn into_sandbox(self) -> Sandbox {
         self.sandbox
     }
+
+    /// When (`CLOCK_MONOTONIC` ns) the session next has work between requests: a thread
+    /// or process other than the parked agent can run (a past time) or one waits with a
+    /// deadline. `None` when nothing can happen before the next request.
+    pub fn work_due(&self) -> Option<u64> {
+        if !self.alive {
+            return None;
+        }
+        self.sandbox.process().work_between_requests()
+    }
+
+    /// Runs the session's other threads and processes for at most `slice` (until none has
+    /// anything left to do, if sooner); the agent is parked again afterwards. Output
+    /// written meanwhile goes nowhere (nobody is reading it), nor does anything written to
+    /// the control channel, so the next request's reply starts clean. Returns false if the
+    /// sandbox ended (a background process killed the agent).
+    pub fn run_between_requests(&mut self, slice: Duration) -> bool {
+        if !self.alive {
+            return false;
+        }
+        match self.sandbox.run_between_requests(Instant::now() + slice) {
+            Ok(RunResult::AwaitingRequest) => {
+                self.sandbox.process_mut().take_control_output();
+            }
+            Ok(RunResult::Ended(exit)) => {
+                tracing::info!(?exit, "a session ended between requests");
+                self.alive = false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "running a session between requests");
+                self.alive = false;
+            }
+        }
+        self.alive
+    }
+
+    /// From now until its next request, the session's output goes nowhere.
+    fn detach_console(&mut self) {
+        self.sandbox
+            .process_mut()
+            .replace_console(Console::discarding());
+    }
 }
 
 impl Engine {
     /// A new session: a fork of `template` kept parked for requests.
     pub fn create_session(&self, template: &str) -> Result<Session, EngineError> {
         let loaded = self.template(template)?;
-        let streams = Streams::new();
-        let console = streams.console(&ExecRequest::python(""), &self.maxima);
-        let sandbox = loaded.pool.fork(console)?;
+        let sandbox = loaded.pool.fork(Console::discarding())?;
         let mapped_at_start = sandbox.process().mapped_bytes();
         Ok(Session {
             mapped_at_start,
             sandbox,
             source: loaded.pool.source().clone(),
-            streams,
             alive: true,
             layer_share: 0,
             measured: None,
@@ -131,10 +170,11 @@ impl Engine {
             .sandbox
             .process_mut()
             .replace_console(streams.console(request, &limits));
-        session.streams = streams;
         let started = Instant::now();
         let base = Some(session.mapped_at_start);
-        let result = self.run_in(&mut session.sandbox, request, &session.streams, base)?;
+        let result = self.run_in(&mut session.sandbox, request, &streams, base);
+        session.detach_console();
+        let result = result?;
         session.alive = session.sandbox.parked().is_some();
         let mut result = result;
         result.timings.total_us = started.elapsed().as_micros() as u64;
@@ -155,15 +195,12 @@ impl Engine {
         let layer_share = source.added_bytes() / count.max(1) as u64;
         let mut branches = Vec::with_capacity(count);
         for _ in 0..count {
-            let streams = Streams::new();
-            let console = streams.console(&ExecRequest::python(""), &self.maxima);
             let prepared = vmm.prepare_fork(&source)?;
-            let sandbox = vmm.finish_fork(prepared, &source, console)?;
+            let sandbox = vmm.finish_fork(prepared, &source, Console::discarding())?;
             branches.push(Session {
                 mapped_at_start: session.mapped_at_start,
                 sandbox,
                 source: source.clone(),
-                streams,
                 alive: true,
                 layer_share,
                 measured: None,

@@ -191,6 +191,39 @@ fn a_memory_bomb_hits_the_memory_limit() {
 }
 
 #[test]
+fn processes_share_one_memory_budget() {
+    let Some(engine) = engine() else { return };
+    // Each child touches 64 MiB: within the limit alone, not all four together.
+    let mut request = ExecRequest::python(
+        "import subprocess, sys\n\
+         hog = 'b = bytearray(64 << 20)\\nfor i in range(0, len(b), 4096): b[i] = 1\\n\
+         import time; time.sleep(2)'\n\
+         ps = [subprocess.Popen([sys.executable, '-c', hog]) for _ in range(4)]\n\
+         codes = sorted(p.wait() for p in ps)\n\
+         print(codes)\n\
+         sys.exit(1 if -9 in codes else 0)",
+    );
+    request.limits.memory_bytes = 128 << 20;
+    let out = exec(engine, &request);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The largest are killed until the rest fit; the rest finish.
+    assert!(stdout.starts_with("[-9, "), "{stdout}{stderr}");
+    assert!(stdout.trim_end().ends_with(", 0]"), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("forkvm: out of memory: killed process"),
+        "{stderr}"
+    );
+    assert_eq!(
+        out.error.kind,
+        ErrorKind::MemoryLimit,
+        "{}",
+        out.error.message
+    );
+    assert_eq!(python(engine, "print(sum(range(10)))").stdout, b"45\n");
+}
+
+#[test]
 fn child_processes_run_and_are_waited_for() {
     let Some(engine) = engine() else { return };
     let out = python(

@@ -149,3 +149,84 @@ fn an_ended_session_refuses_more_work() {
         Err(EngineError::SessionEnded)
     ));
 }
+
+/// Gives `session` its time between requests (as the worker does) until nothing in it has
+/// work left, or a minute passes.
+fn run_between_requests(session: &mut Session) {
+    let started = std::time::Instant::now();
+    while let Some(due) = session.work_due() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "work between requests never ends"
+        );
+        let wait = due.saturating_sub(forkvm_kernel::threads::monotonic_ns());
+        std::thread::sleep(std::time::Duration::from_nanos(wait));
+        assert!(session.run_between_requests(std::time::Duration::from_millis(10)));
+    }
+}
+
+#[test]
+fn background_processes_and_threads_go_on_between_requests() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    run(
+        engine,
+        &mut session,
+        "import subprocess, threading, time\n\
+         subprocess.Popen(['sh', '-c', 'sleep 0.2; echo process > /tmp/process'])\n\
+         def later():\n    time.sleep(0.2)\n    open('/tmp/thread', 'w').write('thread')\n\
+         threading.Thread(target=later).start()\n\
+         print('started')",
+    );
+    // Neither has finished when the request ends; no request runs while they do.
+    assert!(session.get_file("/tmp/process", 64).is_err());
+    assert!(session.work_due().is_some());
+    run_between_requests(&mut session);
+    assert_eq!(session.get_file("/tmp/process", 64).unwrap(), b"process\n");
+    assert_eq!(session.get_file("/tmp/thread", 64).unwrap(), b"thread");
+    // The agent parked as it was: the session serves requests and forks.
+    assert_eq!(
+        run(engine, &mut session, "print(open('/tmp/thread').read())"),
+        "thread\n"
+    );
+    let mut branch = engine.fork_session(&mut session, 1).unwrap().pop().unwrap();
+    assert_eq!(run(engine, &mut branch, "print(1 + 1)"), "2\n");
+}
+
+#[test]
+fn a_busy_background_thread_is_sliced_and_the_session_still_answers() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    run(
+        engine,
+        &mut session,
+        "import os, threading\n\
+         def spin():\n    spins = 0\n    while True:\n        spins += 1\n\
+         \x20       if spins % 10000 == 0:\n\
+         \x20           with open('/tmp/spins.new', 'w') as f: f.write(str(spins))\n\
+         \x20           os.replace('/tmp/spins.new', '/tmp/spins')\n\
+         threading.Thread(target=spin, daemon=True).start()",
+    );
+    let spins = |session: &Session| -> u64 {
+        session
+            .get_file("/tmp/spins", 64)
+            .map_or(0, |b| String::from_utf8(b).unwrap().parse().unwrap())
+    };
+    // It always has work: every slice ends by time, with the thread mid-loop, and the
+    // agent parks again.
+    let before = spins(&session);
+    for _ in 0..10 {
+        assert!(session.work_due().is_some());
+        assert!(session.run_between_requests(std::time::Duration::from_millis(10)));
+    }
+    let after = spins(&session);
+    assert!(
+        after > before,
+        "the thread ran between requests: {before} then {after}"
+    );
+    assert_eq!(run(engine, &mut session, "print(1 + 1)"), "2\n");
+    // A fork takes the spinning thread along, and answers too.
+    let mut branch = engine.fork_session(&mut session, 1).unwrap().pop().unwrap();
+    assert!(branch.run_between_requests(std::time::Duration::from_millis(10)));
+    assert_eq!(run(engine, &mut branch, "print(1 + 1)"), "2\n");
+}

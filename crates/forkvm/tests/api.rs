@@ -678,6 +678,42 @@ fn commands_run_in_a_sessions_filesystem_and_bash_code_runs_over_http() {
 }
 
 #[test]
+fn a_sessions_background_job_runs_on_between_requests() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let server = Server::start(&[]);
+    let key = &server.alice;
+    let id = create_session(&server, key, json!({}));
+    let (status, body) = json_of(post(
+        &server,
+        key,
+        &format!("/v1/sandboxes/{id}/commands"),
+        json!({ "cmd": "(sleep 0.3; seq 1 1000 | tail -1 > /tmp/job.tmp; mv /tmp/job.tmp /tmp/job.out) > /dev/null 2>&1 &" }),
+    ));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // No request runs from here on: the job finishes on its own, as on any machine.
+    let started = std::time::Instant::now();
+    let output = loop {
+        let got = client()
+            .get(server.url(&format!("/v1/sandboxes/{id}/files/tmp/job.out")))
+            .bearer_auth(key)
+            .send()
+            .unwrap();
+        if got.status() == StatusCode::OK {
+            break got.bytes().unwrap();
+        }
+        assert_eq!(got.status(), StatusCode::NOT_FOUND);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the job never finished between requests"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(&output[..], b"1000\n");
+}
+
+#[test]
 fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
     if !forkvm_testkit::kvm_available() {
         return;
@@ -700,7 +736,7 @@ fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
     assert_eq!(put.status(), StatusCode::CREATED);
     let started = run("python3 /tmp/counter.py > /dev/null 2>&1 & echo $!");
     let pid = started["stdout"].as_str().unwrap().trim().to_string();
-    // Still there at the next request (paused in between, running during it).
+    // Still there at the next request.
     let listed = run(&format!("ps -o stat= -p {pid}"));
     assert!(
         !listed["stdout"].as_str().unwrap().trim().is_empty(),

@@ -77,6 +77,18 @@ impl Console {
         }
     }
 
+    /// A console for the time between a session's requests: no input, and output that
+    /// nobody reads is dropped (uncapped, so a chatty background job does not end the
+    /// sandbox).
+    pub fn discarding() -> Self {
+        Self::new(
+            Input::Empty,
+            Box::new(std::io::sink()),
+            Box::new(std::io::sink()),
+            u64::MAX,
+        )
+    }
+
     /// Bytes written so far to stdout and stderr.
     pub fn written(&self) -> (u64, u64) {
         (self.written[0], self.written[1])

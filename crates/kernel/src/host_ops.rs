@@ -4,7 +4,6 @@
 use forkvm_image::{FsError, Kind};
 
 use crate::console::Console;
-use crate::mm::AddressSpace;
 use crate::process::Process;
 use forkvm_memory::ram::GuestRam;
 
@@ -41,18 +40,8 @@ impl Process {
     /// The private guest pages of `host_bytes`, in every process's memory, and the shared
     /// memory segments (walks the host's page map of everything mapped: the costly part).
     pub fn private_ram_bytes(&self) -> u64 {
-        let private = |ram: &GuestRam, mm: &AddressSpace| -> u64 {
-            crate::process::populated_ranges(mm, ram.size())
-                .into_iter()
-                .filter_map(|(start, end)| ram.residency(start, end).ok())
-                .map(|r| r.private_pages)
-                .sum()
-        };
-        let mut pages = private(&self.ram, &self.mm);
-        for memory in self.procs.parked.values().filter_map(|p| p.memory.as_ref()) {
-            pages += private(&memory.ram, &memory.mm);
-        }
-        pages * forkvm_memory::PAGE_SIZE + self.segments.resident_bytes()
+        let pages: u64 = self.private_ram_by_process().iter().map(|(_, b)| b).sum();
+        pages + self.segments.resident_bytes()
     }
 
     /// The rest of `host_bytes`: unmapped pages kept for reuse (in every process's memory),
@@ -71,9 +60,12 @@ impl Process {
     /// buffers beyond `base`), within guest RAM. A fresh fork passes what it has mapped
     /// now; a session what it had mapped when it was created, so that its requests
     /// together stay within one limit instead of each adding its own.
+    /// The same number is the budget of host pages all its processes may hold together
+    /// (`memory_budget`).
     pub fn limit_memory(&mut self, base: u64, extra: u64) {
         let limit = base.saturating_add(extra).min(self.ram.size());
         self.mm.set_limit_bytes(limit);
+        self.set_memory_budget(limit);
     }
 
     /// Caps the descriptor table (`RLIMIT_NOFILE`).
@@ -81,9 +73,10 @@ impl Process {
         self.files.set_max_fds(max);
     }
 
-    /// How many allocations the memory limit refused.
+    /// How many allocations the memory limit refused, and processes the sandbox-wide
+    /// budget killed.
     pub fn memory_limit_refusals(&self) -> u64 {
-        self.mm.limit_refusals()
+        self.mm.limit_refusals() + self.memory_budget_kills()
     }
 
     /// Replaces the standard streams (a fork of a session gets its own).

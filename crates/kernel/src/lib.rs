@@ -12,6 +12,7 @@
 //! own sandbox.
 
 pub(crate) mod abi;
+pub mod between;
 pub mod console;
 pub mod context;
 pub mod control;
@@ -23,6 +24,7 @@ pub mod file;
 pub mod fileinfo;
 pub mod host_ops;
 pub mod loader;
+pub(crate) mod memory_budget;
 pub mod mm;
 pub mod net;
 pub mod notify;

@@ -174,6 +174,10 @@ pub(crate) struct Procs {
     pub retired: Vec<GuestRam>,
     /// `CLOCK_MONOTONIC` nanoseconds when the sandbox started (its "boot").
     pub boot_ns: u64,
+    /// Set while the sandbox runs between a session's requests (`between`).
+    pub between: Option<crate::between::BetweenRequests>,
+    /// What all processes together may hold (`memory_budget`), once a limit is set.
+    pub memory_budget: Option<crate::memory_budget::MemoryBudget>,
 }
 
 impl Procs {
@@ -187,6 +191,8 @@ impl Procs {
             slice_start_ns: 0,
             retired: Vec::new(),
             boot_ns: monotonic_ns(),
+            between: None,
+            memory_budget: None,
         }
     }
 

@@ -28,8 +28,18 @@ impl Process {
     }
 
     fn pick(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
+        self.enforce_memory_budget();
         let now = monotonic_ns();
         self.fire_timers(now);
+        // The end of a slice between requests: the agent runs first, to park (`between`).
+        if let Some((pid, agent)) = self.agent_due() {
+            if pid != self.pid() && self.procs.parked.contains_key(&pid) {
+                return self.switch_process(pid, now, fpu);
+            }
+            if pid == self.pid() && self.threads.is_runnable(agent) {
+                return self.run_thread(agent, now, ctx, fpu);
+            }
+        }
         // Processes take turns by time slice; threads within one by theirs.
         if self.process_slice_over(now)
             && let Some(pid) = self.other_runnable(now)
@@ -42,37 +52,53 @@ impl Process {
         {
             return self.switch_process(pid, now, fpu);
         }
-        let next_timer = [self.next_timer(), self.procs.parked_deadline()]
-            .into_iter()
-            .flatten()
-            .min();
+        let next_timer = [
+            self.next_timer(),
+            self.procs.parked_deadline(),
+            self.memory_check_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         match decision {
-            Decision::Run(tid) => {
-                if let Err(reason) = self.take_fpu(tid, fpu) {
-                    return Outcome::Exit(reason);
-                }
-                let (context, resume) = self
-                    .threads
-                    .run(tid, now)
-                    .expect("the scheduler picks runnable threads");
-                *ctx = context;
-                let mut interrupted = None;
-                match resume {
-                    Resume::Continue => {}
-                    Resume::Return(value) => ctx.regs.rax = value,
-                    // Back to the `syscall` instruction (2 bytes), `rax` still the number.
-                    Resume::Restart => ctx.regs.rip = ctx.regs.rip.wrapping_sub(2),
-                    Resume::Interrupted(wake) => interrupted = Some(wake),
-                }
-                self.back_to_user(ctx, fpu, Outcome::Switched, interrupted)
-            }
+            Decision::Run(tid) => self.run_thread(tid, now, ctx, fpu),
             Decision::Idle(until) => Outcome::Idle(next_timer.map_or(until, |t| t.min(until))),
             Decision::Deadlock if next_timer.is_some() => Outcome::Idle(next_timer.unwrap_or(now)),
+            // Between requests, with nothing left to do: the agent parks.
+            Decision::Deadlock if self.return_to_agent() => self.pick(ctx, fpu),
             Decision::Deadlock => Outcome::Exit(ExitReason::Deadlock(format!(
                 "every thread waits for something no thread can do: {}",
                 self.describe_all_waits()
             ))),
         }
+    }
+
+    /// Puts runnable thread `tid` of the current process on the vCPU: its context replaces
+    /// `ctx`, its vector state is loaded, and its syscall (if it was in one) finishes.
+    fn run_thread(
+        &mut self,
+        tid: Tid,
+        now: u64,
+        ctx: &mut UserContext,
+        fpu: &mut dyn Fpu,
+    ) -> Outcome {
+        if let Err(reason) = self.take_fpu(tid, fpu) {
+            return Outcome::Exit(reason);
+        }
+        let (context, resume) = self
+            .threads
+            .run(tid, now)
+            .expect("the scheduler picks runnable threads");
+        *ctx = context;
+        let mut interrupted = None;
+        match resume {
+            Resume::Continue => {}
+            Resume::Return(value) => ctx.regs.rax = value,
+            // Back to the `syscall` instruction (2 bytes), `rax` still the number.
+            Resume::Restart => ctx.regs.rip = ctx.regs.rip.wrapping_sub(2),
+            Resume::Interrupted(wake) => interrupted = Some(wake),
+        }
+        self.back_to_user(ctx, fpu, Outcome::Switched, interrupted)
     }
 
     /// What every thread of every process waits for (a deadlock's report).
@@ -152,6 +178,7 @@ impl Process {
         let now = monotonic_ns();
         self.fire_timers(now);
         self.process_turn_over(now)
+            || self.memory_check_due().is_some_and(|t| t <= now)
             || self.threads.should_preempt(now)
             || self
                 .threads
@@ -161,6 +188,7 @@ impl Process {
     /// Interrupts the running thread, whose live context is `ctx`: another thread gets the
     /// vCPU if one is due, and the thread that runs takes its signals.
     pub fn interrupt(&mut self, ctx: &mut UserContext, fpu: &mut dyn Fpu) -> Outcome {
+        self.enforce_memory_budget();
         let now = monotonic_ns();
         if self.process_turn_over(now) || self.threads.should_preempt(now) {
             self.threads.requeue_current(Resume::Continue);
@@ -187,6 +215,7 @@ impl Process {
             self.threads.next_interrupt(),
             self.next_timer(),
             self.procs.parked_deadline(),
+            self.memory_check_due(),
             turn_end,
         ]
         .into_iter()

@@ -84,6 +84,9 @@ pub enum WaitOn {
     /// The `vfork` child with this pid giving back the memory it borrowed (by `execve` or
     /// exiting). No signal ends this wait, as in Linux.
     Vfork(Tid),
+    /// A request on the control channel: the agent between a session's requests, while the
+    /// sandbox's other threads run (`between`). Only the VMM ends this wait.
+    Control,
 }
 
 /// A blocked thread's wait.
@@ -446,6 +449,25 @@ impl Threads {
         });
     }
 
+    /// Ends `tid`'s wait for a request: it makes its control-channel read again.
+    pub fn wake_control_reader(&mut self, tid: Tid) -> bool {
+        match self.threads.get_mut(&tid) {
+            Some(thread) if matches!(thread.state, State::Blocked { wait, .. } if wait.on == WaitOn::Control) =>
+            {
+                Self::end_wait(thread, Resume::Restart);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `tid` can be picked to run.
+    pub fn is_runnable(&self, tid: Tid) -> bool {
+        self.threads
+            .get(&tid)
+            .is_some_and(|t| matches!(t.state, State::Runnable(_)))
+    }
+
     /// Whether some thread does not block `signal`.
     pub fn any_unblocked(&self, signal: i32) -> bool {
         self.threads.values().any(|t| t.mask & bit(signal) == 0)
@@ -724,6 +746,7 @@ impl Threads {
                     }
                     WaitOn::Child => format!("thread {tid} waits for a child process"),
                     WaitOn::Vfork(child) => format!("thread {tid} waits for vfork child {child}"),
+                    WaitOn::Control => format!("thread {tid} waits for a request"),
                 }),
                 _ => None,
             })

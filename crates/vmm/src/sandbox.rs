@@ -285,51 +285,54 @@ impl Sandbox {
         if self.parked.is_some() {
             return RunResult::AwaitingRequest;
         }
-        let guard = deadline.map(DeadlineGuard::arm);
-        let budget = match self.cpu_limit.map(CpuBudget::arm).transpose() {
-            Ok(budget) => budget,
-            Err(e) => {
-                return RunResult::Ended(SandboxExit::Internal(format!(
-                    "arming the CPU-time limit: {e}"
-                )));
-            }
+        self.run_loop(Step::Continue, deadline, Mode::Request)
+    }
+
+    /// While parked between a session's requests: runs the sandbox's other threads and
+    /// processes (the agent's read becomes a wait like theirs) until `until`, or until
+    /// none has anything left to do. The program is parked again afterwards, as it was,
+    /// unless the sandbox ended (a background process killed the first one).
+    pub fn run_between_requests(&mut self, until: Instant) -> Result<RunResult, SandboxError> {
+        let parked = self.parked.take().ok_or(SandboxError::NotParked)?;
+        self.process.refresh_clock(self.tsc);
+        let sync = self.vcpu.sync_regs_mut();
+        sync.regs = parked.regs;
+        sync.sregs = parked.sregs;
+        let mut ctx = syscall_context(sync);
+        let mut fpu = VcpuFpu(&self.vcpu);
+        let outcome = self.process.start_between_requests(&mut ctx, &mut fpu);
+        let step = self.finish(outcome, ctx);
+        Ok(self.run_loop(step, Some(until), Mode::BetweenRequests))
+    }
+
+    /// The run loop: serves exits from `first` on until the program parks or ends; what
+    /// the deadline means depends on `mode`.
+    fn run_loop(&mut self, first: Step, deadline: Option<Instant>, mode: Mode) -> RunResult {
+        let mut guard = deadline.map(DeadlineGuard::arm);
+        let budget = match mode {
+            Mode::Request => match self.cpu_limit.map(CpuBudget::arm).transpose() {
+                Ok(budget) => budget,
+                Err(e) => {
+                    return RunResult::Ended(SandboxExit::Internal(format!(
+                        "arming the CPU-time limit: {e}"
+                    )));
+                }
+            },
+            Mode::BetweenRequests => None,
         };
         // Created when the program first has something for the scheduler to time.
         let mut alarm: Option<SchedulerAlarm> = None;
-        let expired = |guard: &Option<DeadlineGuard>| {
+        let mut deadline = deadline;
+        // Between requests: whether the slice is ending (the agent on its way to park).
+        let mut returning = false;
+        let expired = |guard: &Option<DeadlineGuard>, deadline: Option<Instant>| {
             guard.as_ref().is_some_and(DeadlineGuard::expired)
                 || deadline.is_some_and(|d| Instant::now() >= d)
         };
         let exhausted =
             |budget: &Option<CpuBudget>| budget.as_ref().is_some_and(CpuBudget::exhausted);
+        let mut step = first;
         loop {
-            if let Err(e) = self.set_alarm(&mut alarm) {
-                return RunResult::Ended(SandboxExit::Internal(format!(
-                    "arming the scheduler's timer: {e}"
-                )));
-            }
-            let mut step = match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(SYSCALL_PORT, _)) => self.serve_syscall(),
-                Ok(VcpuExit::IoOut(port, _))
-                    if (EXCEPTION_PORT_BASE..EXCEPTION_PORT_BASE + EXCEPTION_VECTORS)
-                        .contains(&port) =>
-                {
-                    let vector = (port - EXCEPTION_PORT_BASE) as u8;
-                    self.take_fault(vector)
-                }
-                // Only the stubs' ports are open to the program; using them itself is a
-                // fault of its own making.
-                Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => self.take_forged_io(),
-                Ok(VcpuExit::Intr) => self.maybe_preempt(),
-                Ok(VcpuExit::Shutdown) => Step::End(exit::triple_fault(&self.vcpu.sync_regs())),
-                Ok(other) => Step::End(SandboxExit::Internal(format!(
-                    "unexpected vCPU exit: {other:?}"
-                ))),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.maybe_preempt()
-                }
-                Err(e) => Step::End(SandboxExit::Internal(format!("KVM_RUN failed: {e}"))),
-            };
             // Every thread waits: sleep until the first of them is due (or the sandbox's
             // own deadline), then let the scheduler pick.
             while let Step::Idle(until, mut ctx) = step {
@@ -346,7 +349,24 @@ impl Sandbox {
                 step = self.finish(outcome, ctx);
             }
             match step {
-                Step::Continue if expired(&guard) => {
+                Step::Continue if mode == Mode::BetweenRequests && expired(&guard, deadline) => {
+                    if returning {
+                        self.process.console_mut().flush();
+                        return RunResult::Ended(SandboxExit::Internal(
+                            "the agent did not come back to its control channel".into(),
+                        ));
+                    }
+                    if let Some(next) = self.end_slice() {
+                        // The agent gets a grace period to park (a signal handler may run).
+                        returning = true;
+                        let grace = Instant::now() + PARK_GRACE;
+                        guard = Some(DeadlineGuard::arm(grace));
+                        deadline = Some(grace);
+                        step = next;
+                        continue;
+                    }
+                }
+                Step::Continue if expired(&guard, deadline) => {
                     self.process.console_mut().flush();
                     return RunResult::Ended(SandboxExit::Timeout);
                 }
@@ -361,7 +381,52 @@ impl Sandbox {
                     return RunResult::Ended(exit);
                 }
             }
+            if let Err(e) = self.set_alarm(&mut alarm) {
+                return RunResult::Ended(SandboxExit::Internal(format!(
+                    "arming the scheduler's timer: {e}"
+                )));
+            }
+            step = self.run_vcpu();
         }
+    }
+
+    /// Enters the guest once and serves the exit.
+    fn run_vcpu(&mut self) -> Step {
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(SYSCALL_PORT, _)) => self.serve_syscall(),
+            Ok(VcpuExit::IoOut(port, _))
+                if (EXCEPTION_PORT_BASE..EXCEPTION_PORT_BASE + EXCEPTION_VECTORS)
+                    .contains(&port) =>
+            {
+                let vector = (port - EXCEPTION_PORT_BASE) as u8;
+                self.take_fault(vector)
+            }
+            // Only the stubs' ports are open to the program; using them itself is a fault
+            // of its own making.
+            Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => self.take_forged_io(),
+            Ok(VcpuExit::Intr) => self.maybe_preempt(),
+            Ok(VcpuExit::Shutdown) => Step::End(exit::triple_fault(&self.vcpu.sync_regs())),
+            Ok(other) => Step::End(SandboxExit::Internal(format!(
+                "unexpected vCPU exit: {other:?}"
+            ))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => self.maybe_preempt(),
+            Err(e) => Step::End(SandboxExit::Internal(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+
+    /// Ends a slice between requests: the running thread is taken off the vCPU (unless it
+    /// is inside the system area, finishing a syscall: then `None`, and the loop asks
+    /// again at the next exit) and the agent is sent back to park.
+    fn end_slice(&mut self) -> Option<Step> {
+        let sync = self.vcpu.sync_regs();
+        let running = self.process.thread_running();
+        if running && sync.regs.rip < USER_START {
+            return None;
+        }
+        let mut ctx = live_context(&sync);
+        let mut fpu = VcpuFpu(&self.vcpu);
+        let outcome = self.process.end_between_requests(&mut ctx, &mut fpu)?;
+        Some(self.finish(outcome, ctx))
     }
 
     /// Completes the parked control-channel read with `request` and lets the program go on.
@@ -643,6 +708,17 @@ impl Fpu for VcpuFpu<'_> {
         unsafe { self.0.set_xsave(&xsave) }.map_err(|_| FpuError)
     }
 }
+
+/// What a run loop is for: a request (its deadline is a timeout), or the time between
+/// requests (its deadline ends a slice, and the agent parks again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Request,
+    BetweenRequests,
+}
+
+/// How long the agent has to park again once a slice between requests ends.
+const PARK_GRACE: Duration = Duration::from_secs(1);
 
 enum Step {
     Continue,

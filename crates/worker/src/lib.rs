@@ -6,6 +6,7 @@
 //! `forkvm_protocol::worker`. A worker that dies loses only its own sandboxes, and is
 //! replaced.
 
+pub mod between;
 pub mod cgroup;
 pub mod client;
 pub mod jail;

@@ -20,6 +20,7 @@ use forkvm_template::TemplateStore;
 use forkvm_vmm::{PoolConfig, Vmm};
 use forkvm_vmm::{SandboxError, VmmError};
 
+use crate::between::{self, Wakeup};
 use crate::jail;
 
 /// The socket end shared by every thread that answers.
@@ -69,7 +70,16 @@ pub fn run(socket: UnixStream, run_program: impl FnOnce(RunProgram) -> i32) -> i
         sessions: Mutex::new(HashMap::new()),
         next_session: AtomicU64::new(1),
         writer,
+        wakeup: Arc::new(Wakeup::default()),
     });
+    let driver = worker.clone();
+    let started = std::thread::Builder::new()
+        .name("forkvm-between".into())
+        .spawn(move || between::drive(|| driver.live_sessions(), &driver.wakeup));
+    if let Err(e) = started {
+        tracing::error!(error = %e, "cannot start the thread that runs sessions between requests");
+        return 1;
+    }
     serve_calls(
         &worker,
         &Arc::new(Readers {
@@ -149,6 +159,8 @@ struct Worker {
     sessions: Mutex<HashMap<SessionHandle, Arc<Mutex<Session>>>>,
     next_session: AtomicU64,
     writer: Writer,
+    /// Tells the thread that runs sessions between requests to look again.
+    wakeup: Arc<Wakeup>,
 }
 
 fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
@@ -189,7 +201,19 @@ impl Worker {
                 // A panic is a bug of ours that this call's input found: it fails this call
                 // (and leaves its session unusable), not the worker's others.
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.handle(frame.id, call)
+                    let touches_session = matches!(
+                        call,
+                        Call::CreateSession
+                            | Call::SessionExec { .. }
+                            | Call::ForkSession { .. }
+                            | Call::PutFile { .. }
+                    );
+                    let outcome = self.handle(frame.id, call);
+                    if touches_session {
+                        // It may have started work that goes on between requests.
+                        self.wakeup.notify();
+                    }
+                    outcome
                 }))
                 .unwrap_or_else(|panic| {
                     let why = panic
@@ -243,6 +267,11 @@ impl Worker {
             .get(&handle)
             .cloned()
             .ok_or_else(|| failure(FailureKind::NoSuchSession, "no such session"))
+    }
+
+    fn live_sessions(&self) -> Vec<Arc<Mutex<Session>>> {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        sessions.values().cloned().collect()
     }
 
     fn keep(&self, session: Session) -> SessionHandle {

@@ -123,6 +123,7 @@ impl Process {
         let call = ctx.syscall();
         let name = syscall_name(call.nr);
         self.stats.record(name);
+        self.enforce_memory_budget();
         let mut result = self.dispatch(call, ctx, fpu);
         if let Err(e) = self.sync_page_tables() {
             tracing::error!(error = %e, "updating the page tables");
@@ -143,7 +144,10 @@ impl Process {
             }
             Err(Stop::Replaced) => self.back_to_user(ctx, fpu, Outcome::Switched, None),
             Err(Stop::Exit(reason)) => Outcome::Exit(reason),
-            Err(Stop::AwaitingControl) => Outcome::AwaitingControl,
+            Err(Stop::AwaitingControl) => {
+                self.between_requests_over();
+                Outcome::AwaitingControl
+            }
             Err(Stop::Block(wait)) => {
                 self.threads.block_current(wait, self.signals.pending.set());
                 self.reschedule(ctx, fpu)
