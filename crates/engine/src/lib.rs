@@ -56,6 +56,8 @@ pub enum EngineError {
     Deliver(#[from] forkvm_vmm::SandboxError),
     #[error("placing a file: {0}")]
     PlaceFile(#[from] PlaceError),
+    #[error("the working directory cannot be made: {0}")]
+    BadCwd(PlaceError),
     #[error("the session has ended (its code exited or crashed); create a new one")]
     SessionEnded,
 }
@@ -217,6 +219,10 @@ impl Engine {
         let limits = request.limits.within(&self.maxima);
         let started = Instant::now();
         let process = sandbox.process_mut();
+        if let Some(cwd) = &request.cwd {
+            // Made here, where a file in the way is a clear error, not an agent traceback.
+            process.make_dirs(cwd).map_err(EngineError::BadCwd)?;
+        }
         for file in &request.files {
             process.place_file(&request.absolute(&file.path), &file.data, file.mode)?;
         }

@@ -112,6 +112,40 @@ impl Process {
         Ok(self.fs.contents(node).map_err(fs_error)?.to_vec())
     }
 
+    /// Makes directory `path` (absolute, without `..`) and its parents where missing, as
+    /// `mkdir -p` would; an error if a component exists and is not a directory.
+    pub fn make_dirs(&mut self, path: &str) -> Result<(), PlaceError> {
+        let components: Vec<&[u8]> = path
+            .as_bytes()
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
+        if !path.starts_with('/') || components.contains(&&b".."[..]) {
+            return Err(PlaceError::BadPath {
+                path: path.to_string(),
+            });
+        }
+        self.make_dir_path(&components)
+            .map(|_| ())
+            .map_err(|source| PlaceError::Fs {
+                path: path.to_string(),
+                source,
+            })
+    }
+
+    /// Walks `components` from the root, making the directories that are missing.
+    fn make_dir_path(&mut self, components: &[&[u8]]) -> Result<forkvm_image::NodeId, FsError> {
+        let mut dir = self.fs.root();
+        for component in components.iter().filter(|c| **c != b".") {
+            dir = match self.fs.lookup(dir, component)? {
+                Some(node) if self.fs.kind(node)? == Kind::Dir => node,
+                Some(_) => return Err(FsError::NotDir),
+                None => self.fs.mkdir(dir, component, 0o755)?,
+            };
+        }
+        Ok(dir)
+    }
+
     /// Writes a file into the sandbox's filesystem (creating parent directories and
     /// replacing an existing file), as if the program had.
     pub fn place_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), PlaceError> {
@@ -125,7 +159,6 @@ impl Process {
         if !path.starts_with('/') || path.ends_with('/') {
             return Err(bad());
         }
-        let mut dir = self.fs.root();
         let components: Vec<&[u8]> = path
             .as_bytes()
             .split(|&b| b == b'/')
@@ -135,13 +168,7 @@ impl Process {
         if *name == b"." || *name == b".." || parents.iter().any(|c| *c == b"..") {
             return Err(bad());
         }
-        for component in parents.iter().filter(|c| **c != b".") {
-            dir = match self.fs.lookup(dir, component).map_err(fs_error)? {
-                Some(node) if self.fs.kind(node).map_err(fs_error)? == Kind::Dir => node,
-                Some(_) => return Err(fs_error(FsError::NotDir)),
-                None => self.fs.mkdir(dir, component, 0o755).map_err(fs_error)?,
-            };
-        }
+        let dir = self.make_dir_path(parents).map_err(fs_error)?;
         let file = match self.fs.lookup(dir, name).map_err(fs_error)? {
             Some(node) => {
                 self.fs.truncate(node, 0).map_err(fs_error)?;

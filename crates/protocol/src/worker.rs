@@ -168,6 +168,8 @@ pub enum FailureKind {
     TemplateUnavailable,
     /// A file could not be placed (bad path, not a directory...).
     BadFile,
+    /// The request's working directory cannot be made (a file is in the way).
+    BadCwd,
     FileNotFound,
     FileTooLarge,
     /// A session with other processes running cannot be snapshotted (forked) yet.

@@ -49,6 +49,16 @@ impl ApiError {
         }
     }
 
+    /// An error of `kind` with `status` (for errors the framework made; see
+    /// `api::middleware::json_errors`).
+    pub fn with_status(
+        status: StatusCode,
+        kind: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError::new(status, kind, message)
+    }
+
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }

@@ -13,6 +13,7 @@ pub mod fairness;
 pub mod metrics;
 pub mod openapi;
 pub mod sessions;
+pub mod validate;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -150,11 +151,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     public
         .merge(protected)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::middleware::from_fn(api::middleware::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::middleware::observe,
         ))
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }
 

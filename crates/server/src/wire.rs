@@ -57,7 +57,7 @@ pub struct ExecBody {
     pub stdin: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Working directory (created if missing).
+    /// Working directory, absolute (created if missing).
     #[serde(default)]
     pub cwd: Option<String>,
     #[serde(default)]
@@ -74,7 +74,7 @@ pub struct ExecBody {
 pub struct CommandBody {
     /// The command line, e.g. `ls -la | head`.
     pub cmd: String,
-    /// Working directory (created if missing).
+    /// Working directory, absolute (created if missing).
     #[serde(default)]
     pub cwd: Option<String>,
     #[serde(default)]
@@ -158,16 +158,25 @@ impl ExecBody {
             limits.cpu_time = Some(seconds("cpu_seconds", t, max)?);
         }
         if let Some(mb) = self.memory_mb {
-            if mb == 0 || mb << 20 > maxima.memory_bytes {
-                return Err(ApiError::invalid(
-                    "memory_mb",
-                    format!(
-                        "memory_mb must be between 1 and {}",
-                        maxima.memory_bytes >> 20
-                    ),
-                ));
+            limits.memory_bytes = mb
+                .checked_mul(1 << 20)
+                .filter(|&bytes| bytes > 0 && bytes <= maxima.memory_bytes)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "memory_mb",
+                        format!(
+                            "memory_mb must be between 1 and {}",
+                            maxima.memory_bytes >> 20
+                        ),
+                    )
+                })?;
+        }
+        crate::validate::env(&self.env)?;
+        if let Some(cwd) = &self.cwd {
+            crate::validate::path("cwd", cwd, true)?;
+            if !cwd.starts_with('/') {
+                return Err(ApiError::invalid("cwd", "cwd must be an absolute path"));
             }
-            limits.memory_bytes = mb << 20;
         }
         if let Some(bytes) = self.output_limit_bytes {
             if bytes == 0 || bytes > maxima.output_bytes {
@@ -199,19 +208,25 @@ impl ExecBody {
                     ));
                 }
             };
-            if file.path.is_empty()
-                || file.path.ends_with('/')
-                || file.path.split('/').any(|c| c == "..")
-            {
+            let field = format!("files[{i}].path");
+            crate::validate::path(&field, &file.path, false)?;
+            if file.path.ends_with('/') {
                 return Err(ApiError::invalid(
-                    &format!("files[{i}].path"),
-                    "must name a file, without `..`",
+                    &field,
+                    "must name a file, not a directory",
+                ));
+            }
+            let mode = file.mode.unwrap_or(0o644);
+            if mode > 0o7777 {
+                return Err(ApiError::invalid(
+                    &format!("files[{i}].mode"),
+                    "mode holds permission bits only (at most 0o7777, 4095)",
                 ));
             }
             files.push(FileIn {
                 path: file.path.clone(),
                 data,
-                mode: file.mode.unwrap_or(0o644) & 0o7777,
+                mode,
             });
         }
         Ok(ExecRequest {
@@ -359,7 +374,7 @@ pub struct SessionList {
 }
 
 /// Fork a session.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForkBody {
     /// Number of branches (1 to 16, default 1).

@@ -176,6 +176,7 @@ fn engine_failure(error: EngineError) -> Failure {
         EngineError::SessionEnded => FailureKind::SessionEnded,
         EngineError::Store(_) => FailureKind::TemplateUnavailable,
         EngineError::PlaceFile(_) => FailureKind::BadFile,
+        EngineError::BadCwd(_) => FailureKind::BadCwd,
         EngineError::Vmm(VmmError::Sandbox(SandboxError::Busy(_)))
         | EngineError::Deliver(SandboxError::Busy(_)) => FailureKind::ProcessesRunning,
         _ => FailureKind::Internal,

@@ -26,6 +26,7 @@ pub fn worker_error(error: WorkerError, field: &str) -> ApiError {
             FailureKind::ProcessesRunning => ApiError::conflict("processes_running", message),
             FailureKind::TemplateUnavailable => ApiError::unavailable(message),
             FailureKind::BadFile => ApiError::invalid(field, message),
+            FailureKind::BadCwd => ApiError::invalid("cwd", message),
             FailureKind::FileNotFound => ApiError::not_found(message),
             FailureKind::FileTooLarge => ApiError::too_large(message),
             FailureKind::NoSuchSession | FailureKind::Internal => {

@@ -18,6 +18,7 @@ use super::{Caller, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::sessions::SessionEntry;
+use crate::validate;
 use crate::wire::{
     CommandBody, CreateSessionBody, ExecBody, ExecResponse, FileWritten, ForkBody, ForkResponse,
     SessionInfo, SessionList,
@@ -94,9 +95,10 @@ fn dispose(session: Session) {
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Extension(Caller(caller)): Extension<Caller>,
-    body: Option<Json<CreateSessionBody>>,
+    body: Bytes,
 ) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
-    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let body: CreateSessionBody = validate::optional_json(&body)?;
+    validate::metadata(&body.metadata)?;
     let template = body
         .template
         .unwrap_or_else(|| state.config.template.clone());
@@ -290,9 +292,11 @@ pub async fn fork(
     State(state): State<Arc<AppState>>,
     Extension(Caller(caller)): Extension<Caller>,
     Path(id): Path<String>,
-    body: Option<Json<ForkBody>>,
+    body: Bytes,
 ) -> Result<Json<ForkResponse>, ApiError> {
-    let count = body.and_then(|Json(b)| b.count).unwrap_or(1);
+    let count = validate::optional_json::<ForkBody>(&body)?
+        .count
+        .unwrap_or(1);
     if count == 0 || count > MAX_FORK_COUNT {
         return Err(ApiError::invalid(
             "count",
@@ -348,9 +352,7 @@ pub async fn put_file(
     let entry = find(&state, &id, &caller)?;
     check_memory(&state, &caller)?;
     let absolute = format!("/{}", path.trim_start_matches('/'));
-    if absolute.split('/').any(|c| c == "..") {
-        return Err(ApiError::invalid("path", "must not contain `..`"));
-    }
+    validate::path("path", &absolute, false)?;
     let size = data.len() as u64;
     let target = absolute.clone();
     with_session(&entry, move |session| {
@@ -383,6 +385,7 @@ pub async fn get_file(
 ) -> Result<Response, ApiError> {
     let entry = find(&state, &id, &caller)?;
     let absolute = format!("/{}", path.trim_start_matches('/'));
+    validate::path("path", &absolute, true)?;
     let max = state.config.max_file_bytes;
     let data = with_session(&entry, move |session| session.get_file(&absolute, max))
         .await?
