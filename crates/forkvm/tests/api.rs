@@ -485,6 +485,57 @@ fn streaming_sends_output_while_the_code_runs() {
     assert!(events.iter().any(|e| e.0 == "result"));
 }
 
+/// The server's resident memory, from `/proc`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
+#[test]
+fn a_client_that_does_not_read_its_stream_pauses_the_sandbox_not_the_server() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let server = Server::start(&[]);
+    // 16 MiB as 16,384 writev calls of 1,024 one-byte pieces each.
+    let code = "import os\nfor _ in range(16384):\n    os.writev(1, [b'x'] * 1024)";
+    let before = rss_bytes(server.pid());
+    let response = post(
+        &server,
+        &server.alice,
+        "/v1/exec",
+        json!({"code": code, "stream": true, "output_limit_bytes": 32 << 20, "timeout_seconds": 120}),
+    );
+    // The client reads nothing for a while: the code writes until the queue and the
+    // worker's window are full, then waits.
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = rss_bytes(server.pid()).saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "the server grew {} MiB for a client that does not read",
+        grown >> 20
+    );
+    // Then it reads: every byte arrives, in far fewer events than writes.
+    let events = read_events(response);
+    let mut bytes = 0;
+    let mut outputs = 0;
+    for (name, data, _) in &events {
+        if name == "stdout" {
+            let text: String = serde_json::from_str(data).unwrap();
+            assert!(text.bytes().all(|b| b == b'x'));
+            bytes += text.len();
+            outputs += 1;
+        }
+    }
+    assert_eq!(bytes, 16 << 20);
+    assert!(outputs <= (16 << 20) / 1024, "{outputs} events for 16 MiB");
+    let result = events.iter().find(|e| e.0 == "result").expect("a result");
+    let result: Value = serde_json::from_str(&result.1).unwrap();
+    assert_eq!(result["exit_code"], 0, "{}", result["stderr"]);
+}
+
 #[test]
 fn shutdown_finishes_in_flight_executions() {
     if !forkvm_testkit::kvm_available() {

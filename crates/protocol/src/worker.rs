@@ -92,6 +92,12 @@ pub struct CallFrame {
     pub call: Call,
 }
 
+/// Most output events of one call the worker sends before the server has taken them
+/// (`Call::OutputTaken`): a slow client pauses its sandbox instead of filling the server.
+pub const OUTPUT_WINDOW: u32 = 32;
+/// Most bytes one output event carries (a larger write is sent in pieces).
+pub const OUTPUT_CHUNK: usize = 64 << 10;
+
 /// What the server asks a worker to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Call {
@@ -130,6 +136,9 @@ pub enum Call {
     },
     /// Tears a session down.
     DropSession { session: SessionHandle },
+    /// The server took one `Event::Output` of call `call`: the worker may send another
+    /// (flow control, never answered; see `OUTPUT_WINDOW`).
+    OutputTaken { call: u64 },
     /// Pool counters; `Answer::Stats`.
     Stats,
     /// Makes the worker issue a system call its seccomp filter refuses, which must kill

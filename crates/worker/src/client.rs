@@ -36,9 +36,10 @@ pub enum WorkerError {
     Unavailable(String),
 }
 
-/// Events waiting for a call's thread: bounded, so a worker flooding a call with output
-/// waits for the server instead of growing its memory.
-const EVENTS_IN_FLIGHT: usize = 64;
+/// Events waiting for a call's thread: more than a well-behaved worker sends unanswered
+/// (`OUTPUT_WINDOW` outputs and the answer), so the reading thread never waits on one; a
+/// worker ignoring its window only stalls its own connection.
+const EVENTS_IN_FLIGHT: usize = 2 * forkvm_protocol::worker::OUTPUT_WINDOW as usize;
 
 /// Calls waiting for answers, with whether each streams output.
 type Pending = HashMap<u64, (mpsc::SyncSender<Event>, bool)>;
@@ -211,14 +212,19 @@ impl Connection {
             None => return Err(self.gone()),
         };
         self.send(id, call)?;
-        let deadline = Instant::now() + patience;
+        let mut deadline = Instant::now() + patience;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(Event::Output { stream, data, .. }) => {
                     if let Some(tap) = tap {
+                        // A tap waits while its client is slow, and the worker (its window
+                        // full) with it: that time is ours, not the worker's.
+                        let started = Instant::now();
                         tap(stream, &data);
+                        deadline += started.elapsed();
                     }
+                    self.send_only(Call::OutputTaken { call: id });
                 }
                 Ok(Event::Done { outcome, .. }) => return outcome.map_err(WorkerError::Failed),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.gone()),

@@ -10,6 +10,7 @@ pub mod between;
 pub mod cgroup;
 pub mod client;
 pub mod jail;
+mod output;
 pub mod seccomp;
 pub mod service;
 pub mod spawn;

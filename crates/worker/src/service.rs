@@ -9,12 +9,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use forkvm_engine::{Engine, EngineError, Session, Streams, Tap};
-use forkvm_kernel::file::Stream;
+use forkvm_engine::{Engine, EngineError, Session, Streams};
 use forkvm_kernel::host_ops::ReadError;
 use forkvm_protocol::worker::{
-    Answer, Call, CallFrame, Event, Failure, FailureKind, Hello, OutputStream, PoolCounters, Ready,
-    RunProgram, SessionHandle, Start, WireError, read_frame, write_frame,
+    Answer, Call, CallFrame, Event, Failure, FailureKind, Hello, PoolCounters, Ready, RunProgram,
+    SessionHandle, Start, WireError, read_frame, write_frame,
 };
 use forkvm_template::TemplateStore;
 use forkvm_vmm::{PoolConfig, Vmm};
@@ -22,9 +21,10 @@ use forkvm_vmm::{SandboxError, VmmError};
 
 use crate::between::{self, Wakeup};
 use crate::jail;
+use crate::output::Windows;
 
 /// The socket end shared by every thread that answers.
-type Writer = Arc<Mutex<UnixStream>>;
+pub(crate) type Writer = Arc<Mutex<UnixStream>>;
 
 /// The worker's life: reads what it is for on `socket`, then serves calls until the server
 /// closes the socket, or runs one program with `run_program` (which jails itself first).
@@ -71,6 +71,7 @@ pub fn run(socket: UnixStream, run_program: impl FnOnce(RunProgram) -> i32) -> i
         next_session: AtomicU64::new(1),
         writer,
         wakeup: Arc::new(Wakeup::default()),
+        windows: Windows::default(),
     });
     let driver = worker.clone();
     let started = std::thread::Builder::new()
@@ -111,6 +112,12 @@ fn serve_calls(worker: &Arc<Worker>, readers: &Arc<Readers>) -> i32 {
                 std::process::exit(1);
             }
         };
+        // Flow control is served here, at once: it never waits, and the call it paces may
+        // be waiting for it.
+        if let Call::OutputTaken { call } = frame.call {
+            worker.windows.taken(call);
+            continue;
+        }
         if readers.free.fetch_sub(1, Ordering::SeqCst) == 1 {
             readers.free.fetch_add(1, Ordering::SeqCst);
             let (worker, next) = (worker.clone(), readers.clone());
@@ -161,7 +168,12 @@ struct Worker {
     writer: Writer,
     /// Tells the thread that runs sessions between requests to look again.
     wakeup: Arc<Wakeup>,
+    /// The output windows of the calls streaming now.
+    windows: Windows,
 }
+
+/// How long past its own deadline a request's output may wait for the server.
+const OUTPUT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
     Failure {
@@ -227,6 +239,7 @@ impl Worker {
                         format!("the sandbox failed inside forkvm: {why}"),
                     ))
                 });
+                self.windows.remove(frame.id);
                 self.answer(frame.id, outcome);
             }
         }
@@ -239,26 +252,14 @@ impl Worker {
         }
     }
 
-    /// Streams that, when asked, send every chunk to the server as it is written. The
-    /// socket write blocks while the server is behind, which pauses the sandbox.
-    fn streams(&self, id: u64, stream: bool) -> Streams {
+    /// Streams for call `id`: captured only, or, when asked, also sent to the server as
+    /// they are written, paced by it (`output`), until `timeout` from now.
+    fn streams(&self, id: u64, stream: bool, timeout: std::time::Duration) -> Streams {
         if !stream {
             return Streams::new();
         }
-        let writer = self.writer.clone();
-        let tap: Tap = Arc::new(move |which, data: &[u8]| {
-            let stream = match which {
-                Stream::Stderr => OutputStream::Stderr,
-                _ => OutputStream::Stdout,
-            };
-            let event = Event::Output {
-                id,
-                stream,
-                data: data.to_vec(),
-            };
-            let _ = write_frame(&mut *writer.lock().expect("writer lock"), &event);
-        });
-        Streams::with_tap(tap)
+        let deadline = std::time::Instant::now() + timeout + OUTPUT_GRACE;
+        self.windows.streams(id, self.writer.clone(), deadline)
     }
 
     fn session(&self, handle: SessionHandle) -> Result<Arc<Mutex<Session>>, Failure> {
@@ -306,7 +307,7 @@ impl Worker {
                 .exec_with(
                     &self.template,
                     &request,
-                    self.streams(id, stream),
+                    self.streams(id, stream, request.limits.timeout),
                     tenant.as_deref(),
                 )
                 .map(|result| Answer::Executed {
@@ -335,7 +336,11 @@ impl Worker {
                 let mut session = session.lock().expect("session lock");
                 let result = self
                     .engine
-                    .session_exec(&mut session, &request, self.streams(id, stream))
+                    .session_exec(
+                        &mut session,
+                        &request,
+                        self.streams(id, stream, request.limits.timeout),
+                    )
                     .map_err(engine_failure)?;
                 Ok(Answer::Executed {
                     result: Box::new(result),
@@ -395,6 +400,9 @@ impl Worker {
             }
             Call::Stats => Ok(Answer::Stats(self.stats())),
             Call::ProbeFilter => Err(failure(FailureKind::Internal, "probe out of place")),
+            Call::OutputTaken { .. } => {
+                Err(failure(FailureKind::Internal, "flow control out of place"))
+            }
         }
     }
 }

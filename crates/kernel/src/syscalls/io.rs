@@ -313,11 +313,59 @@ impl Process {
         count: u64,
         offset: Option<i64>,
     ) -> SysResult {
-        if offset.is_none() && matches!(self.files.get(fd)?.object, FileObject::Socket(_)) {
-            let vecs = self.read_iovecs(iov, count)?;
-            return self.socket_write(fd, &vecs);
+        if offset.is_none() {
+            match self.files.get(fd)?.object {
+                FileObject::Socket(_) => {
+                    let vecs = self.read_iovecs(iov, count)?;
+                    return self.socket_write(fd, &vecs);
+                }
+                FileObject::Console(stream @ (Stream::Stdout | Stream::Stderr)) => {
+                    return self.console_writev(stream, iov, count);
+                }
+                _ => {}
+            }
         }
         self.transfer_vectored(fd, iov, count, offset, Self::write_from)
+    }
+
+    /// `writev` to stdout or stderr: the pieces gathered into writes of up to `CHUNK`
+    /// bytes, as one `write` of them all would make (a program writing a line as many
+    /// small pieces sends the host one chunk, not one per piece).
+    fn console_writev(&mut self, stream: Stream, iov: u64, count: u64) -> SysResult {
+        let vecs = self.read_iovecs(iov, count)?;
+        let mut gathered: Vec<u8> = Vec::new();
+        let mut total = 0u64;
+        let flush = |p: &mut Self, gathered: &mut Vec<u8>| -> Result<(), Stop> {
+            if !gathered.is_empty() {
+                p.console
+                    .write(stream, gathered)
+                    .map_err(|limit| Stop::Exit(ExitReason::OutputLimit(limit)))?;
+                gathered.clear();
+            }
+            Ok(())
+        };
+        for (base, len) in vecs {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(CHUNK - gathered.len() as u64);
+                match self.read_user(base + done, n as usize) {
+                    Ok(data) => gathered.extend_from_slice(&data),
+                    // Linux writes what came before a bad piece and reports that.
+                    Err(e) if total + done == 0 => return Err(e.into()),
+                    Err(_) => {
+                        flush(self, &mut gathered)?;
+                        return Ok(total + done);
+                    }
+                }
+                done += n;
+                if gathered.len() as u64 == CHUNK {
+                    flush(self, &mut gathered)?;
+                }
+            }
+            total += len;
+        }
+        flush(self, &mut gathered)?;
+        Ok(total)
     }
 
     /// `readv`/`writev` and their positional forms: one transfer per iovec until one comes

@@ -70,7 +70,8 @@ pub async fn exec(
     let permit = state.fairness.reserve(&caller, 1)?;
     if wants_stream(&body, &headers) {
         let state = state.clone();
-        return Ok(stream::spawn(move |tap| async move {
+        let timeout = request.limits.timeout;
+        return Ok(stream::spawn(timeout, move |tap| async move {
             let _permit = permit;
             run(&state, &caller, request, Some(tap)).await
         }));

@@ -261,6 +261,7 @@ async fn run_in_session(
     let entry = find(&state, &id, &caller)?;
     check_memory(&state, &caller)?;
     let request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
+    let timeout = request.limits.timeout;
     let run = {
         let state = state.clone();
         move |tap: Option<forkvm_worker::Tap>| async move {
@@ -272,7 +273,7 @@ async fn run_in_session(
         }
     };
     if wants_stream(&body, &headers) {
-        return Ok(stream::spawn(move |tap| run(Some(tap))));
+        return Ok(stream::spawn(timeout, move |tap| run(Some(tap))));
     }
     let result = run(None).await?;
     Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())

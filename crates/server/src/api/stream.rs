@@ -2,61 +2,146 @@
 //!
 //! Events: `stdout` and `stderr` carry a chunk as a JSON string (invalid UTF-8 replaced);
 //! `result` carries the execution's JSON result; `error` carries an error body.
+//!
+//! Output waits for the client in a bounded queue (`QUEUE_BYTES`), kept as bytes; chunks
+//! of one stream written back to back are merged, so a program writing a byte at a time
+//! makes a few large events, not one per byte. When the client reads slower than the code
+//! writes, the queue fills and the worker's call thread waits, which stops the worker's
+//! output window (`forkvm_protocol::worker::OUTPUT_WINDOW`) and pauses the sandbox. A
+//! client that goes away stops the waiting: what is written after is dropped.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use forkvm_protocol::worker::OutputStream;
 use forkvm_worker::Tap;
 use futures_util::Stream as FuturesStream;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::Notify;
 
-/// What the blocking side sends to the response.
-pub enum Message {
-    Output(OutputStream, Vec<u8>),
-    Final(Event),
+/// Most output bytes waiting for one client.
+pub const QUEUE_BYTES: usize = 1 << 20;
+/// Most output bytes in one event (each may grow up to six times as a JSON string).
+pub const EVENT_BYTES: usize = 64 << 10;
+
+#[derive(Default)]
+struct Queue {
+    chunks: VecDeque<(OutputStream, Vec<u8>)>,
+    bytes: usize,
+    /// The result (or error) event, once the run is over.
+    last: Option<Event>,
+    /// The client went away.
+    closed: bool,
 }
 
-/// A tap forwarding output as events, and the receiving end.
-pub fn channel() -> (Tap, UnboundedSender<Message>, UnboundedReceiver<Message>) {
-    let (tx, rx) = unbounded_channel();
-    let output = tx.clone();
-    let tap: Tap = Arc::new(move |stream, data: &[u8]| {
-        // A closed channel means the client went away: the code still runs to its end.
-        let _ = output.send(Message::Output(stream, data.to_vec()));
-    });
-    (tap, tx, rx)
+/// The queue between the thread that receives output and the response.
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Room was made (the producer waits on it).
+    room: Condvar,
+    /// Something was queued (the response waits on it).
+    ready: Notify,
 }
 
-fn to_event(message: Message) -> Event {
-    match message {
-        Message::Output(stream, data) => {
-            let name = if stream == OutputStream::Stderr {
-                "stderr"
-            } else {
-                "stdout"
-            };
-            let text = String::from_utf8_lossy(&data);
-            Event::default()
-                .event(name)
-                .data(serde_json::to_string(&text).expect("a string serializes"))
+impl Shared {
+    /// Queues `data`, waiting for room until `deadline` (then dropping it).
+    fn push(&self, stream: OutputStream, data: &[u8], deadline: Instant) {
+        let mut queue = self.queue.lock().expect("queue lock");
+        while queue.bytes > 0 && queue.bytes + data.len() > QUEUE_BYTES && !queue.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            queue = self
+                .room
+                .wait_timeout(queue, left.min(Duration::from_millis(100)))
+                .expect("queue lock")
+                .0;
         }
-        Message::Final(event) => event,
+        if queue.closed {
+            return;
+        }
+        match queue.chunks.back_mut() {
+            Some((last, bytes)) if *last == stream => bytes.extend_from_slice(data),
+            _ => queue.chunks.push_back((stream, data.to_vec())),
+        }
+        queue.bytes += data.len();
+        drop(queue);
+        self.ready.notify_one();
+    }
+
+    /// The next event: up to `EVENT_BYTES` of the oldest chunk, or the last event once the
+    /// output is all sent. `None` while there is nothing yet.
+    fn pop(&self) -> Option<(Event, bool)> {
+        let mut queue = self.queue.lock().expect("queue lock");
+        if let Some((stream, bytes)) = queue.chunks.front_mut() {
+            let stream = *stream;
+            let take = bytes.len().min(EVENT_BYTES);
+            let data: Vec<u8> = bytes.drain(..take).collect();
+            if bytes.is_empty() {
+                queue.chunks.pop_front();
+            }
+            queue.bytes -= take;
+            drop(queue);
+            self.room.notify_all();
+            return Some((output_event(stream, &data), false));
+        }
+        queue.last.take().map(|event| (event, true))
+    }
+
+    fn finish(&self, event: Event) {
+        self.queue.lock().expect("queue lock").last = Some(event);
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        let mut queue = self.queue.lock().expect("queue lock");
+        queue.closed = true;
+        queue.chunks.clear();
+        queue.bytes = 0;
+        drop(queue);
+        self.room.notify_all();
     }
 }
 
-/// The SSE response reading `rx` up to and including the final event. (The output tap
-/// stays with the sandbox afterwards, so the channel itself may outlive the request.)
-pub fn response(rx: UnboundedReceiver<Message>) -> Response {
-    let events = futures_util::stream::unfold((rx, false), |(mut rx, finished)| async move {
+fn output_event(stream: OutputStream, data: &[u8]) -> Event {
+    let name = if stream == OutputStream::Stderr {
+        "stderr"
+    } else {
+        "stdout"
+    };
+    let text = String::from_utf8_lossy(data);
+    Event::default()
+        .event(name)
+        .data(serde_json::to_string(&text).expect("a string serializes"))
+}
+
+/// Marks the queue closed when the response is dropped (the client went away).
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The SSE response: output events as they are queued, then the last event.
+fn response(shared: Arc<Shared>) -> Response {
+    let guard = CloseOnDrop(shared);
+    let events = futures_util::stream::unfold((guard, false), |(guard, finished)| async move {
         if finished {
             return None;
         }
-        let message = rx.recv().await?;
-        let finished = matches!(message, Message::Final(_));
-        Some((Ok(to_event(message)), (rx, finished)))
+        loop {
+            if let Some((event, last)) = guard.0.pop() {
+                return Some((Ok(event), (guard, last)));
+            }
+            guard.0.ready.notified().await;
+        }
     });
     let events: std::pin::Pin<Box<dyn FuturesStream<Item = Result<Event, Infallible>> + Send>> =
         Box::pin(events);
@@ -73,15 +158,20 @@ pub fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
 }
 
 /// Answers with an event stream: runs `run` (given the output tap) on a task, sending
-/// output as it comes and the result (or error) last.
-pub fn spawn<F, Fut>(run: F) -> Response
+/// output as it comes and the result (or error) last. Output waits for a slow client at
+/// most `timeout` (the request's own limit) and a second more.
+pub fn spawn<F, Fut>(timeout: Duration, run: F) -> Response
 where
     F: FnOnce(Tap) -> Fut + Send + 'static,
     Fut: std::future::Future<
             Output = Result<forkvm_protocol::exec::ExecResult, crate::error::ApiError>,
         > + Send,
 {
-    let (tap, tx, rx) = channel();
+    let shared = Arc::new(Shared::default());
+    let deadline = Instant::now() + timeout + Duration::from_secs(1);
+    let producer = shared.clone();
+    let tap: Tap = Arc::new(move |stream, data: &[u8]| producer.push(stream, data, deadline));
+    let finisher = shared.clone();
     tokio::spawn(async move {
         let event = match run(tap).await {
             Ok(result) => json_event(
@@ -90,7 +180,52 @@ where
             ),
             Err(error) => json_event("error", &crate::api::exec::error_body(error)),
         };
-        let _ = tx.send(Message::Final(event));
+        finisher.finish(event);
     });
-    response(rx)
+    response(shared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_of_one_stream_merge_and_events_are_bounded() {
+        let shared = Shared::default();
+        let far = Instant::now() + Duration::from_secs(60);
+        for _ in 0..1000 {
+            shared.push(OutputStream::Stdout, b"x", far);
+        }
+        shared.push(OutputStream::Stderr, b"e", far);
+        shared.push(OutputStream::Stdout, &vec![b'y'; 2 * EVENT_BYTES], far);
+        let queue = shared.queue.lock().unwrap();
+        assert_eq!(queue.chunks.len(), 3);
+        assert_eq!(queue.bytes, 1001 + 2 * EVENT_BYTES);
+        drop(queue);
+        let mut events = 0;
+        while shared.pop().is_some() {
+            events += 1;
+        }
+        assert_eq!(
+            events, 4,
+            "1000 one-byte writes, one stderr, two full events"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_waits_until_its_deadline_then_drops() {
+        let shared = Shared::default();
+        let far = Instant::now() + Duration::from_secs(60);
+        shared.push(OutputStream::Stdout, &vec![0; QUEUE_BYTES], far);
+        shared.push(
+            OutputStream::Stdout,
+            b"late",
+            Instant::now() + Duration::from_millis(50),
+        );
+        assert_eq!(shared.queue.lock().unwrap().bytes, QUEUE_BYTES);
+        // A client that goes away frees the queue and stops any wait.
+        shared.close();
+        shared.push(OutputStream::Stdout, b"after", far);
+        assert_eq!(shared.queue.lock().unwrap().bytes, 0);
+    }
 }
