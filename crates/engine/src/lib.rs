@@ -18,7 +18,7 @@ use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_protocol::{FrameError, Reply, Request};
 use forkvm_template::{SnapshotMeta, StoreError, TemplateStore};
 use forkvm_vmm::{
-    ForkSource, Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, Vmm, VmmError,
+    Cancel, ForkSource, Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, Vmm, VmmError,
 };
 
 pub use forkvm_protocol::exec::{
@@ -238,7 +238,10 @@ impl Engine {
             keep_namespace,
             language: request.language.clone(),
         })?;
-        let (reply, ended) = run_request(sandbox, &frame, started + limits.timeout)?;
+        sandbox.set_cancel(streams.cancel.clone());
+        let ran = run_request(sandbox, &frame, started + limits.timeout);
+        sandbox.set_cancel(None);
+        let (reply, ended) = ran?;
         let process = sandbox.process();
         let unsupported = process.stats().unsupported.clone();
         let (exit_code, error, truncated) = result::classify(&result::Ending {
@@ -282,12 +285,14 @@ fn check_language(language: &str) -> Result<(), EngineError> {
 /// Called with every chunk of output as the sandbox writes it (for streaming).
 pub type Tap = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 
-/// The buffers a sandbox's stdout and stderr are captured into, and an optional tap.
+/// The buffers a sandbox's stdout and stderr are captured into, an optional tap, and an
+/// optional cancellation (the client waiting for them went away).
 #[derive(Clone, Default)]
 pub struct Streams {
     pub stdout: CaptureBuffer,
     pub stderr: CaptureBuffer,
     tap: Option<Tap>,
+    cancel: Option<Cancel>,
 }
 
 impl Streams {
@@ -301,6 +306,12 @@ impl Streams {
             tap: Some(tap),
             ..Streams::default()
         }
+    }
+
+    /// The same streams, whose run `cancel` can end early.
+    pub fn with_cancel(mut self, cancel: Cancel) -> Streams {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// A console writing to these buffers, reading the request's stdin, capped by `limits`.

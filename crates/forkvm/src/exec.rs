@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use forkvm_protocol::exec::{ErrorKind, ExecLimits, ExecRequest, ExecResult};
 use forkvm_protocol::worker::OutputStream;
 use forkvm_vmm::PoolConfig;
-use forkvm_worker::Tap;
+use forkvm_worker::{Cancellation, Tap};
 use serde::Serialize;
 
 /// What `forkvm exec` was asked.
@@ -125,7 +125,7 @@ pub fn exec(options: ExecOptions) -> Result<i32> {
     });
     let streamed = tap.is_some();
     let result = workers
-        .exec(request, tap, None)
+        .exec(request, tap, None, &Cancellation::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     workers.stop();
     if options.json {

@@ -537,6 +537,54 @@ fn a_client_that_does_not_read_its_stream_pauses_the_sandbox_not_the_server() {
 }
 
 #[test]
+fn a_client_that_goes_away_ends_its_execution_and_frees_the_slot() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    // One execution at a time: a spinning one that kept its slot would hold up the next
+    // request for its whole two minutes.
+    let server = Server::start(&["--exec-slots", "1"]);
+    let spin = "print('spinning', flush=True)\nwhile True: pass";
+    let answers = |server: &Server| {
+        let response = client()
+            .post(server.url("/v1/exec"))
+            .bearer_auth(&server.alice)
+            .timeout(Duration::from_secs(90))
+            .json(&json!({ "code": "print(6 * 7)" }))
+            .send()
+            .expect("the next request is answered before the spinning one's limit");
+        assert_eq!(response.json::<Value>().unwrap()["stdout"], "42\n");
+    };
+
+    // A stream whose client leaves once it has seen the code start.
+    let mut stream = post(
+        &server,
+        &server.alice,
+        "/v1/exec",
+        json!({ "code": spin, "stream": true, "timeout_seconds": 120 }),
+    );
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("spinning") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(stream);
+    answers(&server);
+
+    // A plain request whose client gives up.
+    let gave_up = client()
+        .post(server.url("/v1/exec"))
+        .bearer_auth(&server.alice)
+        .timeout(Duration::from_secs(2))
+        .json(&json!({ "code": spin, "timeout_seconds": 120 }))
+        .send();
+    assert!(gave_up.is_err());
+    answers(&server);
+}
+
+#[test]
 fn shutdown_finishes_in_flight_executions() {
     if !forkvm_testkit::kvm_available() {
         return;

@@ -139,6 +139,9 @@ pub enum Call {
     /// The server took one `Event::Output` of call `call`: the worker may send another
     /// (flow control, never answered; see `OUTPUT_WINDOW`).
     OutputTaken { call: u64 },
+    /// The client of execution `call` went away: end it now (never answered; the call
+    /// itself answers, as at a timeout).
+    Cancel { call: u64 },
     /// Pool counters; `Answer::Stats`.
     Stats,
     /// Makes the worker issue a system call its seccomp filter refuses, which must kill

@@ -28,6 +28,7 @@ pub use fork::{ForkSource, OtherSources, PreparedVm};
 pub use pool::{Pool, PoolConfig, PoolStats};
 pub use sandbox::{Parked, RunResult, Sandbox, SandboxError};
 pub use vcpu::{CpuTemplate, VcpuState};
+pub use watchdog::Cancel;
 
 /// Errors while setting up the VMM or a sandbox's memory.
 #[derive(Debug, Error)]

@@ -20,7 +20,7 @@ use crate::descriptors::SYSCALL_EXIT_RIP;
 use crate::exit::{self, Fault, SandboxExit};
 use crate::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, SYSCALL_PORT, USER_START};
 use crate::vcpu::{self, CpuTemplate, USER_RFLAGS, VcpuSetupError, VcpuState};
-use crate::watchdog::{CpuBudget, DeadlineGuard, SchedulerAlarm};
+use crate::watchdog::{Cancel, CpuBudget, DeadlineGuard, SchedulerAlarm};
 
 /// Errors while creating, resuming or capturing a sandbox's VM.
 #[derive(Debug, Error)]
@@ -79,6 +79,8 @@ pub struct Sandbox {
     cpu_limit: Option<Duration>,
     /// The guest TSC, for the vDSO's clock page (None: the page stays disabled).
     tsc: Option<GuestTsc>,
+    /// Ends the next request runs early when cancelled (their client went away).
+    cancel: Option<Cancel>,
 }
 
 /// RFLAGS bits a program may set (as `sysret` restores them): CF PF AF ZF SF TF DF OF AC ID …
@@ -197,6 +199,7 @@ impl Sandbox {
             parked,
             cpu_limit: None,
             tsc: cpu.tsc,
+            cancel: None,
         }
     }
 
@@ -231,6 +234,11 @@ impl Sandbox {
     /// Limits the CPU time of every later run (per `run_until_request` call).
     pub fn set_cpu_limit(&mut self, limit: Option<Duration>) {
         self.cpu_limit = limit;
+    }
+
+    /// Lets `cancel` end later runs (`run_until_request`) early, as their deadline would.
+    pub fn set_cancel(&mut self, cancel: Option<Cancel>) {
+        self.cancel = cancel;
     }
 
     pub fn process(&self) -> &Process {
@@ -285,7 +293,11 @@ impl Sandbox {
         if self.parked.is_some() {
             return RunResult::AwaitingRequest;
         }
-        self.run_loop(Step::Continue, deadline, Mode::Request)
+        let result = self.run_loop(Step::Continue, deadline, Mode::Request);
+        if let Some(cancel) = &self.cancel {
+            cancel.detach();
+        }
+        result
     }
 
     /// While parked between a session's requests: runs the sandbox's other threads and
@@ -309,6 +321,9 @@ impl Sandbox {
     /// the deadline means depends on `mode`.
     fn run_loop(&mut self, first: Step, deadline: Option<Instant>, mode: Mode) -> RunResult {
         let mut guard = deadline.map(DeadlineGuard::arm);
+        if let (Mode::Request, Some(cancel), Some(guard)) = (mode, &self.cancel, &guard) {
+            cancel.attach(guard);
+        }
         let budget = match mode {
             Mode::Request => match self.cpu_limit.map(CpuBudget::arm).transpose() {
                 Ok(budget) => budget,

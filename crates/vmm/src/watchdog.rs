@@ -134,6 +134,57 @@ impl Drop for DeadlineGuard {
     }
 }
 
+/// Ends a run early from another thread (its client went away): the deadline of the run
+/// it is attached to becomes now, so the run loop stops as at a timeout. A cancellation
+/// before the run starts ends the run as soon as it does.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<Mutex<CancelState>>);
+
+#[derive(Default)]
+struct CancelState {
+    cancelled: bool,
+    /// The armed deadline of the run it is attached to.
+    deadline: Option<u64>,
+}
+
+impl Cancel {
+    pub fn cancel(&self) {
+        let mut state = self.0.lock().expect("cancel lock");
+        state.cancelled = true;
+        if let Some(id) = state.deadline {
+            expire_now(id);
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.lock().expect("cancel lock").cancelled
+    }
+
+    /// Attaches to the run whose deadline is `guard`.
+    pub(crate) fn attach(&self, guard: &DeadlineGuard) {
+        let mut state = self.0.lock().expect("cancel lock");
+        state.deadline = Some(guard.id);
+        if state.cancelled {
+            expire_now(guard.id);
+        }
+    }
+
+    pub(crate) fn detach(&self) {
+        self.0.lock().expect("cancel lock").deadline = None;
+    }
+}
+
+/// Makes armed deadline `id` due now.
+fn expire_now(id: u64) {
+    let dog = watchdog();
+    let mut state = dog.state.lock().expect("watchdog lock");
+    if let Some(armed) = state.armed.iter_mut().find(|a| a.id == id) {
+        armed.deadline = Instant::now();
+    }
+    drop(state);
+    dog.wake.notify_one();
+}
+
 /// CPU time the calling thread has used.
 fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {

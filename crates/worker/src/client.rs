@@ -36,6 +36,41 @@ pub enum WorkerError {
     Unavailable(String),
 }
 
+/// Ends an execution early from the server's side: its client went away. Cancelling
+/// before the call is made ends it as soon as it is.
+#[derive(Clone, Default)]
+pub struct Cancellation(Arc<Mutex<Target>>);
+
+#[derive(Default)]
+struct Target {
+    cancelled: bool,
+    call: Option<(Arc<Connection>, u64)>,
+}
+
+impl Cancellation {
+    /// Tells the worker running the execution to end it (it answers as at a timeout).
+    pub fn cancel(&self) {
+        let mut target = self.0.lock().expect("cancellation lock");
+        target.cancelled = true;
+        if let Some((connection, id)) = target.call.take() {
+            connection.send_only(Call::Cancel { call: id });
+        }
+    }
+
+    fn attach(&self, connection: &Arc<Connection>, id: u64) {
+        let mut target = self.0.lock().expect("cancellation lock");
+        if target.cancelled {
+            connection.send_only(Call::Cancel { call: id });
+        } else {
+            target.call = Some((connection.clone(), id));
+        }
+    }
+
+    fn detach(&self) {
+        self.0.lock().expect("cancellation lock").call = None;
+    }
+}
+
 /// Events waiting for a call's thread: more than a well-behaved worker sends unanswered
 /// (`OUTPUT_WINDOW` outputs and the answer), so the reading thread never waits on one; a
 /// worker ignoring its window only stalls its own connection.
@@ -205,6 +240,29 @@ impl Connection {
         tap: Option<&Tap>,
         patience: Duration,
     ) -> Result<Answer, WorkerError> {
+        self.call_with(call, tap, patience, |_| {})
+    }
+
+    /// `call` for an execution that `cancel` can end early (its client went away).
+    pub fn call_cancellable(
+        self: &Arc<Self>,
+        call: Call,
+        tap: Option<&Tap>,
+        patience: Duration,
+        cancel: &Cancellation,
+    ) -> Result<Answer, WorkerError> {
+        let answer = self.call_with(call, tap, patience, |id| cancel.attach(self, id));
+        cancel.detach();
+        answer
+    }
+
+    fn call_with(
+        &self,
+        call: Call,
+        tap: Option<&Tap>,
+        patience: Duration,
+        sent: impl FnOnce(u64),
+    ) -> Result<Answer, WorkerError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(EVENTS_IN_FLIGHT);
         match self.pending.lock().expect("pending lock").as_mut() {
@@ -212,6 +270,7 @@ impl Connection {
             None => return Err(self.gone()),
         };
         self.send(id, call)?;
+        sent(id);
         let mut deadline = Instant::now() + patience;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

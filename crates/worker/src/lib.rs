@@ -16,5 +16,5 @@ pub mod service;
 pub mod spawn;
 pub mod supervisor;
 
-pub use client::{Connection, Tap, WorkerError};
+pub use client::{Cancellation, Connection, Tap, WorkerError};
 pub use supervisor::{RemoteSession, WorkerConfig, Workers};

@@ -16,8 +16,8 @@ use forkvm_protocol::worker::{
     SessionHandle, Start, WireError, read_frame, write_frame,
 };
 use forkvm_template::TemplateStore;
+use forkvm_vmm::{Cancel, SandboxError, VmmError};
 use forkvm_vmm::{PoolConfig, Vmm};
-use forkvm_vmm::{SandboxError, VmmError};
 
 use crate::between::{self, Wakeup};
 use crate::jail;
@@ -72,6 +72,7 @@ pub fn run(socket: UnixStream, run_program: impl FnOnce(RunProgram) -> i32) -> i
         writer,
         wakeup: Arc::new(Wakeup::default()),
         windows: Windows::default(),
+        running: Mutex::new(HashMap::new()),
     });
     let driver = worker.clone();
     let started = std::thread::Builder::new()
@@ -114,9 +115,16 @@ fn serve_calls(worker: &Arc<Worker>, readers: &Arc<Readers>) -> i32 {
         };
         // Flow control is served here, at once: it never waits, and the call it paces may
         // be waiting for it.
-        if let Call::OutputTaken { call } = frame.call {
-            worker.windows.taken(call);
-            continue;
+        match frame.call {
+            Call::OutputTaken { call } => {
+                worker.windows.taken(call);
+                continue;
+            }
+            Call::Cancel { call } => {
+                worker.cancel(call);
+                continue;
+            }
+            _ => {}
         }
         if readers.free.fetch_sub(1, Ordering::SeqCst) == 1 {
             readers.free.fetch_add(1, Ordering::SeqCst);
@@ -170,6 +178,8 @@ struct Worker {
     wakeup: Arc<Wakeup>,
     /// The output windows of the calls streaming now.
     windows: Windows,
+    /// How to end each execution running now, by call id.
+    running: Mutex<HashMap<u64, Cancel>>,
 }
 
 /// How long past its own deadline a request's output may wait for the server.
@@ -240,6 +250,7 @@ impl Worker {
                     ))
                 });
                 self.windows.remove(frame.id);
+                self.running.lock().expect("running lock").remove(&frame.id);
                 self.answer(frame.id, outcome);
             }
         }
@@ -252,14 +263,35 @@ impl Worker {
         }
     }
 
-    /// Streams for call `id`: captured only, or, when asked, also sent to the server as
-    /// they are written, paced by it (`output`), until `timeout` from now.
+    /// Streams for execution `id`: captured only, or, when asked, also sent to the server
+    /// as they are written, paced by it (`output`), until `timeout` from now; and ended
+    /// early by a `Call::Cancel` for it.
     fn streams(&self, id: u64, stream: bool, timeout: std::time::Duration) -> Streams {
-        if !stream {
-            return Streams::new();
+        let streams = if stream {
+            let deadline = std::time::Instant::now() + timeout + OUTPUT_GRACE;
+            self.windows.streams(id, self.writer.clone(), deadline)
+        } else {
+            Streams::new()
+        };
+        let cancel = Cancel::default();
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(id, cancel.clone());
+        streams.with_cancel(cancel)
+    }
+
+    /// Ends execution `call` now (its client went away).
+    fn cancel(&self, call: u64) {
+        let cancel = self
+            .running
+            .lock()
+            .expect("running lock")
+            .get(&call)
+            .cloned();
+        if let Some(cancel) = cancel {
+            cancel.cancel();
         }
-        let deadline = std::time::Instant::now() + timeout + OUTPUT_GRACE;
-        self.windows.streams(id, self.writer.clone(), deadline)
     }
 
     fn session(&self, handle: SessionHandle) -> Result<Arc<Mutex<Session>>, Failure> {
@@ -400,7 +432,7 @@ impl Worker {
             }
             Call::Stats => Ok(Answer::Stats(self.stats())),
             Call::ProbeFilter => Err(failure(FailureKind::Internal, "probe out of place")),
-            Call::OutputTaken { .. } => {
+            Call::OutputTaken { .. } | Call::Cancel { .. } => {
                 Err(failure(FailureKind::Internal, "flow control out of place"))
             }
         }

@@ -16,7 +16,7 @@ use forkvm_protocol::worker::{
 };
 
 use crate::cgroup::{self, Cgroup};
-use crate::client::{Connection, Tap, WorkerError};
+use crate::client::{Cancellation, Connection, Tap, WorkerError};
 use crate::spawn;
 
 /// How the server runs its workers.
@@ -237,12 +237,13 @@ impl Workers {
     }
 
     /// Runs `request` in a fresh sandbox (`tenant`'s recycled VM where there is one),
-    /// handing output to `tap` as it comes when one is given.
+    /// handing output to `tap` as it comes when one is given; `cancel` ends it early.
     pub fn exec(
         &self,
         request: ExecRequest,
         tap: Option<Tap>,
         tenant: Option<&str>,
+        cancel: &Cancellation,
     ) -> Result<ExecResult, WorkerError> {
         let preferred = tenant.map_or(0, |t| {
             let mut hasher = DefaultHasher::new();
@@ -256,7 +257,7 @@ impl Workers {
             tenant: tenant.map(String::from),
             stream: tap.is_some(),
         };
-        match connection.call(call, tap.as_ref(), patience)? {
+        match connection.call_cancellable(call, tap.as_ref(), patience, cancel)? {
             Answer::Executed { result, .. } => Ok(*result),
             other => Err(unexpected(&other)),
         }
@@ -391,11 +392,12 @@ impl RemoteSession {
         })
     }
 
-    /// Runs `request` in the session's namespace.
+    /// Runs `request` in the session's namespace; `cancel` ends it early.
     pub fn exec(
         &mut self,
         request: ExecRequest,
         tap: Option<Tap>,
+        cancel: &Cancellation,
     ) -> Result<ExecResult, WorkerError> {
         let patience = request.limits.timeout + EXEC_GRACE;
         let call = Call::SessionExec {
@@ -403,7 +405,9 @@ impl RemoteSession {
             request,
             stream: tap.is_some(),
         };
-        let answer = self.connection.call(call, tap.as_ref(), patience);
+        let answer = self
+            .connection
+            .call_cancellable(call, tap.as_ref(), patience, cancel);
         match answer {
             Ok(Answer::Executed {
                 result,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 use forkvm_engine::{Engine, ExecLimits, ExecRequest, Streams};
 use forkvm_vmm::{PoolConfig, Vmm};
+use forkvm_worker::Cancellation;
 use serde::Serialize;
 
 use super::{Latency, Machine};
@@ -64,7 +65,7 @@ pub fn run(template: &str, samples: usize) -> Result<JailReport> {
     engine.session_exec(&mut session, &ExecRequest::python("x = 0"), Streams::new())?;
     let mut remote = workers.create_session().map_err(|e| anyhow!("{e}"))?;
     remote
-        .exec(ExecRequest::python("x = 0"), None)
+        .exec(ExecRequest::python("x = 0"), None, &Cancellation::default())
         .map_err(|e| anyhow!("{e}"))?;
 
     let per_round = samples.div_ceil(ROUNDS);
@@ -78,7 +79,12 @@ pub fn run(template: &str, samples: usize) -> Result<JailReport> {
         })?);
         exec_jailed.extend(timed(per_round, || {
             workers
-                .exec(request.clone(), None, Some(TENANT))
+                .exec(
+                    request.clone(),
+                    None,
+                    Some(TENANT),
+                    &Cancellation::default(),
+                )
                 .map_err(|e| anyhow!("{e}"))?;
             Ok(())
         })?);
@@ -88,7 +94,7 @@ pub fn run(template: &str, samples: usize) -> Result<JailReport> {
         })?);
         session_jailed.extend(timed(per_round, || {
             remote
-                .exec(step.clone(), None)
+                .exec(step.clone(), None, &Cancellation::default())
                 .map_err(|e| anyhow!("{e}"))?;
             Ok(())
         })?);

@@ -8,10 +8,10 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use forkvm_protocol::exec::{ExecRequest, ExecResult};
-use forkvm_worker::Tap;
+use forkvm_worker::{Cancellation, Tap};
 use uuid::Uuid;
 
-use super::{Caller, stream, worker_error};
+use super::{Caller, CancelOnDrop, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::wire::{BatchBody, BatchResponse, ExecBody, ExecResponse};
@@ -40,8 +40,14 @@ async fn run(
         .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
     let workers = state.workers.clone();
     let tenant = caller.to_string();
-    let result = tokio::task::spawn_blocking(move || workers.exec(request, tap, Some(&tenant)))
-        .await
+    let cancellation = Cancellation::default();
+    let cancel_on_drop = CancelOnDrop::new(cancellation.clone());
+    let result = tokio::task::spawn_blocking(move || {
+        workers.exec(request, tap, Some(&tenant), &cancellation)
+    })
+    .await;
+    cancel_on_drop.disarm();
+    let result = result
         .map_err(|e| ApiError::internal(format!("execution thread failed: {e}")))?
         .map_err(|e| worker_error(e, "files"))?;
     state.metrics.record(&result);

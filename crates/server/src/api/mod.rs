@@ -7,7 +7,7 @@ pub mod stream;
 pub mod system;
 
 use forkvm_protocol::worker::FailureKind;
-use forkvm_worker::WorkerError;
+use forkvm_worker::{Cancellation, WorkerError};
 
 use crate::error::ApiError;
 
@@ -38,6 +38,37 @@ pub fn worker_error(error: WorkerError, field: &str) -> ApiError {
         WorkerError::Gone(_) | WorkerError::Unresponsive(_) => {
             tracing::error!(error = %message, "worker lost");
             ApiError::internal(message)
+        }
+    }
+}
+
+/// Cancels an execution if dropped before `disarm`: the future waiting for it was dropped,
+/// which is what becomes of a handler whose client went away.
+pub struct CancelOnDrop(Option<Cancellation>);
+
+impl CancelOnDrop {
+    pub fn new(cancellation: Cancellation) -> CancelOnDrop {
+        CancelOnDrop(Some(cancellation))
+    }
+
+    /// The execution finished: nothing to cancel.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(cancellation) = self.0.take() else {
+            return;
+        };
+        tracing::info!("the client went away; ending its execution");
+        // Telling the worker is a socket write: off the async threads when there are some.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || cancellation.cancel());
+            }
+            Err(_) => cancellation.cancel(),
         }
     }
 }

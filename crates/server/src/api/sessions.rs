@@ -14,7 +14,7 @@ use forkvm_worker::RemoteSession as Session;
 use uuid::Uuid;
 
 use super::exec::wants_stream;
-use super::{Caller, stream, worker_error};
+use super::{Caller, CancelOnDrop, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::sessions::SessionEntry;
@@ -265,9 +265,14 @@ async fn run_in_session(
     let run = {
         let state = state.clone();
         move |tap: Option<forkvm_worker::Tap>| async move {
-            let result = with_session(&entry, move |session| session.exec(request, tap))
-                .await?
-                .map_err(|e| worker_error(e, "files"))?;
+            let cancellation = forkvm_worker::Cancellation::default();
+            let cancel_on_drop = CancelOnDrop::new(cancellation.clone());
+            let result = with_session(&entry, move |session| {
+                session.exec(request, tap, &cancellation)
+            })
+            .await;
+            cancel_on_drop.disarm();
+            let result = result?.map_err(|e| worker_error(e, "files"))?;
             state.metrics.record(&result);
             Ok::<_, ApiError>(result)
         }

@@ -8,7 +8,7 @@
 //! makes a few large events, not one per byte. When the client reads slower than the code
 //! writes, the queue fills and the worker's call thread waits, which stops the worker's
 //! output window (`forkvm_protocol::worker::OUTPUT_WINDOW`) and pauses the sandbox. A
-//! client that goes away stops the waiting: what is written after is dropped.
+//! client that goes away stops the waiting, and its execution is cancelled.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -45,6 +45,8 @@ struct Shared {
     room: Condvar,
     /// Something was queued (the response waits on it).
     ready: Notify,
+    /// The client went away (the run is then dropped, which cancels it).
+    gone: Notify,
 }
 
 impl Shared {
@@ -105,6 +107,7 @@ impl Shared {
         queue.bytes = 0;
         drop(queue);
         self.room.notify_all();
+        self.gone.notify_one();
     }
 }
 
@@ -173,7 +176,12 @@ where
     let tap: Tap = Arc::new(move |stream, data: &[u8]| producer.push(stream, data, deadline));
     let finisher = shared.clone();
     tokio::spawn(async move {
-        let event = match run(tap).await {
+        let outcome = tokio::select! {
+            outcome = run(tap) => outcome,
+            // Dropping the run cancels its execution (`CancelOnDrop`).
+            () = finisher.gone.notified() => return,
+        };
+        let event = match outcome {
             Ok(result) => json_event(
                 "result",
                 &crate::wire::ExecResponse::from_result(uuid::Uuid::now_v7(), &result),
