@@ -582,6 +582,31 @@ fn a_client_that_goes_away_ends_its_execution_and_frees_the_slot() {
         .send();
     assert!(gave_up.is_err());
     answers(&server);
+
+    // A session's execution takes the slot like any other: while one spins, a plain
+    // request waits (its client gives up); once the session's client leaves, it answers.
+    let id = create_session(&server, &server.alice, json!({}));
+    let mut stream = post(
+        &server,
+        &server.alice,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({ "code": spin, "stream": true, "timeout_seconds": 120 }),
+    );
+    let mut seen = String::new();
+    while !seen.contains("spinning") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let waited = client()
+        .post(server.url("/v1/exec"))
+        .bearer_auth(&server.alice)
+        .timeout(Duration::from_secs(2))
+        .json(&json!({ "code": "print(1)" }))
+        .send();
+    assert!(waited.is_err(), "a plain request ran beside the session's");
+    drop(stream);
+    answers(&server);
 }
 
 #[test]

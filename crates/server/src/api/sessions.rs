@@ -78,6 +78,15 @@ async fn with_session<T: Send + 'static>(
     }
 }
 
+/// An execution slot (`ServerConfig::exec_slots`), waited for.
+async fn acquire_slot(state: &AppState) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    state
+        .exec_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down"))
+}
+
 /// Tears a session down (its worker does the work; the message is sent from a blocking
 /// thread).
 fn dispose(session: Session) {
@@ -265,6 +274,8 @@ async fn run_in_session(
     let run = {
         let state = state.clone();
         move |tap: Option<forkvm_worker::Tap>| async move {
+            // A session's execution takes a slot like any other.
+            let _slot = acquire_slot(&state).await?;
             let cancellation = forkvm_worker::Cancellation::default();
             let cancel_on_drop = CancelOnDrop::new(cancellation.clone());
             let result = with_session(&entry, move |session| {
@@ -312,6 +323,7 @@ pub async fn fork(
     let entry = find(&state, &id, &caller)?;
     check_memory(&state, &caller)?;
     let permit = state.fairness.reserve(&caller, count)?;
+    let _slot = acquire_slot(&state).await?;
     let branches = with_session(&entry, move |session| session.fork(count))
         .await?
         .map_err(|e| worker_error(e, "count"))?;
