@@ -536,6 +536,17 @@ fn a_client_that_does_not_read_its_stream_pauses_the_sandbox_not_the_server() {
     assert_eq!(result["exit_code"], 0, "{}", result["stderr"]);
 }
 
+/// Reads a response's body until `text` has come.
+fn read_until(response: &mut Response, text: &str) {
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains(text) {
+        let n = response.read(&mut buf).unwrap();
+        assert!(n > 0, "the body ended before {text:?}: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
 #[test]
 fn a_client_that_goes_away_ends_its_execution_and_frees_the_slot() {
     if !forkvm_testkit::kvm_available() {
@@ -563,13 +574,7 @@ fn a_client_that_goes_away_ends_its_execution_and_frees_the_slot() {
         "/v1/exec",
         json!({ "code": spin, "stream": true, "timeout_seconds": 120 }),
     );
-    let mut seen = String::new();
-    let mut buf = [0u8; 256];
-    while !seen.contains("spinning") {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "the stream ended early: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    read_until(&mut stream, "spinning");
     drop(stream);
     answers(&server);
 
@@ -592,12 +597,7 @@ fn a_client_that_goes_away_ends_its_execution_and_frees_the_slot() {
         &format!("/v1/sandboxes/{id}/exec"),
         json!({ "code": spin, "stream": true, "timeout_seconds": 120 }),
     );
-    let mut seen = String::new();
-    while !seen.contains("spinning") {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "the stream ended early: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    read_until(&mut stream, "spinning");
     let waited = client()
         .post(server.url("/v1/exec"))
         .bearer_auth(&server.alice)

@@ -6,6 +6,7 @@
 //! ran, so work between requests takes at most half a core per session, and one core per
 //! worker however many sessions it holds.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -47,50 +48,37 @@ impl Wakeup {
     }
 }
 
-/// A session's place in the rotation.
-struct Turn {
-    session: Arc<Mutex<Session>>,
-    /// Not run again before this (`CLOCK_MONOTONIC` ns): its rest after a slice.
-    rest_until: u64,
-}
-
 /// The driver's life: runs forever, taking the live sessions from `sessions` each round.
+/// Each session's rest is kept by its address (the `Arc` the worker holds).
 pub fn drive(sessions: impl Fn() -> Vec<Arc<Mutex<Session>>>, wakeup: &Wakeup) -> ! {
-    let mut turns: Vec<Turn> = Vec::new();
+    let mut rest_until: HashMap<usize, u64> = HashMap::new();
     loop {
         let live = sessions();
-        turns.retain(|t| live.iter().any(|s| Arc::ptr_eq(s, &t.session)));
-        for session in live {
-            if !turns.iter().any(|t| Arc::ptr_eq(&t.session, &session)) {
-                turns.push(Turn {
-                    session,
-                    rest_until: 0,
-                });
-            }
-        }
+        let key = |session: &Arc<Mutex<Session>>| Arc::as_ptr(session) as usize;
+        let keys: HashSet<usize> = live.iter().map(key).collect();
+        rest_until.retain(|k, _| keys.contains(k));
         let mut next: Option<u64> = None;
-        for turn in &mut turns {
+        for session in &live {
             // A session busy with a call is looked at again when the call ends (`notify`).
-            let Ok(mut session) = turn.session.try_lock() else {
+            let Ok(mut locked) = session.try_lock() else {
                 continue;
             };
-            let Some(due) = session.work_due() else {
+            let Some(due) = locked.work_due() else {
                 continue;
             };
-            let now = monotonic_ns();
-            let due = due.max(turn.rest_until);
-            if due <= now {
+            let rest = rest_until.entry(key(session)).or_insert(0);
+            let mut due = due.max(*rest);
+            if due <= monotonic_ns() {
                 let started = monotonic_ns();
-                session.run_between_requests(SLICE);
+                locked.run_between_requests(SLICE);
                 let ended = monotonic_ns();
-                turn.rest_until = ended + (ended - started);
-                if let Some(due) = session.work_due() {
-                    let due = due.max(turn.rest_until);
-                    next = Some(next.map_or(due, |n| n.min(due)));
-                }
-            } else {
-                next = Some(next.map_or(due, |n| n.min(due)));
+                *rest = ended + (ended - started);
+                let Some(again) = locked.work_due() else {
+                    continue;
+                };
+                due = again.max(*rest);
             }
+            next = Some(next.map_or(due, |n| n.min(due)));
         }
         wakeup.wait(next);
     }
