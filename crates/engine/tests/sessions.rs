@@ -213,11 +213,16 @@ fn a_busy_background_thread_is_sliced_and_the_session_still_answers() {
             .map_or(0, |b| String::from_utf8(b).unwrap().parse().unwrap())
     };
     // It always has work: every slice ends by time, with the thread mid-loop, and the
-    // agent parks again.
+    // agent parks again. Slices of many lengths end at many points of the run loop (a
+    // race there once ended a session as timed out).
     let before = spins(&session);
-    for _ in 0..10 {
+    for round in 0..1000u64 {
         assert!(session.work_due().is_some());
-        assert!(session.run_between_requests(std::time::Duration::from_millis(10)));
+        let slice = std::time::Duration::from_micros(50 + round * 7919 % 3000);
+        assert!(
+            session.run_between_requests(slice),
+            "slice {round} ended the session"
+        );
     }
     let after = spins(&session);
     assert!(

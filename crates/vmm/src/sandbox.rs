@@ -363,8 +363,10 @@ impl Sandbox {
                 let outcome = self.process.resume(&mut ctx, &mut fpu);
                 step = self.finish(outcome, ctx);
             }
+            // Read the clock once: each arm must see the same answer.
+            let expired = expired(&guard, deadline);
             match step {
-                Step::Continue if mode == Mode::BetweenRequests && expired(&guard, deadline) => {
+                Step::Continue if mode == Mode::BetweenRequests && expired => {
                     if returning {
                         self.process.console_mut().flush();
                         return RunResult::Ended(SandboxExit::Internal(
@@ -381,7 +383,7 @@ impl Sandbox {
                         continue;
                     }
                 }
-                Step::Continue if expired(&guard, deadline) => {
+                Step::Continue if expired => {
                     self.process.console_mut().flush();
                     return RunResult::Ended(SandboxExit::Timeout);
                 }
