@@ -3,6 +3,7 @@
 mod bench;
 mod exec;
 mod jailed;
+mod limits;
 mod run;
 mod serve;
 mod template;
@@ -116,6 +117,20 @@ enum Command {
         /// Idle TTL of sessions that do not ask for one, in seconds.
         #[arg(long, default_value_t = 300)]
         session_ttl: u64,
+        /// Client connections open at once, counted before authentication (more are
+        /// answered 503 and closed; the descriptor limit is raised to fit).
+        #[arg(long, default_value_t = 8192)]
+        max_connections: usize,
+        /// Client connections open at once from one address (IPv6: one /64).
+        #[arg(long, default_value_t = 512)]
+        max_connections_per_address: usize,
+        /// Seconds a connection has to send a request's headers; also how long an idle
+        /// keep-alive connection is kept.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+        header_timeout: u64,
+        /// Seconds a request has to send its whole body.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        body_timeout: u64,
     },
     /// API keys for `forkvm serve`.
     #[command(subcommand)]
@@ -391,6 +406,10 @@ fn execute(cli: Cli) -> Result<i32> {
             max_sandboxes,
             max_body_mb,
             session_ttl,
+            max_connections,
+            max_connections_per_address,
+            header_timeout,
+            body_timeout,
         } => serve::serve(serve::ServeOptions {
             listen,
             keys,
@@ -412,6 +431,12 @@ fn execute(cli: Cli) -> Result<i32> {
             },
             max_body_mb,
             default_ttl: Duration::from_secs(session_ttl),
+            connections: forkvm_server::connections::ConnectionLimits {
+                max_open: max_connections.max(1),
+                max_per_address: max_connections_per_address.max(1),
+                header_timeout: Duration::from_secs(header_timeout),
+                body_timeout: Duration::from_secs(body_timeout),
+            },
         }),
         Command::Keys(KeysCommand::Add { name, file }) => serve::add(&name, file),
         Command::Template(TemplateCommand::List) => template::list().map(|()| 0),

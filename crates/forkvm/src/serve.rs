@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use forkvm_protocol::exec::ExecLimits;
 use forkvm_server::auth::{KeyStore, add_key};
+use forkvm_server::connections::ConnectionLimits;
 use forkvm_server::fairness::FairnessConfig;
 use forkvm_server::{AppState, ServerConfig};
 use forkvm_vmm::PoolConfig;
@@ -30,6 +31,7 @@ pub struct ServeOptions {
     pub fairness: FairnessConfig,
     pub max_body_mb: usize,
     pub default_ttl: Duration,
+    pub connections: ConnectionLimits,
 }
 
 /// The keys file used when none is given.
@@ -102,6 +104,7 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
     if let Some(slots) = options.exec_slots {
         config.exec_slots = slots;
     }
+    config.connections = fit_connections(options.connections);
     let state = AppState::new(workers, config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -118,6 +121,26 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(0)
+}
+
+/// Descriptors kept for everything but client connections: workers' channels, files,
+/// the listener.
+const RESERVED_DESCRIPTORS: u64 = 1024;
+
+/// Raises the descriptor limit so `limits.max_open` connections fit; if the system does
+/// not allow that many, fewer connections are allowed (and said so).
+fn fit_connections(mut limits: ConnectionLimits) -> ConnectionLimits {
+    let wanted = limits.max_open as u64 + RESERVED_DESCRIPTORS;
+    let have = crate::limits::raise_descriptor_limit(wanted);
+    if have < wanted {
+        let fit = have.saturating_sub(RESERVED_DESCRIPTORS).max(16) as usize;
+        eprintln!(
+            "forkvm: the descriptor limit is {have}: serving at most {fit} connections, not {}",
+            limits.max_open
+        );
+        limits.max_open = fit;
+    }
+    limits
 }
 
 /// Host memory in bytes (`MemTotal`).

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod connections;
 pub mod error;
 pub mod fairness;
 pub mod metrics;
@@ -16,7 +17,6 @@ pub mod sessions;
 pub mod validate;
 pub mod wire;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use forkvm_worker::Workers;
 use tokio::sync::Semaphore;
 
 use crate::auth::KeyStore;
+use crate::connections::{ConnectionLimits, ConnectionMetrics};
 use crate::fairness::{Fairness, FairnessConfig};
 use crate::metrics::Metrics;
 use crate::sessions::SessionStore;
@@ -77,6 +78,8 @@ pub struct ServerConfig {
     /// Idle TTL of a session that does not ask for one, and the largest allowed.
     pub default_ttl: Duration,
     pub max_ttl: Duration,
+    /// Connection caps and the timeouts on a request's bytes.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +97,7 @@ impl Default for ServerConfig {
             default_timeout: Duration::from_secs(30),
             default_ttl: Duration::from_secs(300),
             max_ttl: Duration::from_secs(24 * 3600),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -145,6 +149,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/sandboxes/{id}/files/{*path}",
             get(api::sessions::get_file).put(api::sessions::put_file),
         )
+        // Layers run outside in: authentication first, then the body is read.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::middleware::read_body,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::middleware::authenticate,
@@ -168,10 +177,18 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let reaper = tokio::spawn(api::sessions::reap_expired(state.clone()));
-    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let metrics = ConnectionMetrics {
+        open: state.metrics.connections_open.clone(),
+        refused: state.metrics.connections_refused.clone(),
+    };
+    let result = connections::serve_connections(
+        listener,
+        router(state.clone()),
+        state.config.connections,
+        metrics,
+        shutdown,
+    )
+    .await;
     reaper.abort();
     api::sessions::drop_all(&state).await;
     result

@@ -19,6 +19,8 @@ pub struct Metrics {
     http_responses: IntCounterVec,
     pub sessions_live: IntGauge,
     pub sessions_expired: IntCounter,
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounter,
     pool_depth: IntGaugeVec,
     pool_forks: IntGaugeVec,
     pool_misses: IntGaugeVec,
@@ -75,6 +77,16 @@ impl Metrics {
                 "Sessions deleted after their idle TTL.",
             )
             .expect("valid counter"),
+            connections_open: IntGauge::new(
+                "forkvm_connections_open",
+                "Client connections open (admitted under the caps).",
+            )
+            .expect("valid gauge"),
+            connections_refused: IntCounter::new(
+                "forkvm_connections_refused_total",
+                "Client connections closed at once: over the total or per-address cap.",
+            )
+            .expect("valid counter"),
             pool_depth: gauge_vec("forkvm_pool_depth", "Warm VMs ready to fork."),
             pool_forks: gauge_vec("forkvm_pool_forks_total", "Forks served by the pool."),
             pool_misses: gauge_vec(
@@ -110,6 +122,8 @@ impl Metrics {
             Box::new(metrics.http_responses.clone()),
             Box::new(metrics.sessions_live.clone()),
             Box::new(metrics.sessions_expired.clone()),
+            Box::new(metrics.connections_open.clone()),
+            Box::new(metrics.connections_refused.clone()),
             Box::new(metrics.pool_depth.clone()),
             Box::new(metrics.pool_forks.clone()),
             Box::new(metrics.pool_misses.clone()),

@@ -278,17 +278,7 @@ pub struct ForkOptions {
 
 /// Raises the descriptor limit: every live sandbox holds a VM and a vCPU descriptor.
 pub(super) fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+    crate::limits::raise_descriptor_limit(u64::MAX);
 }
 
 pub fn run(options: &ForkOptions) -> Result<ForkReport> {

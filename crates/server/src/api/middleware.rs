@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
@@ -45,6 +46,60 @@ pub async fn authenticate(
     }
     request.extensions_mut().insert(Caller(caller));
     next.run(request).await
+}
+
+/// Reads an authenticated request's whole body before its handler runs: within the body
+/// timeout (a client trickling its body holds its connection and buffer no longer) and
+/// within the body limit. Only after authentication, so an anonymous client never makes
+/// the server buffer anything.
+pub async fn read_body(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = state.config.max_body_bytes;
+    let timeout = state.config.connections.body_timeout;
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) if is_length_limit(&e) => {
+            return ApiError::too_large(format!("the request body is over {limit} bytes"))
+                .into_response();
+        }
+        Ok(Err(e)) => {
+            return ApiError::with_status(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("reading the request body: {e}"),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::with_status(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs_f64()
+                ),
+            )
+            .into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// Whether reading a body failed on its size limit.
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Gives every request a span with an id (and, once known, the key's name — never the key),
