@@ -263,6 +263,7 @@ impl Engine {
                 fork_us: 0,
                 exec_us,
                 total_us: exec_us,
+                queue_us: 0,
             },
             unsupported_syscalls: unsupported
                 .iter()

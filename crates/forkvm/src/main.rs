@@ -102,6 +102,10 @@ enum Command {
         /// Executions running at once (default: twice the cores).
         #[arg(long)]
         exec_slots: Option<usize>,
+        /// Executions one key may run at once (default: half the slots). Freed slots go
+        /// to the waiting key with the fewest running.
+        #[arg(long)]
+        exec_slots_per_key: Option<usize>,
         /// Requests per second per key (sustained).
         #[arg(long, default_value_t = 100.0)]
         rate: f64,
@@ -401,6 +405,7 @@ fn execute(cli: Cli) -> Result<i32> {
             worker_cpus,
             key_memory_mb,
             exec_slots,
+            exec_slots_per_key,
             rate,
             burst,
             max_sandboxes,
@@ -424,6 +429,7 @@ fn execute(cli: Cli) -> Result<i32> {
             worker_cpus,
             key_memory_mb,
             exec_slots,
+            exec_slots_per_key,
             fairness: forkvm_server::fairness::FairnessConfig {
                 rate_per_sec: rate,
                 burst,

@@ -28,6 +28,7 @@ pub struct ServeOptions {
     pub worker_cpus: Option<f64>,
     pub key_memory_mb: u64,
     pub exec_slots: Option<usize>,
+    pub exec_slots_per_key: Option<usize>,
     pub fairness: FairnessConfig,
     pub max_body_mb: usize,
     pub default_ttl: Duration,
@@ -104,6 +105,7 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
     if let Some(slots) = options.exec_slots {
         config.exec_slots = slots;
     }
+    config.exec_slots_per_key = options.exec_slots_per_key;
     config.connections = fit_connections(options.connections);
     let state = AppState::new(workers, config);
     let runtime = tokio::runtime::Builder::new_multi_thread()

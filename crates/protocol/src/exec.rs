@@ -186,6 +186,9 @@ pub struct Timings {
     /// From delivering the request to the agent's reply (or the end of the sandbox).
     pub exec_us: u64,
     pub total_us: u64,
+    /// Waiting for an execution slot before the fork (set by the server; not in `total_us`).
+    #[serde(default)]
+    pub queue_us: u64,
 }
 
 /// The complete result of one request.

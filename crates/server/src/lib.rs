@@ -14,6 +14,7 @@ pub mod fairness;
 pub mod metrics;
 pub mod openapi;
 pub mod sessions;
+pub mod slots;
 pub mod validate;
 pub mod wire;
 
@@ -25,13 +26,13 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use forkvm_protocol::exec::ExecLimits;
 use forkvm_worker::Workers;
-use tokio::sync::Semaphore;
 
 use crate::auth::KeyStore;
 use crate::connections::{ConnectionLimits, ConnectionMetrics};
 use crate::fairness::{Fairness, FairnessConfig};
 use crate::metrics::Metrics;
 use crate::sessions::SessionStore;
+use crate::slots::Slots;
 
 /// Every route the server serves, as (method, path). The OpenAPI document must describe
 /// exactly these (a test checks).
@@ -64,8 +65,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Largest file a session download may return.
     pub max_file_bytes: u64,
-    /// Executions running at once; more wait for a slot.
+    /// Executions running at once; more wait for a slot (see `slots`).
     pub exec_slots: usize,
+    /// Executions one key may run at once (`None`: half the slots, so one key alone
+    /// never holds them all).
+    pub exec_slots_per_key: Option<usize>,
     /// The largest limits a request may ask for (the workers enforce the same).
     pub maxima: ExecLimits,
     /// Host memory one key's sessions may hold before its sessions may not grow (new
@@ -91,6 +95,7 @@ impl Default for ServerConfig {
             max_body_bytes: 16 << 20,
             max_file_bytes: 64 << 20,
             exec_slots: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+            exec_slots_per_key: None,
             maxima: ExecLimits::maxima(),
             key_memory_bytes: Some(4 << 30),
             max_batch: 64,
@@ -102,6 +107,15 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Executions one key may run at once.
+    pub fn slots_per_key(&self) -> usize {
+        self.exec_slots_per_key
+            .unwrap_or(self.exec_slots / 2)
+            .clamp(1, self.exec_slots.max(1))
+    }
+}
+
 /// What every handler shares.
 pub struct AppState {
     pub workers: Arc<Workers>,
@@ -109,14 +123,14 @@ pub struct AppState {
     pub sessions: SessionStore,
     pub fairness: Fairness,
     pub metrics: Metrics,
-    pub exec_slots: Semaphore,
+    pub slots: Arc<Slots>,
 }
 
 impl AppState {
     pub fn new(workers: Arc<Workers>, config: ServerConfig) -> Arc<AppState> {
         Arc::new(AppState {
             fairness: Fairness::new(config.fairness),
-            exec_slots: Semaphore::new(config.exec_slots.max(1)),
+            slots: Slots::new(config.exec_slots, config.slots_per_key()),
             workers,
             sessions: SessionStore::default(),
             metrics: Metrics::new(),

@@ -14,12 +14,15 @@ pub struct Metrics {
     fork_seconds: Histogram,
     exec_seconds: Histogram,
     total_seconds: Histogram,
+    queue_seconds: Histogram,
     executions: IntCounterVec,
     unsupported_syscalls: IntCounterVec,
     http_responses: IntCounterVec,
     pub sessions_live: IntGauge,
     pub sessions_expired: IntCounter,
     pub connections_open: IntGauge,
+    pub executions_running: IntGauge,
+    pub executions_waiting: IntGauge,
     pub connections_refused: IntCounter,
     pool_depth: IntGaugeVec,
     pool_forks: IntGaugeVec,
@@ -55,6 +58,10 @@ impl Metrics {
                 "Time from delivering the code to its reply.",
             ),
             total_seconds: latency("forkvm_total_seconds", "Time of a whole execution."),
+            queue_seconds: latency(
+                "forkvm_queue_seconds",
+                "Time an execution waited for a slot.",
+            ),
             executions: counter_vec(
                 "forkvm_executions_total",
                 "Executions by how they ended.",
@@ -77,6 +84,16 @@ impl Metrics {
                 "Sessions deleted after their idle TTL.",
             )
             .expect("valid counter"),
+            executions_running: IntGauge::new(
+                "forkvm_executions_running",
+                "Executions holding a slot.",
+            )
+            .expect("valid gauge"),
+            executions_waiting: IntGauge::new(
+                "forkvm_executions_waiting",
+                "Executions waiting for a slot.",
+            )
+            .expect("valid gauge"),
             connections_open: IntGauge::new(
                 "forkvm_connections_open",
                 "Client connections open (admitted under the caps).",
@@ -117,11 +134,14 @@ impl Metrics {
             Box::new(metrics.fork_seconds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(metrics.exec_seconds.clone()),
             Box::new(metrics.total_seconds.clone()),
+            Box::new(metrics.queue_seconds.clone()),
             Box::new(metrics.executions.clone()),
             Box::new(metrics.unsupported_syscalls.clone()),
             Box::new(metrics.http_responses.clone()),
             Box::new(metrics.sessions_live.clone()),
             Box::new(metrics.sessions_expired.clone()),
+            Box::new(metrics.executions_running.clone()),
+            Box::new(metrics.executions_waiting.clone()),
             Box::new(metrics.connections_open.clone()),
             Box::new(metrics.connections_refused.clone()),
             Box::new(metrics.pool_depth.clone()),
@@ -136,6 +156,11 @@ impl Metrics {
             metrics.registry.register(collector).expect("unique metric");
         }
         metrics
+    }
+
+    /// Records how long an execution waited for its slot.
+    pub fn record_queued(&self, waited: std::time::Duration) {
+        self.queue_seconds.observe(waited.as_secs_f64());
     }
 
     /// Records one finished execution.

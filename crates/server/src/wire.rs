@@ -153,10 +153,12 @@ impl ExecBody {
         if let Some(t) = self.timeout_seconds {
             limits.timeout = seconds("timeout_seconds", t, maxima.timeout)?;
         }
-        if let Some(t) = self.cpu_seconds {
-            let max = maxima.cpu_time.unwrap_or(maxima.timeout);
-            limits.cpu_time = Some(seconds("cpu_seconds", t, max)?);
-        }
+        // Every execution has a CPU-time limit: the one asked for, or its wall-clock time.
+        let max_cpu = maxima.cpu_time.unwrap_or(maxima.timeout);
+        limits.cpu_time = Some(match self.cpu_seconds {
+            Some(t) => seconds("cpu_seconds", t, max_cpu)?,
+            None => limits.timeout.min(max_cpu),
+        });
         if let Some(mb) = self.memory_mb {
             limits.memory_bytes = mb
                 .checked_mul(1 << 20)
@@ -261,6 +263,9 @@ pub struct ExecResponse {
     pub fork_time_ms: f64,
     pub exec_time_ms: f64,
     pub total_time_ms: f64,
+    /// Time spent waiting for an execution slot, before the fork (not in `total_time_ms`).
+    #[serde(default)]
+    pub queue_time_ms: f64,
     pub error: ErrorInfo,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
@@ -294,6 +299,7 @@ impl ExecResponse {
             fork_time_ms: ms(result.timings.fork_us),
             exec_time_ms: ms(result.timings.exec_us),
             total_time_ms: ms(result.timings.total_us),
+            queue_time_ms: ms(result.timings.queue_us),
             error: ErrorInfo {
                 kind: result.error.kind.as_str().to_string(),
                 message: result.error.message.clone(),

@@ -11,7 +11,7 @@ use forkvm_protocol::exec::{ExecRequest, ExecResult};
 use forkvm_worker::{Cancellation, Tap};
 use uuid::Uuid;
 
-use super::{Caller, CancelOnDrop, stream, worker_error};
+use super::{Caller, CancelOnDrop, acquire_slot, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::wire::{BatchBody, BatchResponse, ExecBody, ExecResponse};
@@ -33,11 +33,7 @@ async fn run(
     request: ExecRequest,
     tap: Option<Tap>,
 ) -> Result<ExecResult, ApiError> {
-    let _slot = state
-        .exec_slots
-        .acquire()
-        .await
-        .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+    let slot = acquire_slot(state, caller).await?;
     let workers = state.workers.clone();
     let tenant = caller.to_string();
     let cancellation = Cancellation::default();
@@ -47,9 +43,10 @@ async fn run(
     })
     .await;
     cancel_on_drop.disarm();
-    let result = result
+    let mut result = result
         .map_err(|e| ApiError::internal(format!("execution thread failed: {e}")))?
         .map_err(|e| worker_error(e, "files"))?;
+    result.timings.queue_us = slot.waited.as_micros() as u64;
     state.metrics.record(&result);
     Ok(result)
 }

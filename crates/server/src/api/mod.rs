@@ -9,7 +9,9 @@ pub mod system;
 use forkvm_protocol::worker::FailureKind;
 use forkvm_worker::{Cancellation, WorkerError};
 
+use crate::AppState;
 use crate::error::ApiError;
+use crate::slots::Slot;
 
 /// The caller, as authenticated by `middleware::authenticate`.
 #[derive(Debug, Clone)]
@@ -40,6 +42,17 @@ pub fn worker_error(error: WorkerError, field: &str) -> ApiError {
             ApiError::internal(message)
         }
     }
+}
+
+/// An execution slot for `caller`, waited for in fair order between keys (`slots`).
+pub async fn acquire_slot(state: &AppState, caller: &str) -> Result<Slot, ApiError> {
+    let slot = state
+        .slots
+        .acquire(caller)
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+    state.metrics.record_queued(slot.waited);
+    Ok(slot)
 }
 
 /// Cancels an execution if dropped before `disarm`: the future waiting for it was dropped,

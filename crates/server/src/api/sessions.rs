@@ -14,7 +14,7 @@ use forkvm_worker::RemoteSession as Session;
 use uuid::Uuid;
 
 use super::exec::wants_stream;
-use super::{Caller, CancelOnDrop, stream, worker_error};
+use super::{Caller, CancelOnDrop, acquire_slot, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::sessions::SessionEntry;
@@ -76,15 +76,6 @@ async fn with_session<T: Send + 'static>(
         }
         Err(e) => Err(ApiError::internal(format!("sandbox thread failed: {e}"))),
     }
-}
-
-/// An execution slot (`ServerConfig::exec_slots`), waited for.
-async fn acquire_slot(state: &AppState) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-    state
-        .exec_slots
-        .acquire()
-        .await
-        .map_err(|_| ApiError::unavailable("the server is shutting down"))
 }
 
 /// Tears a session down (its worker does the work; the message is sent from a blocking
@@ -275,7 +266,7 @@ async fn run_in_session(
         let state = state.clone();
         move |tap: Option<forkvm_worker::Tap>| async move {
             // A session's execution takes a slot like any other.
-            let _slot = acquire_slot(&state).await?;
+            let slot = acquire_slot(&state, &caller).await?;
             let cancellation = forkvm_worker::Cancellation::default();
             let cancel_on_drop = CancelOnDrop::new(cancellation.clone());
             let result = with_session(&entry, move |session| {
@@ -283,7 +274,8 @@ async fn run_in_session(
             })
             .await;
             cancel_on_drop.disarm();
-            let result = result?.map_err(|e| worker_error(e, "files"))?;
+            let mut result = result?.map_err(|e| worker_error(e, "files"))?;
+            result.timings.queue_us = slot.waited.as_micros() as u64;
             state.metrics.record(&result);
             Ok::<_, ApiError>(result)
         }
@@ -323,7 +315,7 @@ pub async fn fork(
     let entry = find(&state, &id, &caller)?;
     check_memory(&state, &caller)?;
     let permit = state.fairness.reserve(&caller, count)?;
-    let _slot = acquire_slot(&state).await?;
+    let _slot = acquire_slot(&state, &caller).await?;
     let branches = with_session(&entry, move |session| session.fork(count))
         .await?
         .map_err(|e| worker_error(e, "count"))?;

@@ -43,6 +43,9 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> 
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     state.metrics.sessions_live.set(state.sessions.len() as i64);
+    let (running, waiting) = state.slots.occupancy();
+    state.metrics.executions_running.set(running as i64);
+    state.metrics.executions_waiting.set(waiting as i64);
     let rendered = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || {
