@@ -135,6 +135,18 @@ enum Command {
         /// Seconds a request has to send its whole body.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         body_timeout: u64,
+        /// Seconds a client may take none of a response being sent before it is
+        /// disconnected.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        send_timeout: u64,
+        /// Output one response may carry in MiB, its streams and batch members together
+        /// (their output limits are cut to fit).
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+        max_response_mb: u64,
+        /// Output the server holds for all responses in flight, in MiB; requests wait
+        /// for their share.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+        results_memory_mb: u64,
     },
     /// API keys for `forkvm serve`.
     #[command(subcommand)]
@@ -415,6 +427,9 @@ fn execute(cli: Cli) -> Result<i32> {
             max_connections_per_address,
             header_timeout,
             body_timeout,
+            send_timeout,
+            max_response_mb,
+            results_memory_mb,
         } => serve::serve(serve::ServeOptions {
             listen,
             keys,
@@ -442,7 +457,10 @@ fn execute(cli: Cli) -> Result<i32> {
                 max_per_address: max_connections_per_address.max(1),
                 header_timeout: Duration::from_secs(header_timeout),
                 body_timeout: Duration::from_secs(body_timeout),
+                send_timeout: Duration::from_secs(send_timeout),
             },
+            max_response_bytes: max_response_mb << 20,
+            results_memory_bytes: results_memory_mb << 20,
         }),
         Command::Keys(KeysCommand::Add { name, file }) => serve::add(&name, file),
         Command::Template(TemplateCommand::List) => template::list().map(|()| 0),

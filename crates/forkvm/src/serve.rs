@@ -33,6 +33,8 @@ pub struct ServeOptions {
     pub max_body_mb: usize,
     pub default_ttl: Duration,
     pub connections: ConnectionLimits,
+    pub max_response_bytes: u64,
+    pub results_memory_bytes: u64,
 }
 
 /// The keys file used when none is given.
@@ -100,6 +102,8 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
         max_body_bytes: options.max_body_mb << 20,
         default_ttl: options.default_ttl,
         key_memory_bytes: (options.key_memory_mb > 0).then_some(options.key_memory_mb << 20),
+        max_response_bytes: options.max_response_bytes,
+        results_budget_bytes: options.results_memory_bytes,
         ..ServerConfig::default()
     };
     if let Some(slots) = options.exec_slots {

@@ -6,12 +6,16 @@
 //! client address *before* authentication (a connection over a cap gets a one-line 503 and
 //! is closed), and a connection that does not finish a request's headers within the header
 //! timeout (which also bounds how long an idle keep-alive connection waits for its next
-//! request) is closed by hyper. Request bodies have their own deadline (`read_body`).
+//! request) is closed by hyper. Request bodies have their own deadline (`read_body`), and
+//! a client that takes nothing of its response for the send timeout is disconnected.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,7 +23,9 @@ use axum::extract::{ConnectInfo, Request};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
 use tower::ServiceExt;
 
 use prometheus::{IntCounter, IntGauge};
@@ -36,6 +42,9 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// Time a request has to send its whole body once its headers are in.
     pub body_timeout: Duration,
+    /// Time a client may take nothing of a response being sent before the connection is
+    /// closed (what the response holds is then freed).
+    pub send_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -45,6 +54,7 @@ impl Default for ConnectionLimits {
             max_per_address: 512,
             header_timeout: Duration::from_secs(15),
             body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -172,6 +182,7 @@ pub async fn serve_connections(
             request.extensions_mut().insert(ConnectInfo(peer));
             app.clone().oneshot(request)
         });
+        let socket = SendTimeout::new(socket, limits.send_timeout);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(socket), service));
         let open = metrics.open.clone();
         open.inc();
@@ -186,6 +197,101 @@ pub async fn serve_connections(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// A socket whose writes fail once the client has taken nothing for `limit`: hyper has
+/// no write timeout, and a client that never reads would hold its response (and its
+/// share of the results budget) for as long as it kept the connection.
+struct SendTimeout<T> {
+    io: T,
+    limit: Duration,
+    /// Since when writes have made no progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> SendTimeout<T> {
+    fn new(io: T, limit: Duration) -> SendTimeout<T> {
+        SendTimeout {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// A write could not go on: `Ready` with the error once it has stalled too long.
+    fn poll_stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took nothing for {limit:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progress<R>(
+        &mut self,
+        ready: Poll<io::Result<R>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        match ready {
+            Poll::Pending => self.poll_stalled(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendTimeout<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let ready = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.progress(ready, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let ready = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.progress(ready, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let ready = Pin::new(&mut this.io).poll_flush(cx);
+        this.progress(ready, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Tells a refused client why, if its socket takes the few bytes at once, and closes it.

@@ -13,6 +13,8 @@ pub mod error;
 pub mod fairness;
 pub mod metrics;
 pub mod openapi;
+pub mod result_json;
+pub mod results;
 pub mod sessions;
 pub mod slots;
 pub mod validate;
@@ -31,6 +33,7 @@ use crate::auth::KeyStore;
 use crate::connections::{ConnectionLimits, ConnectionMetrics};
 use crate::fairness::{Fairness, FairnessConfig};
 use crate::metrics::Metrics;
+use crate::results::ResultBudget;
 use crate::sessions::SessionStore;
 use crate::slots::Slots;
 
@@ -82,6 +85,10 @@ pub struct ServerConfig {
     /// Idle TTL of a session that does not ask for one, and the largest allowed.
     pub default_ttl: Duration,
     pub max_ttl: Duration,
+    /// Output one response may carry, all its streams and batch members together.
+    pub max_response_bytes: u64,
+    /// Output the server holds for all responses in flight (see `results`).
+    pub results_budget_bytes: u64,
     /// Connection caps and the timeouts on a request's bytes.
     pub connections: ConnectionLimits,
 }
@@ -102,6 +109,8 @@ impl Default for ServerConfig {
             default_timeout: Duration::from_secs(30),
             default_ttl: Duration::from_secs(300),
             max_ttl: Duration::from_secs(24 * 3600),
+            max_response_bytes: 128 << 20,
+            results_budget_bytes: 1 << 30,
             connections: ConnectionLimits::default(),
         }
     }
@@ -124,6 +133,7 @@ pub struct AppState {
     pub fairness: Fairness,
     pub metrics: Metrics,
     pub slots: Arc<Slots>,
+    pub results: ResultBudget,
 }
 
 impl AppState {
@@ -131,6 +141,7 @@ impl AppState {
         Arc::new(AppState {
             fairness: Fairness::new(config.fairness),
             slots: Slots::new(config.exec_slots, config.slots_per_key()),
+            results: ResultBudget::new(config.results_budget_bytes, config.max_response_bytes),
             workers,
             sessions: SessionStore::default(),
             metrics: Metrics::new(),

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub executions_running: IntGauge,
     pub executions_waiting: IntGauge,
+    pub results_reserved_bytes: IntGauge,
     pub connections_refused: IntCounter,
     pool_depth: IntGaugeVec,
     pool_forks: IntGaugeVec,
@@ -94,6 +95,11 @@ impl Metrics {
                 "Executions waiting for a slot.",
             )
             .expect("valid gauge"),
+            results_reserved_bytes: IntGauge::new(
+                "forkvm_results_reserved_bytes",
+                "Output reserved for responses in flight (of --results-memory-mb).",
+            )
+            .expect("valid gauge"),
             connections_open: IntGauge::new(
                 "forkvm_connections_open",
                 "Client connections open (admitted under the caps).",
@@ -142,6 +148,7 @@ impl Metrics {
             Box::new(metrics.sessions_expired.clone()),
             Box::new(metrics.executions_running.clone()),
             Box::new(metrics.executions_waiting.clone()),
+            Box::new(metrics.results_reserved_bytes.clone()),
             Box::new(metrics.connections_open.clone()),
             Box::new(metrics.connections_refused.clone()),
             Box::new(metrics.pool_depth.clone()),

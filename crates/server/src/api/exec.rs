@@ -5,15 +5,15 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::{Extension, Json};
 use forkvm_protocol::exec::{ExecRequest, ExecResult};
 use forkvm_worker::{Cancellation, Tap};
-use uuid::Uuid;
 
-use super::{Caller, CancelOnDrop, acquire_slot, stream, worker_error};
+use super::{Caller, CancelOnDrop, acquire_slot, json_response, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
+use crate::result_json::JsonPieces;
 use crate::wire::{BatchBody, BatchResponse, ExecBody, ExecResponse};
 
 /// Whether the client asked for Server-Sent Events.
@@ -69,19 +69,23 @@ pub async fn exec(
     body: Result<Json<ExecBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
+    let mut request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
     let permit = state.fairness.reserve(&caller, 1)?;
+    let hold = state
+        .results
+        .reserve(std::slice::from_mut(&mut request))
+        .await?;
     if wants_stream(&body, &headers) {
         let state = state.clone();
         let timeout = request.limits.timeout;
-        return Ok(stream::spawn(timeout, move |tap| async move {
+        return Ok(stream::spawn(timeout, hold, move |tap| async move {
             let _permit = permit;
             run(&state, &caller, request, Some(tap)).await
         }));
     }
     let result = run(&state, &caller, request, None).await?;
     drop(permit);
-    Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())
+    Ok(json_response(JsonPieces::exec(result), hold))
 }
 
 pub fn error_body(error: ApiError) -> crate::error::ErrorBody {
@@ -106,7 +110,7 @@ pub async fn batch(
     State(state): State<Arc<AppState>>,
     Extension(Caller(caller)): Extension<Caller>,
     body: Result<Json<BatchBody>, JsonRejection>,
-) -> Result<Json<BatchResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let Json(body) = body?;
     if body.executions.is_empty() || body.executions.len() > state.config.max_batch {
         return Err(ApiError::invalid(
@@ -125,20 +129,13 @@ pub async fn batch(
         requests.push(request);
     }
     let _permit = state.fairness.reserve(&caller, requests.len())?;
-    let tasks: Vec<_> = requests
+    // One response cap for the whole batch: its members share it.
+    let hold = state.results.reserve(&mut requests).await?;
+    // Run within this handler (each on a blocking thread), not as detached tasks: a
+    // client that goes away drops them all, which cancels them.
+    let runs = requests
         .into_iter()
-        .map(|request| {
-            let state = state.clone();
-            let caller = caller.clone();
-            tokio::spawn(async move { run(&state, &caller, request, None).await })
-        })
-        .collect();
-    let mut results = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        let result = task
-            .await
-            .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))??;
-        results.push(ExecResponse::from_result(Uuid::now_v7(), &result));
-    }
-    Ok(Json(BatchResponse { results }))
+        .map(|request| run(&state, &caller, request, None));
+    let results = futures_util::future::try_join_all(runs).await?;
+    Ok(json_response(JsonPieces::batch(results), hold))
 }

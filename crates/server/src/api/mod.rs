@@ -6,11 +6,18 @@ pub mod sessions;
 pub mod stream;
 pub mod system;
 
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use forkvm_protocol::worker::FailureKind;
 use forkvm_worker::{Cancellation, WorkerError};
+use futures_util::StreamExt;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::result_json::JsonPieces;
 use crate::slots::Slot;
 
 /// The caller, as authenticated by `middleware::authenticate`.
@@ -53,6 +60,20 @@ pub async fn acquire_slot(state: &AppState, caller: &str) -> Result<Slot, ApiErr
         .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
     state.metrics.record_queued(slot.waited);
     Ok(slot)
+}
+
+/// A JSON response made piece by piece as the client takes it (`result_json`); `hold`
+/// (a share of the results budget) is kept until it is sent or dropped.
+pub fn json_response<H: Send + 'static>(pieces: JsonPieces, hold: H) -> Response {
+    let body = futures_util::stream::iter(pieces).map(move |piece| {
+        let _held = &hold;
+        Ok::<_, Infallible>(piece)
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// Cancels an execution if dropped before `disarm`: the future waiting for it was dropped,

@@ -14,9 +14,10 @@ use forkvm_worker::RemoteSession as Session;
 use uuid::Uuid;
 
 use super::exec::wants_stream;
-use super::{Caller, CancelOnDrop, acquire_slot, stream, worker_error};
+use super::{Caller, CancelOnDrop, acquire_slot, json_response, stream, worker_error};
 use crate::AppState;
 use crate::error::ApiError;
+use crate::result_json::JsonPieces;
 use crate::sessions::SessionEntry;
 use crate::validate;
 use crate::wire::{
@@ -260,8 +261,12 @@ async fn run_in_session(
 ) -> Result<Response, ApiError> {
     let entry = find(&state, &id, &caller)?;
     check_memory(&state, &caller)?;
-    let request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
+    let mut request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
     let timeout = request.limits.timeout;
+    let hold = state
+        .results
+        .reserve(std::slice::from_mut(&mut request))
+        .await?;
     let run = {
         let state = state.clone();
         move |tap: Option<forkvm_worker::Tap>| async move {
@@ -281,10 +286,10 @@ async fn run_in_session(
         }
     };
     if wants_stream(&body, &headers) {
-        return Ok(stream::spawn(timeout, move |tap| run(Some(tap))));
+        return Ok(stream::spawn(timeout, hold, move |tap| run(Some(tap))));
     }
     let result = run(None).await?;
-    Ok(Json(ExecResponse::from_result(Uuid::now_v7(), &result)).into_response())
+    Ok(json_response(JsonPieces::exec(result), hold))
 }
 
 /// Fork a session into `count` new sessions that start from its exact state.

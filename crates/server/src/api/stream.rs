@@ -1,38 +1,44 @@
 //! Server-Sent Events: output chunks while the code runs, then the result.
 //!
 //! Events: `stdout` and `stderr` carry a chunk as a JSON string (invalid UTF-8 replaced);
-//! `result` carries the execution's JSON result; `error` carries an error body.
+//! `result` carries the execution's JSON result; `error` carries an error body. A comment
+//! line keeps an idle stream alive every 15 s.
 //!
 //! Output waits for the client in a bounded queue (`QUEUE_BYTES`), kept as bytes; chunks
 //! of one stream written back to back are merged, so a program writing a byte at a time
 //! makes a few large events, not one per byte. When the client reads slower than the code
 //! writes, the queue fills and the worker's call thread waits, which stops the worker's
 //! output window (`forkvm_protocol::worker::OUTPUT_WINDOW`) and pauses the sandbox. A
-//! client that goes away stops the waiting, and its execution is cancelled.
+//! client that goes away stops the waiting, and its execution is cancelled. The result
+//! event is written piece by piece as the client takes it (`result_json`).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::body::{Body, Bytes};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use forkvm_protocol::worker::OutputStream;
 use forkvm_worker::Tap;
-use futures_util::Stream as FuturesStream;
 use tokio::sync::Notify;
+
+use crate::result_json::{JsonPieces, json_string};
 
 /// Most output bytes waiting for one client.
 pub const QUEUE_BYTES: usize = 1 << 20;
 /// Most output bytes in one event (each may grow up to six times as a JSON string).
 pub const EVENT_BYTES: usize = 64 << 10;
+/// How often an idle stream gets a keep-alive comment.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
 struct Queue {
     chunks: VecDeque<(OutputStream, Vec<u8>)>,
     bytes: usize,
     /// The result (or error) event, once the run is over.
-    last: Option<Event>,
+    last: Option<JsonPieces>,
     /// The client went away.
     closed: bool,
 }
@@ -47,6 +53,12 @@ struct Shared {
     ready: Notify,
     /// The client went away (the run is then dropped, which cancels it).
     gone: Notify,
+}
+
+/// What the response sends next.
+enum Next {
+    Output(Bytes),
+    Last(JsonPieces),
 }
 
 impl Shared {
@@ -78,7 +90,7 @@ impl Shared {
 
     /// The next event: up to `EVENT_BYTES` of the oldest chunk, or the last event once the
     /// output is all sent. `None` while there is nothing yet.
-    fn pop(&self) -> Option<(Event, bool)> {
+    fn pop(&self) -> Option<Next> {
         let mut queue = self.queue.lock().expect("queue lock");
         if let Some((stream, bytes)) = queue.chunks.front_mut() {
             let stream = *stream;
@@ -90,13 +102,13 @@ impl Shared {
             queue.bytes -= take;
             drop(queue);
             self.room.notify_all();
-            return Some((output_event(stream, &data), false));
+            return Some(Next::Output(output_event(stream, &data)));
         }
-        queue.last.take().map(|event| (event, true))
+        queue.last.take().map(Next::Last)
     }
 
-    fn finish(&self, event: Event) {
-        self.queue.lock().expect("queue lock").last = Some(event);
+    fn finish(&self, last: JsonPieces) {
+        self.queue.lock().expect("queue lock").last = Some(last);
         self.ready.notify_one();
     }
 
@@ -111,16 +123,18 @@ impl Shared {
     }
 }
 
-fn output_event(stream: OutputStream, data: &[u8]) -> Event {
-    let name = if stream == OutputStream::Stderr {
-        "stderr"
+fn output_event(stream: OutputStream, data: &[u8]) -> Bytes {
+    let name: &[u8] = if stream == OutputStream::Stderr {
+        b"event: stderr\ndata: "
     } else {
-        "stdout"
+        b"event: stdout\ndata: "
     };
-    let text = String::from_utf8_lossy(data);
-    Event::default()
-        .event(name)
-        .data(serde_json::to_string(&text).expect("a string serializes"))
+    let text = json_string(data);
+    let mut event = Vec::with_capacity(name.len() + text.len() + 2);
+    event.extend_from_slice(name);
+    event.extend_from_slice(&text);
+    event.extend_from_slice(b"\n\n");
+    Bytes::from(event)
 }
 
 /// Marks the queue closed when the response is dropped (the client went away).
@@ -132,43 +146,60 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// The SSE response: output events as they are queued, then the last event.
-fn response(shared: Arc<Shared>) -> Response {
-    let guard = CloseOnDrop(shared);
-    let events = futures_util::stream::unfold((guard, false), |(guard, finished)| async move {
-        if finished {
-            return None;
-        }
-        loop {
-            if let Some((event, last)) = guard.0.pop() {
-                return Some((Ok(event), (guard, last)));
-            }
-            guard.0.ready.notified().await;
-        }
-    });
-    let events: std::pin::Pin<Box<dyn FuturesStream<Item = Result<Event, Infallible>> + Send>> =
-        Box::pin(events);
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+/// What the response stream holds between polls.
+struct Sending<H> {
+    guard: CloseOnDrop,
+    /// The last event, being sent piece by piece.
+    last: Option<JsonPieces>,
+    /// Held until the response is done (the result's share of the budget).
+    _hold: H,
 }
 
-/// An event with a JSON payload.
-pub fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
-    Event::default()
-        .event(name)
-        .data(serde_json::to_string(value).expect("API types serialize"))
+/// The SSE response: output events as they are queued, then the last event.
+fn response<H: Send + 'static>(shared: Arc<Shared>, hold: H) -> Response {
+    let state = Sending {
+        guard: CloseOnDrop(shared),
+        last: None,
+        _hold: hold,
+    };
+    let events = futures_util::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(last) = &mut state.last {
+                return last.next().map(|piece| (Ok::<_, Infallible>(piece), state));
+            }
+            match state.guard.0.pop() {
+                Some(Next::Output(event)) => return Some((Ok(event), state)),
+                Some(Next::Last(pieces)) => state.last = Some(pieces),
+                None => {
+                    let ready = state.guard.0.ready.notified();
+                    if tokio::time::timeout(KEEP_ALIVE, ready).await.is_err() {
+                        return Some((Ok(Bytes::from_static(b":\n\n")), state));
+                    }
+                }
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(events),
+    )
+        .into_response()
 }
 
 /// Answers with an event stream: runs `run` (given the output tap) on a task, sending
 /// output as it comes and the result (or error) last. Output waits for a slow client at
-/// most `timeout` (the request's own limit) and a second more.
-pub fn spawn<F, Fut>(timeout: Duration, run: F) -> Response
+/// most `timeout` (the request's own limit) and a second more. `hold` is kept until the
+/// response is sent or dropped.
+pub fn spawn<F, Fut, H>(timeout: Duration, hold: H, run: F) -> Response
 where
     F: FnOnce(Tap) -> Fut + Send + 'static,
     Fut: std::future::Future<
             Output = Result<forkvm_protocol::exec::ExecResult, crate::error::ApiError>,
         > + Send,
+    H: Send + 'static,
 {
     let shared = Arc::new(Shared::default());
     let deadline = Instant::now() + timeout + Duration::from_secs(1);
@@ -181,16 +212,17 @@ where
             // Dropping the run cancels its execution (`CancelOnDrop`).
             () = finisher.gone.notified() => return,
         };
-        let event = match outcome {
-            Ok(result) => json_event(
-                "result",
-                &crate::wire::ExecResponse::from_result(uuid::Uuid::now_v7(), &result),
-            ),
-            Err(error) => json_event("error", &crate::api::exec::error_body(error)),
+        let last = match outcome {
+            Ok(result) => JsonPieces::exec(result).framed(b"event: result\ndata: ", b"\n\n"),
+            Err(error) => JsonPieces::ready(
+                serde_json::to_vec(&crate::api::exec::error_body(error))
+                    .expect("API types serialize"),
+            )
+            .framed(b"event: error\ndata: ", b"\n\n"),
         };
-        finisher.finish(event);
+        finisher.finish(last);
     });
-    response(shared)
+    response(shared, hold)
 }
 
 #[cfg(test)]

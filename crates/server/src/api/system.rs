@@ -46,6 +46,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let (running, waiting) = state.slots.occupancy();
     state.metrics.executions_running.set(running as i64);
     state.metrics.executions_waiting.set(waiting as i64);
+    state
+        .metrics
+        .results_reserved_bytes
+        .set(state.results.reserved_bytes() as i64);
     let rendered = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || {
