@@ -1,5 +1,6 @@
 //! The server's memory for results in flight: every execution's output is bounded before
-//! it runs, and the server as a whole holds at most a budget of it.
+//! it runs, and the server as a whole holds at most a budget of it (request bodies and
+//! file downloads draw on the same budget).
 //!
 //! A request's output limits are cut so that all of its streams together (a batch's
 //! members included) stay within the per-response cap; then the request reserves that
@@ -54,6 +55,17 @@ impl ResultBudget {
         }
         // The bytes and their decoded copy; never more than the whole budget.
         let units = (2 * bytes).div_ceil(UNIT).min(self.total_units) as u32;
+        self.units
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| ApiError::unavailable("the server is shutting down"))
+    }
+
+    /// Waits for `bytes` of the budget (a request body, a file download): never more
+    /// than the whole budget.
+    pub async fn reserve_bytes(&self, bytes: u64) -> Result<Reservation, ApiError> {
+        let units = bytes.div_ceil(UNIT).clamp(1, self.total_units) as u32;
         self.units
             .clone()
             .acquire_many_owned(units)

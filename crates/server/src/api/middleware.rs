@@ -60,6 +60,26 @@ pub async fn read_body(
     let (parts, body) = request.into_parts();
     let limit = state.config.max_body_bytes;
     let timeout = state.config.connections.body_timeout;
+    // What the body will hold, from the server's budget, until the request is answered.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let expected = match declared {
+        Some(length) => length.min(limit as u64),
+        None if chunked => limit as u64,
+        None => 0,
+    };
+    let _hold = if expected > 0 {
+        match state.results.reserve_bytes(expected).await {
+            Ok(hold) => Some(hold),
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        None
+    };
     let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) if is_length_limit(&e) => {

@@ -8,7 +8,7 @@ pub mod system;
 
 use std::convert::Infallible;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use forkvm_protocol::worker::FailureKind;
@@ -65,12 +65,23 @@ pub async fn acquire_slot(state: &AppState, caller: &str) -> Result<Slot, ApiErr
 /// A JSON response made piece by piece as the client takes it (`result_json`); `hold`
 /// (a share of the results budget) is kept until it is sent or dropped.
 pub fn json_response<H: Send + 'static>(pieces: JsonPieces, hold: H) -> Response {
+    held_response("application/json", pieces, hold)
+}
+
+/// A response of `pieces`, made as the client takes them, holding `hold` until it is
+/// sent or dropped.
+pub fn held_response<I, H>(content_type: &'static str, pieces: I, hold: H) -> Response
+where
+    I: IntoIterator<Item = Bytes>,
+    I::IntoIter: Send + 'static,
+    H: Send + 'static,
+{
     let body = futures_util::stream::iter(pieces).map(move |piece| {
         let _held = &hold;
         Ok::<_, Infallible>(piece)
     });
     (
-        [(header::CONTENT_TYPE, "application/json")],
+        [(header::CONTENT_TYPE, content_type)],
         Body::from_stream(body),
     )
         .into_response()

@@ -7,14 +7,16 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::{Extension, Json};
 use forkvm_worker::RemoteSession as Session;
 use uuid::Uuid;
 
 use super::exec::wants_stream;
-use super::{Caller, CancelOnDrop, acquire_slot, json_response, stream, worker_error};
+use super::{
+    Caller, CancelOnDrop, acquire_slot, held_response, json_response, stream, worker_error,
+};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::result_json::JsonPieces;
@@ -402,15 +404,16 @@ pub async fn get_file(
     let absolute = format!("/{}", path.trim_start_matches('/'));
     validate::path("path", &absolute, true)?;
     let max = state.config.max_file_bytes;
+    // The file, and its copy while the worker's message is decoded.
+    let hold = state.results.reserve_bytes(2 * max).await?;
     let data = with_session(&entry, move |session| session.get_file(&absolute, max))
         .await?
         .map_err(|e| worker_error(e, "path"))?;
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        "application/octet-stream".parse().expect("valid header"),
-    );
-    Ok((headers, data).into_response())
+    Ok(held_response(
+        "application/octet-stream",
+        [Bytes::from(data)],
+        hold,
+    ))
 }
 
 /// Every second, deletes sessions idle past their TTL.
