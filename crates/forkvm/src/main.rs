@@ -290,6 +290,26 @@ enum BenchCommand {
         #[arg(long, default_value = bench::compute::TEMPLATE)]
         template: String,
     },
+    /// A real server under a mixed, partly hostile load from many keys (executions,
+    /// numpy, sessions with files and forks, streams, batches, busy loops, output and
+    /// memory bombs): every answer checked; throughput, latency by kind, server memory.
+    Load {
+        /// Drive this server instead of starting one (needs `--key`).
+        #[arg(long)]
+        url: Option<String>,
+        /// API keys for `--url` (repeat the flag for several).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Keys to create for the server this command starts.
+        #[arg(long, default_value_t = 4)]
+        key_count: usize,
+        /// Concurrent clients (each on one key, in turn).
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds of load after the warm-up.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+    },
     /// (internal) One worker process of `bench fork`'s live-sandbox measurement.
     #[command(hide = true)]
     LiveWorker {
@@ -509,6 +529,25 @@ fn execute(cli: Cli) -> Result<i32> {
             eprint!("{}", bench::compute::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
+        }
+        Command::Bench(BenchCommand::Load {
+            url,
+            keys,
+            key_count,
+            clients,
+            duration,
+        }) => {
+            let report = bench::load::run(&bench::load::LoadOptions {
+                url,
+                keys,
+                key_count,
+                clients,
+                duration: Duration::from_secs(duration.max(1)),
+            })?;
+            eprint!("{}", bench::load::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            let clean = report.wrong_answers == 0 && report.server_errors == 0;
+            Ok(if clean { 0 } else { 1 })
         }
         Command::Bench(BenchCommand::LiveWorker { template, count }) => {
             bench::live::worker(&template, count).map(|()| 0)

@@ -183,3 +183,28 @@ fn thousands_of_requests_each_get_their_own_answer() {
         "memory did not return: {baseline} KiB -> {after} KiB"
     );
 }
+
+/// `forkvm bench load`, CI-sized: its own server, four keys, the whole hostile mix; every
+/// answer right, no 5xx, no dropped connection.
+#[test]
+fn the_mixed_hostile_load_gets_only_right_answers() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_forkvm"))
+        .args(["bench", "load", "--duration", "15", "--clients", "6"])
+        .env("FORKVM_CACHE_DIR", server::cache_dir())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{table}");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("no report ({e}): {table}"));
+    assert_eq!(report["wrong_answers"], 0, "{report}");
+    assert_eq!(report["server_errors"], 0, "{report}");
+    assert_eq!(report["transport_errors"], 0, "{report}");
+    assert!(output.status.success(), "{table}");
+    // Every kind of the mix ran.
+    let kinds = report["latency"].as_object().unwrap();
+    assert_eq!(kinds.len(), 8, "{report}");
+}

@@ -7,6 +7,7 @@ pub mod fork;
 pub mod host;
 pub mod jail;
 pub mod live;
+pub mod load;
 pub mod startup;
 
 use std::time::Duration;
