@@ -8,11 +8,14 @@
 #               the host side of the benchmarks and of the numeric and plotting tests: the
 #               same Debian binaries the sandbox runs, with the BLAS a normal numpy install
 #               selects
+#   python3-venv  the Python SDK's tests: a venv with the SDK (sdk/python) and httpx from PyPI
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+
 
 packages=(mmdebstrap gcc libc6-dev bubblewrap python3 python3-numpy libopenblas0-pthread
     python3-pandas python3-sklearn python3-scipy python3-matplotlib python3-seaborn
-    ca-certificates)
+    python3-venv ca-certificates)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -21,6 +24,13 @@ if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+sdk_venv="${FORKVM_SDK_VENV:-/opt/forkvm-sdk-venv}"
+if ! "$sdk_venv/bin/python" -c "import forkvm, httpx" 2>/dev/null; then
+    echo "setup: creating the Python SDK's venv in $sdk_venv"
+    /usr/bin/python3 -m venv "$sdk_venv"
+    "$sdk_venv/bin/pip" install -q --disable-pip-version-check "$root/sdk/python"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -1,0 +1,54 @@
+//! The Python SDK (`sdk/python`) against a real `forkvm serve`: its own test suite, run
+//! in the venv `scripts/setup.sh` makes, on the working tree's SDK source.
+
+#[path = "support/server.rs"]
+mod server;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use server::Server;
+
+/// The venv's Python, or `None` (with a message) where the SDK tests cannot run.
+fn sdk_python() -> Option<PathBuf> {
+    let venv = std::env::var_os("FORKVM_SDK_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/forkvm-sdk-venv"));
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import httpx"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ready {
+        return Some(python);
+    }
+    let message = format!(
+        "the Python SDK's venv is missing ({}): run scripts/setup.sh",
+        venv.display()
+    );
+    if std::env::var_os("FORKVM_REQUIRE_KVM").is_some() {
+        panic!("{message}");
+    }
+    eprintln!("skipping: {message}");
+    None
+}
+
+#[test]
+fn the_python_sdk_passes_its_tests_against_a_live_server() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let Some(python) = sdk_python() else { return };
+    let server = Server::start(&["--rate", "20", "--burst", "40"]);
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python");
+    let status = Command::new(python)
+        .args(["-m", "unittest", "discover", "-v", "-s", "tests"])
+        .current_dir(&sdk)
+        .env("PYTHONPATH", &sdk)
+        .env("FORKVM_URL", &server.base)
+        .env("FORKVM_API_KEY", &server.alice)
+        .env("FORKVM_OTHER_KEY", &server.bob)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the SDK's tests failed");
+}
