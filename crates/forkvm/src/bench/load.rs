@@ -79,6 +79,8 @@ pub struct LoadReport {
     pub server_errors: usize,
     pub transport_errors: usize,
     pub throttled: usize,
+    /// The floor: a plain execution on the idle server, one at a time (after warm-up).
+    pub idle_exec: Latency,
     /// Latency of whole operations by kind (a session operation is its six requests).
     pub latency: BTreeMap<String, Latency>,
     /// The server's resident memory: after warm-up, its peak and at the end, in MiB.
@@ -494,6 +496,17 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
             bail!("warm-up {kind:?} failed: {e}");
         }
     }
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        let begun = Instant::now();
+        if operate(&warm, Kind::Exec, &mut rng).is_ok() {
+            idle.push(begun.elapsed());
+        }
+    }
+    if idle.is_empty() {
+        bail!("no plain execution succeeded on the idle server");
+    }
+    let idle_exec = Latency::of(idle);
     let after_warmup = server_rss(&http, &base).unwrap_or(0.0);
     eprintln!(
         "bench: {} clients on {} keys for {:?}…",
@@ -568,6 +581,7 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
         server_errors: server,
         transport_errors: transport,
         throttled,
+        idle_exec,
         latency: latencies
             .into_iter()
             .map(|(kind, samples)| {
@@ -603,18 +617,23 @@ pub fn table(report: &LoadReport) -> String {
         report.transport_errors,
         report.throttled
     );
+    let floor = report.idle_exec.p50_us / 1e3;
     out.push_str(&format!(
-        "{:<12} {:>7} {:>10} {:>10} {:>10}\n",
-        "kind", "count", "p50 ms", "p99 ms", "max ms"
+        "floor: a plain execution on the idle server, p50 {floor:.1} ms\n"
+    ));
+    out.push_str(&format!(
+        "{:<12} {:>7} {:>10} {:>10} {:>10} {:>12}\n",
+        "kind", "count", "p50 ms", "p99 ms", "max ms", "p50 / floor"
     ));
     for (kind, latency) in &report.latency {
         out.push_str(&format!(
-            "{:<12} {:>7} {:>10.1} {:>10.1} {:>10.1}\n",
+            "{:<12} {:>7} {:>10.1} {:>10.1} {:>10.1} {:>12.1}\n",
             kind,
             latency.count,
             latency.p50_us / 1e3,
             latency.p99_us / 1e3,
-            latency.max_us / 1e3
+            latency.max_us / 1e3,
+            latency.p50_us / 1e3 / floor
         ));
     }
     let rss = &report.server_rss_mib;
