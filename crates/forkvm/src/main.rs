@@ -4,6 +4,7 @@ mod bench;
 mod exec;
 mod jailed;
 mod limits;
+mod mcp;
 mod run;
 mod serve;
 mod template;
@@ -30,6 +31,16 @@ enum Command {
     /// Benchmarks; each prints JSON on stdout and a table on stderr.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// An MCP server on stdio (JSON-RPC, protocol 2025-06-18) whose tools run code in a
+    /// running `forkvm serve`: for agents' hosts (Claude, Cursor, …).
+    Mcp {
+        /// The server's URL.
+        #[arg(long, env = "FORKVM_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The API key.
+        #[arg(long, env = "FORKVM_API_KEY", hide_env_values = true)]
+        key: Option<String>,
+    },
     /// A jailed worker process (started by `forkvm serve`, never by hand).
     #[command(hide = true)]
     Worker,
@@ -483,6 +494,7 @@ fn execute(cli: Cli) -> Result<i32> {
             results_memory_bytes: results_memory_mb << 20,
         }),
         Command::Keys(KeysCommand::Add { name, file }) => serve::add(&name, file),
+        Command::Mcp { url, key } => mcp::serve_stdio(&url, key),
         Command::Template(TemplateCommand::List) => template::list().map(|()| 0),
         Command::Template(TemplateCommand::Show { name }) => template::show(&name).map(|()| 0),
         Command::Template(TemplateCommand::Rm { name }) => template::remove(&name).map(|()| 0),

@@ -54,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/sandboxes/{id}/fork"),
     ("put", "/v1/sandboxes/{id}/files/{path}"),
     ("get", "/v1/sandboxes/{id}/files/{path}"),
+    ("post", "/mcp"),
 ];
 
 /// How the server is configured.
@@ -134,6 +135,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub slots: Arc<Slots>,
     pub results: ResultBudget,
+    /// The router itself, for calls the server makes to its own routes (`/mcp`).
+    pub router: std::sync::OnceLock<Router>,
 }
 
 impl AppState {
@@ -142,6 +145,7 @@ impl AppState {
             fairness: Fairness::new(config.fairness),
             slots: Slots::new(config.exec_slots, config.slots_per_key()),
             results: ResultBudget::new(config.results_budget_bytes, config.max_response_bytes),
+            router: std::sync::OnceLock::new(),
             workers,
             sessions: SessionStore::default(),
             metrics: Metrics::new(),
@@ -169,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/sandboxes/{id}/exec", post(api::sessions::exec))
         .route("/v1/sandboxes/{id}/commands", post(api::sessions::commands))
+        .route("/mcp", post(api::mcp::mcp))
         .route("/v1/sandboxes/{id}/fork", post(api::sessions::fork))
         .route(
             "/v1/sandboxes/{id}/files/{*path}",
@@ -183,7 +188,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             api::middleware::authenticate,
         ));
-    public
+    let app = public
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(axum::middleware::from_fn(api::middleware::json_errors))
@@ -191,7 +196,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             api::middleware::observe,
         ))
-        .with_state(state)
+        .with_state(state.clone());
+    // The state then holds the router that holds the state: both live as long as the
+    // server does.
+    let _ = state.router.set(app.clone());
+    app
 }
 
 /// Serves on `listener` until `shutdown` resolves, then finishes in-flight requests.

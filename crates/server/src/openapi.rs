@@ -50,6 +50,7 @@ impl Modify for BearerAuth {
         api::sessions::fork,
         api::sessions::put_file,
         api::sessions::get_file,
+        api::mcp::mcp,
     ),
     components(schemas(
         wire::ExecBody,

@@ -1,6 +1,7 @@
 //! Request handlers, one module per area.
 
 pub mod exec;
+pub mod mcp;
 pub mod middleware;
 pub mod sessions;
 pub mod stream;
