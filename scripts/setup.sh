@@ -9,6 +9,8 @@
 #               same Debian binaries the sandbox runs, with the BLAS a normal numpy install
 #               selects
 #   python3-venv  the Python SDK's tests: a venv with the SDK (sdk/python) and httpx from PyPI
+#   nodejs, npm   the TypeScript SDK (sdk/typescript): its compiler from the npm registry,
+#                 pinned by its lockfile (a Node.js already installed is used as it is)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -20,6 +22,9 @@ missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    missing+=(nodejs npm)
+fi
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
     apt-get update -qq
@@ -31,6 +36,11 @@ if ! "$sdk_venv/bin/python" -c "import forkvm, httpx" 2>/dev/null; then
     echo "setup: creating the Python SDK's venv in $sdk_venv"
     /usr/bin/python3 -m venv "$sdk_venv"
     "$sdk_venv/bin/pip" install -q --disable-pip-version-check "$root/sdk/python"
+fi
+
+if [ ! -e "$root/sdk/typescript/node_modules/typescript" ]; then
+    echo "setup: installing the TypeScript SDK's compiler (npm ci)"
+    (cd "$root/sdk/typescript" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -52,3 +52,48 @@ fn the_python_sdk_passes_its_tests_against_a_live_server() {
         .unwrap();
     assert!(status.success(), "the SDK's tests failed");
 }
+
+/// `npm`, or `None` (with a message) where the TypeScript SDK's tests cannot run.
+fn npm_ready(sdk: &Path) -> bool {
+    let ready = sdk.join("node_modules/typescript").exists()
+        && Command::new("node")
+            .arg("--version")
+            .status()
+            .is_ok_and(|s| s.success());
+    if ready {
+        return true;
+    }
+    let message =
+        "the TypeScript SDK needs node and `npm ci` in sdk/typescript: run scripts/setup.sh";
+    if std::env::var_os("FORKVM_REQUIRE_KVM").is_some() {
+        panic!("{message}");
+    }
+    eprintln!("skipping: {message}");
+    false
+}
+
+#[test]
+fn the_typescript_sdk_builds_and_passes_its_tests_against_a_live_server() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/typescript");
+    if !npm_ready(&sdk) {
+        return;
+    }
+    let build = Command::new("npm")
+        .args(["run", "build"])
+        .current_dir(&sdk)
+        .status()
+        .unwrap();
+    assert!(build.success(), "the TypeScript SDK did not build");
+    let server = Server::start(&[]);
+    let status = Command::new("npm")
+        .arg("test")
+        .current_dir(&sdk)
+        .env("FORKVM_URL", &server.base)
+        .env("FORKVM_API_KEY", &server.alice)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the TypeScript SDK's tests failed");
+}
