@@ -97,3 +97,65 @@ fn the_typescript_sdk_builds_and_passes_its_tests_against_a_live_server() {
         .unwrap();
     assert!(status.success(), "the TypeScript SDK's tests failed");
 }
+
+/// Runs `examples/NAME` with the SDK's venv against `server`; its stdout.
+fn run_example(python: &Path, server: &Server, name: &str, workdir: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let output = Command::new(python)
+        .arg(root.join("examples").join(name))
+        .current_dir(workdir)
+        .env("PYTHONPATH", root.join("sdk/python"))
+        .env("FORKVM_URL", &server.base)
+        .env("FORKVM_API_KEY", &server.alice)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_examples_run() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    let Some(python) = sdk_python() else { return };
+    let workdir = tempfile_dir();
+    let server = Server::start(&[]);
+    let agent = run_example(&python, &server, "agent_loop.py", &workdir);
+    assert!(agent.contains("NameError"), "{agent}");
+    assert!(agent.contains("agent finished after 4 turns"), "{agent}");
+    let explore = run_example(&python, &server, "fork_and_explore.py", &workdir);
+    assert!(explore.contains("best: degree 3"), "{explore}");
+    drop(server);
+    // The plot needs a template with pandas and matplotlib.
+    let build = Command::new(env!("CARGO_BIN_EXE_forkvm"))
+        .args([
+            "template",
+            "build",
+            "plots",
+            "--packages",
+            "pandas,matplotlib",
+        ])
+        .env("FORKVM_CACHE_DIR", server::cache_dir())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(build.success());
+    let server = Server::start(&["--template", "plots"]);
+    let plot = run_example(&python, &server, "plot_to_png.py", &workdir);
+    assert!(plot.contains("wrote signups.png"), "{plot}");
+    let png = std::fs::read(workdir.join("signups.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("examples-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
