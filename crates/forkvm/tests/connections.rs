@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use server::{Server, client};
+use server::Server;
 
 /// A TCP connection to `server` from the loopback address `source` (127/8 is all ours,
 /// so each test client can be its own "address").
@@ -87,13 +87,7 @@ fn two_thousand_idle_connections_do_not_keep_a_fresh_client_waiting() {
         .map(|i| connect_from(Ipv4Addr::new(127, 0, 1, 1 + (i % 8) as u8), target))
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let metrics = server.metrics();
-    let open: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("forkvm_connections_open "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let open = server.gauge("forkvm_connections_open");
     assert!(open >= 2000, "{open} connections open");
     // A fresh client is answered at once (the bound is generous: the answer takes
     // milliseconds; a server blocked on its descriptors or tasks would never answer).
@@ -110,14 +104,7 @@ fn two_thousand_idle_connections_do_not_keep_a_fresh_client_waiting() {
         "health answered in {:?} with {open} idle connections",
         started.elapsed()
     );
-    let reply: serde_json::Value = client()
-        .post(server.url("/v1/exec"))
-        .bearer_auth(&server.alice)
-        .json(&json!({ "code": "print(6 * 7)" }))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let reply = server.exec(&server.alice, json!({ "code": "print(6 * 7)" }));
     assert_eq!(reply["stdout"], "42\n", "{reply}");
     drop(idle);
 }
@@ -162,12 +149,7 @@ fn connections_over_an_address_cap_are_refused_and_places_come_back() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let refused = server
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix("forkvm_connections_refused_total "))
-        .map(|v| v.parse::<u64>().unwrap());
-    assert!(refused >= Some(1), "{refused:?}");
+    assert!(server.gauge("forkvm_connections_refused_total") >= 1);
 }
 
 #[test]

@@ -41,14 +41,7 @@ fn a_key_flooding_busy_loops_does_not_delay_another_keys_print() {
     std::thread::sleep(Duration::from_secs(2));
     // Bob's first request runs at once: it does not wait for any of Alice's.
     let started = Instant::now();
-    let reply: Value = client()
-        .post(server.url("/v1/exec"))
-        .bearer_auth(&server.bob)
-        .json(&json!({ "code": "print(1)" }))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let reply = server.exec(&server.bob, json!({ "code": "print(1)" }));
     let took = started.elapsed();
     assert_eq!(reply["stdout"], "1\n", "{reply}");
     let queued = reply["queue_time_ms"].as_f64().unwrap();
@@ -64,17 +57,8 @@ fn a_key_flooding_busy_loops_does_not_delay_another_keys_print() {
         );
     }
     // Alice runs two, her cap; the other ten wait their turn.
-    let metrics = server.metrics();
-    let gauge = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
-            .parse()
-            .unwrap()
-    };
-    assert_eq!(gauge("forkvm_executions_running"), 2, "{metrics}");
-    assert_eq!(gauge("forkvm_executions_waiting"), 10, "{metrics}");
+    assert_eq!(server.gauge("forkvm_executions_running"), 2);
+    assert_eq!(server.gauge("forkvm_executions_waiting"), 10);
     // Dropping Alice's connections ends her executions and gives the slots back.
     drop(flood);
     let bobs: Vec<_> = (0..4)

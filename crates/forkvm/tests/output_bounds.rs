@@ -26,16 +26,6 @@ fn memory(pid: u32, field: &str) -> u64 {
     kib << 10
 }
 
-fn gauge(server: &Server, name: &str) -> u64 {
-    server
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name}"))
-        .parse()
-        .unwrap()
-}
-
 /// The server's peak resident memory may grow this much for the batch below: its
 /// response cap is 128 MiB of output, held as bytes (and once more while a result is
 /// decoded), plus pieces of JSON in flight.
@@ -48,14 +38,7 @@ fn a_batch_of_64_output_bombs_keeps_the_server_within_its_bound() {
     }
     let server = Server::start(&[]);
     // Warm up (the first request loads what every later one shares).
-    let warm: Value = client()
-        .post(server.url("/v1/exec"))
-        .bearer_auth(&server.alice)
-        .json(&json!({ "code": "print(1)" }))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let warm = server.exec(&server.alice, json!({ "code": "print(1)" }));
     assert_eq!(warm["stdout"], "1\n");
     let before = memory(server.pid(), "VmRSS");
     // Each writes 64 MiB of control bytes (six bytes each as JSON text) to stdout and
@@ -98,7 +81,7 @@ fn a_batch_of_64_output_bombs_keeps_the_server_within_its_bound() {
         before >> 20,
         peak >> 20
     );
-    assert_eq!(gauge(&server, "forkvm_results_reserved_bytes"), 0);
+    assert_eq!(server.gauge("forkvm_results_reserved_bytes"), 0);
 }
 
 #[test]
@@ -123,12 +106,12 @@ fn a_client_that_reads_none_of_a_large_response_is_cut_off_and_its_share_freed()
     stuck.write_all(request.as_bytes()).unwrap();
     // Its result is reserved while it runs and is sent...
     let deadline = Instant::now() + Duration::from_secs(60);
-    while gauge(&server, "forkvm_results_reserved_bytes") == 0 {
+    while server.gauge("forkvm_results_reserved_bytes") == 0 {
         assert!(Instant::now() < deadline, "nothing was ever reserved");
         std::thread::sleep(Duration::from_millis(20));
     }
     // ...and freed once the server gives up on a client that takes nothing.
-    while gauge(&server, "forkvm_results_reserved_bytes") != 0 {
+    while server.gauge("forkvm_results_reserved_bytes") != 0 {
         assert!(
             Instant::now() < deadline,
             "the stuck response kept its share"
@@ -154,13 +137,6 @@ fn a_client_that_reads_none_of_a_large_response_is_cut_off_and_its_share_freed()
         "the whole response arrived ({received} bytes)"
     );
     // The server serves on.
-    let reply: Value = client()
-        .post(server.url("/v1/exec"))
-        .bearer_auth(&server.alice)
-        .json(&json!({ "code": "print(2)" }))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let reply = server.exec(&server.alice, json!({ "code": "print(2)" }));
     assert_eq!(reply["stdout"], "2\n");
 }

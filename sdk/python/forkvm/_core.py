@@ -236,6 +236,20 @@ def batch_body(items: Iterable[Union[str, Mapping[str, Any]]]) -> Dict[str, Any]
     return {"executions": executions}
 
 
+def create_body(
+    template: Optional[str], ttl: Optional[int], metadata: Optional[Mapping[str, str]]
+) -> Dict[str, Any]:
+    """The JSON of a new session's request (only what was given)."""
+    body: Dict[str, Any] = {}
+    if template is not None:
+        body["template"] = template
+    if ttl is not None:
+        body["ttl_seconds"] = ttl
+    if metadata:
+        body["metadata"] = dict(metadata)
+    return body
+
+
 def call_timeout(settings: Settings, code_timeout: Optional[float]) -> float:
     """How long an HTTP call that runs code may take."""
     return max(settings.timeout, (code_timeout or 30.0) + SLACK_SECONDS)

@@ -62,13 +62,7 @@ class Sandbox:
     ) -> "Sandbox":
         """A new session (a fork of ``template``, idle for at most ``ttl`` seconds)."""
         client = cls(api_key, base_url, timeout=timeout, max_retries=max_retries)
-        body: Dict[str, Any] = {}
-        if template is not None:
-            body["template"] = template
-        if ttl is not None:
-            body["ttl_seconds"] = ttl
-        if metadata:
-            body["metadata"] = dict(metadata)
+        body = _core.create_body(template, ttl, metadata)
         info = client._request("POST", "/v1/sandboxes", json=body).json()
         client.id = str(info["id"])
         return client

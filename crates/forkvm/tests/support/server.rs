@@ -118,6 +118,29 @@ impl Server {
             .unwrap()
     }
 
+    /// A gauge or counter of `/v1/metrics` (unlabelled).
+    pub fn gauge(&self, name: &str) -> u64 {
+        let metrics = self.metrics();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in the metrics"))
+            .parse()
+            .unwrap()
+    }
+
+    /// `POST /v1/exec` of `body` as `key`: the JSON answer.
+    pub fn exec(&self, key: &str, body: serde_json::Value) -> serde_json::Value {
+        client()
+            .post(self.url("/v1/exec"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
     /// `GET /v1/sandboxes/{id}` as `key`.
     pub fn session(&self, key: &str, id: &str) -> serde_json::Value {
         client()
