@@ -64,11 +64,16 @@ def reseed():
     import random
 
     # One read of host entropy for every generator: each syscall is an exit to the VMM.
-    seed = os.urandom(36)
+    seed = os.urandom(68)
     random.seed(seed[:32])
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        numpy.random.seed(int.from_bytes(seed[32:], "little"))
+        numpy.random.seed(int.from_bytes(seed[32:36], "little"))
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:
+        # OpenSSL's DRBGs were seeded before the fork and do not see it (the pid is the
+        # same): mixing fresh entropy into the primary makes them all reseed.
+        ssl.RAND_add(seed[36:], 32.0)
     tempfile = sys.modules.get("tempfile")
     if tempfile is not None:
         # Its name generator is a random.Random created on first use.
@@ -139,7 +144,9 @@ AGENT_MAIN = sys.modules["__main__"]
 
 def serve(request):
     # Not timed here: the VMM measures the exec, and a clock read is an exit (no vDSO).
-    reseed()
+    # Only a new fork reseeds: in a session, a seed the code set holds for its next request.
+    if request.get("fresh_fork", True):
+        reseed()
     os.environ.update(request.get("env") or {})
     cwd = request.get("cwd")
     if cwd:

@@ -25,7 +25,7 @@ pub use forkvm_protocol::exec::{
     ErrorKind, ExecError, ExecLimits, ExecRequest, ExecResult, FileIn, LANGUAGES, Timings,
 };
 pub use recycle::{RecycleConfig, Recycler};
-pub use session::Session;
+pub use session::{InSession, Session};
 
 /// The request every pooled VM runs before it serves a user's (see `Vmm::warm_up`): it walks
 /// the agent's request path and the common first steps of user code, so KVM's shadow page
@@ -204,17 +204,19 @@ impl Engine {
     }
 
     /// Runs `request` in `sandbox` (parked on its control channel), whose console writes to
-    /// `streams`. For a session, `session_base` is what it had mapped when created: the
-    /// code runs in the agent's persistent namespace, and its memory limit counts from
-    /// there. The sandbox is parked again afterwards unless it ended.
+    /// `streams`. With `session`, the code runs in the agent's persistent namespace and its
+    /// memory limit counts from what the session had mapped when created; without, the
+    /// sandbox is a fresh fork. The sandbox is parked again afterwards unless it ended.
     pub fn run_in(
         &self,
         sandbox: &mut Sandbox,
         request: &ExecRequest,
         streams: &Streams,
-        session_base: Option<u64>,
+        session: Option<InSession>,
     ) -> Result<ExecResult, EngineError> {
-        let keep_namespace = session_base.is_some();
+        let keep_namespace = session.is_some();
+        let session_base = session.map(|s| s.base);
+        let fresh_fork = session.is_none_or(|s| s.fresh_fork);
         check_language(&request.language)?;
         let limits = request.limits.within(&self.maxima);
         let started = Instant::now();
@@ -237,6 +239,7 @@ impl Engine {
             cwd: request.cwd.clone(),
             keep_namespace,
             language: request.language.clone(),
+            fresh_fork,
         })?;
         sandbox.set_cancel(streams.cancel.clone());
         let ran = run_request(sandbox, &frame, started + limits.timeout);

@@ -26,6 +26,18 @@ pub struct Session {
     /// What the session had mapped when it was created (its template's mappings): each
     /// request's memory limit counts from here, so requests cannot add up past it.
     mapped_at_start: u64,
+    /// No request has run since the session was created or forked: the next one reseeds
+    /// the runtime's random generators.
+    fresh_fork: bool,
+}
+
+/// A request's place in its session (`Engine::run_in`).
+#[derive(Debug, Clone, Copy)]
+pub struct InSession {
+    /// What the session had mapped when created: its memory limit counts from here.
+    pub base: u64,
+    /// The session's first request since it was created or forked.
+    pub fresh_fork: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -151,6 +163,7 @@ impl Engine {
             alive: true,
             layer_share: 0,
             measured: None,
+            fresh_fork: true,
         })
     }
 
@@ -171,8 +184,12 @@ impl Engine {
             .process_mut()
             .replace_console(streams.console(request, &limits));
         let started = Instant::now();
-        let base = Some(session.mapped_at_start);
-        let result = self.run_in(&mut session.sandbox, request, &streams, base);
+        let place = InSession {
+            base: session.mapped_at_start,
+            fresh_fork: session.fresh_fork,
+        };
+        let result = self.run_in(&mut session.sandbox, request, &streams, Some(place));
+        session.fresh_fork = false;
         session.detach_console();
         let result = result?;
         session.alive = session.sandbox.parked().is_some();
@@ -204,6 +221,7 @@ impl Engine {
                 alive: true,
                 layer_share,
                 measured: None,
+                fresh_fork: true,
             });
         }
         Ok(branches)

@@ -235,3 +235,57 @@ fn a_busy_background_thread_is_sliced_and_the_session_still_answers() {
     assert!(branch.run_between_requests(std::time::Duration::from_millis(10)));
     assert_eq!(run(engine, &mut branch, "print(1 + 1)"), "2\n");
 }
+
+#[test]
+fn a_seed_the_code_set_holds_for_the_sessions_next_request() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    run(
+        engine,
+        &mut session,
+        "import random, numpy\nrandom.seed(42)\nnumpy.random.seed(0)",
+    );
+    // As in one Python process: the seeded sequences go on where they were.
+    assert_eq!(
+        run(
+            engine,
+            &mut session,
+            "print(random.random(), numpy.random.rand())"
+        ),
+        "0.6394267984578837 0.5488135039273248\n"
+    );
+}
+
+#[test]
+fn forks_of_a_session_draw_fresh_randomness_from_every_generator() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    // Every generator is used before the fork, so each has state a fork would copy:
+    // OpenSSL's DRBGs are seeded, random and numpy are seeded by the code.
+    run(
+        engine,
+        &mut session,
+        "import os, random, numpy, ssl, uuid, secrets\nssl.RAND_bytes(16)\n\
+         random.seed(1)\nnumpy.random.seed(1)",
+    );
+    let draw = "print(ssl.RAND_bytes(16).hex(), random.random(), numpy.random.rand(), \
+                uuid.uuid4(), secrets.token_hex(16), os.urandom(16).hex())";
+    let mut seen = std::collections::HashSet::new();
+    // 100 forks of the same state, ten live at a time.
+    for _ in 0..10 {
+        for mut branch in engine.fork_session(&mut session, 10).unwrap() {
+            let out = run(engine, &mut branch, draw);
+            let fields: Vec<&str> = out.split_whitespace().collect();
+            assert_eq!(fields.len(), 6, "{out}");
+            for field in fields {
+                let repeated = !seen.insert(field.to_string());
+                assert!(!repeated, "{field} repeated across forks");
+            }
+        }
+    }
+    // The parent's own seeded sequence is untouched by its forks.
+    assert_eq!(
+        run(engine, &mut session, "print(random.random())"),
+        "0.13436424411240122\n"
+    );
+}

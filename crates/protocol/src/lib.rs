@@ -55,13 +55,20 @@ pub struct Request {
     /// the agent runs the code with as `SHELL -c CODE`.
     #[serde(default)]
     pub language: String,
+    /// The first request of a newly forked sandbox: the agent gives the runtime's random
+    /// generators fresh seeds first (forks must not repeat each other's numbers). A
+    /// session's later requests keep whatever seeds its code set.
+    #[serde(default)]
+    pub fresh_fork: bool,
 }
 
 impl Request {
+    /// `code` for a fresh fork.
     pub fn code(code: impl Into<Vec<u8>>) -> Request {
         Request {
             v: VERSION,
             code: code.into(),
+            fresh_fork: true,
             ..Request::default()
         }
     }
