@@ -68,6 +68,23 @@ class AsyncSandbox:
         return client
 
     @classmethod
+    async def connect(
+        cls,
+        session_id: str,
+        api_key: Optional[str] = None,
+        base_url: Optional[str] = None,
+        **kw: Any,
+    ) -> "AsyncSandbox":
+        """The session `session_id`, checked to exist for this key."""
+        sandbox = cls(api_key, base_url, _session_id=str(session_id), **kw)
+        try:
+            await sandbox.info()
+        except BaseException:
+            await sandbox.close()
+            raise
+        return sandbox
+
+    @classmethod
     async def list(
         cls,
         api_key: Optional[str] = None,

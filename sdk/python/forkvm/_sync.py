@@ -68,6 +68,20 @@ class Sandbox:
         return client
 
     @classmethod
+    def connect(
+        cls,
+        session_id: str,
+        api_key: Optional[str] = None,
+        base_url: Optional[str] = None,
+        **kw: Any,
+    ) -> "Sandbox":
+        """The session `session_id` (made earlier, perhaps by another process), checked to
+        exist for this key (``NotFoundError`` otherwise)."""
+        sandbox = cls(api_key, base_url, _session_id=str(session_id), **kw)
+        sandbox.info()
+        return sandbox
+
+    @classmethod
     def list(
         cls,
         api_key: Optional[str] = None,

@@ -78,6 +78,11 @@ class SyncTests(unittest.TestCase):
             self.assertEqual(sb.commands.run("cat /tmp/notes.txt; echo").stdout, "hello\n")
             ids = [s.id for s in Sandbox.list()]
             self.assertIn(sb.id, ids)
+            # Another handle on the same session, as another process would make.
+            again = Sandbox.connect(sb.id)
+            self.assertEqual(again.run("print(x)").stdout, "41\n")
+            with self.assertRaises(forkvm.NotFoundError):
+                Sandbox.connect("00000000-0000-0000-0000-000000000000")
             self.assertEqual(sb.info().metadata, {"test": "sdk"})
             branches = sb.fork(2)
             try:
@@ -152,6 +157,9 @@ class AsyncTests(unittest.IsolatedAsyncioTestCase):
             async with branch:
                 self.assertEqual((await branch.run("print(len(a))")).stdout, "10\n")
             self.assertIn(sb.id, [s.id for s in await AsyncSandbox.list()])
+            again = await AsyncSandbox.connect(sb.id)
+            self.assertEqual((await again.run("print(len(a))")).stdout, "10\n")
+            await again.close()
 
     async def test_errors(self):
         sb = AsyncSandbox(api_key="fvk_wrong")

@@ -356,6 +356,13 @@ export class Sandbox {
     return sandbox;
   }
 
+  /** The session `sessionId` (made earlier, perhaps elsewhere), checked to exist. */
+  static async connect(sessionId: string, options: SandboxOptions & { apiKey?: string } = {}): Promise<Sandbox> {
+    const sandbox = new Sandbox(options.apiKey, options, sessionId);
+    await sandbox.info();
+    return sandbox;
+  }
+
   /** The key's live sessions. */
   static async list(options: SandboxOptions & { apiKey?: string } = {}): Promise<SessionInfo[]> {
     const settings = settingsOf(options.apiKey, options);

@@ -63,6 +63,9 @@ test("sessions keep state, fork, and hold files", async () => {
     assert.equal((await sb.commands.run("cat /tmp/t.txt")).stdout, "typed");
     assert.deepEqual((await sb.info()).metadata, { from: "ts" });
     assert.ok((await Sandbox.list()).some((s) => s.id === sb.id));
+    const again = await Sandbox.connect(sb.id);
+    assert.equal((await again.run("print(x)")).stdout, "41\n");
+    await assert.rejects(Sandbox.connect("00000000-0000-0000-0000-000000000000"), NotFoundError);
     const [branch] = await sb.fork(1);
     await branch.run("x = 0");
     assert.equal((await branch.run("print(x)")).stdout, "0\n");
