@@ -158,6 +158,9 @@ enum Command {
         /// for their share.
         #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
         results_memory_mb: u64,
+        /// Request bodies the server holds at once, in MiB; requests wait for room.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+        bodies_memory_mb: u64,
     },
     /// API keys for `forkvm serve`.
     #[command(subcommand)]
@@ -461,6 +464,7 @@ fn execute(cli: Cli) -> Result<i32> {
             send_timeout,
             max_response_mb,
             results_memory_mb,
+            bodies_memory_mb,
         } => serve::serve(serve::ServeOptions {
             listen,
             keys,
@@ -492,6 +496,7 @@ fn execute(cli: Cli) -> Result<i32> {
             },
             max_response_bytes: max_response_mb << 20,
             results_memory_bytes: results_memory_mb << 20,
+            bodies_memory_bytes: bodies_memory_mb << 20,
         }),
         Command::Keys(KeysCommand::Add { name, file }) => serve::add(&name, file),
         Command::Mcp { url, key } => mcp::serve_stdio(&url, key),

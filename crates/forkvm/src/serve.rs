@@ -35,6 +35,7 @@ pub struct ServeOptions {
     pub connections: ConnectionLimits,
     pub max_response_bytes: u64,
     pub results_memory_bytes: u64,
+    pub bodies_memory_bytes: u64,
 }
 
 /// The keys file used when none is given.
@@ -104,6 +105,7 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
         key_memory_bytes: (options.key_memory_mb > 0).then_some(options.key_memory_mb << 20),
         max_response_bytes: options.max_response_bytes,
         results_budget_bytes: options.results_memory_bytes,
+        bodies_budget_bytes: options.bodies_memory_bytes,
         ..ServerConfig::default()
     };
     if let Some(slots) = options.exec_slots {

@@ -140,3 +140,16 @@ fn a_client_that_reads_none_of_a_large_response_is_cut_off_and_its_share_freed()
     let reply = server.exec(&server.alice, json!({ "code": "print(2)" }));
     assert_eq!(reply["stdout"], "2\n");
 }
+
+#[test]
+fn a_large_body_never_waits_on_its_own_results_share() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    // A results budget smaller than body + result: a request holding its 14 MiB body
+    // must still get its result's share (bodies have a budget of their own).
+    let server = Server::start(&["--results-memory-mb", "16"]);
+    let code = format!("# {}\nprint('ok')", "a".repeat(14 << 20));
+    let reply = server.exec(&server.alice, json!({ "code": code }));
+    assert_eq!(reply["stdout"], "ok\n", "{}", reply["error"]);
+}

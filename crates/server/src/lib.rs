@@ -90,6 +90,10 @@ pub struct ServerConfig {
     pub max_response_bytes: u64,
     /// Output the server holds for all responses in flight (see `results`).
     pub results_budget_bytes: u64,
+    /// Request bodies the server holds at once. Separate from the results budget: a
+    /// request holds its body while it waits for its result's share, and one budget for
+    /// both would let bodies alone exhaust it, every holder waiting for the rest.
+    pub bodies_budget_bytes: u64,
     /// Connection caps and the timeouts on a request's bytes.
     pub connections: ConnectionLimits,
 }
@@ -112,6 +116,7 @@ impl Default for ServerConfig {
             max_ttl: Duration::from_secs(24 * 3600),
             max_response_bytes: 128 << 20,
             results_budget_bytes: 1 << 30,
+            bodies_budget_bytes: 512 << 20,
             connections: ConnectionLimits::default(),
         }
     }
@@ -135,6 +140,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub slots: Arc<Slots>,
     pub results: ResultBudget,
+    /// Request bodies being held (`bodies_budget_bytes`).
+    pub bodies: ResultBudget,
     /// The router itself, for calls the server makes to its own routes (`/mcp`).
     pub router: std::sync::OnceLock<Router>,
 }
@@ -145,6 +152,7 @@ impl AppState {
             fairness: Fairness::new(config.fairness),
             slots: Slots::new(config.exec_slots, config.slots_per_key()),
             results: ResultBudget::new(config.results_budget_bytes, config.max_response_bytes),
+            bodies: ResultBudget::new(config.bodies_budget_bytes, config.bodies_budget_bytes),
             router: std::sync::OnceLock::new(),
             workers,
             sessions: SessionStore::default(),

@@ -1,6 +1,6 @@
 //! The server's memory for results in flight: every execution's output is bounded before
-//! it runs, and the server as a whole holds at most a budget of it (request bodies and
-//! file downloads draw on the same budget).
+//! it runs, and the server as a whole holds at most a budget of it (file downloads draw on
+//! the same budget; request bodies have one of their own, `AppState::bodies`).
 //!
 //! A request's output limits are cut so that all of its streams together (a batch's
 //! members included) stay within the per-response cap; then the request reserves that

@@ -60,7 +60,8 @@ pub async fn read_body(
     let (parts, body) = request.into_parts();
     let limit = state.config.max_body_bytes;
     let timeout = state.config.connections.body_timeout;
-    // What the body will hold, from the server's budget, until the request is answered.
+    // What the body will hold, from the server's budget for bodies, until the request is
+    // answered.
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -73,7 +74,7 @@ pub async fn read_body(
         None => 0,
     };
     let _hold = if expected > 0 {
-        match state.results.reserve_bytes(expected).await {
+        match state.bodies.reserve_bytes(expected).await {
             Ok(hold) => Some(hold),
             Err(e) => return e.into_response(),
         }
