@@ -19,6 +19,12 @@ use crate::error::ApiError;
 /// Most bytes of an API answer a tool call takes in (a file read is the largest).
 const MAX_REPLY_BYTES: usize = 128 << 20;
 
+/// Marks a request the server made to itself for an MCP tool: its body is covered by the
+/// `/mcp` request's own reservation, so it reserves none (waiting for room while the outer
+/// request holds some could wedge both).
+#[derive(Debug, Clone, Copy)]
+pub struct InProcessCall;
+
 /// The API, called in-process with the MCP client's key.
 struct InProcess {
     router: Router,
@@ -40,7 +46,8 @@ impl Api for InProcess {
             }
             ApiBody::Bytes(bytes) => Body::from(bytes),
         };
-        let request = request.body(body).map_err(|e| e.to_string())?;
+        let mut request = request.body(body).map_err(|e| e.to_string())?;
+        request.extensions_mut().insert(InProcessCall);
         let router = self.router.clone();
         // On a blocking thread (see `mcp`), so waiting on the runtime here is allowed.
         self.runtime.block_on(async move {

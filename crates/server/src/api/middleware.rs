@@ -68,7 +68,12 @@ pub async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let in_process = parts
+        .extensions
+        .get::<super::mcp::InProcessCall>()
+        .is_some();
     let expected = match declared {
+        _ if in_process => 0,
         Some(length) => length.min(limit as u64),
         None if chunked => limit as u64,
         None => 0,
