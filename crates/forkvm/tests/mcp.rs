@@ -151,4 +151,35 @@ fn post_mcp_runs_every_tool_with_the_callers_key() {
         .send()
         .unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
+    // Malformed messages get JSON-RPC errors, and the server serves on.
+    let garbage = http
+        .post(server.url("/mcp"))
+        .bearer_auth(&server.alice)
+        .body("{nope")
+        .send()
+        .unwrap();
+    assert_eq!(garbage.status().as_u16(), 400);
+    let body: Value = garbage.json().unwrap();
+    assert_eq!(body["error"]["code"], -32700, "{body}");
+    for (message, code) in [
+        (
+            json!({ "jsonrpc": "2.0", "id": 7, "method": "no/such" }),
+            -32601,
+        ),
+        (
+            json!({ "jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {} }),
+            -32602,
+        ),
+        (json!([1, 2]), -32600),
+    ] {
+        let reply: Value = http
+            .post(server.url("/mcp"))
+            .bearer_auth(&server.alice)
+            .json(&message)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(reply["error"]["code"], code, "{message}: {reply}");
+    }
 }

@@ -19,18 +19,23 @@ fn sdk_python() -> Option<PathBuf> {
         .args(["-c", "import httpx"])
         .status()
         .is_ok_and(|s| s.success());
-    if ready {
-        return Some(python);
-    }
     let message = format!(
         "the Python SDK's venv is missing ({}): run scripts/setup.sh",
         venv.display()
     );
+    ready_or_skip(ready, &message).then_some(python)
+}
+
+/// `ready`, or else skipping with `message` (failing instead where CI requires everything).
+fn ready_or_skip(ready: bool, message: &str) -> bool {
+    if ready {
+        return true;
+    }
     if std::env::var_os("FORKVM_REQUIRE_KVM").is_some() {
         panic!("{message}");
     }
     eprintln!("skipping: {message}");
-    None
+    false
 }
 
 #[test]
@@ -60,16 +65,10 @@ fn npm_ready(sdk: &Path) -> bool {
             .arg("--version")
             .status()
             .is_ok_and(|s| s.success());
-    if ready {
-        return true;
-    }
-    let message =
-        "the TypeScript SDK needs node and `npm ci` in sdk/typescript: run scripts/setup.sh";
-    if std::env::var_os("FORKVM_REQUIRE_KVM").is_some() {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    false
+    ready_or_skip(
+        ready,
+        "the TypeScript SDK needs node and `npm ci` in sdk/typescript: run scripts/setup.sh",
+    )
 }
 
 #[test]

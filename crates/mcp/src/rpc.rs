@@ -64,7 +64,7 @@ impl<A: Api> McpServer<A> {
 
     fn dispatch(&self, method: &str, params: &Value) -> Result<Value, (i64, String)> {
         match method {
-            "initialize" => Ok(initialize(params)),
+            "initialize" => Ok(initialize()),
             "ping" => Ok(json!({})),
             "tools/list" => Ok(json!({ "tools": tools::tool_list() })),
             "tools/call" => {
@@ -82,7 +82,7 @@ impl<A: Api> McpServer<A> {
 
 /// The answer to `initialize`: our version if the client speaks it, else ours anyway
 /// (the client then decides whether it can go on).
-fn initialize(_params: &Value) -> Value {
+fn initialize() -> Value {
     json!({
         "protocolVersion": PROTOCOL_VERSION,
         "capabilities": { "tools": { "listChanged": false } },

@@ -70,8 +70,9 @@ impl JsonPieces {
         self
     }
 
-    /// All of it at once (tests).
-    pub fn collect_all(self) -> Vec<u8> {
+    /// All of it at once.
+    #[cfg(test)]
+    fn collect_all(self) -> Vec<u8> {
         self.flat_map(|b| b.to_vec()).collect()
     }
 }

@@ -10,9 +10,8 @@ import httpx
 
 from . import _core
 from ._core import Execution, FileInput, OutputCallback, SessionInfo, Settings
-from ._errors import ForkvmError, NotFoundError, RateLimitError, UnavailableError
-from ._errors import error_from_response
-from ._sync import _TransportErrors
+from ._errors import ForkvmError, NotFoundError, error_from_response
+from ._http import TransportErrors, error_of, should_retry
 
 
 class AsyncSandbox:
@@ -182,7 +181,7 @@ class AsyncSandbox:
             response = await self._request("POST", path, json=body, timeout=call_timeout)
             return _core.execution_from(response.json())
         for attempt in range(self._settings.max_retries + 1):
-            with _TransportErrors():
+            with TransportErrors():
                 async with self._http.stream("POST", path, json=body, timeout=call_timeout) as r:
                     if r.status_code == 200:
                         parser = _core.SseParser()
@@ -198,8 +197,8 @@ class AsyncSandbox:
                             return _core.execution_from(last)
                         raise ForkvmError("the event stream ended without a result")
                     await r.aread()
-                    error = self._error(r)
-            if not self._should_retry(error, attempt):
+                    error = error_of(r)
+            if not should_retry(error, attempt, self._settings.max_retries):
                 raise error
             await asyncio.sleep(_core.retry_delay(attempt, getattr(error, "retry_after", None)))
         raise AssertionError("unreachable")
@@ -214,7 +213,7 @@ class AsyncSandbox:
         timeout: Optional[float] = None,
     ) -> httpx.Response:
         for attempt in range(self._settings.max_retries + 1):
-            with _TransportErrors():
+            with TransportErrors():
                 response = await self._http.request(
                     method,
                     path,
@@ -224,23 +223,11 @@ class AsyncSandbox:
                 )
             if response.is_success:
                 return response
-            error = self._error(response)
-            if not self._should_retry(error, attempt):
+            error = error_of(response)
+            if not should_retry(error, attempt, self._settings.max_retries):
                 raise error
             await asyncio.sleep(_core.retry_delay(attempt, getattr(error, "retry_after", None)))
         raise AssertionError("unreachable")
-
-    def _should_retry(self, error: ForkvmError, attempt: int) -> bool:
-        retryable = isinstance(error, (RateLimitError, UnavailableError))
-        return retryable and attempt < self._settings.max_retries
-
-    @staticmethod
-    def _error(response: httpx.Response) -> ForkvmError:
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = response.text
-        return error_from_response(response.status_code, body, response.headers.get("retry-after"))
 
     async def close(self) -> None:
         """Closes the HTTP connections (not the session: see ``kill``)."""

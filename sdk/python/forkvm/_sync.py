@@ -12,8 +12,8 @@ import httpx
 
 from . import _core
 from ._core import Execution, FileInput, OutputCallback, SessionInfo, Settings
-from ._errors import ConnectionError, ForkvmError, NotFoundError, RateLimitError, TimeoutError
-from ._errors import UnavailableError, error_from_response
+from ._errors import ForkvmError, NotFoundError, error_from_response
+from ._http import TransportErrors, error_of, should_retry
 
 
 class Sandbox:
@@ -184,7 +184,7 @@ class Sandbox:
             data = self._request("POST", path, json=body, timeout=call_timeout).json()
             return _core.execution_from(data)
         for attempt in range(self._settings.max_retries + 1):
-            with self._transport_errors():
+            with TransportErrors():
                 with self._http.stream("POST", path, json=body, timeout=call_timeout) as r:
                     if r.status_code == 200:
                         parser = _core.SseParser()
@@ -200,8 +200,8 @@ class Sandbox:
                             return _core.execution_from(last)
                         raise ForkvmError("the event stream ended without a result")
                     r.read()
-                    error = self._error(r)
-            if not self._should_retry(error, attempt):
+                    error = error_of(r)
+            if not should_retry(error, attempt, self._settings.max_retries):
                 raise error
             time.sleep(_core.retry_delay(attempt, getattr(error, "retry_after", None)))
         raise AssertionError("unreachable")
@@ -217,7 +217,7 @@ class Sandbox:
     ) -> httpx.Response:
         """One call, retried on 429 and 503 (honouring ``Retry-After``); errors raised."""
         for attempt in range(self._settings.max_retries + 1):
-            with self._transport_errors():
+            with TransportErrors():
                 response = self._http.request(
                     method,
                     path,
@@ -227,27 +227,11 @@ class Sandbox:
                 )
             if response.is_success:
                 return response
-            error = self._error(response)
-            if not self._should_retry(error, attempt):
+            error = error_of(response)
+            if not should_retry(error, attempt, self._settings.max_retries):
                 raise error
             time.sleep(_core.retry_delay(attempt, getattr(error, "retry_after", None)))
         raise AssertionError("unreachable")
-
-    def _should_retry(self, error: ForkvmError, attempt: int) -> bool:
-        retryable = isinstance(error, (RateLimitError, UnavailableError))
-        return retryable and attempt < self._settings.max_retries
-
-    @staticmethod
-    def _error(response: httpx.Response) -> ForkvmError:
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = response.text
-        return error_from_response(response.status_code, body, response.headers.get("retry-after"))
-
-    @staticmethod
-    def _transport_errors() -> "_TransportErrors":
-        return _TransportErrors()
 
     def close(self) -> None:
         """Nothing to release: connections are pooled per server and key, and closed at
@@ -289,20 +273,6 @@ def _close_clients() -> None:
         for client in _clients.values():
             client.close()
         _clients.clear()
-
-
-class _TransportErrors:
-    """Turns httpx's transport failures into the SDK's exceptions."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
-        if isinstance(error, httpx.TimeoutException):
-            raise TimeoutError(f"no answer in time: {error}", kind="timeout") from error
-        if isinstance(error, httpx.TransportError):
-            raise ConnectionError(f"cannot reach the server: {error}", kind="connection") from error
-        return False
 
 
 class Files:
