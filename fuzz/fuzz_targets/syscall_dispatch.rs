@@ -303,11 +303,14 @@ fn place(process: &Process, scratch: u64, fills: &[Fill]) {
 fn check_consistency(process: &mut Process) {
     let space = process.address_space();
     let layout = space.layout();
+    // The limit charges every mapping but reservations (`Vma::reserved`: thread stacks and
+    // `MAP_NORESERVE`), whose untouched pages cost nothing.
     assert!(
-        space.mapped_bytes() <= space.limit_bytes(),
+        space.charged_bytes() <= space.limit_bytes(),
         "over the memory limit"
     );
     let mut total = 0;
+    let mut charged = 0;
     let mut previous_end = layout.user_start;
     for vma in space.vmas() {
         assert!(vma.start < vma.end, "empty mapping {vma:?}");
@@ -321,12 +324,20 @@ fn check_consistency(process: &mut Process) {
         );
         assert!(vma.end <= layout.user_end, "beyond RAM: {vma:?}");
         total += vma.end - vma.start;
+        if !vma.reserved {
+            charged += vma.end - vma.start;
+        }
         previous_end = vma.end;
     }
     assert_eq!(
         total,
         space.mapped_bytes(),
         "mapped_bytes disagrees with the mappings"
+    );
+    assert_eq!(
+        charged,
+        space.charged_bytes(),
+        "charged_bytes disagrees with the mappings"
     );
     // Unmapped pages must read as zero, except those kept for reuse (zeroed when mapped
     // again): check the ones bordering each mapping, where an off-by-one write or a missed

@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{Harness, err};
+use common::{Harness, Options, err};
+use forkvm_kernel::Limits;
 
 const PAGE: u64 = 4096;
 const RW: u64 = (libc::PROT_READ | libc::PROT_WRITE) as u64;
@@ -71,5 +72,37 @@ fn path_pointer_in_the_last_page_is_efault() {
     for addr in [u64::MAX - 255, u64::MAX, !(PAGE - 1)] {
         assert_eq!(h.sys(libc::SYS_mkdir, &[addr, 0o755]), err(libc::EFAULT));
         assert_eq!(h.sys(libc::SYS_open, &[addr, 0, 0]), err(libc::EFAULT));
+    }
+}
+
+/// Found by the fuzzer as a broken harness invariant: a reservation (`MAP_STACK` or
+/// `MAP_NORESERVE`) larger than what the limit has left is mapped but not charged, while an
+/// ordinary mapping of the same size is refused; either way the charge stays within the limit.
+#[test]
+fn reservations_past_the_memory_limit_are_mapped_but_not_charged() {
+    let limit = forkvm_kernel::loader::STACK_SIZE + (8 << 20);
+    let mut h = Harness::with(Options {
+        limits: Limits {
+            memory_bytes: limit,
+            ..Limits::default()
+        },
+        ..Options::default()
+    });
+    let len = 2446 * PAGE;
+    let charged_before = h.process.address_space().charged_bytes();
+    assert!(charged_before + len > limit);
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[0, len, RW, ANON, u64::MAX, 0]),
+        err(libc::ENOMEM)
+    );
+    for extra in [libc::MAP_STACK, libc::MAP_NORESERVE] {
+        let flags = ANON | extra as u64;
+        let addr = h.sys(libc::SYS_mmap, &[0, len, 0, flags, u64::MAX, 0]);
+        assert!(addr > 0, "reservation refused: {addr}");
+        let space = h.process.address_space();
+        assert!(space.is_mapped(addr as u64, len));
+        assert_eq!(space.charged_bytes(), charged_before);
+        assert!(space.charged_bytes() <= space.limit_bytes());
+        assert_eq!(h.sys(libc::SYS_munmap, &[addr as u64, len]), 0);
     }
 }
