@@ -16,7 +16,7 @@ use forkvm_kernel::file::Stream;
 use forkvm_kernel::host_ops::PlaceError;
 use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_protocol::{FrameError, Reply, Request};
-use forkvm_template::{SnapshotMeta, StoreError, TemplateStore};
+use forkvm_template::{Runtime, SnapshotMeta, StoreError, TemplateStore};
 use forkvm_vmm::{
     Cancel, ForkSource, Pool, PoolConfig, PoolStats, RunResult, Sandbox, SandboxExit, Vmm, VmmError,
 };
@@ -44,8 +44,11 @@ if 'numpy' in sys.modules:
 /// Why a request could not be run at all (one that ran and failed is an `ExecResult`).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("unsupported language {language:?} in this template (it runs: {})", LANGUAGES.join(", "))]
-    UnsupportedLanguage { language: String },
+    #[error("unsupported language {language:?} in this template (it runs: {})", runs.join(", "))]
+    UnsupportedLanguage {
+        language: String,
+        runs: &'static [&'static str],
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -177,9 +180,10 @@ impl Engine {
         streams: Streams,
         tenant: Option<&str>,
     ) -> Result<ExecResult, EngineError> {
-        check_language(&request.language)?;
         let started = Instant::now();
         let template = self.template(template)?;
+        let runtime = template.meta.runtime;
+        resolve_language(runtime, &request.language)?;
         let console = streams.console(request, &request.limits.within(&self.maxima));
         let recycled = tenant.and_then(|t| template.recycler.take(t));
         let mut sandbox = match recycled {
@@ -187,7 +191,7 @@ impl Engine {
             None => template.pool.fork(console)?,
         };
         let fork_time = started.elapsed();
-        let result = self.run_in(&mut sandbox, request, &streams, None);
+        let result = self.run_in(&mut sandbox, runtime, request, &streams, None);
         match tenant {
             // Only a sandbox parked cleanly at its next request is worth resetting.
             Some(tenant) if sandbox.parked().is_some() => {
@@ -210,6 +214,7 @@ impl Engine {
     pub fn run_in(
         &self,
         sandbox: &mut Sandbox,
+        runtime: Runtime,
         request: &ExecRequest,
         streams: &Streams,
         session: Option<InSession>,
@@ -217,7 +222,7 @@ impl Engine {
         let keep_namespace = session.is_some();
         let session_base = session.map(|s| s.base);
         let fresh_fork = session.is_none_or(|s| s.fresh_fork);
-        check_language(&request.language)?;
+        let language = resolve_language(runtime, &request.language)?;
         let limits = request.limits.within(&self.maxima);
         let started = Instant::now();
         let process = sandbox.process_mut();
@@ -238,7 +243,7 @@ impl Engine {
             env: request.env.clone(),
             cwd: request.cwd.clone(),
             keep_namespace,
-            language: request.language.clone(),
+            language,
             fresh_fork,
         })?;
         sandbox.set_cancel(streams.cancel.clone());
@@ -276,13 +281,18 @@ impl Engine {
     }
 }
 
-fn check_language(language: &str) -> Result<(), EngineError> {
-    if LANGUAGES.contains(&language) {
-        Ok(())
-    } else {
-        Err(EngineError::UnsupportedLanguage {
+/// The language the agent of a `runtime` template is told to run for `requested`: the
+/// runtime's own when empty, `javascript` for its alias `node`.
+fn resolve_language(runtime: Runtime, requested: &str) -> Result<String, EngineError> {
+    let runs = runtime.languages();
+    match requested {
+        "" => Ok(runs[0].to_string()),
+        "node" if runs.contains(&"javascript") => Ok("javascript".to_string()),
+        language if runs.contains(&language) => Ok(language.to_string()),
+        language => Err(EngineError::UnsupportedLanguage {
             language: language.to_string(),
-        })
+            runs,
+        }),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use forkvm_kernel::console::Console;
 use forkvm_kernel::host_ops::{PlaceError, ReadError};
+use forkvm_template::Runtime;
 use forkvm_vmm::{ForkSource, RunResult, Sandbox};
 
 use crate::{Engine, EngineError, ExecRequest, ExecResult, Streams};
@@ -29,6 +30,8 @@ pub struct Session {
     /// No request has run since the session was created or forked: the next one reseeds
     /// the runtime's random generators.
     fresh_fork: bool,
+    /// Its template's runtime (which languages it runs).
+    runtime: Runtime,
 }
 
 /// A request's place in its session (`Engine::run_in`).
@@ -164,6 +167,7 @@ impl Engine {
             layer_share: 0,
             measured: None,
             fresh_fork: true,
+            runtime: loaded.meta.runtime,
         })
     }
 
@@ -188,7 +192,13 @@ impl Engine {
             base: session.mapped_at_start,
             fresh_fork: session.fresh_fork,
         };
-        let result = self.run_in(&mut session.sandbox, request, &streams, Some(place));
+        let result = self.run_in(
+            &mut session.sandbox,
+            session.runtime,
+            request,
+            &streams,
+            Some(place),
+        );
         session.fresh_fork = false;
         session.detach_console();
         let result = result?;
@@ -222,6 +232,7 @@ impl Engine {
                 layer_share,
                 measured: None,
                 fresh_fork: true,
+                runtime: session.runtime,
             });
         }
         Ok(branches)

@@ -50,8 +50,9 @@ enum Command {
         /// Template to fork.
         #[arg(long, default_value = "python")]
         template: String,
-        /// Language of the code (templates run python).
-        #[arg(long, default_value = "python")]
+        /// Language of the code: python in Python templates, javascript (or node) and
+        /// typescript in Node.js ones, bash and sh in both [default: the template's own].
+        #[arg(long, default_value = "")]
         language: String,
         /// Wall-clock limit in seconds.
         #[arg(long, default_value_t = 30.0)]
@@ -226,9 +227,13 @@ enum TemplateCommand {
     Build {
         /// Template name.
         name: String,
-        /// Python modules to install (as Debian python3-<name> packages) and import.
-        #[arg(long, value_delimiter = ',', default_value = "numpy")]
-        packages: Vec<String>,
+        /// The agent's runtime: `python`, or `node` (JavaScript and TypeScript).
+        #[arg(long, default_value = "python")]
+        runtime: forkvm_template::Runtime,
+        /// Python modules to install (as Debian python3-<name> packages) and import; for
+        /// the node runtime, modules to `require` (numpy is the Python default).
+        #[arg(long, value_delimiter = ',')]
+        packages: Option<Vec<String>>,
         /// A custom entry program and arguments (it must read descriptor 3).
         #[arg(long, num_args = 1.., allow_hyphen_values = true)]
         entry: Option<Vec<String>>,
@@ -423,17 +428,30 @@ fn execute(cli: Cli) -> Result<i32> {
         }),
         Command::Template(TemplateCommand::Build {
             name,
+            runtime,
             packages,
             entry,
             memory,
         }) => {
-            let mut spec = forkvm_template::TemplateSpec::python(&name);
-            spec.modules = packages.clone();
-            spec.extra_packages = packages
-                .iter()
-                .filter(|p| p.as_str() != "numpy")
-                .map(|p| format!("python3-{}", p.to_lowercase()))
-                .collect();
+            let mut spec = match runtime {
+                forkvm_template::Runtime::Python => {
+                    let mut spec = forkvm_template::TemplateSpec::python(&name);
+                    if let Some(packages) = packages {
+                        spec.extra_packages = packages
+                            .iter()
+                            .filter(|p| p.as_str() != "numpy")
+                            .map(|p| format!("python3-{}", p.to_lowercase()))
+                            .collect();
+                        spec.modules = packages;
+                    }
+                    spec
+                }
+                forkvm_template::Runtime::Node => {
+                    let mut spec = forkvm_template::TemplateSpec::node(&name);
+                    spec.modules = packages.unwrap_or_default();
+                    spec
+                }
+            };
             spec.entry = entry;
             spec.memory_mib = memory;
             template::build(&spec)?;

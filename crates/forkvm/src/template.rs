@@ -76,7 +76,7 @@ fn describe(name: &str, meta: &SnapshotMeta) -> String {
     )
 }
 
-/// Builds the default template if the store does not have it, or has it in a snapshot
+/// Builds a built-in template (`python`, `node`) if the store does not have it, or has it in a snapshot
 /// format this forkvm no longer reads, with another version of the agent, or without this
 /// cache's seal (it is ours to rebuild, in about a second).
 pub fn ensure(name: &str, vmm: &Vmm) -> Result<()> {
@@ -91,13 +91,13 @@ pub fn ensure(name: &str, vmm: &Vmm) -> Result<()> {
     };
     match stale {
         false => Ok(()),
-        true if name == "python" => {
-            eprintln!(
-                "forkvm: template \"python\" missing or built by another forkvm; building it…"
-            );
-            forkvm_template::build(&store, vmm, &TemplateSpec::python(name), &mut |step| {
-                eprintln!("forkvm: {step}")
-            })?;
+        true if name == "python" || name == "node" => {
+            eprintln!("forkvm: template {name:?} missing or built by another forkvm; building it…");
+            let spec = match name {
+                "node" => TemplateSpec::node(name),
+                _ => TemplateSpec::python(name),
+            };
+            forkvm_template::build(&store, vmm, &spec, &mut |step| eprintln!("forkvm: {step}"))?;
             Ok(())
         }
         // Other templates are the user's: built from their spec, which only they know.

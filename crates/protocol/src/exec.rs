@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Languages a template can run: Python in the template's agent, and shell scripts, which
-/// the agent runs with the image's shells (`bash -c CODE`, `sh -c CODE`).
-pub const LANGUAGES: &[&str] = &["python", "bash", "sh"];
+/// Languages forkvm runs: Python in Python templates; JavaScript (alias `node`) and
+/// TypeScript in Node.js templates; and, in both, shell scripts, which the agent runs with
+/// the image's shells (`bash -c CODE`, `sh -c CODE`). Which of them a request may name
+/// depends on its template; an empty language means the template's own.
+pub const LANGUAGES: &[&str] = &["python", "javascript", "node", "typescript", "bash", "sh"];
 
 /// A file to place in the sandbox before the code runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -117,15 +117,13 @@ impl ExecBody {
         maxima: &ExecLimits,
         default_timeout: Duration,
     ) -> Result<ExecRequest, ApiError> {
-        let language = self
-            .language
-            .clone()
-            .unwrap_or_else(|| "python".to_string());
-        if !LANGUAGES.contains(&language.as_str()) {
+        let language = self.language.clone().unwrap_or_default();
+        // Which of them the template runs, its worker checks.
+        if !language.is_empty() && !LANGUAGES.contains(&language.as_str()) {
             return Err(ApiError::invalid(
                 "language",
                 format!(
-                    "unsupported language {language:?} in this template (it runs: {})",
+                    "unsupported language {language:?} (forkvm runs: {})",
                     LANGUAGES.join(", ")
                 ),
             ));

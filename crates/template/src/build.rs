@@ -9,17 +9,28 @@ use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_vmm::{Program, RunResult, Vmm};
 
 use crate::rootfs::{RootfsSpec, default_cache_dir, ensure_rootfs};
+use crate::runtime::Runtime;
 use crate::snapshot::{self, SnapshotMeta};
 use crate::store::{StoreError, TemplateStore};
 
-/// Where the agent is placed inside every template's filesystem.
+/// Where the Python agent is placed inside every template's filesystem.
 pub const AGENT_PATH: &str = "/opt/forkvm/agent.py";
-/// The agent itself (see `guest/agent.py`).
+/// The Python agent itself (see `guest/agent.py`).
 pub const AGENT_SOURCE: &str = include_str!("../../../guest/agent.py");
-/// SHA-256 (hex) of `AGENT_SOURCE`, recorded in every template this forkvm builds.
+/// Where the Node.js agent is placed.
+pub const NODE_AGENT_PATH: &str = "/opt/forkvm/agent.js";
+/// The Node.js agent (see `guest/agent.js`).
+pub const NODE_AGENT_SOURCE: &str = include_str!("../../../guest/agent.js");
+
+/// SHA-256 (hex) of both agents, recorded in every template this forkvm builds: a template
+/// built with other agents speaks another version of the protocol.
 pub fn agent_digest() -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(AGENT_SOURCE.as_bytes())
+    let mut hasher = Sha256::new();
+    hasher.update(AGENT_SOURCE.as_bytes());
+    hasher.update(NODE_AGENT_SOURCE.as_bytes());
+    hasher
+        .finalize()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -32,7 +43,9 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone)]
 pub struct TemplateSpec {
     pub name: String,
-    /// Python modules the agent imports before the snapshot (numpy by default).
+    pub runtime: Runtime,
+    /// Modules the agent loads before the snapshot: Python modules it imports (numpy by
+    /// default), or Node.js modules it `require`s.
     pub modules: Vec<String>,
     /// Debian packages added to the default root filesystem.
     pub extra_packages: Vec<String>,
@@ -49,6 +62,7 @@ impl TemplateSpec {
     pub fn python(name: &str) -> TemplateSpec {
         TemplateSpec {
             name: name.to_string(),
+            runtime: Runtime::Python,
             modules: vec!["numpy".to_string()],
             extra_packages: Vec::new(),
             entry: None,
@@ -57,15 +71,31 @@ impl TemplateSpec {
         }
     }
 
-    fn argv(&self) -> Vec<String> {
-        match &self.entry {
-            Some(argv) => argv.clone(),
-            None => {
-                let mut argv = vec!["/usr/bin/python3".to_string(), AGENT_PATH.to_string()];
-                argv.extend(self.modules.iter().cloned());
-                argv
-            }
+    /// The Node.js template: the agent with the TypeScript compiler loaded.
+    pub fn node(name: &str) -> TemplateSpec {
+        TemplateSpec {
+            runtime: Runtime::Node,
+            modules: Vec::new(),
+            ..TemplateSpec::python(name)
         }
+    }
+
+    fn argv(&self) -> Vec<String> {
+        if let Some(argv) = &self.entry {
+            return argv.clone();
+        }
+        let mut argv: Vec<String> = match self.runtime {
+            Runtime::Python => vec!["/usr/bin/python3".into(), AGENT_PATH.into()],
+            // The agent runs code the way the REPL does, with Node's own transform for
+            // top-level `await` and its bundled parser, both internal modules.
+            Runtime::Node => vec![
+                "/usr/bin/node".into(),
+                "--expose-internals".into(),
+                NODE_AGENT_PATH.into(),
+            ],
+        };
+        argv.extend(self.modules.iter().cloned());
+        argv
     }
 }
 
@@ -86,9 +116,13 @@ fn install_agent(fs: &mut Fs) -> Result<(), StoreError> {
         Some(node) => node,
         None => fs.mkdir(opt, b"forkvm", 0o755).map_err(failed)?,
     };
-    let file = fs.create_file(dir, b"agent.py", 0o644).map_err(failed)?;
-    fs.write_at(file, 0, AGENT_SOURCE.as_bytes())
-        .map_err(failed)?;
+    for (name, source) in [
+        (&b"agent.py"[..], AGENT_SOURCE),
+        (&b"agent.js"[..], NODE_AGENT_SOURCE),
+    ] {
+        let file = fs.create_file(dir, name, 0o644).map_err(failed)?;
+        fs.write_at(file, 0, source.as_bytes()).map_err(failed)?;
+    }
     Ok(())
 }
 
@@ -100,6 +134,9 @@ pub fn build(
     progress: &mut dyn FnMut(&str),
 ) -> Result<SnapshotMeta, StoreError> {
     let mut rootfs = RootfsSpec::default();
+    rootfs
+        .packages
+        .extend(spec.runtime.packages().iter().map(|p| p.to_string()));
     rootfs.packages.extend(spec.extra_packages.iter().cloned());
     let image_path = ensure_rootfs(&rootfs, &default_cache_dir(), progress)?;
     let sealer = store.sealer()?;
@@ -152,6 +189,7 @@ pub fn build(
             &mut sandbox,
             vmm,
             argv.clone(),
+            spec.runtime,
             agent_digest(),
             &sealer,
         )

@@ -5,10 +5,12 @@
 pub mod build;
 pub mod cpu;
 pub mod rootfs;
+pub mod runtime;
 pub mod seal;
 pub mod snapshot;
 pub mod store;
 
 pub use build::{TemplateSpec, agent_digest, build};
+pub use runtime::Runtime;
 pub use snapshot::{SnapshotError, SnapshotMeta};
 pub use store::{StoreError, TemplateStore};

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cpu::CpuFeatures;
+use crate::runtime::Runtime;
 use crate::seal::Sealer;
 
 /// Version of the snapshot format; loading refuses others.
@@ -106,6 +107,9 @@ pub struct SnapshotMeta {
     pub image_digest: String,
     /// The entry program's argv.
     pub entry: Vec<String>,
+    /// The runtime of the template's agent (which languages its forks run).
+    #[serde(default)]
+    pub runtime: Runtime,
     pub ram_bytes: u64,
     /// `(offset, length)` of every data run in `memory`; the rest is holes (zero).
     pub memory_extents: Vec<(u64, u64)>,
@@ -388,6 +392,7 @@ pub fn write(
     sandbox: &mut Sandbox,
     vmm: &Vmm,
     entry: Vec<String>,
+    runtime: Runtime,
     agent_sha256: String,
     sealer: &Sealer,
 ) -> Result<SnapshotMeta, SnapshotError> {
@@ -455,6 +460,7 @@ pub fn write(
         image_path: image.path().to_owned(),
         image_digest: hex(&image.digest()),
         entry,
+        runtime,
         ram_bytes: process.ram().size(),
         memory_extents,
         memory_sha256,

@@ -56,6 +56,26 @@ pub fn python_template(dir: &Path) -> forkvm_template::TemplateStore {
         .clone()
 }
 
+/// A template store in `dir` holding a freshly built `node` template (the Node.js agent with
+/// the TypeScript compiler loaded). Built once per test process.
+pub fn node_template(dir: &Path) -> forkvm_template::TemplateStore {
+    static STORE: OnceLock<forkvm_template::TemplateStore> = OnceLock::new();
+    STORE
+        .get_or_init(|| {
+            let store = forkvm_template::TemplateStore::new(dir);
+            let vmm = forkvm_vmm::Vmm::new().expect("opening /dev/kvm");
+            forkvm_template::build(
+                &store,
+                &vmm,
+                &forkvm_template::TemplateSpec::node("node"),
+                &mut |step| eprintln!("testkit: {step}"),
+            )
+            .expect("building the node template");
+            store
+        })
+        .clone()
+}
+
 /// SHA-256 of a file's contents, hex.
 pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest;
