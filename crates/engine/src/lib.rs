@@ -27,6 +27,17 @@ pub use forkvm_protocol::exec::{
 pub use recycle::{RecycleConfig, Recycler};
 pub use session::{InSession, Session};
 
+/// `WARMUP_CODE` for Node.js templates.
+pub const NODE_WARMUP_CODE: &str = "\
+console.log(1+1);
+JSON.stringify({ a: [1, 2.5], b: Array.from({ length: 1000 }, (_, i) => i) });
+const fs = require('fs');
+fs.writeFileSync('/tmp/.forkvm-warmup', 'x'.repeat(4096));
+fs.readFileSync('/tmp/.forkvm-warmup', 'utf8').split('').sort().join('');
+fs.unlinkSync('/tmp/.forkvm-warmup');
+require('typescript').transpileModule('const n: number = 1;', {});
+";
+
 /// The request every pooled VM runs before it serves a user's (see `Vmm::warm_up`): it walks
 /// the agent's request path and the common first steps of user code, so KVM's shadow page
 /// tables already cover them.
@@ -136,7 +147,10 @@ impl Engine {
         if let Some(template) = loaded.get(name) {
             return Ok(template.clone());
         }
-        let warmup = forkvm_protocol::encode(&Request::code(WARMUP_CODE))?;
+        let warmup = forkvm_protocol::encode(&Request::code(match meta.runtime {
+            Runtime::Python => WARMUP_CODE,
+            Runtime::Node => NODE_WARMUP_CODE,
+        }))?;
         let source = Arc::new(source);
         let pool = Pool::start(
             self.vmm.clone(),

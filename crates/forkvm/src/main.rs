@@ -75,7 +75,7 @@ enum Command {
         /// Code to run, or `-` to read it from stdin.
         code: String,
     },
-    /// Serve the HTTP API (builds the python template on first start). Prints
+    /// Serve the HTTP API (builds the built-in templates it serves on first start). Prints
     /// `forkvm: listening on http://ADDR` once ready.
     Serve {
         /// Address to listen on (loopback by default; port 0 picks a free port).
@@ -88,10 +88,12 @@ enum Command {
         /// Turn authentication off (local experiments only; logged loudly).
         #[arg(long)]
         no_auth: bool,
-        /// Template that /v1/exec forks.
-        #[arg(long, default_value = "python")]
-        template: String,
-        /// Warm VMs kept ready, shared out among the workers.
+        /// Templates to serve, each with its own workers, the first the default (repeat the
+        /// flag or separate names with commas): `--template python,node`. A request names
+        /// its template, or runs in the first that runs its language.
+        #[arg(long, value_delimiter = ',', default_value = "python")]
+        template: Vec<String>,
+        /// Warm VMs kept ready for each template, shared out among its workers.
         #[arg(long, default_value_t = 32)]
         pool_size: usize,
         /// Threads refilling the pool, in each worker.
@@ -487,7 +489,7 @@ fn execute(cli: Cli) -> Result<i32> {
             listen,
             keys,
             no_auth,
-            template,
+            templates: template,
             pool: forkvm_vmm::PoolConfig {
                 size: pool_size,
                 refill_threads,

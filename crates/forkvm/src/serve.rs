@@ -12,6 +12,7 @@ use forkvm_protocol::exec::ExecLimits;
 use forkvm_server::auth::{KeyStore, add_key};
 use forkvm_server::connections::ConnectionLimits;
 use forkvm_server::fairness::FairnessConfig;
+use forkvm_server::templates::{Served, Templates};
 use forkvm_server::{AppState, ServerConfig};
 use forkvm_vmm::PoolConfig;
 use forkvm_worker::{Workers, cgroup};
@@ -21,7 +22,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     pub keys: Option<PathBuf>,
     pub no_auth: bool,
-    pub template: String,
+    /// Templates served, the first the default.
+    pub templates: Vec<String>,
     pub pool: PoolConfig,
     pub workers: Option<usize>,
     pub worker_memory_mb: Option<u64>,
@@ -94,10 +96,31 @@ async fn shutdown_signal() {
 
 pub fn serve(options: ServeOptions) -> Result<i32> {
     let keys = load_keys(&options)?;
-    crate::jailed::prepare(&options.template)?;
-    let workers = start_workers(&options)?;
+    let mut names: Vec<String> = Vec::new();
+    for name in &options.templates {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    if names.is_empty() {
+        anyhow::bail!("serve at least one template (--template)");
+    }
+    let mut served = Vec::new();
+    for name in &names {
+        crate::jailed::prepare(name)?;
+        let meta = crate::template::store().show(name)?;
+        served.push(Served {
+            name: name.clone(),
+            languages: meta
+                .runtime
+                .languages()
+                .iter()
+                .map(|l| l.to_string())
+                .collect(),
+            workers: start_workers(&options, name, names.len())?,
+        });
+    }
     let mut config = ServerConfig {
-        template: options.template.clone(),
         keys,
         fairness: options.fairness,
         max_body_bytes: options.max_body_mb << 20,
@@ -113,7 +136,7 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
     }
     config.exec_slots_per_key = options.exec_slots_per_key;
     config.connections = fit_connections(options.connections);
-    let state = AppState::new(workers, config);
+    let state = AppState::new(Templates::new(served), config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("forkvm-api")
@@ -163,13 +186,14 @@ fn host_memory() -> u64 {
         .map_or(4 << 30, |kib| kib << 10)
 }
 
-/// Starts the workers that run the sandboxes and waits until they serve.
-fn start_workers(options: &ServeOptions) -> Result<Arc<Workers>> {
+/// Starts the workers that run `template`'s sandboxes (one of `templates` served) and
+/// waits until they serve.
+fn start_workers(options: &ServeOptions, template: &str, templates: usize) -> Result<Arc<Workers>> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let count = options.workers.unwrap_or(cores).max(1);
     let memory_bytes = match options.worker_memory_mb {
         Some(mb) => mb << 20,
-        None => host_memory() / 4 * 3 / count as u64,
+        None => host_memory() / 4 * 3 / (count * templates) as u64,
     };
     let limits = cgroup::Limits {
         memory_bytes,
@@ -177,15 +201,14 @@ fn start_workers(options: &ServeOptions) -> Result<Arc<Workers>> {
         cpus: options.worker_cpus,
     };
     let workers = crate::jailed::start(
-        &options.template,
+        template,
         count,
         options.pool,
         ExecLimits::maxima(),
         Some(limits),
     )?;
     eprintln!(
-        "forkvm: {count} jailed worker(s) serving template {:?} (pids {:?})",
-        options.template,
+        "forkvm: {count} jailed worker(s) serving template {template:?} (pids {:?})",
         workers.pids()
     );
     Ok(workers)

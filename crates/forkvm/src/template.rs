@@ -58,12 +58,15 @@ pub fn remove(name: &str) -> Result<()> {
 fn describe(name: &str, meta: &SnapshotMeta) -> String {
     format!(
         "name:        {name}\n\
+         runtime:     {} (runs {})\n\
          entry:       {}\n\
          memory:      {:.1} MiB stored of {} MiB guest RAM ({} extents)\n\
          image:       {} (digest {})\n\
          cpu:         XCR0 {:#x}\n\
          created:     {} (unix)\n\
          format:      {}\n",
+        meta.runtime.name(),
+        meta.runtime.languages().join(", "),
         meta.entry.join(" "),
         meta.memory_bytes() as f64 / (1 << 20) as f64,
         meta.ram_bytes >> 20,

@@ -17,6 +17,7 @@ pub mod result_json;
 pub mod results;
 pub mod sessions;
 pub mod slots;
+pub mod templates;
 pub mod validate;
 pub mod wire;
 
@@ -27,7 +28,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use forkvm_protocol::exec::ExecLimits;
-use forkvm_worker::Workers;
+use templates::Templates;
 
 use crate::auth::KeyStore;
 use crate::connections::{ConnectionLimits, ConnectionMetrics};
@@ -60,8 +61,6 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// How the server is configured.
 #[derive(Clone)]
 pub struct ServerConfig {
-    /// The template `/v1/exec` forks and sessions default to.
-    pub template: String,
     /// `None`: authentication is off (only when explicitly asked for).
     pub keys: Option<KeyStore>,
     pub fairness: FairnessConfig,
@@ -101,7 +100,6 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            template: "python".to_string(),
             keys: None,
             fairness: FairnessConfig::default(),
             max_body_bytes: 16 << 20,
@@ -133,7 +131,7 @@ impl ServerConfig {
 
 /// What every handler shares.
 pub struct AppState {
-    pub workers: Arc<Workers>,
+    pub templates: Templates,
     pub config: ServerConfig,
     pub sessions: SessionStore,
     pub fairness: Fairness,
@@ -147,14 +145,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(workers: Arc<Workers>, config: ServerConfig) -> Arc<AppState> {
+    pub fn new(templates: Templates, config: ServerConfig) -> Arc<AppState> {
         Arc::new(AppState {
             fairness: Fairness::new(config.fairness),
             slots: Slots::new(config.exec_slots, config.slots_per_key()),
             results: ResultBudget::new(config.results_budget_bytes, config.max_response_bytes),
             bodies: ResultBudget::new(config.bodies_budget_bytes, config.bodies_budget_bytes),
             router: std::sync::OnceLock::new(),
-            workers,
+            templates,
             sessions: SessionStore::default(),
             metrics: Metrics::new(),
             config,

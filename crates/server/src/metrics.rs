@@ -1,8 +1,8 @@
 //! Prometheus metrics: latency histograms, outcomes by error kind, unsupported syscalls by
 //! name, pool and session gauges, and the server's memory.
 
+use crate::templates::Templates;
 use forkvm_protocol::exec::ExecResult;
-use forkvm_worker::Workers;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -194,29 +194,35 @@ impl Metrics {
 
     /// The text exposition, refreshing the gauges read from the workers (blocking: a
     /// round trip to each).
-    pub fn render(&self, template: &str, workers: &Workers) -> String {
-        let stats = workers.pool();
-        let name = [template];
-        self.pool_depth
-            .with_label_values(&name)
-            .set(stats.depth as i64);
-        self.pool_forks
-            .with_label_values(&name)
-            .set(stats.forks as i64);
-        self.pool_misses
-            .with_label_values(&name)
-            .set(stats.misses as i64);
-        self.pool_prepared
-            .with_label_values(&name)
-            .set(stats.prepared as i64);
-        self.workers_live.set(workers.pids().len() as i64);
-        self.worker_restarts.set(workers.restarts() as i64);
+    pub fn render(&self, templates: &Templates) -> String {
+        let (mut live, mut restarts, mut workers_rss) = (0, 0, 0);
+        for served in templates.iter() {
+            let workers = &served.workers;
+            let stats = workers.pool();
+            let name = [served.name.as_str()];
+            self.pool_depth
+                .with_label_values(&name)
+                .set(stats.depth as i64);
+            self.pool_forks
+                .with_label_values(&name)
+                .set(stats.forks as i64);
+            self.pool_misses
+                .with_label_values(&name)
+                .set(stats.misses as i64);
+            self.pool_prepared
+                .with_label_values(&name)
+                .set(stats.prepared as i64);
+            let pids = workers.pids();
+            live += pids.len();
+            restarts += workers.restarts();
+            workers_rss += pids
+                .iter()
+                .map(|pid| resident_bytes(&pid.to_string()))
+                .sum::<u64>();
+        }
+        self.workers_live.set(live as i64);
+        self.worker_restarts.set(restarts as i64);
         self.resident_bytes.set(resident_bytes("self") as i64);
-        let workers_rss: u64 = workers
-            .pids()
-            .iter()
-            .map(|pid| resident_bytes(&pid.to_string()))
-            .sum();
         self.workers_resident_bytes.set(workers_rss as i64);
         let mut out = Vec::new();
         TextEncoder::new()

@@ -36,10 +36,15 @@ pub struct FileBody {
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     pub code: String,
-    /// `python` (default), or `bash` / `sh` to run the code as a shell script. Others are
-    /// refused with 422.
+    /// `python`, `javascript` (alias `node`), `typescript`, or `bash` / `sh` to run the
+    /// code as a shell script; default: the template's own. A language its template does
+    /// not run is refused with 422.
     #[serde(default)]
     pub language: Option<String>,
+    /// Template to fork (`GET /v1/health` lists them). Default: the server's default
+    /// template if it runs `language`, else the first served template that does.
+    #[serde(default)]
+    pub template: Option<String>,
     /// Wall-clock limit (default 30, at most the server's maximum).
     #[serde(default)]
     pub timeout_seconds: Option<f64>,
@@ -97,6 +102,7 @@ impl CommandBody {
         ExecBody {
             code: self.cmd,
             language: Some("bash".to_string()),
+            template: None,
             timeout_seconds: self.timeout_seconds,
             cpu_seconds: None,
             memory_mb: None,
@@ -329,6 +335,9 @@ pub struct TemplateHealth {
     pub memory_mb: u64,
     /// Warm VMs ready to fork.
     pub pool_depth: usize,
+    /// The languages its forks run, its own first.
+    #[serde(default)]
+    pub languages: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -1,25 +1,34 @@
 //! `forkvm bench exec`: fork + exec of typical small requests from the warm pool (Python,
 //! a child process, a shell line), each beside the same work done by a host `os.fork()`
-//! of a warm numpy Python.
+//! of a warm numpy Python; for a Node.js template, JavaScript and TypeScript requests
+//! beside a host `node -e` cold start (Node cannot fork a warm process).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use forkvm_protocol::Request;
+use forkvm_template::Runtime;
 use forkvm_vmm::{Pool, PoolConfig, Vmm};
 use serde::Serialize;
 
 use super::fork::{console, run_trivial, wait_for_depth};
 use super::{Latency, Machine};
 
-/// A request to time: its name, language and code, and the Python the host's forked child
-/// runs for the same work.
+/// A request to time: its name, language and code, and the same work on the host.
 struct Workload {
     name: &'static str,
     language: &'static str,
     code: &'static str,
-    host_code: &'static str,
+    host: Host,
+}
+
+/// The host's way of doing a workload's work in a fresh process.
+enum Host {
+    /// This Python in an `os.fork()` child of a warm numpy Python.
+    PythonFork(&'static str),
+    /// This command started cold.
+    Spawn(&'static [&'static str]),
 }
 
 const fn python(name: &'static str, code: &'static str) -> Workload {
@@ -27,7 +36,7 @@ const fn python(name: &'static str, code: &'static str) -> Workload {
         name,
         language: "python",
         code,
-        host_code: code,
+        host: Host::PythonFork(code),
     }
 }
 
@@ -51,7 +60,40 @@ const WORKLOADS: &[Workload] = &[
         name: "bash: echo hi",
         language: "bash",
         code: "echo hi",
-        host_code: "import os; os.waitpid(os.posix_spawn('/bin/bash', ['bash', '-c', 'echo hi'], os.environ), 0)",
+        host: Host::PythonFork(
+            "import os; os.waitpid(os.posix_spawn('/bin/bash', ['bash', '-c', 'echo hi'], os.environ), 0)",
+        ),
+    },
+];
+
+const NODE_WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "console.log(1+1)",
+        language: "javascript",
+        code: "console.log(1+1)",
+        host: Host::Spawn(&["node", "-e", "console.log(1+1)"]),
+    },
+    Workload {
+        name: "typescript: console.log(1+1)",
+        language: "typescript",
+        code: "const n: number = 1 + 1; console.log(n)",
+        host: Host::Spawn(&["node", "-e", "console.log(1+1)"]),
+    },
+    Workload {
+        name: "JSON.stringify 1000 numbers",
+        language: "javascript",
+        code: "JSON.stringify(Array.from({ length: 1000 }, (_, i) => i))",
+        host: Host::Spawn(&[
+            "node",
+            "-e",
+            "JSON.stringify(Array.from({ length: 1000 }, (_, i) => i))",
+        ]),
+    },
+    Workload {
+        name: "execSync(\"true\")",
+        language: "javascript",
+        code: "require('child_process').execSync('true')",
+        host: Host::Spawn(&["node", "-e", "require('child_process').execSync('true')"]),
     },
 ];
 
@@ -61,7 +103,10 @@ pub struct ExecWorkload {
     pub workload: &'static str,
     /// Fork from the warm pool, deliver the code, run to the agent's reply.
     pub fork_exec: Latency,
-    /// Host `os.fork()` of a warm numpy Python running the same code.
+    /// How the host does the same work (`host_fork_exec`).
+    pub host: String,
+    /// The same work on the host: an `os.fork()` of a warm numpy Python, or (for runtimes
+    /// that cannot fork) a cold start.
     pub host_fork_exec: Latency,
     /// fork_exec p50 / host p50.
     pub ratio_p50: f64,
@@ -76,12 +121,16 @@ pub struct ExecReport {
 
 pub fn run(template: &str, samples: usize) -> Result<ExecReport> {
     let vmm = Arc::new(Vmm::new()?);
-    let (_, source) = crate::template::store().load(template, &vmm)?;
-    let warmup = forkvm_protocol::encode(&Request::code(forkvm_engine::WARMUP_CODE))?;
+    let (meta, source) = crate::template::store().load(template, &vmm)?;
+    let (workloads_to_run, warmup_code) = match meta.runtime {
+        Runtime::Python => (WORKLOADS, forkvm_engine::WARMUP_CODE),
+        Runtime::Node => (NODE_WORKLOADS, forkvm_engine::NODE_WARMUP_CODE),
+    };
+    let warmup = forkvm_protocol::encode(&Request::code(warmup_code))?;
     let pool = Pool::start(vmm, Arc::new(source), PoolConfig::default(), Some(warmup));
     pool.wait_full(Duration::from_secs(120));
     let mut workloads = Vec::new();
-    for workload in WORKLOADS {
+    for workload in workloads_to_run {
         let name = workload.name;
         eprintln!("bench: {name} ({samples} forks)…");
         let frame = forkvm_protocol::encode(&Request {
@@ -98,9 +147,19 @@ pub fn run(template: &str, samples: usize) -> Result<ExecReport> {
             pool.release(sandbox);
         }
         let fork_exec = Latency::of(times);
-        let host_fork_exec = super::host::fork_exec(workload.host_code, samples)?;
+        let (host_fork_exec, host) = match workload.host {
+            Host::PythonFork(code) => (
+                super::host::fork_exec(code, samples)?,
+                "os.fork() of a warm numpy python3".to_string(),
+            ),
+            Host::Spawn(argv) => (
+                super::host::spawn(argv, samples)?,
+                format!("cold start: {}", argv.join(" ")),
+            ),
+        };
         workloads.push(ExecWorkload {
             workload: name,
+            host,
             ratio_p50: fork_exec.p50_us / host_fork_exec.p50_us,
             fork_exec,
             host_fork_exec,
@@ -119,7 +178,7 @@ pub fn table(report: &ExecReport) -> String {
             "forkvm bench exec on {} ({} cores, {}), template {:?}",
             report.machine.cpu, report.machine.cores, report.machine.kvm, report.template
         ),
-        ["fork+exec p50 / p99", "host os.fork p50 / p99"],
+        ["fork+exec p50 / p99", "host p50 / p99"],
         report
             .workloads
             .iter()

@@ -56,6 +56,28 @@ fn run(mode: &str, code: &str, samples: usize) -> Result<Latency> {
     ))
 }
 
+/// A cold start of `argv` on the host (spawn, run, wait; stdout through a pipe): the floor
+/// for runtimes that cannot fork a warm process, such as Node.js.
+pub fn spawn(argv: &[&str], samples: usize) -> Result<Latency> {
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = std::time::Instant::now();
+        let out = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} on the host", argv[0]))?;
+        times.push(start.elapsed());
+        if !out.status.success() {
+            bail!(
+                "host {argv:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(Latency::of(times))
+}
+
 /// `os.fork()` of a warm numpy Python whose child exits at once, plus the wait.
 pub fn fork_exit(samples: usize) -> Result<Latency> {
     run("exit", "", samples)

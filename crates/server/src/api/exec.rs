@@ -1,4 +1,4 @@
-//! `POST /v1/exec` and `POST /v1/exec/batch`: code in fresh forks of the default template.
+//! `POST /v1/exec` and `POST /v1/exec/batch`: code in fresh forks of a served template.
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::{Extension, Json};
 use forkvm_protocol::exec::{ExecRequest, ExecResult};
-use forkvm_worker::{Cancellation, Tap};
+use forkvm_worker::{Cancellation, Tap, Workers};
 
 use super::{Caller, CancelOnDrop, acquire_slot, json_response, stream, worker_error};
 use crate::AppState;
@@ -29,12 +29,12 @@ pub fn wants_stream(body: &ExecBody, headers: &HeaderMap) -> bool {
 /// reset exactly) on a blocking thread, within an execution slot.
 async fn run(
     state: &Arc<AppState>,
+    workers: Arc<Workers>,
     caller: &str,
     request: ExecRequest,
     tap: Option<Tap>,
 ) -> Result<ExecResult, ApiError> {
     let slot = acquire_slot(state, caller).await?;
-    let workers = state.workers.clone();
     let tenant = caller.to_string();
     let cancellation = Cancellation::default();
     let cancel_on_drop = CancelOnDrop::new(cancellation.clone());
@@ -70,6 +70,11 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let mut request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
+    let workers = state
+        .templates
+        .choose(body.template.as_deref(), &request.language)?
+        .workers
+        .clone();
     let permit = state.fairness.reserve(&caller, 1)?;
     let hold = state
         .results
@@ -80,10 +85,10 @@ pub async fn exec(
         let timeout = request.limits.timeout;
         return Ok(stream::spawn(timeout, hold, move |tap| async move {
             let _permit = permit;
-            run(&state, &caller, request, Some(tap)).await
+            run(&state, workers, &caller, request, Some(tap)).await
         }));
     }
-    let result = run(&state, &caller, request, None).await?;
+    let result = run(&state, workers, &caller, request, None).await?;
     drop(permit);
     Ok(json_response(JsonPieces::exec(result), hold))
 }
@@ -119,13 +124,20 @@ pub async fn batch(
         ));
     }
     let mut requests = Vec::with_capacity(body.executions.len());
+    let mut workers = Vec::with_capacity(body.executions.len());
     for (i, execution) in body.executions.iter().enumerate() {
+        let in_batch = |mut e: ApiError| {
+            e.field = Some(format!("executions[{i}].{}", e.field.unwrap_or_default()));
+            e
+        };
         let request = execution
             .to_request(&state.config.maxima, state.config.default_timeout)
-            .map_err(|mut e| {
-                e.field = Some(format!("executions[{i}].{}", e.field.unwrap_or_default()));
-                e
-            })?;
+            .map_err(in_batch)?;
+        let served = state
+            .templates
+            .choose(execution.template.as_deref(), &request.language)
+            .map_err(in_batch)?;
+        workers.push(served.workers.clone());
         requests.push(request);
     }
     let _permit = state.fairness.reserve(&caller, requests.len())?;
@@ -135,7 +147,8 @@ pub async fn batch(
     // client that goes away drops them all, which cancels them.
     let runs = requests
         .into_iter()
-        .map(|request| run(&state, &caller, request, None));
+        .zip(workers)
+        .map(|(request, workers)| run(&state, workers, &caller, request, None));
     let results = futures_util::future::try_join_all(runs).await?;
     Ok(json_response(JsonPieces::batch(results), hold))
 }

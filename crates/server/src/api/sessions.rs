@@ -102,18 +102,9 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
     let body: CreateSessionBody = validate::optional_json(&body)?;
     validate::metadata(&body.metadata)?;
-    let template = body
-        .template
-        .unwrap_or_else(|| state.config.template.clone());
-    if template != state.config.template {
-        return Err(ApiError::invalid(
-            "template",
-            format!(
-                "unknown template {template:?} (this server serves {:?})",
-                state.config.template
-            ),
-        ));
-    }
+    let served = state.templates.choose(body.template.as_deref(), "")?;
+    let template = served.name.clone();
+    let workers = served.workers.clone();
     let ttl = match body.ttl_seconds {
         None => state.config.default_ttl,
         Some(0) => {
@@ -135,7 +126,6 @@ pub async fn create(
     };
     check_memory(&state, &caller)?;
     let permit = state.fairness.reserve(&caller, 1)?;
-    let workers = state.workers.clone();
     let session = tokio::task::spawn_blocking(move || workers.create_session())
         .await
         .map_err(|e| ApiError::internal(format!("sandbox thread failed: {e}")))?
@@ -263,6 +253,15 @@ async fn run_in_session(
 ) -> Result<Response, ApiError> {
     let entry = find(&state, &id, &caller)?;
     check_memory(&state, &caller)?;
+    if let Some(template) = body.template.as_deref().filter(|t| *t != entry.template) {
+        return Err(ApiError::invalid(
+            "template",
+            format!(
+                "this session runs template {:?}, not {template:?}",
+                entry.template
+            ),
+        ));
+    }
     let mut request = body.to_request(&state.config.maxima, state.config.default_timeout)?;
     let timeout = request.limits.timeout;
     let hold = state

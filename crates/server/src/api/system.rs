@@ -18,19 +18,22 @@ use crate::wire::{HealthResponse, TemplateHealth};
     responses((status = 200, description = "Readiness of every template", body = HealthResponse)))]
 pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> {
     let mut templates = BTreeMap::new();
-    let workers = state.workers.clone();
-    let (ram_bytes, pool) =
-        tokio::task::spawn_blocking(move || (workers.ram_bytes(), workers.pool()))
-            .await
-            .unwrap_or_default();
-    templates.insert(
-        state.config.template.clone(),
-        TemplateHealth {
-            ready: ram_bytes.is_some(),
-            memory_mb: ram_bytes.map_or(0, |b| b >> 20),
-            pool_depth: pool.depth,
-        },
-    );
+    for served in state.templates.iter() {
+        let workers = served.workers.clone();
+        let (ram_bytes, pool) =
+            tokio::task::spawn_blocking(move || (workers.ram_bytes(), workers.pool()))
+                .await
+                .unwrap_or_default();
+        templates.insert(
+            served.name.clone(),
+            TemplateHealth {
+                ready: ram_bytes.is_some(),
+                memory_mb: ram_bytes.map_or(0, |b| b >> 20),
+                pool_depth: pool.depth,
+                languages: served.languages.clone(),
+            },
+        );
+    }
     let ready = templates.values().all(|t| t.ready);
     Json(HealthResponse {
         status: if ready { "ok" } else { "degraded" }.to_string(),
@@ -52,11 +55,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .set(state.results.reserved_bytes() as i64);
     let rendered = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || {
-            state.metrics.render(&state.config.template, &state.workers)
-        })
-        .await
-        .unwrap_or_default()
+        tokio::task::spawn_blocking(move || state.metrics.render(&state.templates))
+            .await
+            .unwrap_or_default()
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
