@@ -394,6 +394,7 @@ function runScript(code, request) {
 
 function runShell(code, shell) {
   const child = childProcess.spawnSync(SHELLS[shell], ['-c', code], {
+    argv0: shell,
     stdio: 'inherit',
     env: process.env,
   });

@@ -86,7 +86,9 @@ fn the_typescript_sdk_builds_and_passes_its_tests_against_a_live_server() {
         .status()
         .unwrap();
     assert!(build.success(), "the TypeScript SDK did not build");
-    let server = Server::start(&[]);
+    // The seed project's TypeScript example runs JavaScript: serve the node template too.
+    server::build_node_template();
+    let server = Server::start(&["--template", "python,node"]);
     let status = Command::new("npm")
         .arg("test")
         .current_dir(&sdk)

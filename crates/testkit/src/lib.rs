@@ -36,6 +36,24 @@ pub fn default_image() -> PathBuf {
         .clone()
 }
 
+/// The Node.js templates' image (the default one plus Node.js, npm and TypeScript), built on
+/// first use.
+pub fn node_image() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let mut spec = forkvm_template::rootfs::RootfsSpec::default();
+            let node = forkvm_template::Runtime::Node.packages();
+            spec.packages.extend(node.iter().map(|p| p.to_string()));
+            let cache = forkvm_template::rootfs::default_cache_dir();
+            forkvm_template::rootfs::ensure_rootfs(&spec, &cache, &mut |step| {
+                eprintln!("testkit: {step}");
+            })
+            .expect("building the node root filesystem image (run scripts/setup.sh first)")
+        })
+        .clone()
+}
+
 /// A template store in `dir` holding a freshly built `python` template (the agent with numpy
 /// imported). Built once per test process; later calls return the same store.
 pub fn python_template(dir: &Path) -> forkvm_template::TemplateStore {

@@ -124,6 +124,7 @@ class AsyncSandbox:
         code: str,
         *,
         language: Optional[str] = None,
+        template: Optional[str] = None,
         timeout: Optional[float] = None,
         env: Optional[Mapping[str, str]] = None,
         stdin: Optional[str] = None,
@@ -139,6 +140,7 @@ class AsyncSandbox:
         body = _core.exec_body(
             code,
             language=language,
+            template=template,
             timeout=timeout,
             env=env,
             stdin=stdin,

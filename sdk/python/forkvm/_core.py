@@ -175,6 +175,7 @@ def exec_body(
     code: str,
     *,
     language: Optional[str] = None,
+    template: Optional[str] = None,
     timeout: Optional[float] = None,
     env: Optional[Mapping[str, str]] = None,
     stdin: Optional[str] = None,
@@ -188,6 +189,7 @@ def exec_body(
     body: Dict[str, Any] = {"code": code}
     optional = {
         "language": language,
+        "template": template,
         "timeout_seconds": timeout,
         "env": dict(env) if env else None,
         "stdin": stdin,

@@ -120,6 +120,7 @@ class Sandbox:
         code: str,
         *,
         language: Optional[str] = None,
+        template: Optional[str] = None,
         timeout: Optional[float] = None,
         env: Optional[Mapping[str, str]] = None,
         stdin: Optional[str] = None,
@@ -130,7 +131,9 @@ class Sandbox:
         on_stdout: Optional[OutputCallback] = None,
         on_stderr: Optional[OutputCallback] = None,
     ) -> Execution:
-        """Runs ``code`` (Python unless ``language`` says otherwise) and returns how it ran.
+        """Runs ``code`` and returns how it ran. ``language`` (``python``, ``javascript``,
+        ``typescript``, ``bash``...) defaults to the template's own; ``template`` picks one
+        of the server's templates (default: the first that runs ``language``).
 
         ``timeout`` is the code's wall-clock limit in seconds. With ``on_stdout`` or
         ``on_stderr`` the output is delivered as it is written (Server-Sent Events).
@@ -139,6 +142,7 @@ class Sandbox:
         body = _core.exec_body(
             code,
             language=language,
+            template=template,
             timeout=timeout,
             env=env,
             stdin=stdin,

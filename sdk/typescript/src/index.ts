@@ -169,8 +169,13 @@ export interface SandboxOptions {
 }
 
 export interface RunOptions {
-  /** `python` (default) or `bash`. */
+  /**
+   * `javascript`, `typescript`, `python`, `bash`... A run outside a session defaults to
+   * `javascript` (unless it names a template); a session runs its template's language.
+   */
   language?: string;
+  /** One of the server's templates (default: the first that runs `language`). */
+  template?: string;
   /** The code's wall-clock limit, in seconds. */
   timeout?: number;
   env?: Record<string, string>;
@@ -200,9 +205,11 @@ function base64(bytes: Uint8Array): string {
   return btoa(binary);
 }
 
-function execBody(code: string, o: RunOptions = {}): Json {
+function execBody(code: string, o: RunOptions = {}, inSession = false): Json {
   const body: Json = { code };
   if (o.language !== undefined) body.language = o.language;
+  else if (!inSession && o.template === undefined) body.language = "javascript";
+  if (o.template !== undefined) body.template = o.template;
   if (o.timeout !== undefined) body.timeout_seconds = o.timeout;
   if (o.env) body.env = o.env;
   if (o.stdin !== undefined) body.stdin = o.stdin;
@@ -381,13 +388,14 @@ export class Sandbox {
       }
       return result!;
     }
-    const response = await call(this.settings, "POST", this.execPath(), execBody(code, options), this.callTimeout(options.timeout));
+    const body = execBody(code, options, this.id !== null);
+    const response = await call(this.settings, "POST", this.execPath(), body, this.callTimeout(options.timeout));
     return executionFrom(await response.json());
   }
 
   /** Runs `code`, yielding its output as it is written, then its result. */
   async *stream(code: string, options: RunOptions = {}): AsyncGenerator<StreamEvent> {
-    const body = { ...execBody(code, options), stream: true };
+    const body = { ...execBody(code, options, this.id !== null), stream: true };
     yield* this.streamFrom(this.execPath(), body, options.timeout);
   }
 

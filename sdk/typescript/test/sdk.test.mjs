@@ -13,24 +13,29 @@ import {
 } from "../dist/index.js";
 
 test("the one-liner runs code in a fresh sandbox", async () => {
-  const result = await new Sandbox(process.env.FORKVM_API_KEY).run("print(1 + 1)");
+  // The seed project's example: JavaScript, the TypeScript SDK's default language.
+  const result = await new Sandbox(process.env.FORKVM_API_KEY).run("console.log(1+1)");
   assert.equal(result.stdout, "2\n");
   assert.equal(result.ok, true);
   assert.equal(result.error, null);
   assert.ok(result.timings.totalMs > 0);
+  const typed = await new Sandbox().run("const n: number = 41; console.log(n + 1)", { language: "typescript" });
+  assert.equal(typed.stdout, "42\n");
+  const python = await new Sandbox().run("print(1 + 1)", { language: "python" });
+  assert.equal(python.stdout, "2\n");
 });
 
 test("options, limits and batches", async () => {
   const sb = new Sandbox();
   const result = await sb.run(
     "import os, sys\nprint(os.environ['A'], sys.stdin.read(), open('f.txt').read())\nsys.exit(2)",
-    { env: { A: "a" }, stdin: "in", files: { "f.txt": "file", "b.bin": new Uint8Array([0, 255]) }, cwd: "/tmp/ts" },
+    { language: "python", env: { A: "a" }, stdin: "in", files: { "f.txt": "file", "b.bin": new Uint8Array([0, 255]) }, cwd: "/tmp/ts" },
   );
   assert.equal(result.stdout, "a in file\n");
   assert.equal(result.exitCode, 2);
-  const timeout = await sb.run("while True: pass", { timeout: 1 });
+  const timeout = await sb.run("while (true) {}", { timeout: 1 });
   assert.equal(timeout.error?.kind, "timeout");
-  const batch = await sb.runBatch(["print('x')", { code: "print('y')" }]);
+  const batch = await sb.runBatch(["console.log('x')", { code: "print('y')", language: "python" }]);
   assert.deepEqual(batch.map((r) => r.stdout), ["x\n", "y\n"]);
 });
 
@@ -38,7 +43,7 @@ test("streaming as an async iterator and as callbacks", async () => {
   const sb = new Sandbox();
   const seen = [];
   let last;
-  for await (const event of sb.stream("import sys\nfor i in range(3): print(i, flush=True)\nsys.stderr.write('e')")) {
+  for await (const event of sb.stream("for (let i = 0; i < 3; i++) console.log(i);\nprocess.stderr.write('e')")) {
     if (event.type === "result") last = event.execution;
     else seen.push(`${event.type}:${event.data}`);
   }
@@ -46,7 +51,7 @@ test("streaming as an async iterator and as callbacks", async () => {
   assert.ok(seen.includes("stderr:e"));
   assert.equal(last.stdout, "0\n1\n2\n");
   const chunks = [];
-  const result = await sb.run("print('cb')", { onStdout: (c) => chunks.push(c) });
+  const result = await sb.run("print('cb')", { language: "python", onStdout: (c) => chunks.push(c) });
   assert.equal(chunks.join(""), "cb\n");
   assert.equal(result.stdout, "cb\n");
 });

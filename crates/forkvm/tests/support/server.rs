@@ -33,6 +33,27 @@ pub fn cache_dir() -> &'static Path {
     })
 }
 
+/// Builds the `node` template in the shared cache directory (once per test binary), so a
+/// server started with `--template python,node` serves both.
+pub fn build_node_template() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = cache_dir();
+        let image = forkvm_testkit::node_image();
+        let link = dir.join(image.file_name().unwrap());
+        if !link.exists() {
+            std::os::unix::fs::symlink(&image, link).unwrap();
+        }
+        let status = Command::new(env!("CARGO_BIN_EXE_forkvm"))
+            .args(["template", "build", "node", "--runtime", "node"])
+            .env("FORKVM_CACHE_DIR", dir)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the node template");
+    });
+}
+
 /// Creates a key in `file` and returns it.
 pub fn new_key(file: &Path, name: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_forkvm"))
