@@ -10,7 +10,9 @@ scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo build --release --workspace
-# Build (or reuse) the cached Debian image once, before tests run in parallel.
+# Build (or reuse) the cached Debian images once, before tests run in parallel: the
+# default one, and the Node.js one (with the node template).
 ./target/release/forkvm image default
+./target/release/forkvm template build node --runtime node
 cargo test --release --workspace
 scripts/fuzz.sh "${FORKVM_FUZZ_SECONDS:-60}"
