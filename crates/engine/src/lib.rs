@@ -247,6 +247,10 @@ impl Engine {
         for file in &request.files {
             process.place_file(&request.absolute(&file.path), &file.data, file.mode)?;
         }
+        if fresh_fork {
+            // A new pid, as a fork gets: libraries that detect forks by it reseed.
+            process.renumber_for_fork();
+        }
         let base = session_base.unwrap_or_else(|| process.mapped_bytes());
         process.limit_memory(base, limits.memory_bytes);
         process.limit_open_files(limits.open_files);

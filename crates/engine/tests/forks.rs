@@ -138,10 +138,12 @@ fn every_fork_draws_fresh_randomness() {
     for _ in 0..100 {
         let out = run(
             &engine,
-            "import os, random, numpy\nprint(os.urandom(16).hex(), random.random(), numpy.random.rand())",
+            "import os, random, numpy, ssl, uuid, secrets\n\
+             print(os.urandom(16).hex(), random.random(), numpy.random.rand(), ssl.RAND_bytes(16).hex(),\n\
+                   uuid.uuid4(), secrets.token_hex(16))",
         );
         let fields: Vec<&str> = out.split_whitespace().collect();
-        assert_eq!(fields.len(), 3);
+        assert_eq!(fields.len(), 6);
         for field in fields {
             assert!(seen.insert(field.to_string()), "{field} repeated");
         }

@@ -61,7 +61,11 @@ fn stderr(result: &ExecResult) -> String {
 /// What `node -e CODE` prints on the host, if the host has node.
 fn host_node(code: &str) -> Option<String> {
     let out = Command::new("node").args(["-e", code]).output().ok()?;
-    assert!(out.status.success(), "host node failed on {code}");
+    assert!(
+        out.status.success(),
+        "host node failed on {code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(String::from_utf8(out.stdout).unwrap())
 }
 
@@ -73,9 +77,10 @@ const DETERMINISTIC: &[&str] = &[
      Promise.resolve().then(() => console.log('micro')); queueMicrotask(() => console.log('q'));\
      process.nextTick(() => console.log('tick'));\
      console.log('sync')",
-    "const fs = require('fs'); fs.mkdirSync('/tmp/rt', {recursive: true});\
-     fs.writeFileSync('/tmp/rt/a.txt', 'héllo\\n'.repeat(3)); fs.appendFileSync('/tmp/rt/a.txt', 'end');\
-     console.log(JSON.stringify(fs.readFileSync('/tmp/rt/a.txt', 'utf8')), fs.statSync('/tmp/rt/a.txt').size)",
+    "const fs = require('fs'); const dir = fs.mkdtempSync('/tmp/rt-'); const f = dir + '/a.txt';\
+     fs.writeFileSync(f, 'héllo\\n'.repeat(3)); fs.appendFileSync(f, 'end');\
+     console.log(JSON.stringify(fs.readFileSync(f, 'utf8')), fs.statSync(f).size);\
+     fs.rmSync(dir, { recursive: true })",
     "const c = require('crypto'); console.log(c.createHash('sha256').update('abc').digest('hex'),\
      c.createHmac('sha1', 'k').update('v').digest('base64'))",
     "console.log(require('child_process').execSync('echo hi').toString().trim())",
@@ -320,15 +325,22 @@ fn sessions_keep_declarations_and_forks_diverge() {
 }
 
 #[test]
-fn forks_never_repeat_math_random() {
+fn forks_never_repeat_any_generator() {
     let Some(engine) = engine() else { return };
+    // OpenSSL's generators (behind `crypto`) were seeded in the template, and reseed only
+    // because every fork shows a new pid; `Math.random` the agent reseeds.
     let mut seen = HashSet::new();
     for _ in 0..100 {
-        let out = js(engine, "console.log(Math.random(), Math.random())");
-        assert!(seen.insert(out.clone()), "a fork repeated {out}");
+        let out = js(
+            engine,
+            "const c = require('crypto');\n\
+             console.log(Math.random(), c.randomBytes(16).toString('hex'), c.randomUUID(),\n\
+               c.getRandomValues(new Uint32Array(2)).join('-'), c.randomInt(2 ** 47))",
+        );
         for value in out.split_whitespace() {
-            let v: f64 = value.parse().unwrap();
-            assert!((0.0..1.0).contains(&v), "{v}");
+            assert!(seen.insert(value.to_string()), "a fork repeated {value}");
         }
+        let first: f64 = out.split_whitespace().next().unwrap().parse().unwrap();
+        assert!((0.0..1.0).contains(&first), "{first}");
     }
 }

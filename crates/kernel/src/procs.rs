@@ -178,6 +178,10 @@ pub(crate) struct Procs {
     pub between: Option<crate::between::BetweenRequests>,
     /// What all processes together may hold (`memory_budget`), once a limit is set.
     pub memory_budget: Option<crate::memory_budget::MemoryBudget>,
+    /// The id programs see for `INIT` (and its first thread): `INIT` itself in a template,
+    /// a new number in every fork (`Process::renumber_for_fork`), so libraries that detect
+    /// a fork by a changed pid (OpenSSL's generators) reseed.
+    pub shown_init: Pid,
 }
 
 impl Procs {
@@ -193,6 +197,7 @@ impl Procs {
             boot_ns: monotonic_ns(),
             between: None,
             memory_budget: None,
+            shown_init: INIT,
         }
     }
 
@@ -203,6 +208,10 @@ impl Procs {
 
     /// A new thread or process id (`EAGAIN` if they ran out).
     pub fn alloc_id(&mut self) -> Result<Tid, syscalls::Errno> {
+        if self.next_id == self.shown_init {
+            // Taken: the first process answers to it.
+            self.next_id += 1;
+        }
         let id = self.next_id;
         self.next_id = id
             .checked_add(1)
@@ -249,6 +258,49 @@ impl Process {
     /// The current process's id.
     pub fn pid(&self) -> Pid {
         self.procs.current
+    }
+
+    /// The id programs see for process or thread `id`: the first process (and its first
+    /// thread) show as `Procs::shown_init`.
+    pub(crate) fn shown(&self, id: Pid) -> Pid {
+        if id == INIT {
+            self.procs.shown_init
+        } else {
+            id
+        }
+    }
+
+    /// `shown` of a syscall's result that is an id.
+    pub(crate) fn shown_u64(&self, id: u64) -> u64 {
+        u32::try_from(id).map_or(id, |id| u64::from(self.shown(id)))
+    }
+
+    /// The process, thread or process group a program's `id` names: the first process
+    /// answers to what it shows as, and to `INIT` still (a thread library may have cached
+    /// its first id). Negative ids (groups, for `kill` and `wait4`) are left to the callers,
+    /// which name the group `named(-id)`: `-INIT` is `kill`'s "everyone".
+    pub(crate) fn named(&self, id: i64) -> i64 {
+        if id == i64::from(self.procs.shown_init) {
+            i64::from(INIT)
+        } else {
+            id
+        }
+    }
+
+    /// Gives the first process a new id that programs see, as a fork gets from Linux: a
+    /// fresh fork of a template (or a session) calls this before its first request.
+    /// Nothing inside changes: the table still knows the process as `INIT`.
+    pub fn renumber_for_fork(&mut self) {
+        let mut bytes = [0u8; 4];
+        loop {
+            crate::entropy::host_random(&mut bytes);
+            // Above every id the table gave out, below Linux's pid_max (2^22).
+            let id = (u32::from_le_bytes(bytes) % (1 << 22)).max(1 << 16);
+            if id != self.procs.shown_init && id >= self.procs.next_id() {
+                self.procs.shown_init = id;
+                return;
+            }
+        }
     }
 
     /// Makes the first process current again (to take the sandbox apart: its VM is the one

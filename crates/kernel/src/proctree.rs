@@ -66,6 +66,7 @@ impl Process {
                     _ => std::str::from_utf8(name)
                         .ok()
                         .and_then(|n| n.parse::<Pid>().ok())
+                        .and_then(|n| Pid::try_from(self.named(i64::from(n))).ok())
                         .map_or(Scope::Top, Scope::Process),
                 }
             }
@@ -98,7 +99,9 @@ impl Process {
                     let gone = std::str::from_utf8(&name)
                         .ok()
                         .and_then(|n| n.parse::<Pid>().ok())
-                        .is_none_or(|pid| !self.procs.entries.contains_key(&pid));
+                        .is_none_or(|pid| {
+                            !self.procs.entries.keys().any(|&p| self.shown(p) == pid)
+                        });
                     if gone {
                         self.remove_tree(proc_dir, &name)?;
                     }
@@ -111,7 +114,7 @@ impl Process {
                 let described = self.describe(pid);
                 self.write_process_dir(proc_dir, &described)?;
             } else {
-                self.remove_tree(proc_dir, pid.to_string().as_bytes())?;
+                self.remove_tree(proc_dir, self.shown(pid).to_string().as_bytes())?;
             }
         }
         Ok(())
@@ -163,7 +166,11 @@ impl Process {
             b"version",
             b"Linux version 6.1.0-forkvm (forkvm) #1 SMP PREEMPT_DYNAMIC forkvm\n",
         )?;
-        self.put_link(proc_dir, b"self", self.pid().to_string().as_bytes())
+        self.put_link(
+            proc_dir,
+            b"self",
+            self.shown(self.pid()).to_string().as_bytes(),
+        )
     }
 
     fn describe(&mut self, pid: Pid) -> Described {
@@ -214,7 +221,13 @@ impl Process {
     }
 
     fn write_process_dir(&mut self, proc_dir: NodeId, d: &Described) -> Result<(), FsError> {
-        let dir = self.dir_in(proc_dir, d.pid.to_string().as_bytes())?;
+        let pid = self.shown(d.pid);
+        let (ppid, pgid, sid) = (
+            self.shown(d.entry.ppid),
+            self.shown(d.entry.pgid),
+            self.shown(d.entry.sid),
+        );
+        let dir = self.dir_in(proc_dir, pid.to_string().as_bytes())?;
         let comm: Vec<u8> = {
             let name = d.exe.rsplit(|&b| b == b'/').next().unwrap_or_default();
             name.iter().take(15).copied().collect()
@@ -224,11 +237,11 @@ impl Process {
         let start_ticks = e.started_ns.saturating_sub(self.procs.boot_ns) / (1_000_000_000 / TICKS);
         let mut stat = format!(
             "{} ({comm_text}) {} {} {} {} 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 {} 0 {start_ticks} {} {} {}",
-            d.pid,
+            pid,
             d.state,
-            e.ppid,
-            e.pgid,
-            e.sid,
+            ppid,
+            pgid,
+            sid,
             d.threads.max(1),
             d.mapped,
             d.resident_pages,
@@ -252,8 +265,8 @@ impl Process {
              PPid:\t{1}\nTracerPid:\t0\nUid:\t{2}\t{3}\t{4}\t{3}\nGid:\t{5}\t{6}\t{7}\t{6}\n\
              FDSize:\t64\nGroups:\t\nVmSize:\t{8} kB\nVmRSS:\t{9} kB\nThreads:\t{10}\n\
              SigQ:\t0/0\nCpus_allowed:\t1\nCpus_allowed_list:\t0\n",
-            d.pid,
-            e.ppid,
+            pid,
+            ppid,
             e.creds.uid[0],
             e.creds.uid[1],
             e.creds.uid[2],

@@ -470,3 +470,56 @@ fn a_wait_no_process_can_end_is_a_deadlock_naming_each_process() {
         "{why}"
     );
 }
+
+#[test]
+fn a_renumbered_first_process_answers_to_its_new_id_and_its_old_one() {
+    let mut h = Harness::new();
+    assert_eq!(
+        h.sys(libc::SYS_getpid, &[]),
+        1,
+        "a template's first process is 1"
+    );
+    h.process.renumber_for_fork();
+    let pid = h.sys(libc::SYS_getpid, &[]);
+    assert!((1 << 16..1 << 22).contains(&pid), "{pid}");
+    assert_eq!(
+        h.sys(libc::SYS_gettid, &[]),
+        pid,
+        "its first thread is the process"
+    );
+    for target in [pid as u64, 1] {
+        assert_eq!(h.sys(libc::SYS_kill, &[target, 0]), 0);
+        assert_eq!(h.sys(libc::SYS_tgkill, &[target, target, 0]), 0);
+        assert_eq!(h.sys(libc::SYS_getpgid, &[target]), pid);
+    }
+    assert_eq!(h.sys(libc::SYS_getsid, &[0]), pid);
+    assert_eq!(h.sys(libc::SYS_kill, &[(-pid) as u64, 0]), 0, "its group");
+    assert_eq!(h.sys(libc::SYS_prlimit64, &[pid as u64, 7, 0, 0]), 0);
+
+    // Its child sees it as its parent, and it waits for the child by the child's id.
+    let child = h.sys(libc::SYS_fork, &[]);
+    assert!(child >= 2 && child != pid, "{child}");
+    let status = h.at(0x200);
+    assert_eq!(
+        h.call(libc::SYS_wait4, &[child as u64, status, 0, 0]),
+        Outcome::Reschedule
+    );
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.sys(libc::SYS_getppid, &[]), pid);
+    assert_eq!(
+        h.sys(libc::SYS_getpgid, &[0]),
+        pid,
+        "it inherited the group"
+    );
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.sys(libc::SYS_wait4, &[child as u64, status, 0, 0]), child);
+
+    // /proc shows it under its new id, and /proc/self points there.
+    let link = h.cstr(0x400, "/proc/self");
+    let buf = h.at(0x500);
+    let n = h.sys(libc::SYS_readlink, &[link, buf, 64]);
+    assert_eq!(h.peek(buf, n as usize), pid.to_string().as_bytes());
+    let stat = h.stat(&format!("/proc/{pid}/stat"), 0);
+    assert!(stat.is_ok(), "/proc/{pid}/stat: {stat:?}");
+}

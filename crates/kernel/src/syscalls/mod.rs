@@ -353,20 +353,32 @@ impl Process {
             Sysno::arch_prctl => self.sys_arch_prctl(a[0] as i32, a[1], ctx),
             Sysno::set_tid_address => {
                 self.threads.set_clear_child_tid(a[0]);
-                Ok(u64::from(self.threads.current()))
+                Ok(u64::from(self.shown(self.threads.current())))
             }
             Sysno::set_robust_list => self.sys_set_robust_list(a[0], a[1]),
-            Sysno::get_robust_list => self.sys_get_robust_list(a[0] as i32, a[1], a[2]),
+            Sysno::get_robust_list => {
+                let tid = self.named(i64::from(a[0] as i32)) as i32;
+                self.sys_get_robust_list(tid, a[1], a[2])
+            }
             Sysno::rseq => Err(Errno::ENOSYS.into()),
             Sysno::clone => self.sys_clone(a[0], a[1], a[2], a[3], a[4], ctx, fpu),
             Sysno::clone3 => self.sys_clone3(a[0], a[1], ctx, fpu),
-            Sysno::getpid => Ok(u64::from(self.pid())),
-            Sysno::gettid => Ok(u64::from(self.threads.current())),
-            Sysno::getppid => self.sys_getppid(),
-            Sysno::getpgrp => self.sys_getpgid(0),
-            Sysno::getpgid => self.sys_getpgid(i64::from(a[0] as i32)),
-            Sysno::getsid => self.sys_getsid(i64::from(a[0] as i32)),
-            Sysno::setpgid => self.sys_setpgid(i64::from(a[0] as i32), i64::from(a[1] as i32)),
+            // Ids cross here in both directions: `shown` for what a program is told,
+            // `named` for what it passes (the first process's id differs per fork).
+            Sysno::getpid => Ok(u64::from(self.shown(self.pid()))),
+            Sysno::gettid => Ok(u64::from(self.shown(self.threads.current()))),
+            Sysno::getppid => self.sys_getppid().map(|p| self.shown_u64(p)),
+            Sysno::getpgrp => self.sys_getpgid(0).map(|p| self.shown_u64(p)),
+            Sysno::getpgid => self
+                .sys_getpgid(self.named(i64::from(a[0] as i32)))
+                .map(|p| self.shown_u64(p)),
+            Sysno::getsid => self
+                .sys_getsid(self.named(i64::from(a[0] as i32)))
+                .map(|p| self.shown_u64(p)),
+            Sysno::setpgid => self.sys_setpgid(
+                self.named(i64::from(a[0] as i32)),
+                self.named(i64::from(a[1] as i32)),
+            ),
             Sysno::setsid => self.sys_setsid(),
             Sysno::fork => self.sys_fork(procs::NewProcess::plain(0), ctx, fpu),
             Sysno::vfork => self.sys_fork(
@@ -400,28 +412,40 @@ impl Process {
             Sysno::sethostname => self.sys_set_name(a[0], a[1], false),
             Sysno::setdomainname => self.sys_set_name(a[0], a[1], true),
             Sysno::sysinfo => self.sys_sysinfo(a[0]),
-            Sysno::prlimit64 => self.sys_prlimit64(a[0] as i32, a[1] as u32, a[2], a[3]),
+            Sysno::prlimit64 => {
+                let pid = self.named(i64::from(a[0] as i32)) as i32;
+                self.sys_prlimit64(pid, a[1] as u32, a[2], a[3])
+            }
             Sysno::getrlimit => self.sys_prlimit64(0, a[0] as u32, 0, a[1]),
             Sysno::setrlimit => self.sys_prlimit64(0, a[0] as u32, a[1], 0),
             Sysno::getrusage => self.sys_getrusage(a[0] as i32, a[1]),
             Sysno::times => self.sys_times(a[0]),
-            Sysno::sched_getaffinity => self.sys_sched_getaffinity(a[0] as i32, a[1], a[2]),
+            Sysno::sched_getaffinity => {
+                let pid = self.named(i64::from(a[0] as i32)) as i32;
+                self.sys_sched_getaffinity(pid, a[1], a[2])
+            }
             Sysno::sched_setaffinity => {
-                self.sys_sched_setaffinity(i64::from(a[0] as i32), a[1], a[2])
+                self.sys_sched_setaffinity(self.named(i64::from(a[0] as i32)), a[1], a[2])
             }
             Sysno::sched_yield => self.sys_sched_yield(),
-            Sysno::sched_getscheduler => self.sys_sched_getscheduler(i64::from(a[0] as i32)),
-            Sysno::sched_setscheduler => {
-                self.sys_sched_setscheduler(i64::from(a[0] as i32), Some(a[1] as i32), a[2])
+            Sysno::sched_getscheduler => {
+                self.sys_sched_getscheduler(self.named(i64::from(a[0] as i32)))
             }
+            Sysno::sched_setscheduler => self.sys_sched_setscheduler(
+                self.named(i64::from(a[0] as i32)),
+                Some(a[1] as i32),
+                a[2],
+            ),
             Sysno::sched_setparam => {
-                self.sys_sched_setscheduler(i64::from(a[0] as i32), None, a[1])
+                self.sys_sched_setscheduler(self.named(i64::from(a[0] as i32)), None, a[1])
             }
-            Sysno::sched_getparam => self.sys_sched_getparam(i64::from(a[0] as i32), a[1]),
+            Sysno::sched_getparam => {
+                self.sys_sched_getparam(self.named(i64::from(a[0] as i32)), a[1])
+            }
             Sysno::sched_get_priority_max => self.sys_sched_priority(a[0] as i32, true),
             Sysno::sched_get_priority_min => self.sys_sched_priority(a[0] as i32, false),
             Sysno::sched_rr_get_interval => {
-                self.sys_sched_rr_get_interval(i64::from(a[0] as i32), a[1])
+                self.sys_sched_rr_get_interval(self.named(i64::from(a[0] as i32)), a[1])
             }
             Sysno::getpriority => self.sys_getpriority(a[0] as i32, a[1] as u32),
             Sysno::setpriority => self.sys_setpriority(a[0] as i32, a[1] as u32, a[2] as i32),
@@ -429,11 +453,27 @@ impl Process {
             Sysno::prctl => self.sys_prctl(a[0] as i32, a[1]),
             Sysno::capget => self.sys_capget(a[1]),
             Sysno::futex => self.sys_futex(a[0], a[1] as i32, a[2] as u32, a[3], a[4], a[5] as u32),
-            Sysno::wait4 => self.sys_wait4(i64::from(a[0] as i32), a[1], a[2] as i32, a[3]),
-            Sysno::waitid => self.sys_waitid(a[0] as i32, a[1], a[2], a[3] as i32, a[4]),
-            Sysno::kill => self.sys_kill(i64::from(a[0] as i32), a[1] as i32),
-            Sysno::tgkill => self.sys_tgkill(a[0] as i64, a[1] as i64, a[2] as i32),
-            Sysno::tkill => self.sys_tgkill(i64::from(self.pid()), a[0] as i64, a[1] as i32),
+            Sysno::wait4 => {
+                let pid = self.named(i64::from(a[0] as i32));
+                self.sys_wait4(pid, a[1], a[2] as i32, a[3])
+            }
+            Sysno::waitid => {
+                // P_PID and P_PGID name a process or group; P_ALL and P_PIDFD do not.
+                let id = match a[0] as u32 {
+                    libc::P_PID | libc::P_PGID => self.named(a[1] as i64) as u64,
+                    _ => a[1],
+                };
+                self.sys_waitid(a[0] as i32, id, a[2], a[3] as i32, a[4])
+            }
+            Sysno::kill => self.sys_kill(self.named(i64::from(a[0] as i32)), a[1] as i32),
+            Sysno::tgkill => {
+                let (tgid, tid) = (self.named(a[0] as i64), self.named(a[1] as i64));
+                self.sys_tgkill(tgid, tid, a[2] as i32)
+            }
+            Sysno::tkill => {
+                let tid = self.named(a[0] as i64);
+                self.sys_tgkill(i64::from(self.pid()), tid, a[1] as i32)
+            }
 
             // Signals.
             Sysno::rt_sigaction => self.sys_rt_sigaction(a[0] as i32, a[1], a[2], a[3]),
@@ -444,10 +484,11 @@ impl Process {
             Sysno::pause => self.sys_pause(),
             Sysno::rt_sigtimedwait => self.sys_rt_sigtimedwait(a[0], a[1], a[2], a[3]),
             Sysno::rt_sigqueueinfo => {
-                self.sys_rt_sigqueueinfo(a[0] as i64, None, a[1] as i32, a[2])
+                self.sys_rt_sigqueueinfo(self.named(a[0] as i64), None, a[1] as i32, a[2])
             }
             Sysno::rt_tgsigqueueinfo => {
-                self.sys_rt_sigqueueinfo(a[0] as i64, Some(a[1] as i64), a[2] as i32, a[3])
+                let (tgid, tid) = (self.named(a[0] as i64), self.named(a[1] as i64));
+                self.sys_rt_sigqueueinfo(tgid, Some(tid), a[2] as i32, a[3])
             }
             Sysno::alarm => self.sys_alarm(a[0] as u32),
             Sysno::setitimer => self.sys_setitimer(a[0] as i32, a[1], a[2]),

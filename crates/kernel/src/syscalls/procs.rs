@@ -292,7 +292,7 @@ impl Process {
         let which = match pid {
             -1 => Which::Any,
             0 => Which::Group(self.procs.entries[&self.pid()].pgid),
-            p if p < -1 => Which::Group(Pid::try_from(-p).map_err(|_| Errno::ECHILD)?),
+            p if p < -1 => Which::Group(Pid::try_from(self.named(-p)).map_err(|_| Errno::ECHILD)?),
             p => Which::Pid(Pid::try_from(p).map_err(|_| Errno::ECHILD)?),
         };
         if status != 0 {
@@ -480,7 +480,7 @@ impl Process {
             .filter(|&(&p, e)| match pid {
                 0 => e.pgid == my_pgid,
                 -1 => p != INIT && p != me,
-                n if n < -1 => i64::from(e.pgid) == -n,
+                n if n < -1 => i64::from(e.pgid) == self.named(-n),
                 n => i64::from(p) == n,
             })
             .map(|(&p, e)| (p, e.life))
@@ -491,7 +491,8 @@ impl Process {
         if signal == 0 {
             return Ok(0);
         }
-        let info = SigInfo::from_process(signal, code::SI_USER, me, self.creds().uid[0]);
+        let info =
+            SigInfo::from_process(signal, code::SI_USER, self.shown(me), self.creds().uid[0]);
         // The caller last: a signal that ends it must not keep the others from theirs.
         for (target, life) in targets.iter().filter(|(p, _)| *p != me) {
             if *life == Life::Alive {

@@ -75,7 +75,12 @@ impl Process {
         }
         let tid = u32::try_from(tid).map_err(|_| Errno::ESRCH)?;
         let tgid = Tid::try_from(tgid).map_err(|_| Errno::ESRCH)?;
-        let info = SigInfo::from_process(signal, code::SI_TKILL, self.pid(), self.creds().uid[0]);
+        let info = SigInfo::from_process(
+            signal,
+            code::SI_TKILL,
+            self.shown(self.pid()),
+            self.creds().uid[0],
+        );
         if tgid != self.pid() {
             // A thread of another process: that process's table says whether it exists.
             if !self.procs.is_alive(tgid) {
