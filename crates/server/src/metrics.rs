@@ -200,18 +200,14 @@ impl Metrics {
             let workers = &served.workers;
             let stats = workers.pool();
             let name = [served.name.as_str()];
-            self.pool_depth
-                .with_label_values(&name)
-                .set(stats.depth as i64);
-            self.pool_forks
-                .with_label_values(&name)
-                .set(stats.forks as i64);
-            self.pool_misses
-                .with_label_values(&name)
-                .set(stats.misses as i64);
-            self.pool_prepared
-                .with_label_values(&name)
-                .set(stats.prepared as i64);
+            for (gauge, value) in [
+                (&self.pool_depth, stats.depth),
+                (&self.pool_forks, stats.forks as usize),
+                (&self.pool_misses, stats.misses as usize),
+                (&self.pool_prepared, stats.prepared as usize),
+            ] {
+                gauge.with_label_values(&name).set(value as i64);
+            }
             let pids = workers.pids();
             live += pids.len();
             restarts += workers.restarts();

@@ -58,40 +58,32 @@ pub fn node_image() -> PathBuf {
 /// imported). Built once per test process; later calls return the same store.
 pub fn python_template(dir: &Path) -> forkvm_template::TemplateStore {
     static STORE: OnceLock<forkvm_template::TemplateStore> = OnceLock::new();
-    STORE
-        .get_or_init(|| {
-            let store = forkvm_template::TemplateStore::new(dir);
-            let vmm = forkvm_vmm::Vmm::new().expect("opening /dev/kvm");
-            forkvm_template::build(
-                &store,
-                &vmm,
-                &forkvm_template::TemplateSpec::python("python"),
-                &mut |step| eprintln!("testkit: {step}"),
-            )
-            .expect("building the python template");
-            store
-        })
-        .clone()
+    built_once(&STORE, dir, forkvm_template::TemplateSpec::python("python"))
 }
 
 /// A template store in `dir` holding a freshly built `node` template (the Node.js agent with
 /// the TypeScript compiler loaded). Built once per test process.
 pub fn node_template(dir: &Path) -> forkvm_template::TemplateStore {
     static STORE: OnceLock<forkvm_template::TemplateStore> = OnceLock::new();
-    STORE
-        .get_or_init(|| {
-            let store = forkvm_template::TemplateStore::new(dir);
-            let vmm = forkvm_vmm::Vmm::new().expect("opening /dev/kvm");
-            forkvm_template::build(
-                &store,
-                &vmm,
-                &forkvm_template::TemplateSpec::node("node"),
-                &mut |step| eprintln!("testkit: {step}"),
-            )
-            .expect("building the node template");
-            store
+    built_once(&STORE, dir, forkvm_template::TemplateSpec::node("node"))
+}
+
+/// The store in `cell`, made on first use by building `spec` into `dir`.
+fn built_once(
+    cell: &'static OnceLock<forkvm_template::TemplateStore>,
+    dir: &Path,
+    spec: forkvm_template::TemplateSpec,
+) -> forkvm_template::TemplateStore {
+    cell.get_or_init(|| {
+        let store = forkvm_template::TemplateStore::new(dir);
+        let vmm = forkvm_vmm::Vmm::new().expect("opening /dev/kvm");
+        forkvm_template::build(&store, &vmm, &spec, &mut |step| {
+            eprintln!("testkit: {step}")
         })
-        .clone()
+        .unwrap_or_else(|e| panic!("building the {} template: {e}", spec.name));
+        store
+    })
+    .clone()
 }
 
 /// SHA-256 of a file's contents, hex.
