@@ -29,7 +29,12 @@ fn code_properties() -> Map<String, Value> {
     );
     properties.insert(
         "language".into(),
-        json!({ "type": "string", "enum": ["python", "bash"], "description": "python (default) or bash." }),
+        json!({
+            "type": "string",
+            "enum": ["python", "javascript", "typescript", "bash", "sh"],
+            "description": "python (default), javascript or typescript (run by Node.js, where \
+                the server serves a Node.js template), or a bash / sh script.",
+        }),
     );
     properties.insert(
         "timeout_seconds".into(),
@@ -50,7 +55,8 @@ pub fn tool_list() -> Vec<Value> {
         json!({
             "name": "run_code",
             "title": "Run code in a fresh sandbox",
-            "description": "Runs a Python program (or a bash script) in a brand-new, isolated \
+            "description": "Runs a Python program (or JavaScript, TypeScript, or a bash \
+                script: see language) in a brand-new, isolated \
                 sandbox and returns its stdout, stderr and exit code. Nothing persists \
                 afterwards: use create_session and run_in_session to keep variables or files \
                 between runs. numpy is already imported in the runtime and fast to use; \
