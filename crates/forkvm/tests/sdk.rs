@@ -44,7 +44,8 @@ fn the_python_sdk_passes_its_tests_against_a_live_server() {
         return;
     }
     let Some(python) = sdk_python() else { return };
-    let server = Server::start(&["--rate", "20", "--burst", "40"]);
+    server::build_node_template();
+    let server = Server::start(&["--rate", "20", "--burst", "40", "--template", "python,node"]);
     let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python");
     let status = Command::new(python)
         .args(["-m", "unittest", "discover", "-v", "-s", "tests"])

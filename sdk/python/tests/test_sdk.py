@@ -2,7 +2,8 @@
 
 The server, and the environment, come from the caller (``crates/forkvm/tests/sdk.rs``):
 ``FORKVM_URL``, ``FORKVM_API_KEY`` (alice) and ``FORKVM_OTHER_KEY`` (bob, used to hit the
-rate limit), on a server started with ``--rate 20 --burst 40``.
+rate limit), on a server started with ``--rate 20 --burst 40`` serving the python and
+node templates.
 """
 
 import asyncio
@@ -21,6 +22,19 @@ class SyncTests(unittest.TestCase):
         self.assertTrue(result.ok)
         self.assertIsNone(result.error)
         self.assertGreater(result.timings.total_ms, 0)
+
+    def test_other_languages_and_templates(self):
+        sb = Sandbox()
+        self.assertEqual(sb.run("console.log(1+1)", language="javascript").stdout, "2\n")
+        typed = sb.run("const n: number = 41; console.log(n + 1)", language="typescript")
+        self.assertEqual(typed.stdout, "42\n")
+        self.assertEqual(sb.run("console.log(typeof require)", template="node").stdout, "function\n")
+        with self.assertRaises(forkvm.InvalidRequestError):
+            sb.run("print(1)", template="no-such-template")
+        with Sandbox.create(template="node") as session:
+            session.run("let x = 41")
+            self.assertEqual(session.run("console.log(x + 1)").stdout, "42\n")
+            self.assertEqual(session.info().template, "node")
 
     def test_run_with_everything(self):
         with Sandbox() as sb:
