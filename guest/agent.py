@@ -188,9 +188,17 @@ PRELOAD = (
 )
 
 
+# A template's own warm-up code (a spec's `warmup`), run once before the snapshot.
+WARMUP = "/opt/forkvm/warmup.py"
+
+
 def main():
     for module in PRELOAD + tuple(sys.argv[1:]):
         __import__(module)
+    if os.path.exists(WARMUP):
+        import runpy
+
+        runpy.run_path(WARMUP, run_name="__forkvm_warmup__")
     # Move everything imported so far out of the collector's reach: forks then never touch
     # (and so never copy) those pages while collecting garbage.
     gc.collect()

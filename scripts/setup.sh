@@ -9,6 +9,7 @@
 #               same Debian binaries the sandbox runs, with the BLAS a normal numpy install
 #               selects
 #   python3-venv  the Python SDK's tests: a venv with the SDK (sdk/python) and httpx from PyPI
+#   python3-pip   templates built from a spec fetch their PyPI packages with the host's pip
 #   nodejs, npm   the TypeScript SDK (sdk/typescript): its compiler from the npm registry,
 #                 pinned by its lockfile (a Node.js already installed is used as it is)
 set -euo pipefail
@@ -17,7 +18,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 
 packages=(mmdebstrap gcc libc6-dev bubblewrap python3 python3-numpy libopenblas0-pthread
     python3-pandas python3-sklearn python3-scipy python3-matplotlib python3-seaborn
-    python3-venv ca-certificates)
+    python3-venv python3-pip ca-certificates)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

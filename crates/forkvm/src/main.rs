@@ -239,9 +239,13 @@ enum TemplateCommand {
         /// A custom entry program and arguments (it must read descriptor 3).
         #[arg(long, num_args = 1.., allow_hyphen_values = true)]
         entry: Option<Vec<String>>,
-        /// Guest memory in MiB for the template and its forks.
-        #[arg(long, default_value_t = 1024)]
-        memory: u64,
+        /// Guest memory in MiB for the template and its forks [default: 1024].
+        #[arg(long)]
+        memory: Option<u64>,
+        /// A template spec (TOML): runtime, Debian, PyPI and npm packages, files,
+        /// environment and warm-up code (docs/API.md).
+        #[arg(long, conflicts_with_all = ["runtime", "packages", "entry"])]
+        spec: Option<PathBuf>,
     },
     /// List templates.
     List,
@@ -430,10 +434,25 @@ fn execute(cli: Cli) -> Result<i32> {
         }),
         Command::Template(TemplateCommand::Build {
             name,
+            memory,
+            spec: Some(path),
+            ..
+        }) => {
+            let (mut spec, text) = forkvm_template::spec::SpecFile::load(&path, &name)?;
+            spec.spec_text = Some(text);
+            if let Some(mib) = memory {
+                spec.memory_mib = mib;
+            }
+            template::build(&spec)?;
+            Ok(0)
+        }
+        Command::Template(TemplateCommand::Build {
+            name,
             runtime,
             packages,
             entry,
             memory,
+            spec: None,
         }) => {
             let mut spec = match runtime {
                 forkvm_template::Runtime::Python => {
@@ -455,7 +474,9 @@ fn execute(cli: Cli) -> Result<i32> {
                 }
             };
             spec.entry = entry;
-            spec.memory_mib = memory;
+            if let Some(mib) = memory {
+                spec.memory_mib = mib;
+            }
             template::build(&spec)?;
             Ok(0)
         }

@@ -64,7 +64,7 @@ fn describe(name: &str, meta: &SnapshotMeta) -> String {
          image:       {} (digest {})\n\
          cpu:         XCR0 {:#x}\n\
          created:     {} (unix)\n\
-         format:      {}\n",
+         format:      {}\n{}",
         meta.runtime.name(),
         meta.runtime.languages().join(", "),
         meta.entry.join(" "),
@@ -75,8 +75,25 @@ fn describe(name: &str, meta: &SnapshotMeta) -> String {
         &meta.image_digest[..16.min(meta.image_digest.len())],
         meta.cpu.xcr0,
         meta.created_unix,
-        meta.format
+        meta.format,
+        provenance(meta),
     )
+}
+
+/// What `template show` adds for a template built from a spec: the packages as resolved,
+/// and the spec itself.
+fn provenance(meta: &SnapshotMeta) -> String {
+    let mut out = String::new();
+    if !meta.packages.is_empty() {
+        out.push_str(&format!("packages:    {}\n", meta.packages.join(" ")));
+    }
+    if let Some(spec) = &meta.spec {
+        out.push_str("spec:\n");
+        for line in spec.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
+    out
 }
 
 /// Builds a built-in template (`python`, `node`) if the store does not have it, or has it in a snapshot

@@ -830,20 +830,27 @@ fn a_sessions_background_process_outlives_its_request_and_forks_with_it() {
         !listed["stdout"].as_str().unwrap().trim().is_empty(),
         "{listed}"
     );
+    // The helper's answer: its count, its pid, and its parent, which is the session's first
+    // process (the agent adopted it), whose pid every session and branch has its own of.
     let ask = |session: &str| {
         let path = format!("/v1/sandboxes/{session}/exec");
-        exec_ok(&server, key, &path, common::ASK)["stdout"]
+        let code = format!("{}\nimport os\nprint(os.getpid())", common::ASK);
+        let out = exec_ok(&server, key, &path, &code)["stdout"]
             .as_str()
             .unwrap()
-            .to_string()
+            .to_string();
+        let (answer, agent) = out.trim_end().rsplit_once('\n').unwrap();
+        let (rest, parent) = answer.rsplit_once(' ').unwrap();
+        assert_eq!(parent, agent, "the helper's parent is the agent: {out}");
+        rest.to_string()
     };
-    assert_eq!(ask(&id), format!("1 {pid} 1\n"));
-    assert_eq!(ask(&id), format!("2 {pid} 1\n"));
+    assert_eq!(ask(&id), format!("1 {pid}"));
+    assert_eq!(ask(&id), format!("2 {pid}"));
 
     // Each branch gets the helper as it was, with its count, and counts on its own.
     let branches = fork_session(&server, key, &id, 2);
-    assert_eq!(ask(&branches[0]), format!("3 {pid} 1\n"));
-    assert_eq!(ask(&branches[0]), format!("4 {pid} 1\n"));
-    assert_eq!(ask(&branches[1]), format!("3 {pid} 1\n"));
-    assert_eq!(ask(&id), format!("3 {pid} 1\n"));
+    assert_eq!(ask(&branches[0]), format!("3 {pid}"));
+    assert_eq!(ask(&branches[0]), format!("4 {pid}"));
+    assert_eq!(ask(&branches[1]), format!("3 {pid}"));
+    assert_eq!(ask(&id), format!("3 {pid}"));
 }

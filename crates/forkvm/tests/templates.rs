@@ -228,17 +228,27 @@ fn a_template_whose_entry_starts_a_helper_holds_it_in_every_fork() {
     assert!(shown.status.success(), "{}", text(&shown.stderr));
 
     // Every fork starts from the snapshot: the helper there, its count at zero, its parent
-    // the agent (which replaced the shell as process 1).
+    // the agent (which replaced the shell as the first process, whose pid each fork
+    // renumbers).
+    let ask_and_tell = format!("{}\nimport os\nprint(os.getpid())", common::ASK);
     let mut answers = Vec::new();
     for _ in 0..3 {
-        let exec = forkvm(&cache, &["exec", "--template", "helper", common::ASK]);
+        let exec = forkvm(&cache, &["exec", "--template", "helper", &ask_and_tell]);
         assert!(exec.status.success(), "{}", text(&exec.stderr));
-        answers.push(text(&exec.stdout));
+        let out = text(&exec.stdout);
+        let fields: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+        assert_eq!(fields.len(), 4, "{out}");
+        assert_eq!(fields[0], "1", "{out}");
+        assert_eq!(
+            fields[2], fields[3],
+            "the helper's parent is the agent: {out}"
+        );
+        answers.push(fields[1].clone());
     }
-    let first: Vec<&str> = answers[0].split_whitespace().collect();
-    assert_eq!(first.len(), 3, "{answers:?}");
-    assert_eq!((first[0], first[2]), ("1", "1"), "{answers:?}");
-    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "one helper pid: {answers:?}"
+    );
 
     // Two questions in one request: one helper, counting on.
     let twice = forkvm(
@@ -256,4 +266,115 @@ fn a_template_whose_entry_starts_a_helper_holds_it_in_every_fork() {
         .map(|l| l.split(' ').next().unwrap_or(""))
         .collect();
     assert_eq!(counts, ["1", "2"], "{}", text(&twice.stderr));
+}
+
+#[test]
+fn templates_from_specs_carry_pypi_and_npm_packages_files_and_warm_up() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    forkvm_testkit::node_image();
+    let cache = cache_dir("specs");
+    let specs = cache.join("specs");
+    std::fs::create_dir_all(specs.join("data/nested")).unwrap();
+    std::fs::write(
+        specs.join("data/nested/greeting.txt"),
+        "hello from the spec\n",
+    )
+    .unwrap();
+    std::fs::write(
+        specs.join("py.toml"),
+        "runtime = \"python\"\npypi = [\"faker\", \"httpx\"]\nmodules = [\"httpx\"]\n\
+         warmup = \"\"\"\nimport faker\nfaker.Faker().name()\n\"\"\"\n\
+         [env]\nGREETING = \"hej\"\n[[files]]\nfrom = \"data\"\nto = \"/srv/data\"\n",
+    )
+    .unwrap();
+    let py_spec = specs.join("py.toml");
+    let built = forkvm(
+        &cache,
+        &[
+            "template",
+            "build",
+            "py",
+            "--spec",
+            py_spec.to_str().unwrap(),
+        ],
+    );
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    let shown = text(&forkvm(&cache, &["template", "show", "py"]).stdout);
+    assert!(
+        shown.contains("Faker=="),
+        "the resolved versions are recorded: {shown}"
+    );
+    assert!(shown.contains("httpx=="), "{shown}");
+    assert!(
+        shown.contains("pypi = [\"faker\", \"httpx\"]"),
+        "the spec is recorded: {shown}"
+    );
+    let ran = forkvm(
+        &cache,
+        &[
+            "exec",
+            "--template",
+            "py",
+            "import sys, os, faker, httpx\n\
+             print('faker' in sys.modules, bool(faker.Faker().name()), httpx.__name__,\n\
+                   os.environ['GREETING'], open('/srv/data/nested/greeting.txt').read().strip())",
+        ],
+    );
+    assert!(ran.status.success(), "{}", text(&ran.stderr));
+    assert_eq!(
+        text(&ran.stdout),
+        "True True httpx hej hello from the spec\n"
+    );
+
+    std::fs::write(
+        specs.join("node.toml"),
+        "runtime = \"node\"\nnpm = [\"lodash\"]\n\
+         warmup = \"const _ = require('lodash'); globalThis.pairs = _.chunk([1, 2, 3, 4], 2);\"\n",
+    )
+    .unwrap();
+    let node_spec = specs.join("node.toml");
+    let built = forkvm(
+        &cache,
+        &[
+            "template",
+            "build",
+            "js",
+            "--spec",
+            node_spec.to_str().unwrap(),
+        ],
+    );
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    assert!(text(&forkvm(&cache, &["template", "show", "js"]).stdout).contains("lodash@"));
+    let ran = forkvm(
+        &cache,
+        &[
+            "exec",
+            "--template",
+            "js",
+            "import _ from 'lodash'; const fp = require('lodash/fp');\n\
+             console.log(JSON.stringify(pairs), _.sum([1, 2, 3]), typeof fp.map)",
+        ],
+    );
+    assert!(ran.status.success(), "{}", text(&ran.stderr));
+    assert_eq!(text(&ran.stdout), "[[1,2],[3,4]] 6 function\n");
+
+    // A package that does not exist fails the build, naming it.
+    std::fs::write(
+        specs.join("bad.toml"),
+        "pypi = [\"forkvm-no-such-package-x7\"]\n",
+    )
+    .unwrap();
+    let bad = specs.join("bad.toml");
+    let failed = forkvm(
+        &cache,
+        &["template", "build", "bad", "--spec", bad.to_str().unwrap()],
+    );
+    assert!(!failed.status.success());
+    assert!(
+        text(&failed.stderr).contains("forkvm-no-such-package-x7"),
+        "{}",
+        text(&failed.stderr)
+    );
 }

@@ -1,16 +1,18 @@
 //! Building a template: run the entry program (by default the Python agent, importing the
 //! template's modules) until it parks reading its control channel, then snapshot it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forkvm_image::Fs;
 use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_vmm::{Program, RunResult, Vmm};
 
+use crate::overlay::{self, PlaceError};
+use crate::packages;
 use crate::rootfs::{RootfsSpec, default_cache_dir, ensure_rootfs};
 use crate::runtime::Runtime;
-use crate::snapshot::{self, SnapshotMeta};
+use crate::snapshot::{self, Provenance, SnapshotMeta};
 use crate::store::{StoreError, TemplateStore};
 
 /// Where the Python agent is placed inside every template's filesystem.
@@ -55,6 +57,15 @@ pub struct TemplateSpec {
     pub memory_mib: u64,
     /// Environment added to the defaults.
     pub env: Vec<String>,
+    /// Packages fetched from PyPI and npm on the host at build time (`packages`).
+    pub pypi: Vec<String>,
+    pub npm: Vec<String>,
+    /// Host files and directories copied to sandbox paths.
+    pub files: Vec<(PathBuf, String)>,
+    /// Code the agent runs once before the snapshot (in the runtime's language).
+    pub warmup: Option<String>,
+    /// The spec file's text, when the template comes from one.
+    pub spec_text: Option<String>,
 }
 
 impl TemplateSpec {
@@ -68,6 +79,11 @@ impl TemplateSpec {
             entry: None,
             memory_mib: 1024,
             env: Vec::new(),
+            pypi: Vec::new(),
+            npm: Vec::new(),
+            files: Vec::new(),
+            warmup: None,
+            spec_text: None,
         }
     }
 
@@ -114,22 +130,55 @@ pub const TEMPLATE_ENV: &[&str] = &[
     "OPENBLAS_NUM_THREADS=1",
 ];
 
-/// Places the agent in the overlay so every template (and fork) finds it.
-fn install_agent(fs: &mut Fs) -> Result<(), StoreError> {
-    let failed = |e: forkvm_image::FsError| StoreError::Agent(e.to_string());
-    let opt = fs.resolve(b"/", b"/opt", true).map_err(failed)?.node;
-    let dir = match fs.lookup(opt, b"forkvm").map_err(failed)? {
-        Some(node) => node,
-        None => fs.mkdir(opt, b"forkvm", 0o755).map_err(failed)?,
-    };
+/// Where the agents look for a template's warm-up code (`WARMUP_PY`, `WARMUP_JS`).
+const AGENT_DIR: &str = "/opt/forkvm";
+
+/// Places the agents (and the spec's warm-up code) in the overlay so every template (and
+/// fork) finds them.
+fn install_agent(fs: &mut Fs, spec: &TemplateSpec) -> Result<(), StoreError> {
+    let agent = |e: PlaceError| StoreError::Agent(e.to_string());
+    let dir = overlay::make_dirs(fs, AGENT_DIR).map_err(agent)?;
     for (name, source) in [
         (&b"agent.py"[..], AGENT_SOURCE),
         (&b"agent.js"[..], NODE_AGENT_SOURCE),
     ] {
-        let file = fs.create_file(dir, name, 0o644).map_err(failed)?;
-        fs.write_at(file, 0, source.as_bytes()).map_err(failed)?;
+        overlay::write_file(fs, dir, name, source.as_bytes(), 0o644).map_err(agent)?;
+    }
+    if let Some(code) = &spec.warmup {
+        let name: &[u8] = match spec.runtime {
+            Runtime::Python => b"warmup.py",
+            Runtime::Node => b"warmup.js",
+        };
+        overlay::write_file(fs, dir, name, code.as_bytes(), 0o644).map_err(agent)?;
     }
     Ok(())
+}
+
+/// Fetches the spec's PyPI and npm packages on the host and copies them, and its files,
+/// into the overlay. Returns what the package managers resolved.
+fn install_extras(
+    fs: &mut Fs,
+    spec: &TemplateSpec,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<String>, StoreError> {
+    let mut resolved = Vec::new();
+    let mut staged = Vec::new();
+    if !spec.pypi.is_empty() {
+        progress(&format!("pip: {}", spec.pypi.join(" ")));
+        staged.push(packages::stage_pypi(&spec.pypi)?);
+    }
+    if !spec.npm.is_empty() {
+        progress(&format!("npm: {}", spec.npm.join(" ")));
+        staged.push(packages::stage_npm(&spec.npm)?);
+    }
+    for stage in &staged {
+        overlay::copy_in(fs, &stage.tree, stage.guest_dir)?;
+        resolved.extend(stage.resolved.iter().cloned());
+    }
+    for (from, to) in &spec.files {
+        overlay::copy_in(fs, from, to)?;
+    }
+    Ok(resolved)
 }
 
 /// Builds `spec` into `store`, replacing a template of the same name.
@@ -149,7 +198,8 @@ pub fn build(
     let image = snapshot::open_verified_image(&image_path, &sealer)?;
 
     let mut fs = Fs::with_limit(image, 256 << 20);
-    install_agent(&mut fs)?;
+    install_agent(&mut fs, spec)?;
+    let resolved = install_extras(&mut fs, spec, progress)?;
     let argv = spec.argv();
     let mut env: Vec<Vec<u8>> = TEMPLATE_ENV.iter().map(|e| e.as_bytes().to_vec()).collect();
     env.extend(spec.env.iter().map(|e| e.as_bytes().to_vec()));
@@ -195,8 +245,12 @@ pub fn build(
             &mut sandbox,
             vmm,
             argv.clone(),
-            spec.runtime,
-            agent_digest(),
+            Provenance {
+                runtime: spec.runtime,
+                agent_sha256: agent_digest(),
+                packages: resolved.clone(),
+                spec: spec.spec_text.clone(),
+            },
             &sealer,
         )
         .map_err(StoreError::from)

@@ -4,10 +4,13 @@
 
 pub mod build;
 pub mod cpu;
+pub mod overlay;
+pub mod packages;
 pub mod rootfs;
 pub mod runtime;
 pub mod seal;
 pub mod snapshot;
+pub mod spec;
 pub mod store;
 
 pub use build::{TemplateSpec, agent_digest, build};

@@ -122,6 +122,13 @@ pub struct SnapshotMeta {
     pub segments: Vec<StoredMemory>,
     pub state_sha256: String,
     pub cpu: CpuFeatures,
+    /// The packages fetched from PyPI and npm at build time, as resolved (`name==version`,
+    /// `name@version`).
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// The spec the template was built from (`--spec`), as written.
+    #[serde(default)]
+    pub spec: Option<String>,
     /// SHA-256 of the exec agent the template runs (see `build::agent_digest`): a template
     /// built with another agent speaks another version of it.
     #[serde(default)]
@@ -385,6 +392,16 @@ pub fn open_verified_image(path: &Path, sealer: &Sealer) -> Result<Arc<Image>, S
     Ok(Arc::new(image))
 }
 
+/// Where a template came from, recorded in its metadata.
+pub struct Provenance {
+    pub runtime: Runtime,
+    pub agent_sha256: String,
+    /// Packages fetched from PyPI and npm, as resolved.
+    pub packages: Vec<String>,
+    /// The spec file's text, for a template built from one.
+    pub spec: Option<String>,
+}
+
 /// Snapshots a sandbox parked on its control channel into `dir` (which must exist and be
 /// empty). Returns the metadata written.
 pub fn write(
@@ -392,8 +409,7 @@ pub fn write(
     sandbox: &mut Sandbox,
     vmm: &Vmm,
     entry: Vec<String>,
-    runtime: Runtime,
-    agent_sha256: String,
+    provenance: Provenance,
     sealer: &Sealer,
 ) -> Result<SnapshotMeta, SnapshotError> {
     if sandbox.parked().is_none() {
@@ -460,7 +476,7 @@ pub fn write(
         image_path: image.path().to_owned(),
         image_digest: hex(&image.digest()),
         entry,
-        runtime,
+        runtime: provenance.runtime,
         ram_bytes: process.ram().size(),
         memory_extents,
         memory_sha256,
@@ -468,7 +484,9 @@ pub fn write(
         segments,
         state_sha256: hex(&Sha256::digest(&state_bytes)),
         cpu: CpuFeatures::of(vmm.cpu()),
-        agent_sha256,
+        packages: provenance.packages,
+        spec: provenance.spec,
+        agent_sha256: provenance.agent_sha256,
         seal: String::new(),
     };
     write_meta(dir, &mut meta, sealer)?;

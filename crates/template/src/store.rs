@@ -36,6 +36,10 @@ pub enum StoreError {
     Spawn(#[from] forkvm_kernel::SpawnError),
     #[error("installing the agent: {0}")]
     Agent(String),
+    #[error(transparent)]
+    Packages(#[from] crate::packages::PackageError),
+    #[error(transparent)]
+    Place(#[from] crate::overlay::PlaceError),
     #[error(
         "the entry program ended ({exit}) before reading its first request; its output:\n{output}"
     )]
