@@ -111,6 +111,10 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
         let meta = crate::template::store().show(name)?;
         served.push(Served {
             name: name.clone(),
+            runtime: meta.runtime.name().to_string(),
+            memory_mb: meta.ram_bytes >> 20,
+            packages: meta.packages.clone(),
+            created_at: meta.created_unix,
             languages: meta
                 .runtime
                 .languages()

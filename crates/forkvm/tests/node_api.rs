@@ -87,6 +87,33 @@ fn requests_run_in_the_template_their_language_or_name_picks() {
         (422, Some("language"))
     );
 
+    let listed = client()
+        .get(server.url("/v1/templates"))
+        .bearer_auth(&server.alice)
+        .send()
+        .unwrap();
+    assert_eq!(listed.status().as_u16(), 200);
+    let listed: Value = listed.json().unwrap();
+    let templates = listed["templates"].as_array().unwrap();
+    let summary: Vec<(&str, &str, bool)> = templates
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap(),
+                t["runtime"].as_str().unwrap(),
+                t["default"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("python", "python", true), ("node", "node", false)]
+    );
+    assert_eq!(templates[1]["languages"][1], "node");
+    assert!(templates[0]["memory_mb"].as_u64().unwrap() > 0);
+    let anonymous = client().get(server.url("/v1/templates")).send().unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+
     let health: Value = client()
         .get(server.url("/v1/health"))
         .send()

@@ -46,6 +46,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/health"),
     ("get", "/v1/metrics"),
     ("get", "/v1/openapi.json"),
+    ("get", "/v1/templates"),
     ("post", "/v1/sandboxes"),
     ("get", "/v1/sandboxes"),
     ("get", "/v1/sandboxes/{id}"),
@@ -169,6 +170,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/exec", post(api::exec::exec))
         .route("/v1/exec/batch", post(api::exec::batch))
+        .route("/v1/templates", get(api::system::templates))
         .route(
             "/v1/sandboxes",
             post(api::sessions::create).get(api::sessions::list),

@@ -11,8 +11,16 @@ use crate::error::ApiError;
 /// One served template.
 pub struct Served {
     pub name: String,
+    /// Its runtime (`python`, `node`).
+    pub runtime: String,
     /// The languages its runtime runs, its own first.
     pub languages: Vec<String>,
+    /// Guest RAM of its forks.
+    pub memory_mb: u64,
+    /// Packages it was built with from PyPI and npm, as resolved.
+    pub packages: Vec<String>,
+    /// When it was built (Unix seconds).
+    pub created_at: u64,
     pub workers: Arc<Workers>,
 }
 

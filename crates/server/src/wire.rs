@@ -328,6 +328,30 @@ pub struct BatchResponse {
     pub results: Vec<ExecResponse>,
 }
 
+/// A template this server serves (`GET /v1/templates`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TemplateInfo {
+    pub name: String,
+    /// `python` or `node`.
+    pub runtime: String,
+    /// The languages its forks run, its own first.
+    pub languages: Vec<String>,
+    /// Guest RAM of each fork.
+    pub memory_mb: u64,
+    /// Packages from PyPI and npm it was built with, as resolved (`name==version`,
+    /// `name@version`).
+    pub packages: Vec<String>,
+    /// When it was built (Unix seconds).
+    pub created_at: u64,
+    /// Requests that name no template (and whose language it runs) go here.
+    pub default: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TemplateList {
+    pub templates: Vec<TemplateInfo>,
+}
+
 /// One template's readiness.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TemplateHealth {

@@ -11,7 +11,7 @@ use utoipa::OpenApi;
 
 use crate::AppState;
 use crate::openapi::ApiDoc;
-use crate::wire::{HealthResponse, TemplateHealth};
+use crate::wire::{HealthResponse, TemplateHealth, TemplateInfo, TemplateList};
 
 /// Template readiness.
 #[utoipa::path(get, path = "/v1/health", tag = "system",
@@ -38,6 +38,32 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> 
     Json(HealthResponse {
         status: if ready { "ok" } else { "degraded" }.to_string(),
         templates,
+    })
+}
+
+/// The templates this server serves.
+#[utoipa::path(get, path = "/v1/templates", tag = "system",
+    responses(
+        (status = 200, description = "Every served template, the default first", body = TemplateList),
+        (status = 401, description = "Missing or invalid API key", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn templates(State(state): State<Arc<AppState>>) -> Json<TemplateList> {
+    let default = state.templates.default().name.clone();
+    Json(TemplateList {
+        templates: state
+            .templates
+            .iter()
+            .map(|t| TemplateInfo {
+                name: t.name.clone(),
+                runtime: t.runtime.clone(),
+                languages: t.languages.clone(),
+                memory_mb: t.memory_mb,
+                packages: t.packages.clone(),
+                created_at: t.created_at,
+                default: t.name == default,
+            })
+            .collect(),
     })
 }
 
