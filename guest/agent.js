@@ -135,10 +135,14 @@ function encode(message) {
 // ---- The control channel.
 
 let pending = Buffer.alloc(0);
+// One buffer for every read of the channel, allocated before the snapshot: a fresh 1 MiB
+// allocation per read would be new pages for every fork to fault in.
+const readBuffer = Buffer.allocUnsafe(1 << 20);
 
 function readExact(n) {
   while (pending.length < n) {
-    const chunk = Buffer.allocUnsafe(Math.max(n - pending.length, 1 << 20));
+    const want = n - pending.length;
+    const chunk = want > readBuffer.length ? Buffer.allocUnsafe(want) : readBuffer;
     let got;
     try {
       got = fs.readSync(CONTROL_FD, chunk, 0, chunk.length, null);

@@ -199,6 +199,9 @@ struct Program {
     /// Load `/bin/tiny` first (a program mapping and a heap for `brk`) instead of starting
     /// with an empty address space.
     spawn: bool,
+    /// Show the first process under a new pid, as a fork does (ids then cross the
+    /// syscall boundary translated).
+    renumber: bool,
     stdin: Vec<u8>,
     calls: Vec<Call>,
 }
@@ -376,6 +379,9 @@ fn context(nr: u64, args: [u64; 6]) -> UserContext {
 
 fuzz_target!(|program: Program| {
     let (mut process, scratch) = new_process(program.spawn, program.stdin);
+    if program.renumber {
+        process.renumber_for_fork();
+    }
     // The "vCPU": whichever thread the syscall layer switched to makes the next call.
     let mut ctx = UserContext::default();
     let mut fpu = DetachedFpu::default();

@@ -13,6 +13,7 @@ use forkvm_server::auth::{KeyStore, add_key};
 use forkvm_server::connections::ConnectionLimits;
 use forkvm_server::fairness::FairnessConfig;
 use forkvm_server::templates::{Served, Templates};
+use forkvm_server::wire::TemplateInfo;
 use forkvm_server::{AppState, ServerConfig};
 use forkvm_vmm::PoolConfig;
 use forkvm_worker::{Workers, cgroup};
@@ -109,18 +110,24 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
     for name in &names {
         crate::jailed::prepare(name)?;
         let meta = crate::template::store().show(name)?;
+        let languages: Vec<String> = meta
+            .runtime
+            .languages()
+            .iter()
+            .map(|l| l.to_string())
+            .collect();
         served.push(Served {
             name: name.clone(),
-            runtime: meta.runtime.name().to_string(),
-            memory_mb: meta.ram_bytes >> 20,
-            packages: meta.packages.clone(),
-            created_at: meta.created_unix,
-            languages: meta
-                .runtime
-                .languages()
-                .iter()
-                .map(|l| l.to_string())
-                .collect(),
+            info: TemplateInfo {
+                name: name.clone(),
+                runtime: meta.runtime.name().to_string(),
+                languages: languages.clone(),
+                memory_mb: meta.ram_bytes >> 20,
+                packages: meta.packages,
+                created_at: meta.created_unix,
+                default: false,
+            },
+            languages,
             workers: start_workers(&options, name, names.len())?,
         });
     }

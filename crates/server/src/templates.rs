@@ -7,20 +7,15 @@ use std::sync::Arc;
 use forkvm_worker::Workers;
 
 use crate::error::ApiError;
+use crate::wire::TemplateInfo;
 
 /// One served template.
 pub struct Served {
     pub name: String,
-    /// Its runtime (`python`, `node`).
-    pub runtime: String,
     /// The languages its runtime runs, its own first.
     pub languages: Vec<String>,
-    /// Guest RAM of its forks.
-    pub memory_mb: u64,
-    /// Packages it was built with from PyPI and npm, as resolved.
-    pub packages: Vec<String>,
-    /// When it was built (Unix seconds).
-    pub created_at: u64,
+    /// What `GET /v1/templates` says of it (`default` is filled in there).
+    pub info: TemplateInfo,
     pub workers: Arc<Workers>,
 }
 

@@ -329,7 +329,7 @@ pub struct BatchResponse {
 }
 
 /// A template this server serves (`GET /v1/templates`).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TemplateInfo {
     pub name: String,
     /// `python` or `node`.

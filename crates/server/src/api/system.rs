@@ -55,13 +55,8 @@ pub async fn templates(State(state): State<Arc<AppState>>) -> Json<TemplateList>
             .templates
             .iter()
             .map(|t| TemplateInfo {
-                name: t.name.clone(),
-                runtime: t.runtime.clone(),
-                languages: t.languages.clone(),
-                memory_mb: t.memory_mb,
-                packages: t.packages.clone(),
-                created_at: t.created_at,
                 default: t.name == default,
+                ..t.info.clone()
             })
             .collect(),
     })
