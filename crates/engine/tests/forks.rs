@@ -327,3 +327,54 @@ fn reset_after_hostile_writes_restores_every_page() {
     exec_in(&mut big, &out, keep_alive);
     assert!(vmm.reset_fork(big, &source, 16 << 20).unwrap().is_none());
 }
+
+/// `MADV_WIPEONFORK` memory (where libraries such as BoringSSL keep fork-detection state)
+/// reads as zero in every fork of a snapshot and in an `os.fork()` child, and stays as it
+/// was in the process that advised it; `MADV_DONTFORK` memory is missing in the child only.
+#[test]
+fn wipeonfork_memory_is_zero_in_every_kind_of_fork() {
+    let Some(store) = store() else { return };
+    let vmm = Vmm::new().unwrap();
+    let (_, template) = store.load("python", &vmm).unwrap();
+    let (mut parent, out) = fork_of(&vmm, &template);
+    let setup = "import builtins, mmap\n\
+                 flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS\n\
+                 builtins.W = mmap.mmap(-1, 8192, flags=flags)\n\
+                 builtins.W[:6] = builtins.W[4096:4102] = b'secret'\n\
+                 builtins.W.madvise(18, 0, 4096)  # MADV_WIPEONFORK (not in Debian's mmap)\n\
+                 builtins.D = mmap.mmap(-1, 4096, flags=flags)\n\
+                 builtins.D.write(b'parent')\n\
+                 builtins.D.madvise(mmap.MADV_DONTFORK)\n\
+                 print('set')";
+    assert_eq!(exec_in(&mut parent, &out, setup), "set\n");
+    let show = "import builtins\nprint(builtins.W[:6], builtins.W[4096:4102], builtins.D[:6])";
+    let source = vmm.snapshot_fork(&mut parent, &template).unwrap();
+    for _ in 0..3 {
+        let (mut child, child_out) = fork_of(&vmm, &source);
+        assert_eq!(
+            exec_in(&mut child, &child_out, show),
+            "b'\\x00\\x00\\x00\\x00\\x00\\x00' b'secret' b'parent'\n",
+            "a snapshot's fork wipes and keeps DONTFORK memory (it continues the process)"
+        );
+    }
+    assert_eq!(
+        exec_in(&mut parent, &out, show),
+        "b'secret' b'secret' b'parent'\n"
+    );
+    let child = "import builtins, os\n\
+                 r, w = os.pipe()\n\
+                 pid = os.fork()\n\
+                 if pid == 0:\n\
+                 \x20   os.write(w, bytes(builtins.W[:6]) + bytes(builtins.W[4096:4102]))\n\
+                 \x20   try:\n\
+                 \x20       builtins.D[0]\n\
+                 \x20   except Exception:\n\
+                 \x20       pass\n\
+                 \x20   os._exit(0)\n\
+                 os.waitpid(pid, 0)\n\
+                 print(os.read(r, 12))";
+    assert_eq!(
+        exec_in(&mut parent, &out, child),
+        "b'\\x00\\x00\\x00\\x00\\x00\\x00secret'\n"
+    );
+}

@@ -263,6 +263,7 @@ impl Process {
                         write_back: false,
                     }),
                     segment: None,
+                    on_fork: Default::default(),
                 })
                 .map_err(no_memory)?;
             self.discard(&replaced).map_err(no_memory)?;

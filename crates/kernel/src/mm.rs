@@ -69,6 +69,22 @@ pub struct Vma {
     /// the segment offset of its first byte.
     #[serde(default)]
     pub segment: Option<(u64, u64)>,
+    /// What a fork does with it (`madvise`).
+    #[serde(default)]
+    pub on_fork: OnFork,
+}
+
+/// What a fork does with a mapping, as `madvise` set it. A fork here is both `fork(2)` and
+/// a fork of a snapshot (every sandbox of a template, every branch of a session): a
+/// library that keeps secret state in `MADV_WIPEONFORK` memory (BoringSSL's fork detection,
+/// for one) sees it zeroed in every fork, as it would in a forked child.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnFork {
+    /// `MADV_WIPEONFORK`: the child's copy reads as zero.
+    pub wipe: bool,
+    /// `MADV_DONTFORK`: a `fork(2)` child does not have it. A snapshot's fork keeps it: it
+    /// continues the process itself, not a child of it.
+    pub skip: bool,
 }
 
 impl Vma {
@@ -83,6 +99,7 @@ impl Vma {
             reserved: false,
             file: None,
             segment: None,
+            on_fork: OnFork::default(),
         }
     }
 
@@ -135,6 +152,7 @@ impl Vma {
             && self.kind == next.kind
             && self.shared == next.shared
             && self.reserved == next.reserved
+            && self.on_fork == next.on_fork
             && file_continues
     }
 }
@@ -500,6 +518,50 @@ impl AddressSpace {
             self.vmas.insert(piece.start, Vma { prot, ..piece });
         }
         Ok(())
+    }
+
+    /// Sets what a fork does with `[start, start+len)` (`madvise`): ENOMEM if any of it is
+    /// unmapped, EINVAL if `change` refuses one of its mappings (nothing changes then).
+    pub fn advise_fork(
+        &mut self,
+        start: u64,
+        len: u64,
+        change: impl Fn(&Vma) -> Result<OnFork, Errno>,
+    ) -> Result<(), Errno> {
+        if !start.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        let len = page_align_up(len).ok_or(Errno::EINVAL)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.is_mapped(start, len) {
+            return Err(Errno::ENOMEM);
+        }
+        // `is_mapped` above guarantees `start + len` does not overflow.
+        let end = start + len;
+        let advised: Vec<OnFork> = self
+            .overlapping(start, end)
+            .map(&change)
+            .collect::<Result<_, _>>()?;
+        let pieces = self.cut_out(start, end);
+        for (piece, on_fork) in pieces.into_iter().zip(advised) {
+            self.mapped_bytes += piece.end - piece.start;
+            if !piece.reserved {
+                self.charged_bytes += piece.end - piece.start;
+            }
+            self.vmas.insert(piece.start, Vma { on_fork, ..piece });
+        }
+        Ok(())
+    }
+
+    /// The mappings whose fork advice satisfies `pick`, as ranges.
+    pub fn advised_for_fork(&self, pick: impl Fn(&OnFork) -> bool) -> Vec<Range> {
+        self.vmas
+            .values()
+            .filter(|v| pick(&v.on_fork))
+            .map(|v| (v.start, v.end))
+            .collect()
     }
 
     /// Sets where the heap begins (just past the loaded program).

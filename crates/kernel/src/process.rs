@@ -320,7 +320,23 @@ impl Process {
             machine: None,
         };
         process.restore_table(&state.table, others)?;
+        process.wipe_for_fork()?;
         Ok(process)
+    }
+
+    /// A snapshot's fork is a fork: every process's `MADV_WIPEONFORK` memory reads as zero.
+    fn wipe_for_fork(&self) -> Result<(), SpawnError> {
+        let parked = self.procs.parked.values().filter_map(|p| p.memory.as_ref());
+        let memories =
+            std::iter::once((&self.ram, &self.mm)).chain(parked.map(|m| (&m.ram, &m.mm)));
+        for (ram, mm) in memories {
+            for (start, end) in mm.advised_for_fork(|f| f.wipe) {
+                ram.discard(start, end - start).map_err(|e| {
+                    SpawnError::Restore(format!("wiping {start:#x}..{end:#x} for the fork: {e}"))
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// The parts of guest RAM that can hold anything: the system area below the program,

@@ -523,3 +523,79 @@ fn a_renumbered_first_process_answers_to_its_new_id_and_its_old_one() {
     let stat = h.stat(&format!("/proc/{pid}/stat"), 0);
     assert!(stat.is_ok(), "/proc/{pid}/stat: {stat:?}");
 }
+
+#[test]
+fn a_child_gets_wipeonfork_memory_zeroed_and_no_dontfork_memory() {
+    let mut h = Harness::new();
+    const PAGE: u64 = 4096;
+    let wiped = h.mmap_anon(2 * PAGE) as u64;
+    let skipped = h.mmap_anon(PAGE) as u64;
+    let kept = h.mmap_anon(PAGE) as u64;
+    for addr in [wiped, wiped + PAGE, skipped, kept] {
+        h.poke(addr, b"secret");
+    }
+    let madvise = |h: &mut Harness, addr: u64, len: u64, advice: i32| {
+        h.sys(libc::SYS_madvise, &[addr, len, advice as u64])
+    };
+    // Only the first page of `wiped` is advised: the mapping splits.
+    assert_eq!(madvise(&mut h, wiped, PAGE, libc::MADV_WIPEONFORK), 0);
+    assert_eq!(madvise(&mut h, skipped, PAGE, libc::MADV_DONTFORK), 0);
+    assert_eq!(madvise(&mut h, kept, PAGE, libc::MADV_DONTFORK), 0);
+    assert_eq!(madvise(&mut h, kept, PAGE, libc::MADV_DOFORK), 0);
+    // Linux refuses WIPEONFORK on anything but private anonymous memory, and unmapped
+    // ranges.
+    let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0) as u64;
+    let file = h.sys(
+        libc::SYS_mmap,
+        &[
+            0,
+            PAGE,
+            libc::PROT_READ as u64,
+            libc::MAP_PRIVATE as u64,
+            fd,
+            0,
+        ],
+    ) as u64;
+    assert_eq!(
+        madvise(&mut h, file, PAGE, libc::MADV_WIPEONFORK),
+        err(libc::EINVAL)
+    );
+    assert_eq!(h.sys(libc::SYS_munmap, &[file, PAGE]), 0);
+    assert_eq!(
+        madvise(&mut h, file, PAGE, libc::MADV_WIPEONFORK),
+        err(libc::ENOMEM)
+    );
+
+    let child = h.sys(libc::SYS_fork, &[]);
+    assert!(child > 1);
+    let status = h.at(0x200);
+    assert_eq!(
+        h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
+        Outcome::Reschedule
+    );
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(h.peek(wiped, 6), vec![0; 6], "wiped in the child");
+    assert_eq!(
+        h.peek(wiped + PAGE, 6),
+        b"secret",
+        "the unadvised half is copied"
+    );
+    assert_eq!(h.peek(kept, 6), b"secret", "DOFORK undid DONTFORK");
+    let space = h.process.address_space();
+    assert!(
+        !space.is_mapped(skipped, 1),
+        "the child has no DONTFORK mapping"
+    );
+    assert!(space.is_mapped(wiped, 2 * PAGE));
+    // The advice is inherited: a grandchild would be wiped too.
+    assert!(space.vma_at(wiped).unwrap().on_fork.wipe);
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    assert_eq!(
+        h.peek(wiped, 6),
+        b"secret",
+        "the parent's memory is untouched"
+    );
+    assert_eq!(h.peek(skipped, 6), b"secret");
+    assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child);
+}

@@ -11,7 +11,7 @@ use syscalls::Errno;
 
 use super::SysResult;
 use crate::file::FileObject;
-use crate::mm::{FileView, Vma, VmaKind};
+use crate::mm::{FileView, OnFork, Vma, VmaKind};
 use crate::process::Process;
 use forkvm_memory::ram::{PAGE_SIZE, page_align_up};
 
@@ -168,6 +168,7 @@ impl Process {
             reserved: node.is_none() && flags & (libc::MAP_STACK | libc::MAP_NORESERVE) != 0,
             file: file_view,
             segment,
+            on_fork: OnFork::default(),
         })?;
         self.release_unmapped(&replaced)?;
         self.reuse(start, len)?;
@@ -221,6 +222,34 @@ impl Process {
                 // mappings Linux would re-read the file, which no program here relies on.
                 // `is_mapped` guarantees `addr + len` does not overflow.
                 self.discard(&[(addr, addr + len)])?;
+                Ok(0)
+            }
+            libc::MADV_WIPEONFORK => {
+                // Linux allows it on private anonymous memory only.
+                self.mm.advise_fork(addr, len, |v| {
+                    let anonymous = v.file.is_none() && !v.shared && v.segment.is_none();
+                    anonymous
+                        .then_some(OnFork {
+                            wipe: true,
+                            ..v.on_fork
+                        })
+                        .ok_or(Errno::EINVAL)
+                })?;
+                Ok(0)
+            }
+            libc::MADV_KEEPONFORK => {
+                self.mm.advise_fork(addr, len, |v| {
+                    Ok(OnFork {
+                        wipe: false,
+                        ..v.on_fork
+                    })
+                })?;
+                Ok(0)
+            }
+            libc::MADV_DONTFORK | libc::MADV_DOFORK => {
+                let skip = advice == libc::MADV_DONTFORK;
+                self.mm
+                    .advise_fork(addr, len, |v| Ok(OnFork { skip, ..v.on_fork }))?;
                 Ok(0)
             }
             _ => Ok(0),

@@ -122,14 +122,29 @@ impl Process {
             None
         } else {
             let ram = self.duplicate_memory()?;
+            let mut mm = self.mm.clone();
+            let skip = mm.advised_for_fork(|f| f.skip);
+            let wipe = mm.advised_for_fork(|f| f.wipe && !f.skip);
+            for &(start, end) in &skip {
+                mm.unmap(start, end - start)?;
+            }
+            for (start, end) in wipe.into_iter().chain(skip) {
+                ram.discard(start, end - start).map_err(|e| {
+                    tracing::warn!(error = %e, "wiping memory for fork");
+                    Errno::ENOMEM
+                })?;
+            }
             if flags & CLONE_CHILD_SETTID != 0 {
+                if !mm.is_writable(new.child_tid, 4) {
+                    return Err(Errno::EFAULT.into());
+                }
                 ram.write(new.child_tid, &pid.to_le_bytes())
                     .map_err(|_| Errno::EFAULT)?;
             }
             Some(Memory {
                 tables: PageTables::for_ram(ram.size()),
                 ram,
-                mm: self.mm.clone(),
+                mm,
                 stale: rangemap::RangeMap::new(),
                 vdso: self.vdso,
             })
