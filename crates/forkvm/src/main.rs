@@ -246,11 +246,19 @@ enum TemplateCommand {
         /// environment and warm-up code (docs/API.md).
         #[arg(long, conflicts_with_all = ["runtime", "packages", "entry"])]
         spec: Option<PathBuf>,
+        /// With --spec: a lock file. Written after the build when it does not exist; when it
+        /// does, the build installs exactly the packages it pins and must give the same
+        /// content digest, or it stops saying what differs.
+        #[arg(long, requires = "spec")]
+        lock: Option<PathBuf>,
     },
     /// List templates.
     List,
     /// Show a template's metadata.
     Show { name: String },
+    /// Print a template's lock (what `build --lock` reads): its content digest and the
+    /// packages it installed, pinned.
+    Lock { name: String },
     /// Delete a template.
     Rm { name: String },
 }
@@ -436,6 +444,7 @@ fn execute(cli: Cli) -> Result<i32> {
             name,
             memory,
             spec: Some(path),
+            lock,
             ..
         }) => {
             let (mut spec, text) = forkvm_template::spec::SpecFile::load(&path, &name)?;
@@ -443,7 +452,7 @@ fn execute(cli: Cli) -> Result<i32> {
             if let Some(mib) = memory {
                 spec.memory_mib = mib;
             }
-            template::build(&spec)?;
+            template::build_locked(spec, lock.as_deref())?;
             Ok(0)
         }
         Command::Template(TemplateCommand::Build {
@@ -453,6 +462,7 @@ fn execute(cli: Cli) -> Result<i32> {
             entry,
             memory,
             spec: None,
+            lock: _,
         }) => {
             let mut spec = match runtime {
                 forkvm_template::Runtime::Python => {
@@ -543,6 +553,7 @@ fn execute(cli: Cli) -> Result<i32> {
         Command::Mcp { url, key } => mcp::serve_stdio(&url, key),
         Command::Template(TemplateCommand::List) => template::list().map(|()| 0),
         Command::Template(TemplateCommand::Show { name }) => template::show(&name).map(|()| 0),
+        Command::Template(TemplateCommand::Lock { name }) => template::lock(&name).map(|()| 0),
         Command::Template(TemplateCommand::Rm { name }) => template::remove(&name).map(|()| 0),
         Command::Bench(BenchCommand::Fork {
             template,

@@ -1,6 +1,10 @@
 //! `forkvm template build|list|show|rm`.
 
-use anyhow::{Result, bail};
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use forkvm_template::lock::Lock;
 use forkvm_template::{SnapshotError, SnapshotMeta, StoreError, TemplateSpec, TemplateStore};
 use forkvm_vmm::Vmm;
 
@@ -22,6 +26,49 @@ pub fn build(spec: &TemplateSpec) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     print!("{}", describe(&spec.name, &meta));
+    Ok(())
+}
+
+/// Builds a template from a spec with a lock file: the lock is followed when `lock` exists,
+/// and written from the build when it does not.
+pub fn build_locked(mut spec: TemplateSpec, lock: Option<&Path>) -> Result<()> {
+    let Some(path) = lock else {
+        return build(&spec);
+    };
+    let existing = path.exists();
+    if existing {
+        spec.lock = Some(Lock::load(path)?);
+        eprintln!("forkvm: building as {} pins it", path.display());
+    }
+    build(&spec)?;
+    if !existing {
+        let meta = store().show(&spec.name)?;
+        let lock = meta.lock.context("the template recorded no lock")?;
+        write_atomically(path, lock.to_toml().as_bytes())?;
+        eprintln!("forkvm: wrote the lock {}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes `data` to `path` through a temporary file in the same directory, so a crash
+/// leaves the old file or the new one, never part of one.
+fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let mut file = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new(".")))?;
+    file.write_all(data)?;
+    file.as_file().sync_all()?;
+    file.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Prints a template's lock.
+pub fn lock(name: &str) -> Result<()> {
+    let meta = store().show(name)?;
+    match meta.lock {
+        Some(lock) => print!("{}", lock.to_toml()),
+        None => bail!("template {name:?} was built before locks: rebuild it"),
+    }
     Ok(())
 }
 
@@ -84,6 +131,9 @@ fn describe(name: &str, meta: &SnapshotMeta) -> String {
 /// and the spec itself.
 fn provenance(meta: &SnapshotMeta) -> String {
     let mut out = String::new();
+    if let Some(lock) = &meta.lock {
+        out.push_str(&format!("content:     {}\n", lock.content_sha256));
+    }
     if !meta.packages.is_empty() {
         out.push_str(&format!("packages:    {}\n", meta.packages.join(" ")));
     }

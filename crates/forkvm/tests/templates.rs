@@ -378,3 +378,107 @@ fn templates_from_specs_carry_pypi_and_npm_packages_files_and_warm_up() {
         text(&failed.stderr)
     );
 }
+
+/// The content digest of a template, from `template show`.
+fn content_digest(cache: &Path, name: &str) -> String {
+    let shown = text(&forkvm(cache, &["template", "show", name]).stdout);
+    let line = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("content:"))
+        .unwrap_or_else(|| panic!("no content digest: {shown}"));
+    line.trim().to_string()
+}
+
+#[test]
+fn a_lock_rebuilds_the_same_template_and_refuses_what_differs() {
+    if !forkvm_testkit::kvm_available() {
+        return;
+    }
+    forkvm_testkit::node_image();
+    let cache = cache_dir("locks");
+    let dir = cache.join("specs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("t.toml");
+    let lock = dir.join("t.lock");
+    std::fs::write(
+        &spec,
+        "runtime = \"node\"\nnpm = [\"is-odd\"]\npypi = [\"six\"]\n\
+         warmup = \"globalThis.isOdd = require('is-odd')\"\n",
+    )
+    .unwrap();
+    let build = |name: &str| {
+        forkvm(
+            &cache,
+            &[
+                "template",
+                "build",
+                name,
+                "--spec",
+                spec.to_str().unwrap(),
+                "--lock",
+                lock.to_str().unwrap(),
+            ],
+        )
+    };
+    let first = build("a");
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let written = std::fs::read_to_string(&lock).unwrap();
+    assert!(
+        written.contains("six==") && written.contains("--hash=sha256:"),
+        "PyPI wheels are pinned by hash: {written}"
+    );
+    assert!(
+        written.contains("is-number"),
+        "npm's lock holds the dependencies too: {written}"
+    );
+    assert_eq!(
+        text(&forkvm(&cache, &["template", "lock", "a"]).stdout),
+        written,
+        "`template lock` prints the same lock"
+    );
+
+    // Built again from the lock (another name, same spec): the same bytes.
+    let second = build("b");
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(text(&second.stderr).contains("pins it"));
+    assert_eq!(content_digest(&cache, "a"), content_digest(&cache, "b"));
+    let ran = forkvm(
+        &cache,
+        &[
+            "exec",
+            "--template",
+            "b",
+            "console.log(isOdd(3), require('is-number')(5))",
+        ],
+    );
+    assert!(ran.status.success(), "{}", text(&ran.stderr));
+    assert_eq!(text(&ran.stdout), "true true\n");
+
+    // A wheel whose hash is not the pinned one is refused, naming it.
+    let pinned = written.lines().find(|l| l.contains("six==")).unwrap();
+    let hash = pinned.split("sha256:").nth(1).unwrap();
+    let hash = &hash[..64];
+    std::fs::write(&lock, written.replace(hash, &"0".repeat(64))).unwrap();
+    let tampered = build("c");
+    assert!(!tampered.status.success());
+    assert!(
+        text(&tampered.stderr).contains("six"),
+        "{}",
+        text(&tampered.stderr)
+    );
+
+    // A spec changed since the lock was made is refused before anything is installed.
+    std::fs::write(&lock, &written).unwrap();
+    std::fs::write(
+        &spec,
+        "runtime = \"node\"\nnpm = [\"is-odd\", \"is-even\"]\npypi = [\"six\"]\n",
+    )
+    .unwrap();
+    let changed = build("d");
+    assert!(!changed.status.success());
+    assert!(
+        text(&changed.stderr).contains("the spec"),
+        "{}",
+        text(&changed.stderr)
+    );
+}

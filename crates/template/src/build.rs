@@ -8,8 +8,9 @@ use forkvm_image::Fs;
 use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_vmm::{Program, RunResult, Vmm};
 
-use crate::overlay::{self, PlaceError};
-use crate::packages;
+use crate::lock::Lock;
+use crate::overlay::{self, Contents, PlaceError};
+use crate::packages::{self, Pins};
 use crate::rootfs::{RootfsSpec, default_cache_dir, ensure_rootfs};
 use crate::runtime::Runtime;
 use crate::snapshot::{self, Provenance, SnapshotMeta};
@@ -66,6 +67,8 @@ pub struct TemplateSpec {
     pub warmup: Option<String>,
     /// The spec file's text, when the template comes from one.
     pub spec_text: Option<String>,
+    /// Build exactly what this lock pins (`lock`), or fail naming what differs.
+    pub lock: Option<Lock>,
 }
 
 impl TemplateSpec {
@@ -84,6 +87,7 @@ impl TemplateSpec {
             files: Vec::new(),
             warmup: None,
             spec_text: None,
+            lock: None,
         }
     }
 
@@ -135,50 +139,125 @@ const AGENT_DIR: &str = "/opt/forkvm";
 
 /// Places the agents (and the spec's warm-up code) in the overlay so every template (and
 /// fork) finds them.
-fn install_agent(fs: &mut Fs, spec: &TemplateSpec) -> Result<(), StoreError> {
+fn install_agent(
+    fs: &mut Fs,
+    spec: &TemplateSpec,
+    contents: &mut Contents,
+) -> Result<(), StoreError> {
     let agent = |e: PlaceError| StoreError::Agent(e.to_string());
     let dir = overlay::make_dirs(fs, AGENT_DIR).map_err(agent)?;
-    for (name, source) in [
-        (&b"agent.py"[..], AGENT_SOURCE),
-        (&b"agent.js"[..], NODE_AGENT_SOURCE),
-    ] {
-        overlay::write_file(fs, dir, name, source.as_bytes(), 0o644).map_err(agent)?;
-    }
+    let mut files = vec![
+        ("agent.py", AGENT_SOURCE.as_bytes()),
+        ("agent.js", NODE_AGENT_SOURCE.as_bytes()),
+    ];
     if let Some(code) = &spec.warmup {
-        let name: &[u8] = match spec.runtime {
-            Runtime::Python => b"warmup.py",
-            Runtime::Node => b"warmup.js",
+        let name = match spec.runtime {
+            Runtime::Python => "warmup.py",
+            Runtime::Node => "warmup.js",
         };
-        overlay::write_file(fs, dir, name, code.as_bytes(), 0o644).map_err(agent)?;
+        files.push((name, code.as_bytes()));
+    }
+    for (name, data) in files {
+        contents.file(format!("{AGENT_DIR}/{name}").as_bytes(), 0o644, data);
+        overlay::write_file(fs, dir, name.as_bytes(), data, 0o644).map_err(agent)?;
     }
     Ok(())
 }
 
-/// Fetches the spec's PyPI and npm packages on the host and copies them, and its files,
-/// into the overlay. Returns what the package managers resolved.
+/// Fetches the spec's PyPI and npm packages on the host (as its lock pins them, if it has
+/// one) and copies them, and its files, into the overlay. Returns what the package managers
+/// resolved, and a lock of it (digests not yet filled in).
 fn install_extras(
     fs: &mut Fs,
     spec: &TemplateSpec,
     progress: &mut dyn FnMut(&str),
-) -> Result<Vec<String>, StoreError> {
-    let mut resolved = Vec::new();
+    contents: &mut Contents,
+) -> Result<(Vec<String>, Lock), StoreError> {
+    let locked = spec.lock.as_ref();
     let mut staged = Vec::new();
     if !spec.pypi.is_empty() {
         progress(&format!("pip: {}", spec.pypi.join(" ")));
-        staged.push(packages::stage_pypi(&spec.pypi)?);
+        let pins = locked.map(|l| l.pypi.as_slice());
+        staged.push(packages::stage_pypi(&spec.pypi, pins)?);
     }
     if !spec.npm.is_empty() {
         progress(&format!("npm: {}", spec.npm.join(" ")));
-        staged.push(packages::stage_npm(&spec.npm)?);
+        let pins = locked.and_then(|l| {
+            Some((
+                l.npm_package_json.as_deref()?,
+                l.npm_package_lock.as_deref()?,
+            ))
+        });
+        staged.push(packages::stage_npm(&spec.npm, pins)?);
     }
-    for stage in &staged {
-        overlay::copy_in(fs, &stage.tree, stage.guest_dir)?;
-        resolved.extend(stage.resolved.iter().cloned());
+    let mut resolved = Vec::new();
+    let mut lock = Lock::default();
+    for stage in staged {
+        overlay::copy_in(fs, &stage.tree, stage.guest_dir, contents)?;
+        resolved.extend(stage.resolved);
+        match stage.pins {
+            Pins::Pypi(lines) => lock.pypi = lines,
+            Pins::Npm {
+                manifest,
+                lock: npm,
+            } => {
+                lock.npm_package_json = Some(manifest);
+                lock.npm_package_lock = Some(npm);
+            }
+        }
     }
     for (from, to) in &spec.files {
-        overlay::copy_in(fs, from, to)?;
+        overlay::copy_in(fs, from, to, contents)?;
     }
-    Ok(resolved)
+    Ok((resolved, lock))
+}
+
+/// SHA-256 (hex) of the spec's text, if the template comes from a spec.
+fn spec_digest(spec: &TemplateSpec) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let text = spec.spec_text.as_ref()?;
+    Some(crate::snapshot::hex(&Sha256::digest(text.as_bytes())))
+}
+
+/// When the spec came with a lock, checks before anything is installed that it is the spec
+/// and the image the lock was made from.
+fn check_lock_inputs(spec: &TemplateSpec, image_sha256: &str) -> Result<(), StoreError> {
+    let Some(locked) = &spec.lock else {
+        return Ok(());
+    };
+    let none = || "none".to_string();
+    Lock::expect_same(
+        "the spec",
+        &locked.spec_sha256.clone().unwrap_or_else(none),
+        &spec_digest(spec).unwrap_or_else(none),
+    )?;
+    Lock::expect_same(
+        "the image (Debian's packages)",
+        &locked.image_sha256,
+        image_sha256,
+    )?;
+    Ok(())
+}
+
+/// Fills in `lock`'s digests and, when the spec came with a lock, checks that the files
+/// this build added are the ones it pins.
+fn seal_lock(
+    spec: &TemplateSpec,
+    mut lock: Lock,
+    image_sha256: String,
+    contents: Contents,
+) -> Result<Lock, StoreError> {
+    lock.spec_sha256 = spec_digest(spec);
+    lock.image_sha256 = image_sha256;
+    lock.content_sha256 = contents.finish();
+    if let Some(locked) = &spec.lock {
+        Lock::expect_same(
+            "the files added over the image",
+            &locked.content_sha256,
+            &lock.content_sha256,
+        )?;
+    }
+    Ok(lock)
 }
 
 /// Builds `spec` into `store`, replacing a template of the same name.
@@ -197,9 +276,13 @@ pub fn build(
     let sealer = store.sealer()?;
     let image = snapshot::open_verified_image(&image_path, &sealer)?;
 
+    let image_sha256 = crate::snapshot::hex(&image.digest());
+    check_lock_inputs(spec, &image_sha256)?;
+    let mut contents = Contents::new(&image_sha256);
     let mut fs = Fs::with_limit(image, 256 << 20);
-    install_agent(&mut fs, spec)?;
-    let resolved = install_extras(&mut fs, spec, progress)?;
+    install_agent(&mut fs, spec, &mut contents)?;
+    let (resolved, lock) = install_extras(&mut fs, spec, progress, &mut contents)?;
+    let lock = seal_lock(spec, lock, image_sha256, contents)?;
     let argv = spec.argv();
     let mut env: Vec<Vec<u8>> = TEMPLATE_ENV.iter().map(|e| e.as_bytes().to_vec()).collect();
     env.extend(spec.env.iter().map(|e| e.as_bytes().to_vec()));
@@ -250,6 +333,7 @@ pub fn build(
                 agent_sha256: agent_digest(),
                 packages: resolved.clone(),
                 spec: spec.spec_text.clone(),
+                lock: lock.clone(),
             },
             &sealer,
         )

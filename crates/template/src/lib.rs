@@ -4,6 +4,7 @@
 
 pub mod build;
 pub mod cpu;
+pub mod lock;
 pub mod overlay;
 pub mod packages;
 pub mod rootfs;

@@ -7,6 +7,44 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use forkvm_image::{Fs, FsError, NodeId};
+use sha2::{Digest, Sha256};
+
+/// A digest of a template's filesystem before its program starts: the image's digest, then
+/// every file, directory and link a build adds over it (path, kind, mode and bytes, never
+/// times), in the order added, which is deterministic. Two builds that install the same
+/// packages and files over the same image have the same digest (`build::lock`).
+pub struct Contents(Sha256);
+
+impl Contents {
+    pub fn new(image_digest: &str) -> Contents {
+        let mut hasher = Sha256::new();
+        hasher.update(image_digest.as_bytes());
+        Contents(hasher)
+    }
+
+    fn entry(&mut self, kind: u8, path: &[u8], mode: u32, data: &[u8]) {
+        self.0.update([kind]);
+        self.0.update((path.len() as u64).to_le_bytes());
+        self.0.update(path);
+        self.0.update(mode.to_le_bytes());
+        self.0.update((data.len() as u64).to_le_bytes());
+        self.0.update(data);
+    }
+
+    /// A file written at `path`.
+    pub fn file(&mut self, path: &[u8], mode: u32, data: &[u8]) {
+        self.entry(b'f', path, mode, data);
+    }
+
+    /// The digest, in hex.
+    pub fn finish(self) -> String {
+        self.0
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
 
 /// Why something could not be placed.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +93,14 @@ pub fn write_file(
 }
 
 /// Copies the host file or directory `from` to the absolute sandbox path `to`: directories
-/// recursively, symlinks as symlinks, modes kept. Nothing outside `from` is read.
-pub fn copy_in(fs: &mut Fs, from: &Path, to: &str) -> Result<(), PlaceError> {
+/// recursively, symlinks as symlinks, modes kept; each is added to `contents`. Nothing
+/// outside `from` is read.
+pub fn copy_in(
+    fs: &mut Fs,
+    from: &Path,
+    to: &str,
+    contents: &mut Contents,
+) -> Result<(), PlaceError> {
     let io = |e: std::io::Error| PlaceError {
         what: from.display().to_string(),
         reason: e.to_string(),
@@ -72,15 +116,19 @@ pub fn copy_in(fs: &mut Fs, from: &Path, to: &str) -> Result<(), PlaceError> {
         }
     };
     let dir = make_dirs(fs, parent)?;
-    copy_node(fs, from, &meta, dir, name.as_bytes())
+    let path = to.trim_end_matches('/').as_bytes().to_vec();
+    copy_node(fs, from, &meta, dir, name.as_bytes(), &path, contents)
 }
 
+/// Copies `from` as `name` in `dir` (sandbox path `path`).
 fn copy_node(
     fs: &mut Fs,
     from: &Path,
     meta: &std::fs::Metadata,
     dir: NodeId,
     name: &[u8],
+    path: &[u8],
+    contents: &mut Contents,
 ) -> Result<(), PlaceError> {
     let what = from.display().to_string();
     let io = |e: std::io::Error| PlaceError {
@@ -90,11 +138,13 @@ fn copy_node(
     let mode = meta.permissions().mode() & 0o7777;
     if meta.file_type().is_symlink() {
         let target = std::fs::read_link(from).map_err(io)?;
+        contents.entry(b'l', path, 0, target.as_os_str().as_bytes());
         if fs.lookup(dir, name).map_err(failed(&what))?.is_none() {
             fs.symlink(dir, name, target.as_os_str().as_bytes())
                 .map_err(failed(&what))?;
         }
     } else if meta.is_dir() {
+        contents.entry(b'd', path, mode, &[]);
         let sub = match fs.lookup(dir, name).map_err(failed(&what))? {
             Some(node) => node,
             None => fs.mkdir(dir, name, mode).map_err(failed(&what))?,
@@ -106,10 +156,21 @@ fn copy_node(
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let meta = std::fs::symlink_metadata(entry.path()).map_err(io)?;
-            copy_node(fs, &entry.path(), &meta, sub, entry.file_name().as_bytes())?;
+            let name = entry.file_name();
+            let child = [path, b"/", name.as_bytes()].concat();
+            copy_node(
+                fs,
+                &entry.path(),
+                &meta,
+                sub,
+                name.as_bytes(),
+                &child,
+                contents,
+            )?;
         }
     } else if meta.is_file() {
         let data = std::fs::read(from).map_err(io)?;
+        contents.file(path, mode, &data);
         write_file(fs, dir, name, &data, mode)?;
     }
     // Sockets, FIFOs and devices are not copied.

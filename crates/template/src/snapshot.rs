@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cpu::CpuFeatures;
+use crate::lock::Lock;
 use crate::runtime::Runtime;
 use crate::seal::Sealer;
 
@@ -133,6 +134,10 @@ pub struct SnapshotMeta {
     /// built with another agent speaks another version of it.
     #[serde(default)]
     pub agent_sha256: String,
+    /// What pins the template's filesystem: its content digest and the packages as locked
+    /// (`lock`); none for templates built before locks.
+    #[serde(default)]
+    pub lock: Option<Lock>,
     /// HMAC-SHA256 of everything above with the cache's key (see `seal`); empty while it is
     /// computed.
     #[serde(default)]
@@ -197,7 +202,7 @@ struct SnapshotState {
     process: ProcessState,
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -400,6 +405,7 @@ pub struct Provenance {
     pub packages: Vec<String>,
     /// The spec file's text, for a template built from one.
     pub spec: Option<String>,
+    pub lock: Lock,
 }
 
 /// Snapshots a sandbox parked on its control channel into `dir` (which must exist and be
@@ -487,6 +493,7 @@ pub fn write(
         packages: provenance.packages,
         spec: provenance.spec,
         agent_sha256: provenance.agent_sha256,
+        lock: Some(provenance.lock),
         seal: String::new(),
     };
     write_meta(dir, &mut meta, sealer)?;

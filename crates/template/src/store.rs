@@ -40,6 +40,8 @@ pub enum StoreError {
     Packages(#[from] crate::packages::PackageError),
     #[error(transparent)]
     Place(#[from] crate::overlay::PlaceError),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     #[error(
         "the entry program ended ({exit}) before reading its first request; its output:\n{output}"
     )]
