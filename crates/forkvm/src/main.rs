@@ -1,6 +1,7 @@
 //! The `forkvm` command: run programs in kernel-less KVM sandboxes.
 
 mod bench;
+mod builder;
 mod exec;
 mod jailed;
 mod limits;
@@ -219,6 +220,9 @@ enum KeysCommand {
         /// Keys file (default: $FORKVM_CACHE_DIR/api_keys.json).
         #[arg(long, env = "FORKVM_API_KEYS_FILE")]
         file: Option<PathBuf>,
+        /// An operator's key: it may also build templates (`POST /v1/templates`).
+        #[arg(long)]
+        operator: bool,
     },
 }
 
@@ -447,8 +451,7 @@ fn execute(cli: Cli) -> Result<i32> {
             lock,
             ..
         }) => {
-            let (mut spec, text) = forkvm_template::spec::SpecFile::load(&path, &name)?;
-            spec.spec_text = Some(text);
+            let (mut spec, _) = forkvm_template::spec::SpecFile::load(&path, &name)?;
             if let Some(mib) = memory {
                 spec.memory_mib = mib;
             }
@@ -549,7 +552,11 @@ fn execute(cli: Cli) -> Result<i32> {
             results_memory_bytes: results_memory_mb << 20,
             bodies_memory_bytes: bodies_memory_mb << 20,
         }),
-        Command::Keys(KeysCommand::Add { name, file }) => serve::add(&name, file),
+        Command::Keys(KeysCommand::Add {
+            name,
+            file,
+            operator,
+        }) => serve::add(&name, file, operator),
         Command::Mcp { url, key } => mcp::serve_stdio(&url, key),
         Command::Template(TemplateCommand::List) => template::list().map(|()| 0),
         Command::Template(TemplateCommand::Show { name }) => template::show(&name).map(|()| 0),

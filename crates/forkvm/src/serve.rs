@@ -65,7 +65,7 @@ fn load_keys(options: &ServeOptions) -> Result<Option<KeyStore>> {
             let path = default_keys_file();
             if !path.exists() {
                 std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")))?;
-                let key = add_key(&path, "default")?;
+                let key = add_key(&path, "default", false)?;
                 eprintln!(
                     "forkvm: created API key \"default\" (stored hashed in {}); it is shown only now:\n\n    {key}\n",
                     path.display()
@@ -106,30 +106,16 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
     if names.is_empty() {
         anyhow::bail!("serve at least one template (--template)");
     }
+    let plan = WorkerPlan {
+        workers: options.workers,
+        worker_memory_mb: options.worker_memory_mb,
+        worker_cpus: options.worker_cpus,
+        pool: options.pool,
+        templates: names.len(),
+    };
     let mut served = Vec::new();
     for name in &names {
-        crate::jailed::prepare(name)?;
-        let meta = crate::template::store().show(name)?;
-        let languages: Vec<String> = meta
-            .runtime
-            .languages()
-            .iter()
-            .map(|l| l.to_string())
-            .collect();
-        served.push(Served {
-            name: name.clone(),
-            info: TemplateInfo {
-                name: name.clone(),
-                runtime: meta.runtime.name().to_string(),
-                languages: languages.clone(),
-                memory_mb: meta.ram_bytes >> 20,
-                packages: meta.packages,
-                created_at: meta.created_unix,
-                default: false,
-            },
-            languages,
-            workers: start_workers(&options, name, names.len())?,
-        });
+        served.push(serve_template(name, &plan)?);
     }
     let mut config = ServerConfig {
         keys,
@@ -148,6 +134,9 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
     config.exec_slots_per_key = options.exec_slots_per_key;
     config.connections = fit_connections(options.connections);
     let state = AppState::new(Templates::new(served), config);
+    state
+        .builds
+        .enable(Arc::new(crate::builder::ChildBuilder::new(plan)));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("forkvm-api")
@@ -197,43 +186,84 @@ fn host_memory() -> u64 {
         .map_or(4 << 30, |kib| kib << 10)
 }
 
-/// Starts the workers that run `template`'s sandboxes (one of `templates` served) and
-/// waits until they serve.
-fn start_workers(options: &ServeOptions, template: &str, templates: usize) -> Result<Arc<Workers>> {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let count = options.workers.unwrap_or(cores).max(1);
-    let memory_bytes = match options.worker_memory_mb {
-        Some(mb) => mb << 20,
-        None => host_memory() / 4 * 3 / (count * templates) as u64,
-    };
-    let limits = cgroup::Limits {
-        memory_bytes,
-        pids: 4096,
-        cpus: options.worker_cpus,
-    };
-    let workers = crate::jailed::start(
-        template,
-        count,
-        options.pool,
-        ExecLimits::maxima(),
-        Some(limits),
-    )?;
-    eprintln!(
-        "forkvm: {count} jailed worker(s) serving template {template:?} (pids {:?})",
-        workers.pids()
-    );
-    Ok(workers)
+/// How workers are started for a served template.
+#[derive(Clone)]
+pub struct WorkerPlan {
+    pub workers: Option<usize>,
+    pub worker_memory_mb: Option<u64>,
+    pub worker_cpus: Option<f64>,
+    pub pool: PoolConfig,
+    /// Templates served at start: each gets its share of host memory.
+    pub templates: usize,
+}
+
+impl WorkerPlan {
+    /// Starts the workers that run `template`'s sandboxes: one per core unless told, each
+    /// in a cgroup with its share of three quarters of host memory.
+    fn start(&self, template: &str) -> Result<Arc<Workers>> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let count = self.workers.unwrap_or(cores).max(1);
+        let memory_bytes = match self.worker_memory_mb {
+            Some(mb) => mb << 20,
+            None => host_memory() / 4 * 3 / (count * self.templates.max(1)) as u64,
+        };
+        let limits = cgroup::Limits {
+            memory_bytes,
+            pids: 4096,
+            cpus: self.worker_cpus,
+        };
+        let workers = crate::jailed::start(
+            template,
+            count,
+            self.pool,
+            ExecLimits::maxima(),
+            Some(limits),
+        )?;
+        eprintln!(
+            "forkvm: {count} jailed worker(s) serving template {template:?} (pids {:?})",
+            workers.pids()
+        );
+        Ok(workers)
+    }
+}
+
+/// Verifies template `name` (building it if it is a built-in one that is missing) and
+/// starts its workers.
+pub fn serve_template(name: &str, plan: &WorkerPlan) -> Result<Served> {
+    crate::jailed::prepare(name)?;
+    let meta = crate::template::store().show(name)?;
+    let languages: Vec<String> = meta
+        .runtime
+        .languages()
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+    Ok(Served {
+        name: name.to_string(),
+        info: TemplateInfo {
+            name: name.to_string(),
+            runtime: meta.runtime.name().to_string(),
+            languages: languages.clone(),
+            memory_mb: meta.ram_bytes >> 20,
+            packages: meta.packages,
+            created_at: meta.created_unix,
+            default: false,
+        },
+        languages,
+        workers: plan.start(name)?,
+    })
 }
 
 /// `forkvm keys add NAME`: prints the new key (once).
-pub fn add(name: &str, file: Option<PathBuf>) -> Result<i32> {
+pub fn add(name: &str, file: Option<PathBuf>, operator: bool) -> Result<i32> {
     let path = file.unwrap_or_else(default_keys_file);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let key = add_key(&path, name)?;
+    let key = add_key(&path, name, operator)?;
     eprintln!(
-        "forkvm: key {name:?} added to {} (only its hash is stored)",
+        "forkvm: {}key {name:?} added to {} (only its hash is stored)",
+        if operator { "operator " } else { "" },
         path.display()
     );
     println!("{key}");

@@ -217,3 +217,125 @@ fn the_cli_runs_javascript_in_the_node_template() {
     let out = run(&["template", "show", "node"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("runtime:     node"));
 }
+
+fn send(key: &str, request: reqwest::blocking::RequestBuilder) -> (u16, Value) {
+    let response = request.bearer_auth(key).send().unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+/// Polls build `id` until it is no longer building.
+fn finished_build(server: &Server, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let (status, build) = send(
+            &server.ops,
+            client().get(server.url(&format!("/v1/templates/builds/{id}"))),
+        );
+        assert_eq!(status, 200, "{build}");
+        if build["status"] != "building" {
+            return build;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "build {id} never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn operators_build_templates_through_the_api_and_they_are_served_at_once() {
+    let Some(server) = start() else { return };
+    let name = format!("api-built-{}", std::process::id());
+    let spec = "runtime = \"python\"\n\
+                warmup = \"open('/tmp/warm', 'w').write('41')\"\n\
+                [env]\nGREETING = \"hej\"\n";
+    let body = json!({"name": name, "spec": spec});
+    let build =
+        |key: &str, body: &Value| send(key, client().post(server.url("/v1/templates")).json(body));
+
+    // Only operator keys build; refusals say why, naming the field.
+    let (status, refused) = build(&server.alice, &body);
+    assert_eq!(
+        (status, refused["error"]["kind"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let (status, _) = send(
+        &server.alice,
+        client().get(server.url("/v1/templates/builds/x")),
+    );
+    assert_eq!(status, 403);
+    for (bad, field) in [
+        (json!({"name": "../x", "spec": spec}), "name"),
+        (json!({"name": "ok", "spec": "runtime = \"ruby\""}), "spec"),
+        (
+            json!({"name": "ok", "spec": "[[files]]\nfrom = \"/etc\"\nto = \"/etc2\""}),
+            "spec",
+        ),
+        (
+            json!({"name": "ok", "spec": "", "lock": "pypi = [\"-r /etc/x\"]"}),
+            "lock",
+        ),
+    ] {
+        let (status, refused) = build(&server.ops, &bad);
+        assert_eq!(status, 422, "{bad}: {refused}");
+        assert_eq!(refused["error"]["field"], field, "{bad}: {refused}");
+    }
+    let (status, refused) = build(&server.ops, &json!({"name": "python", "spec": spec}));
+    assert_eq!(
+        (status, refused["error"]["kind"].as_str()),
+        (409, Some("template_exists"))
+    );
+
+    let (status, started) = build(&server.ops, &body);
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(started["status"], "building");
+    let (status, busy) = build(&server.ops, &json!({"name": "other", "spec": spec}));
+    assert_eq!(
+        (status, busy["error"]["kind"].as_str()),
+        (409, Some("build_running"))
+    );
+    let done = finished_build(&server, started["id"].as_str().unwrap());
+    assert_eq!(done["status"], "ready", "{done}");
+    assert!(
+        done["lock"].as_str().unwrap().contains("content_sha256"),
+        "{done}"
+    );
+
+    // Served now, beside the others, without a restart.
+    let (_, list) = send(&server.alice, client().get(server.url("/v1/templates")));
+    let names: Vec<&str> = list["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["python", "node", name.as_str()]);
+    let (status, result) = post(
+        &server,
+        "/v1/exec",
+        json!({"template": name, "code":
+            "import os\nprint(int(open('/tmp/warm').read()) + 1, os.environ['GREETING'])"}),
+    );
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["stdout"], "42 hej\n");
+
+    // A failing build reports why; the server goes on serving.
+    let (status, started) = build(
+        &server.ops,
+        &json!({"name": format!("{name}-bad"), "spec": "warmup = \"raise SystemExit(3)\""}),
+    );
+    assert_eq!(status, 202);
+    let failed = finished_build(&server, started["id"].as_str().unwrap());
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("entry program ended"),
+        "{failed}"
+    );
+    let (status, result) = post(&server, "/v1/exec", json!({"code": "print(1)"}));
+    assert_eq!((status, result["stdout"].as_str()), (200, Some("1\n")));
+}

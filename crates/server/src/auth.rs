@@ -3,7 +3,8 @@
 //! never logged: requests are attributed by key name.
 //!
 //! File format (`forkvm keys add` writes it):
-//! `{"keys": [{"id": "alice", "sha256": "<64 hex digits>"}]}`
+//! `{"keys": [{"id": "alice", "sha256": "<64 hex digits>"}, {"id": "ops", "sha256": "…",
+//! "operator": true}]}`. Operator keys may also build templates (`POST /v1/templates`).
 
 use std::path::Path;
 
@@ -32,6 +33,8 @@ pub enum KeysError {
 struct KeyEntry {
     id: String,
     sha256: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    operator: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -43,6 +46,8 @@ struct KeysFile {
 #[derive(Debug, Clone)]
 pub struct KeyStore {
     keys: Vec<(String, [u8; 32])>,
+    /// The names of operator keys.
+    operators: Vec<String>,
 }
 
 fn parse_hex(hex: &str) -> Option<[u8; 32]> {
@@ -73,6 +78,7 @@ impl KeyStore {
             reason: e.to_string(),
         })?;
         let mut keys: Vec<(String, [u8; 32])> = Vec::with_capacity(file.keys.len());
+        let mut operators = Vec::new();
         for entry in file.keys {
             let malformed = |reason: String| KeysError::Malformed {
                 path: display.clone(),
@@ -90,6 +96,9 @@ impl KeyStore {
                     "the same key is already listed under another name".into(),
                 ));
             }
+            if entry.operator {
+                operators.push(entry.id.clone());
+            }
             keys.push((entry.id, hash));
         }
         if keys.is_empty() {
@@ -98,7 +107,12 @@ impl KeyStore {
                 reason: "no keys: add one with `forkvm keys add`".into(),
             });
         }
-        Ok(KeyStore { keys })
+        Ok(KeyStore { keys, operators })
+    }
+
+    /// Whether the key named `id` is an operator's.
+    pub fn is_operator(&self, id: &str) -> bool {
+        self.operators.iter().any(|o| o == id)
     }
 
     /// The name of the key `token` is, if any. Every stored hash is compared, each in
@@ -123,9 +137,9 @@ impl KeyStore {
     }
 }
 
-/// Creates a new random key named `id`, appends its hash to the keys file (creating it),
-/// and returns the key: the only time it is ever shown.
-pub fn add_key(path: &Path, id: &str) -> Result<String, KeysError> {
+/// Creates a new random key named `id` (an operator's if `operator`), appends its hash to
+/// the keys file (creating it), and returns the key: the only time it is ever shown.
+pub fn add_key(path: &Path, id: &str, operator: bool) -> Result<String, KeysError> {
     let display = path.display().to_string();
     let mut file = match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str::<KeysFile>(&text).map_err(|e| KeysError::Malformed {
@@ -152,6 +166,7 @@ pub fn add_key(path: &Path, id: &str) -> Result<String, KeysError> {
     file.keys.push(KeyEntry {
         id: id.to_string(),
         sha256: hex(&Sha256::digest(key.as_bytes())),
+        operator,
     });
     let json = serde_json::to_string_pretty(&file).expect("keys file serializes");
     write_private(path, (json + "\n").as_bytes()).map_err(|source| KeysError::Io {
@@ -186,8 +201,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("keys.json");
         let _ = std::fs::remove_file(&path);
-        let alice = add_key(&path, "alice").unwrap();
-        let bob = add_key(&path, "bob").unwrap();
+        let alice = add_key(&path, "alice", false).unwrap();
+        let bob = add_key(&path, "bob", true).unwrap();
         assert!(alice.starts_with(KEY_PREFIX) && alice != bob);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
@@ -198,7 +213,8 @@ mod tests {
         assert_eq!(store.identify(&alice).as_deref(), Some("alice"));
         assert_eq!(store.identify(&bob).as_deref(), Some("bob"));
         assert_eq!(store.identify("fvk_wrong"), None);
-        assert!(add_key(&path, "alice").is_err());
+        assert!(store.is_operator("bob") && !store.is_operator("alice"));
+        assert!(add_key(&path, "alice", false).is_err());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

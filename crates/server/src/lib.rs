@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod builds;
 pub mod connections;
 pub mod error;
 pub mod fairness;
@@ -47,6 +48,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/metrics"),
     ("get", "/v1/openapi.json"),
     ("get", "/v1/templates"),
+    ("post", "/v1/templates"),
+    ("get", "/v1/templates/builds/{id}"),
     ("post", "/v1/sandboxes"),
     ("get", "/v1/sandboxes"),
     ("get", "/v1/sandboxes/{id}"),
@@ -133,6 +136,8 @@ impl ServerConfig {
 /// What every handler shares.
 pub struct AppState {
     pub templates: Templates,
+    /// Templates built through the API.
+    pub builds: builds::Builds,
     pub config: ServerConfig,
     pub sessions: SessionStore,
     pub fairness: Fairness,
@@ -154,6 +159,7 @@ impl AppState {
             bodies: ResultBudget::new(config.bodies_budget_bytes, config.bodies_budget_bytes),
             router: std::sync::OnceLock::new(),
             templates,
+            builds: builds::Builds::default(),
             sessions: SessionStore::default(),
             metrics: Metrics::new(),
             config,
@@ -170,7 +176,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/exec", post(api::exec::exec))
         .route("/v1/exec/batch", post(api::exec::batch))
-        .route("/v1/templates", get(api::system::templates))
+        .route(
+            "/v1/templates",
+            get(api::system::templates).post(api::builds::build),
+        )
+        .route("/v1/templates/builds/{id}", get(api::builds::show))
         .route(
             "/v1/sandboxes",
             post(api::sessions::create).get(api::sessions::list),

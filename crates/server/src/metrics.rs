@@ -196,7 +196,7 @@ impl Metrics {
     /// round trip to each).
     pub fn render(&self, templates: &Templates) -> String {
         let (mut live, mut restarts, mut workers_rss) = (0, 0, 0);
-        for served in templates.iter() {
+        for served in templates.all() {
             let workers = &served.workers;
             let stats = workers.pool();
             let name = [served.name.as_str()];

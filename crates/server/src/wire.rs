@@ -352,6 +352,45 @@ pub struct TemplateList {
     pub templates: Vec<TemplateInfo>,
 }
 
+/// A template to build (`POST /v1/templates`, operator keys only).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBuildBody {
+    /// The new template's name (1-64 letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// A template spec, TOML, as `forkvm template build --spec` reads it, without
+    /// `[[files]]` (which name host paths).
+    pub spec: String,
+    /// A lock from an earlier build (`forkvm template lock`, or a build's `lock`): build
+    /// exactly what it pins.
+    #[serde(default)]
+    pub lock: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    Building,
+    /// Built, and served.
+    Ready,
+    Failed,
+}
+
+/// A template build.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BuildInfo {
+    pub id: String,
+    /// The template it builds.
+    pub name: String,
+    pub status: BuildStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The end of the build's output.
+    pub log: String,
+    /// Once ready: the lock it was built to (send it back as `lock` to build the same again).
+    pub lock: Option<String>,
+}
+
 /// One template's readiness.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TemplateHealth {

@@ -76,8 +76,16 @@ impl Lock {
             return Err(invalid(format!("larger than {MAX_LOCK_BYTES} bytes")));
         }
         let text = std::fs::read_to_string(path).map_err(read)?;
-        let lock: Lock = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        lock.check().map_err(invalid)?;
+        Lock::parse(&text).map_err(invalid)
+    }
+
+    /// A lock from its TOML text, checked.
+    pub fn parse(text: &str) -> Result<Lock, String> {
+        if text.len() as u64 > MAX_LOCK_BYTES {
+            return Err(format!("larger than {MAX_LOCK_BYTES} bytes"));
+        }
+        let lock: Lock = toml::from_str(text).map_err(|e| e.to_string())?;
+        lock.check()?;
         Ok(lock)
     }
 

@@ -89,10 +89,27 @@ impl SpecFile {
             return Err(invalid(format!("larger than {MAX_SPEC_BYTES} bytes")));
         }
         let text = std::fs::read_to_string(path).map_err(read)?;
-        let spec: SpecFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let template = spec.into_template(name, base).map_err(invalid)?;
+        let template = SpecFile::parse(&text, name, Some(base)).map_err(invalid)?;
         Ok((template, text))
+    }
+
+    /// The template `name` a spec's `text` describes, its files relative to `base`; with
+    /// no `base` (a spec from the API, which may not name host paths) files are refused.
+    pub fn parse(text: &str, name: &str, base: Option<&Path>) -> Result<TemplateSpec, String> {
+        if text.len() as u64 > MAX_SPEC_BYTES {
+            return Err(format!("larger than {MAX_SPEC_BYTES} bytes"));
+        }
+        let spec: SpecFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        if base.is_none() && !spec.files.is_empty() {
+            return Err(
+                "[[files]] copies host paths: build such templates with `forkvm template build --spec`"
+                    .into(),
+            );
+        }
+        let mut template = spec.into_template(name, base.unwrap_or(Path::new("/nonexistent")))?;
+        template.spec_text = Some(text.to_string());
+        Ok(template)
     }
 
     fn into_template(self, name: &str, base: &Path) -> Result<TemplateSpec, String> {

@@ -308,7 +308,12 @@ fn supervise(
         if shutdown.load(Ordering::SeqCst) {
             return;
         }
-        let name = format!("{}-{index}-{generation}", std::process::id());
+        // Unique in this process: every template's workers are numbered from 0, and a
+        // shared name made the second template's workers run without a cgroup.
+        static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+        let launch_number = LAUNCHES.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{launch_number}", std::process::id());
+        tracing::debug!(index, generation, name, "launching a worker");
         let began = Instant::now();
         let launched = launch(config, &name);
         {

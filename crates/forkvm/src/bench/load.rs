@@ -424,7 +424,7 @@ fn start_server(count: usize) -> Result<(OwnServer, String, Vec<String>)> {
     let dir = tempfile::tempdir()?;
     let keys_file: PathBuf = dir.path().join("keys.json");
     let keys = (0..count)
-        .map(|i| forkvm_server::auth::add_key(&keys_file, &format!("load-{i}")))
+        .map(|i| forkvm_server::auth::add_key(&keys_file, &format!("load-{i}"), false))
         .collect::<Result<Vec<_>, _>>()?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--keys"])

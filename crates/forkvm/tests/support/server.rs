@@ -56,9 +56,14 @@ pub fn build_node_template() {
 
 /// Creates a key in `file` and returns it.
 pub fn new_key(file: &Path, name: &str) -> String {
+    key_of(file, name, &[])
+}
+
+fn key_of(file: &Path, name: &str, flags: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_forkvm"))
         .args(["keys", "add", name, "--file"])
         .arg(file)
+        .args(flags)
         .output()
         .unwrap();
     assert!(
@@ -81,9 +86,10 @@ pub fn client() -> reqwest::blocking::Client {
 pub struct Server {
     child: Child,
     pub base: String,
-    /// Keys named `alice` and `bob`.
+    /// Keys named `alice` and `bob`, and an operator's key, `ops`.
     pub alice: String,
     pub bob: String,
+    pub ops: String,
 }
 
 impl Server {
@@ -93,6 +99,7 @@ impl Server {
         let keys = cache.join(format!("keys-{}.json", uuid_like()));
         let alice = new_key(&keys, "alice");
         let bob = new_key(&keys, "bob");
+        let ops = key_of(&keys, "ops", &["--operator"]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_forkvm"))
             .args([
                 "serve",
@@ -122,6 +129,7 @@ impl Server {
             base,
             alice,
             bob,
+            ops,
         }
     }
 

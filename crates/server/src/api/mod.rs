@@ -1,5 +1,6 @@
 //! Request handlers, one module per area.
 
+pub mod builds;
 pub mod exec;
 pub mod mcp;
 pub mod middleware;

@@ -18,7 +18,7 @@ use crate::wire::{HealthResponse, TemplateHealth, TemplateInfo, TemplateList};
     responses((status = 200, description = "Readiness of every template", body = HealthResponse)))]
 pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> {
     let mut templates = BTreeMap::new();
-    for served in state.templates.iter() {
+    for served in state.templates.all() {
         let workers = served.workers.clone();
         let (ram_bytes, pool) =
             tokio::task::spawn_blocking(move || (workers.ram_bytes(), workers.pool()))
@@ -53,6 +53,7 @@ pub async fn templates(State(state): State<Arc<AppState>>) -> Json<TemplateList>
     Json(TemplateList {
         templates: state
             .templates
+            .all()
             .iter()
             .map(|t| TemplateInfo {
                 default: t.name == default,
