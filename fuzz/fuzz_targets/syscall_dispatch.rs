@@ -139,6 +139,10 @@ const SPECIALS: &[u64] = &[
     USER_START,
     !(PAGE - 1),
     16 << 20,
+    // The high window above RAM (`forkvm_kernel::high`), and a reservation that goes there.
+    1 << 40,
+    (1 << 40) + 16 * PAGE,
+    10 << 30,
 ];
 
 impl Arg {

@@ -96,7 +96,33 @@ const DETERMINISTIC: &[&str] = &[
      })",
     "const zlib = require('zlib'); const z = zlib.gzipSync('a'.repeat(1000));\
      console.log(zlib.gunzipSync(z).length, [3, 1, 2].sort().join())",
+    // fetch (undici parses HTTP in WebAssembly) against a server in the same program.
+    "const server = require('http').createServer((req, res) => res.end('pong ' + req.method))\
+       .listen(0, '127.0.0.1', async () => {\
+         const res = await fetch(`http://127.0.0.1:${server.address().port}/`, { method: 'POST' });\
+         console.log(res.status, await res.text(), res.headers.get('content-length'));\
+         server.close();\
+       })",
+    WASM_PROGRAM,
 ];
+
+/// A WebAssembly memory (V8 reserves 10 GiB for each: the memory and its guard regions),
+/// an out-of-bounds load trapping through the guard, growth, and several memories.
+const WASM_PROGRAM: &str = "\
+    const bytes = new Uint8Array([0,97,115,109,1,0,0,0, 1,6,1,96,1,127,1,127, 3,2,1,0, 5,3,1,0,1,\
+      7,12,2,1,109,2,0,4,108,111,97,100,0,0, 10,9,1,7,0,32,0,40,2,0,11]);\
+    WebAssembly.instantiate(bytes).then(({ instance }) => {\
+      const { m, load } = instance.exports;\
+      new Uint32Array(m.buffer)[1] = 42;\
+      const out = [load(4)];\
+      try { load(65536); out.push('no trap'); } catch (e) { out.push(e.constructor.name + ': ' + e.message); }\
+      m.grow(3);\
+      new Uint32Array(m.buffer)[65536 * 3 / 4] = 7;\
+      out.push(load(65536 * 3), m.buffer.byteLength);\
+      const mems = []; for (let i = 0; i < 8; i++) mems.push(new WebAssembly.Memory({ initial: 16 }));\
+      out.push(mems.length);\
+      console.log(out.join(' | '));\
+    })";
 
 #[test]
 fn programs_print_what_node_on_the_host_prints() {
@@ -322,6 +348,46 @@ fn sessions_keep_declarations_and_forks_diverge() {
         "2 3\n"
     );
     assert_eq!(session_run(engine, &mut session, "console.log(x)"), "2\n");
+}
+
+/// A session's WebAssembly memory lives above guest RAM (`high`): each fork of the session
+/// has its own copy, at the same address, with its page tables.
+#[test]
+fn webassembly_memory_survives_session_forks() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("node").unwrap();
+    session_run(
+        engine,
+        &mut session,
+        "globalThis.mem = new WebAssembly.Memory({ initial: 4 });\
+         globalThis.view = new Uint8Array(mem.buffer); view[70000] = 9;",
+    );
+    let mut branches = engine.fork_session(&mut session, 2).unwrap();
+    session_run(
+        engine,
+        &mut branches[0],
+        "view[70000] = 1; mem.grow(1); new Uint8Array(mem.buffer)[300000] = 5",
+    );
+    assert_eq!(
+        session_run(
+            engine,
+            &mut branches[0],
+            "const v = new Uint8Array(mem.buffer); console.log(v[70000], v[300000], mem.buffer.byteLength)"
+        ),
+        "1 5 327680\n"
+    );
+    assert_eq!(
+        session_run(
+            engine,
+            &mut branches[1],
+            "console.log(view[70000], mem.buffer.byteLength)"
+        ),
+        "9 262144\n"
+    );
+    assert_eq!(
+        session_run(engine, &mut session, "console.log(view[70000])"),
+        "9\n"
+    );
 }
 
 #[test]

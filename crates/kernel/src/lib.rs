@@ -22,6 +22,7 @@ pub mod errno;
 pub mod fdtable;
 pub mod file;
 pub mod fileinfo;
+pub mod high;
 pub mod host_ops;
 pub mod loader;
 pub(crate) mod memory_budget;

@@ -15,6 +15,8 @@ use syscalls::Errno;
 
 use forkvm_memory::ram::{HUGE_PAGE_SIZE, PAGE_SIZE, page_align_up};
 
+use crate::high::{self, HighSpace, HighVma, TableKey};
+
 /// What backs a mapping (for accounting and diagnostics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmaKind {
@@ -30,6 +32,10 @@ pub enum VmaKind {
     Vvar,
     /// The vDSO's code (`[vdso]`).
     Vdso,
+    /// Memory the kernel keeps for the program where the program cannot name it: the
+    /// backing of high-window pages and their page tables (`high`). Never present at its
+    /// own address, never listed, never unmapped or replaced by the program.
+    Hidden,
 }
 
 /// The file a mapping was made from, as `/proc/self/maps` names it.
@@ -203,9 +209,22 @@ pub struct AddressSpace {
     limit_bytes: u64,
     /// Requests refused because of `limit_bytes` (not for lack of address space).
     limit_refusals: u64,
+    /// Reservations and memory above RAM (`high`).
+    #[serde(default)]
+    high: HighSpace,
     /// Ranges changed since the page tables were last brought up to date.
     #[serde(skip)]
     changes: Vec<Range>,
+}
+
+/// What a change to the high window did to hidden memory: `fresh` ranges were allocated
+/// (they must read as zero), `freed` ones are no longer used (their pages go back).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HighChange {
+    pub fresh: Vec<Range>,
+    pub freed: Vec<Range>,
+    /// Backing whose high pages lost a right: KVM must forget what it mapped of them.
+    pub downgraded: Vec<Range>,
 }
 
 impl AddressSpace {
@@ -220,6 +239,7 @@ impl AddressSpace {
             charged_bytes: 0,
             limit_bytes,
             limit_refusals: 0,
+            high: HighSpace::default(),
             changes: Vec::new(),
         };
         let stack = Vma::anonymous(
@@ -286,13 +306,43 @@ impl AddressSpace {
 
     /// True when every byte of `[addr, addr+len)` is mapped. Zero-length ranges are valid.
     pub fn is_mapped(&self, addr: u64, len: u64) -> bool {
-        self.covered(addr, len, |_| true)
+        if high::in_window(addr) {
+            return addr
+                .checked_add(len)
+                .is_some_and(|end| self.high.covered(addr, end));
+        }
+        self.covered(addr, len, |vma| vma.kind != VmaKind::Hidden)
     }
 
     /// True when every byte of `[addr, addr+len)` is mapped writable (what the kernel may
     /// write on the program's behalf, as Linux's `copy_to_user`).
     pub fn is_writable(&self, addr: u64, len: u64) -> bool {
-        self.covered(addr, len, |vma| vma.prot & libc::PROT_WRITE as u32 != 0)
+        if high::in_window(addr) {
+            return self.high.translate(addr, len, true).is_some();
+        }
+        self.covered(addr, len, |vma| {
+            vma.kind != VmaKind::Hidden && vma.prot & libc::PROT_WRITE as u32 != 0
+        })
+    }
+
+    /// The mappings a program sees (`/proc/self/maps`): all but hidden ones, then the
+    /// high window's.
+    pub fn visible_vmas(&self) -> impl Iterator<Item = Vma> + '_ {
+        let low = self
+            .vmas
+            .values()
+            .filter(|v| v.kind != VmaKind::Hidden)
+            .cloned();
+        let high = self.high.vmas().map(|h| Vma {
+            reserved: true,
+            ..Vma::anonymous(h.start, h.end, h.prot, VmaKind::Anonymous)
+        });
+        low.chain(high)
+    }
+
+    /// The high window (`high`).
+    pub fn high(&self) -> &HighSpace {
+        &self.high
     }
 
     /// True when mappings that each satisfy `ok` cover every byte of `[addr, addr+len)`.
@@ -388,6 +438,13 @@ impl AddressSpace {
         }
         let len = end - start;
         if !self.in_user_range(start, len) {
+            return Err(Errno::ENOMEM);
+        }
+        // Hidden memory is the kernel's: nothing the program maps may replace it.
+        if self
+            .overlapping(start, end)
+            .any(|v| v.kind == VmaKind::Hidden)
+        {
             return Err(Errno::ENOMEM);
         }
         let overlap_charged: u64 = self
@@ -494,7 +551,24 @@ impl AddressSpace {
         }
         let len = page_align_up(len).ok_or(Errno::EINVAL)?;
         let end = start.checked_add(len).ok_or(Errno::EINVAL)?;
-        Ok(self.carve(start, end))
+        // Around hidden memory, which only the kernel unmaps (`free_hidden`).
+        let hidden: Vec<Range> = self
+            .overlapping(start, end)
+            .filter(|v| v.kind == VmaKind::Hidden)
+            .map(|v| (v.start, v.end))
+            .collect();
+        let mut removed = Vec::new();
+        let mut from = start;
+        for (s, e) in hidden {
+            if from < s {
+                removed.extend(self.carve(from, s));
+            }
+            from = from.max(e);
+        }
+        if from < end {
+            removed.extend(self.carve(from, end));
+        }
+        Ok(removed)
     }
 
     /// Changes the recorded protection of `[start, start+len)`; ENOMEM if any of it is unmapped.
@@ -616,6 +690,186 @@ impl AddressSpace {
             self.brk = requested;
             (requested, discarded)
         }
+    }
+
+    /// Reserves `len` bytes (inaccessible, unbacked) in the high window: for mappings
+    /// larger than RAM has room for (see `high`).
+    pub fn reserve_high(&mut self, len: u64) -> Result<u64, Errno> {
+        if self.high.mapped_bytes().saturating_add(len) > high::HIGH_MAPPED_MAX {
+            return Err(Errno::ENOMEM);
+        }
+        let start = self.high.find_gap(len).ok_or(Errno::ENOMEM)?;
+        self.high.insert(HighVma {
+            start,
+            end: start + len,
+            prot: 0,
+            backing: None,
+        });
+        self.changes.push((start, start + len));
+        Ok(start)
+    }
+
+    /// Maps `[start, start+len)` of the high window afresh with `prot` (`MAP_FIXED`),
+    /// replacing what was there.
+    pub fn map_high(&mut self, start: u64, len: u64, prot: u32) -> Result<HighChange, Errno> {
+        if !high::range_in_window(start, len) || !start.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::ENOMEM);
+        }
+        let end = start + len;
+        let replaced: u64 = self
+            .high
+            .overlapping(start, end)
+            .map(|v| v.end.min(end) - v.start.max(start))
+            .sum();
+        if self.high.mapped_bytes() - replaced + len > high::HIGH_MAPPED_MAX {
+            return Err(Errno::ENOMEM);
+        }
+        let mut change = HighChange::default();
+        let backing = self.back_high(start, end, prot, &mut change)?;
+        for old in self.high.cut_out(start, end) {
+            self.release_backing(&old, &mut change);
+        }
+        self.high.insert(HighVma {
+            start,
+            end,
+            prot,
+            backing,
+        });
+        self.changes.push((start, end));
+        Ok(change)
+    }
+
+    /// `mprotect` in the high window: ENOMEM unless all of it is mapped. Pages made
+    /// accessible for the first time get backing (charged to the limit).
+    pub fn protect_high(&mut self, start: u64, len: u64, prot: u32) -> Result<HighChange, Errno> {
+        let len = page_align_up(len).ok_or(Errno::EINVAL)?;
+        if !start.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        let end = start.checked_add(len).ok_or(Errno::ENOMEM)?;
+        if len == 0 {
+            return Ok(HighChange::default());
+        }
+        if !self.high.covered(start, end) {
+            return Err(Errno::ENOMEM);
+        }
+        let mut change = HighChange::default();
+        // Back every unbacked piece first, so a refusal changes nothing but what it backed.
+        let unbacked: Vec<(u64, u64)> = self
+            .high
+            .overlapping(start, end)
+            .filter(|v| v.backing.is_none())
+            .map(|v| (v.start.max(start), v.end.min(end)))
+            .collect();
+        let mut backings = BTreeMap::new();
+        for (s, e) in unbacked {
+            match self.back_high(s, e, prot, &mut change) {
+                Ok(backing) => {
+                    backings.insert(s, (backing, e - s));
+                }
+                Err(error) => {
+                    // Page-table pages stay (the window's tables are rewritten whole).
+                    for &(backing, len) in backings.values() {
+                        if let Some(backing) = backing {
+                            self.free_hidden(backing, backing + len);
+                        }
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        for piece in self.high.cut_out(start, end) {
+            let backing = match backings.get(&piece.start) {
+                Some(&(backing, _)) => backing,
+                None => piece.backing,
+            };
+            let kept = |bit: i32| piece.prot & bit as u32 == 0 || prot & bit as u32 != 0;
+            let loses = !kept(libc::PROT_WRITE) || !kept(libc::PROT_EXEC) || !kept(libc::PROT_READ);
+            if let (true, Some(from)) = (loses, piece.backing) {
+                change
+                    .downgraded
+                    .push((from, from + (piece.end - piece.start)));
+            }
+            self.high.insert(HighVma {
+                prot,
+                backing,
+                ..piece
+            });
+        }
+        self.changes.push((start, end));
+        Ok(change)
+    }
+
+    /// `munmap` in the high window.
+    pub fn unmap_high(&mut self, start: u64, len: u64) -> Result<HighChange, Errno> {
+        let len = page_align_up(len).ok_or(Errno::EINVAL)?;
+        let end = start.checked_add(len).ok_or(Errno::EINVAL)?;
+        if !start.is_multiple_of(PAGE_SIZE) || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mut change = HighChange::default();
+        for old in self.high.cut_out(start, end) {
+            self.release_backing(&old, &mut change);
+        }
+        self.changes.push((start, end));
+        Ok(change)
+    }
+
+    /// The guest-physical pieces of `[addr, addr+len)` in the high window, with the access
+    /// asked for.
+    pub fn translate_high(&self, addr: u64, len: u64, write: bool) -> Option<Vec<Range>> {
+        self.high.translate(addr, len, write)
+    }
+
+    /// Backing for high `[start, end)` if `prot` makes it accessible: hidden memory, and
+    /// the window's page tables over it.
+    fn back_high(
+        &mut self,
+        start: u64,
+        end: u64,
+        prot: u32,
+        change: &mut HighChange,
+    ) -> Result<Option<u64>, Errno> {
+        let accessible = prot & (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u32;
+        if accessible == 0 {
+            return Ok(None);
+        }
+        let mut keys = vec![TableKey::Pointers];
+        let first = (start - high::HIGH_START) / HUGE_PAGE_SIZE;
+        let last = (end - 1 - high::HIGH_START) / HUGE_PAGE_SIZE;
+        for region in first..=last {
+            keys.push(TableKey::Directory(region / 512));
+            keys.push(TableKey::Table(region));
+        }
+        keys.dedup();
+        for key in keys {
+            if self.high.table(key).is_none() {
+                let page = self.alloc_hidden(PAGE_SIZE, change)?;
+                self.high.set_table(key, page);
+            }
+        }
+        self.alloc_hidden(end - start, change).map(Some)
+    }
+
+    /// Hidden memory of `len` bytes, charged to the limit.
+    fn alloc_hidden(&mut self, len: u64, change: &mut HighChange) -> Result<u64, Errno> {
+        let start = self.find_free(len, 0)?;
+        self.map_fixed(Vma::anonymous(start, start + len, 0, VmaKind::Hidden))?;
+        change.fresh.push((start, start + len));
+        Ok(start)
+    }
+
+    fn release_backing(&mut self, old: &HighVma, change: &mut HighChange) {
+        if let Some(backing) = old.backing {
+            let end = backing + (old.end - old.start);
+            self.free_hidden(backing, end);
+            change.freed.push((backing, end));
+        }
+    }
+
+    /// Gives back hidden memory (backing no high mapping uses any more).
+    fn free_hidden(&mut self, start: u64, end: u64) {
+        self.carve(start, end);
     }
 
     /// The mapping containing `addr`, if any.

@@ -237,6 +237,63 @@ impl PageTables {
     }
 }
 
+impl PageTables {
+    /// Rewrites the high window's tables (see `high`) over `[start, end)`: the top-level
+    /// entry, the pointers page, and the directories and tables of that range, each page
+    /// whole (so a table page needs no zeroing first). Pages that lose a right there are the
+    /// caller's to make KVM forget (`HighChange`): their backing was replaced or is
+    /// invalidated.
+    pub fn sync_high(
+        &self,
+        ram: &GuestRam,
+        mm: &AddressSpace,
+        start: u64,
+        end: u64,
+    ) -> Result<(), OutOfBounds> {
+        use crate::high::{HIGH_END, HIGH_START, TableKey};
+        let high = mm.high();
+        let Some(pointers) = high.table(TableKey::Pointers) else {
+            return Ok(());
+        };
+        let start = start.max(HIGH_START);
+        let end = end.min(HIGH_END);
+        if start >= end {
+            return Ok(());
+        }
+        ram.write(
+            PML4 + (HIGH_START >> 39) * 8,
+            &(pointers | TABLE).to_le_bytes(),
+        )?;
+        let linked = |key: TableKey| high.table(key).map_or(0, |page| page | TABLE);
+        let pointer_entries: Vec<u64> = (0..ENTRIES)
+            .map(|gib| linked(TableKey::Directory(gib)))
+            .collect();
+        write_raw(ram, pointers, &pointer_entries)?;
+        let first = (start - HIGH_START) / HUGE_PAGE_SIZE;
+        let last = (end - 1 - HIGH_START) / HUGE_PAGE_SIZE;
+        for gib in first / ENTRIES..=last / ENTRIES {
+            if let Some(directory) = high.table(TableKey::Directory(gib)) {
+                let entries: Vec<u64> = (0..ENTRIES)
+                    .map(|r| linked(TableKey::Table(gib * ENTRIES + r)))
+                    .collect();
+                write_raw(ram, directory, &entries)?;
+            }
+        }
+        for region in first..=last {
+            if let Some(table) = high.table(TableKey::Table(region)) {
+                write_entries(ram, table, &high.region_pages(region, entry_bits))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes table entries as they are (upper levels: no accessed or dirty bits).
+fn write_raw(ram: &GuestRam, at: u64, entries: &[u64]) -> Result<(), OutOfBounds> {
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+    ram.write(at, &bytes)
+}
+
 /// The entry each page of the region at `base` should have (pages below `from` excluded:
 /// they are the system area's).
 fn wanted_entries(mm: &AddressSpace, base: u64, from: u64) -> Vec<u64> {

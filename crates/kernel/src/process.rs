@@ -376,6 +376,16 @@ impl Process {
             self.stale.remove(range.clone());
         }
         for (start, end) in merged {
+            if crate::high::in_window(start) {
+                // Pages there that lost a right were handled with the change (`HighChange`).
+                self.tables
+                    .sync_high(&self.ram, &self.mm, start, end)
+                    .map_err(|_| forkvm_memory::ram::MemoryError::BadRange {
+                        addr: start,
+                        len: end - start,
+                    })?;
+                continue;
+            }
             let changes = self
                 .tables
                 .sync(&self.ram, &self.mm, start, end)
@@ -498,26 +508,55 @@ impl Process {
 
     /// Reads `len` bytes of program memory, failing with EFAULT unless all of it is mapped.
     pub(crate) fn read_user(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
-        self.check_user(addr, len as u64)?;
         let mut buf = vec![0u8; len];
-        self.ram.read(addr, &mut buf).map_err(|_| Errno::EFAULT)?;
+        self.read_user_into(addr, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Fills `buf` from program memory at `addr`: EFAULT unless all of it is mapped (in
+    /// the high window: readable, through its backing).
+    fn read_user_into(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        if crate::high::in_window(addr) {
+            let pieces = self
+                .mm
+                .translate_high(addr, buf.len() as u64, false)
+                .ok_or(Errno::EFAULT)?;
+            let mut done = 0;
+            for (physical, len) in pieces {
+                let part = &mut buf[done..done + len as usize];
+                self.ram.read(physical, part).map_err(|_| Errno::EFAULT)?;
+                done += len as usize;
+            }
+            return Ok(());
+        }
+        self.check_user(addr, buf.len() as u64)?;
+        self.ram.read(addr, buf).map_err(|_| Errno::EFAULT)
     }
 
     /// Writes `data` into program memory, failing with EFAULT unless all of it is mapped
     /// writable.
     pub(crate) fn write_user(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        if crate::high::in_window(addr) {
+            let pieces = self
+                .mm
+                .translate_high(addr, data.len() as u64, true)
+                .ok_or(Errno::EFAULT)?;
+            let mut done = 0;
+            for (physical, len) in pieces {
+                let part = &data[done..done + len as usize];
+                self.ram.write(physical, part).map_err(|_| Errno::EFAULT)?;
+                done += len as usize;
+            }
+            return Ok(());
+        }
         self.check_user_writable(addr, data.len() as u64)?;
         self.ram.write(addr, data).map_err(|_| Errno::EFAULT)
     }
 
     /// Reads a guest structure, failing with EFAULT unless all of it is mapped.
     pub(crate) fn read_obj<T: ByteValued>(&self, addr: u64) -> Result<T, Errno> {
-        self.check_user(addr, size_of::<T>() as u64)?;
         let mut value = T::zeroed();
-        self.ram
-            .read(addr, value.as_mut_slice())
-            .map_err(|_| Errno::EFAULT)?;
+        self.read_user_into(addr, value.as_mut_slice())?;
         Ok(value)
     }
 

@@ -96,10 +96,10 @@ impl Process {
     /// `/proc/self/pagemap` of the VMM is unreadable) shows as nothing resident.
     fn regions(&self) -> Vec<Region> {
         let mut merged: Vec<Vma> = Vec::new();
-        for vma in self.mm.vmas() {
+        for vma in self.mm.visible_vmas() {
             match merged.last_mut() {
-                Some(last) if last.continues_into(vma) => last.end = vma.end,
-                _ => merged.push(vma.clone()),
+                Some(last) if last.continues_into(&vma) => last.end = vma.end,
+                _ => merged.push(vma),
             }
         }
         merged

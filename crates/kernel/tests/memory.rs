@@ -710,3 +710,115 @@ fn shared_file_mappings_and_the_file_see_each_others_writes() {
         err(libc::EINVAL)
     );
 }
+
+/// A reservation larger than RAM (V8's 10 GiB per WebAssembly memory) goes above RAM;
+/// the part made accessible is real memory the kernel reads and writes through, charged to
+/// the limit; the rest faults; unmapping gives the memory back.
+#[test]
+fn reservations_larger_than_ram_live_above_it_and_their_accessible_part_is_memory() {
+    use forkvm_kernel::high::{HIGH_END, HIGH_START};
+    let mut h = Harness::new();
+    let none = libc::PROT_NONE as u64;
+    let noreserve = ANON | libc::MAP_NORESERVE as u64;
+    let reserve =
+        |h: &mut Harness, len: u64| h.sys(libc::SYS_mmap, &[0, len, none, noreserve, u64::MAX, 0]);
+    let big = 10 << 30;
+    let base = reserve(&mut h, big) as u64;
+    assert!((HIGH_START..HIGH_END).contains(&base), "{base:#x}");
+    let charged = h.process.address_space().charged_bytes();
+    // Inaccessible until made accessible.
+    let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0) as u64;
+    assert_eq!(h.sys(libc::SYS_read, &[fd, base, 5]), err(libc::EFAULT));
+    assert_eq!(h.sys(libc::SYS_mprotect, &[base, 16 * PAGE, RW]), 0);
+    assert_eq!(
+        h.process.address_space().charged_bytes(),
+        charged + 16 * PAGE + 3 * PAGE,
+        "the backing and three levels of tables (pointers, directory, table) and no more"
+    );
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, base + PAGE - 2, 5]),
+        5,
+        "across a page"
+    );
+    let (r, w) = {
+        let fds = h.at(0x100);
+        assert_eq!(h.sys(libc::SYS_pipe2, &[fds, 0]), 0);
+        let bytes = h.peek(fds, 8);
+        (
+            i32::from_le_bytes(bytes[..4].try_into().unwrap()) as u64,
+            i32::from_le_bytes(bytes[4..].try_into().unwrap()) as u64,
+        )
+    };
+    assert_eq!(h.sys(libc::SYS_write, &[w, base + PAGE - 2, 5]), 5);
+    let out = h.at(0x200);
+    assert_eq!(h.sys(libc::SYS_read, &[r, out, 5]), 5);
+    assert_eq!(h.peek(out, 5), &HELLO[..5]);
+    // Past the accessible part: the guard.
+    assert_eq!(
+        h.sys(libc::SYS_read, &[fd, base + 16 * PAGE - 2, 5]),
+        err(libc::EFAULT)
+    );
+    // Read-only now: the kernel may not write there, but may read.
+    assert_eq!(
+        h.sys(libc::SYS_mprotect, &[base, PAGE, libc::PROT_READ as u64]),
+        0
+    );
+    assert_eq!(h.sys(libc::SYS_read, &[fd, base, 5]), err(libc::EFAULT));
+    assert_eq!(h.sys(libc::SYS_write, &[w, base + PAGE - 2, 2]), 2);
+    // DONTNEED zeroes it; the contents were kept across the protection change.
+    assert_eq!(h.sys(libc::SYS_read, &[r, out, 2]), 2);
+    assert_eq!(h.peek(out, 2), &HELLO[..2]);
+    assert_eq!(
+        h.sys(libc::SYS_madvise, &[base, PAGE, libc::MADV_DONTNEED as u64]),
+        0
+    );
+    assert_eq!(h.sys(libc::SYS_write, &[w, base + PAGE - 2, 2]), 2);
+    assert_eq!(h.sys(libc::SYS_read, &[r, out, 2]), 2);
+    assert_eq!(h.peek(out, 2), [0, 0]);
+    // Decommitted with MAP_FIXED, as V8 does: inaccessible, backing given back.
+    let fixed = ANON | libc::MAP_FIXED as u64;
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[base, 16 * PAGE, none, fixed, u64::MAX, 0]),
+        base as i64
+    );
+    assert_eq!(h.sys(libc::SYS_write, &[w, base, 1]), err(libc::EFAULT));
+    assert_eq!(
+        h.process.address_space().charged_bytes(),
+        charged + 3 * PAGE,
+        "only the tables stay"
+    );
+    // Hidden memory is the kernel's: the program cannot map over or unmap it.
+    let hidden = h
+        .process
+        .address_space()
+        .vmas()
+        .find(|v| v.kind == forkvm_kernel::mm::VmaKind::Hidden)
+        .map(|v| v.start)
+        .unwrap();
+    assert_eq!(
+        h.sys(libc::SYS_mmap, &[hidden, PAGE, RW, fixed, u64::MAX, 0]),
+        err(libc::ENOMEM)
+    );
+    assert_eq!(h.sys(libc::SYS_munmap, &[hidden, PAGE]), 0);
+    assert!(h.process.address_space().vmas().any(|v| v.start == hidden));
+    assert_eq!(h.sys(libc::SYS_read, &[fd, hidden, 1]), err(libc::EFAULT));
+    // /proc/self/maps shows the reservation, not the hidden pages.
+    let maps =
+        String::from_utf8(h.process.proc_file(forkvm_kernel::procfs::ProcFile::Maps)).unwrap();
+    assert!(
+        maps.contains(&format!("{base:x}-{:x} ---p", base + big)),
+        "{maps}"
+    );
+    assert_eq!(h.sys(libc::SYS_munmap, &[base, big]), 0);
+    assert_eq!(
+        h.sys(libc::SYS_mprotect, &[base, PAGE, RW]),
+        err(libc::ENOMEM)
+    );
+    // Reservations the window cannot hold fail as on a full address space.
+    for _ in 0..50 {
+        assert!(reserve(&mut h, big) > 0);
+    }
+    assert_eq!(reserve(&mut h, big), err(libc::ENOMEM));
+    // Small reservations stay in RAM.
+    assert!((reserve(&mut h, 4 * PAGE) as u64) < HIGH_START);
+}

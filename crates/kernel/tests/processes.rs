@@ -599,3 +599,49 @@ fn a_child_gets_wipeonfork_memory_zeroed_and_no_dontfork_memory() {
     assert_eq!(h.peek(skipped, 6), b"secret");
     assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child);
 }
+
+#[test]
+fn a_forked_child_has_its_own_copy_of_memory_above_ram() {
+    let mut h = Harness::new();
+    const PAGE: u64 = 4096;
+    let none = libc::PROT_NONE as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE) as u64;
+    let high = h.sys(libc::SYS_mmap, &[0, 10 << 30, none, flags, u64::MAX, 0]) as u64;
+    assert!(high >= forkvm_kernel::high::HIGH_START);
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    assert_eq!(h.sys(libc::SYS_mprotect, &[high, PAGE, rw]), 0);
+    let fd = h.open("/etc/hello.txt", libc::O_RDONLY, 0) as u64;
+    assert_eq!(h.sys(libc::SYS_read, &[fd, high, 5]), 5);
+    let fds = h.at(0x100);
+    assert_eq!(h.sys(libc::SYS_pipe2, &[fds, 0]), 0);
+    let ends = h.peek(fds, 8);
+    let r = u64::from(u32::from_le_bytes(ends[..4].try_into().unwrap()));
+    let w = u64::from(u32::from_le_bytes(ends[4..].try_into().unwrap()));
+
+    let child = h.sys(libc::SYS_fork, &[]);
+    assert!(child > 1);
+    // The parent overwrites its copy, then waits.
+    assert_eq!(h.sys(libc::SYS_lseek, &[fd, 0, 0]), 0);
+    assert_eq!(h.sys(libc::SYS_read, &[fd, high + 1, 1]), 1);
+    let status = h.at(0x200);
+    assert_eq!(
+        h.call(libc::SYS_wait4, &[ANY, status, 0, 0]),
+        Outcome::Reschedule
+    );
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    // The child sends what its copy holds.
+    assert_eq!(h.sys(libc::SYS_write, &[w, high, 5]), 5);
+    assert_eq!(h.call(libc::SYS_exit_group, &[0]), Outcome::Reschedule);
+    assert_eq!(run_next(&mut h), Outcome::Switched);
+    let out = h.at(0x300);
+    assert_eq!(h.sys(libc::SYS_read, &[r, out, 5]), 5);
+    assert_eq!(
+        h.peek(out, 5),
+        &common::HELLO[..5],
+        "the child's copy is its own"
+    );
+    assert_eq!(h.sys(libc::SYS_write, &[w, high, 2]), 2);
+    assert_eq!(h.sys(libc::SYS_read, &[r, out, 2]), 2);
+    assert_eq!(h.peek(out, 2), [common::HELLO[0], common::HELLO[0]]);
+    assert_eq!(h.sys(libc::SYS_wait4, &[ANY, status, 0, 0]), child);
+}

@@ -33,7 +33,7 @@ use crate::runtime::Runtime;
 use crate::seal::Sealer;
 
 /// Version of the snapshot format; loading refuses others.
-pub const SNAPSHOT_FORMAT: u32 = 10;
+pub const SNAPSHOT_FORMAT: u32 = 11;
 /// Largest `state.bin` accepted (a guard against a corrupt length field, not a real limit).
 const MAX_STATE_BYTES: u64 = 1 << 30;
 /// Bytes written per `pwrite` when saving memory.

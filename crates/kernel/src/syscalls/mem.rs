@@ -11,7 +11,8 @@ use syscalls::Errno;
 
 use super::SysResult;
 use crate::file::FileObject;
-use crate::mm::{FileView, OnFork, Vma, VmaKind};
+use crate::high;
+use crate::mm::{FileView, HighChange, OnFork, RESERVATION_HEADROOM, Vma, VmaKind};
 use crate::process::Process;
 use forkvm_memory::ram::{PAGE_SIZE, page_align_up};
 
@@ -135,9 +136,36 @@ impl Process {
             {
                 return Err(Errno::EEXIST.into());
             }
+            if high::in_window(addr) {
+                // The high window holds private anonymous memory only.
+                if node.is_some() || kind != libc::MAP_PRIVATE {
+                    return Err(Errno::ENOMEM.into());
+                }
+                if flags & libc::MAP_FIXED_NOREPLACE != 0
+                    && self.mm.high().overlapping(addr, end).next().is_some()
+                {
+                    return Err(Errno::EEXIST.into());
+                }
+                let change = self.mm.map_high(addr, len, prot as u32)?;
+                self.apply_high(change)?;
+                return Ok(addr);
+            }
             addr
         } else {
-            self.mm.find_free(len, addr)?
+            match self.mm.find_free(len, addr) {
+                Ok(start) => start,
+                // Address space larger than RAM has room for, set aside inaccessible (V8's
+                // WebAssembly memories and their guard regions): the high window.
+                Err(Errno::ENOMEM)
+                    if node.is_none()
+                        && kind == libc::MAP_PRIVATE
+                        && prot == libc::PROT_NONE
+                        && len > RESERVATION_HEADROOM =>
+                {
+                    return Ok(self.mm.reserve_high(len)?);
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         let vma_kind = if node.is_some() {
             VmaKind::File
@@ -193,6 +221,11 @@ impl Process {
     }
 
     pub(crate) fn sys_munmap(&mut self, addr: u64, len: u64) -> SysResult {
+        if high::in_window(addr) {
+            let change = self.mm.unmap_high(addr, len)?;
+            self.apply_high(change)?;
+            return Ok(0);
+        }
         self.write_back_shared(None, addr, addr.saturating_add(len))?;
         let removed = self.mm.unmap(addr, len)?;
         self.release_unmapped(&removed)?;
@@ -201,6 +234,11 @@ impl Process {
     }
 
     pub(crate) fn sys_mprotect(&mut self, addr: u64, len: u64, prot: u64) -> SysResult {
+        if high::in_window(addr) {
+            let change = self.mm.protect_high(addr, len, prot as u32)?;
+            self.apply_high(change)?;
+            return Ok(0);
+        }
         if prot & libc::PROT_WRITE as u64 != 0 {
             self.thaw_segments_in(addr, len)?;
         }
@@ -213,6 +251,9 @@ impl Process {
             return Err(Errno::EINVAL.into());
         }
         let len = page_align_up(len).ok_or(Errno::EINVAL)?;
+        if high::in_window(addr) {
+            return self.madvise_high(addr, len, advice);
+        }
         match advice {
             libc::MADV_DONTNEED | libc::MADV_FREE => {
                 if !self.mm.is_mapped(addr, len) {
@@ -254,6 +295,35 @@ impl Process {
             }
             _ => Ok(0),
         }
+    }
+
+    /// `madvise` in the high window: discarding zeroes the backing; the rest is advice
+    /// it has no use for.
+    fn madvise_high(&mut self, addr: u64, len: u64, advice: i32) -> SysResult {
+        if !self.mm.is_mapped(addr, len) {
+            return Err(Errno::ENOMEM.into());
+        }
+        if matches!(advice, libc::MADV_DONTNEED | libc::MADV_FREE) {
+            // `is_mapped` guarantees `addr + len` does not overflow.
+            let backing = self.mm.high().backing_of(addr, addr + len);
+            self.discard(&backing)?;
+        }
+        Ok(0)
+    }
+
+    /// Carries out what a change to the high window did to hidden memory.
+    fn apply_high(&self, change: HighChange) -> Result<(), Errno> {
+        self.discard(&change.freed)?;
+        for (start, end) in change.fresh {
+            self.reuse(start, end - start)?;
+        }
+        for (start, end) in change.downgraded {
+            self.ram.invalidate(start, end - start).map_err(|e| {
+                tracing::error!(error = %e, "invalidating high-window backing failed");
+                Errno::ENOMEM
+            })?;
+        }
+        Ok(())
     }
 
     pub(crate) fn sys_mremap(
