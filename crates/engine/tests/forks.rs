@@ -138,12 +138,14 @@ fn every_fork_draws_fresh_randomness() {
     for _ in 0..100 {
         let out = run(
             &engine,
-            "import os, random, numpy, ssl, uuid, secrets\n\
+            "import os, random, numpy, ssl, uuid, secrets, ctypes\n\
+             arc4random = ctypes.CDLL(None).arc4random  # glibc's\n\
+             arc4random.restype = ctypes.c_uint32\n\
              print(os.urandom(16).hex(), random.random(), numpy.random.rand(), ssl.RAND_bytes(16).hex(),\n\
-                   uuid.uuid4(), secrets.token_hex(16))",
+                   uuid.uuid4(), secrets.token_hex(16), (arc4random() << 32) | arc4random())",
         );
         let fields: Vec<&str> = out.split_whitespace().collect();
-        assert_eq!(fields.len(), 6);
+        assert_eq!(fields.len(), 7);
         for field in fields {
             assert!(seen.insert(field.to_string()), "{field} repeated");
         }
