@@ -308,6 +308,17 @@ enum BenchCommand {
         #[arg(long)]
         cold: bool,
     },
+    /// Where a fresh VM's time goes: making it, restoring the process, its first and second
+    /// requests, and a warmed pool's fork + request, each with KVM's exit and shadow-fault
+    /// counts and the host's page faults, beside one exit's round trip.
+    Breakdown {
+        /// Template to fork.
+        #[arg(long, default_value = "python")]
+        template: String,
+        /// VMs measured per step.
+        #[arg(long, default_value_t = 50)]
+        samples: usize,
+    },
     /// Fork + exec of typical small requests (print, json, a numpy matmul), each beside a
     /// host `os.fork()` of a warm numpy Python running the same code.
     Exec {
@@ -591,6 +602,12 @@ fn execute(cli: Cli) -> Result<i32> {
         Command::Bench(BenchCommand::Jail { template, samples }) => {
             let report = bench::jail::run(&template, samples.max(1))?;
             eprint!("{}", bench::jail::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Breakdown { template, samples }) => {
+            let report = bench::breakdown::run(&template, samples.max(1))?;
+            eprint!("{}", bench::breakdown::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod paging;
 pub mod pool;
 pub mod sandbox;
+pub mod stats;
 pub mod tsc;
 pub mod vcpu;
 pub mod watchdog;

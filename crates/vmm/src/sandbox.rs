@@ -241,6 +241,23 @@ impl Sandbox {
         self.cancel = cancel;
     }
 
+    /// KVM's counters for this sandbox's current VM and vCPU (`stats`), named `vm.*` and
+    /// `vcpu.*`.
+    pub fn kvm_counters(&self) -> std::io::Result<crate::stats::Counters> {
+        let mut all = crate::stats::Counters::new();
+        for (prefix, counters) in [
+            ("vm", crate::stats::read(&self._vm)?),
+            ("vcpu", crate::stats::read(&self.vcpu)?),
+        ] {
+            all.extend(
+                counters
+                    .into_iter()
+                    .map(|(k, v)| (format!("{prefix}.{k}"), v)),
+            );
+        }
+        Ok(all)
+    }
+
     pub fn process(&self) -> &Process {
         &self.process
     }

@@ -208,7 +208,7 @@ fn kvm_create_floor(vmm: &Vmm, samples: usize) -> Result<Latency> {
     Ok(Latency::of(times))
 }
 
-fn exit_round_trip(pool: &Pool) -> Result<f64> {
+pub(super) fn exit_round_trip(pool: &Pool) -> Result<f64> {
     let code = "import os, time\nn = 20000\nt = time.perf_counter()\n\
                 for _ in range(n): os.getppid()\nprint((time.perf_counter() - t) / n * 1e6)";
     let frame = forkvm_protocol::encode(&Request::code(code))?;

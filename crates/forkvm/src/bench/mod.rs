@@ -1,6 +1,7 @@
 //! `forkvm bench …`: each command prints JSON on stdout and a table on stderr, and every
 //! figure stands beside a floor measured in the same run.
 
+pub mod breakdown;
 pub mod compute;
 pub mod exec;
 pub mod fork;

@@ -1,0 +1,224 @@
+//! `forkvm bench breakdown`: where a fresh VM's time goes. For VMs made afresh from the
+//! template and for VMs from a warmed pool, each step timed (making the VM, restoring the
+//! process into it, the first request, a second request in the same VM) with what KVM
+//! counted meanwhile (exits, guest page faults its shadow MMU handled, shadow pages) and
+//! the host page faults of the running thread; beside one exit's round trip, measured in
+//! the same run.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use forkvm_protocol::Request;
+use forkvm_vmm::stats::{Counters, delta};
+use forkvm_vmm::{Pool, PoolConfig, Sandbox, Vmm};
+use serde::Serialize;
+
+use super::fork::{TRIVIAL, console, exit_round_trip, run_trivial, wait_for_depth};
+use super::{Latency, Machine};
+
+/// KVM counters reported (summed over vCPU and VM), by the name shown.
+const SHOWN: &[(&str, &str)] = &[
+    ("exits", "vcpu.exits"),
+    ("io_exits", "vcpu.io_exits"),
+    ("shadow_faults", "vcpu.pf_taken"),
+    ("shadow_faults_fixed", "vcpu.pf_fixed"),
+    ("guest_faults", "vcpu.pf_guest"),
+    ("shadow_pages_zapped", "vm.mmu_shadow_zapped"),
+    ("shadow_page_cache_misses", "vm.mmu_cache_miss"),
+];
+
+/// One step, over the samples.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub time: Latency,
+    /// Mean per sample.
+    pub kvm: BTreeMap<String, f64>,
+    pub host_minor_faults: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BreakdownReport {
+    pub machine: Machine,
+    pub template: String,
+    pub samples: usize,
+    /// A VM made afresh: KVM VM and vCPU, memory slot, registers (`Vmm::prepare_fork`).
+    pub fresh_prepare: Step,
+    /// The process restored into it (`Vmm::finish_fork`).
+    pub fresh_finish: Step,
+    /// `print(1+1)` in it: the first request of a never-used VM.
+    pub fresh_first_request: Step,
+    /// The same again in the same VM.
+    pub fresh_second_request: Step,
+    /// Fork from a warmed pool and `print(1+1)`.
+    pub warm_pool_request: Step,
+    pub floors: BreakdownFloors,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BreakdownFloors {
+    pub exit_round_trip_us: f64,
+}
+
+fn minor_faults() -> u64 {
+    // SAFETY: getrusage fills the struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_THREAD covers the calling thread, which runs the vCPU.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    usage.ru_minflt as u64
+}
+
+/// Samples of one step: its time, KVM counters and host faults.
+#[derive(Default)]
+struct Samples {
+    times: Vec<Duration>,
+    kvm: Vec<Counters>,
+    faults: Vec<u64>,
+}
+
+impl Samples {
+    /// Times `step` on `sandbox`'s counters.
+    fn measure<T>(
+        &mut self,
+        sandbox: &mut Sandbox,
+        step: impl FnOnce(&mut Sandbox) -> Result<T>,
+    ) -> Result<T> {
+        let before = sandbox.kvm_counters()?;
+        let faults = minor_faults();
+        let start = Instant::now();
+        let out = step(sandbox)?;
+        self.times.push(start.elapsed());
+        self.faults.push(minor_faults() - faults);
+        self.kvm.push(delta(&before, &sandbox.kvm_counters()?));
+        Ok(out)
+    }
+
+    fn step(self) -> Step {
+        let n = self.kvm.len().max(1) as f64;
+        let kvm = SHOWN
+            .iter()
+            .map(|&(shown, name)| {
+                let total: u64 = self
+                    .kvm
+                    .iter()
+                    .map(|c| c.get(name).copied().unwrap_or(0))
+                    .sum();
+                (shown.to_string(), total as f64 / n)
+            })
+            .collect();
+        Step {
+            host_minor_faults: self.faults.iter().sum::<u64>() as f64
+                / self.faults.len().max(1) as f64,
+            time: Latency::of(self.times),
+            kvm,
+        }
+    }
+}
+
+pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
+    let vmm = Arc::new(Vmm::new()?);
+    crate::template::ensure(template, &vmm)?;
+    let (_, source) = crate::template::store().load(template, &vmm)?;
+    let source = Arc::new(source);
+    let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
+
+    eprintln!("bench: {samples} VMs made afresh…");
+    let mut prepare = Samples::default();
+    let mut finish = Samples::default();
+    let mut first = Samples::default();
+    let mut second = Samples::default();
+    for _ in 0..samples {
+        let start = Instant::now();
+        let prepared = vmm.prepare_fork(&source)?;
+        prepare.times.push(start.elapsed());
+        let start = Instant::now();
+        let mut sandbox = vmm.finish_fork(prepared, &source, console())?;
+        finish.times.push(start.elapsed());
+        first.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
+        second.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
+    }
+
+    eprintln!("bench: {samples} forks from a warmed pool…");
+    let warmup = forkvm_protocol::encode(&Request::code(forkvm_engine::WARMUP_CODE))?;
+    let pool = Pool::start(
+        vmm.clone(),
+        source.clone(),
+        PoolConfig {
+            size: 8,
+            refill_threads: 1,
+        },
+        Some(warmup),
+    );
+    pool.wait_full(Duration::from_secs(120));
+    let mut warm = Samples::default();
+    for _ in 0..samples {
+        wait_for_depth(&pool, 1);
+        let mut sandbox = pool.fork(console())?;
+        warm.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
+        pool.release(sandbox);
+    }
+    let exit_round_trip_us = exit_round_trip(&pool)?;
+    Ok(BreakdownReport {
+        machine: Machine::describe(),
+        template: template.to_string(),
+        samples,
+        fresh_prepare: prepare.step(),
+        fresh_finish: finish.step(),
+        fresh_first_request: first.step(),
+        fresh_second_request: second.step(),
+        warm_pool_request: warm.step(),
+        floors: BreakdownFloors { exit_round_trip_us },
+    })
+}
+
+/// The report as a table. KVM counts a guest page fault its shadow MMU handles as an exit
+/// that never leaves the kernel; the rest of the exits come back to the VMM (syscalls,
+/// exceptions), each at about the measured round trip. What remains of a step's time is
+/// the faults' (and the program's own work).
+pub fn table(r: &BreakdownReport) -> String {
+    let mut out = format!(
+        "forkvm bench breakdown on {} ({} cores, {}), template {:?}, {} samples; one exit to the VMM and back {:.1} us\n\n",
+        r.machine.cpu,
+        r.machine.cores,
+        r.machine.kvm,
+        r.template,
+        r.samples,
+        r.floors.exit_round_trip_us
+    );
+    out.push_str(&format!(
+        "{:<27} {:>8} {:>8} {:>10} {:>9} {:>8} {:>10} {:>9}\n",
+        "step", "p50 ms", "mean ms", "VMM exits", "their ms", "shadow", "rest/flt", "host flt"
+    ));
+    for (name, step) in [
+        ("fresh VM: make VM + vCPU", &r.fresh_prepare),
+        ("fresh VM: restore process", &r.fresh_finish),
+        ("fresh VM: first request", &r.fresh_first_request),
+        ("fresh VM: second request", &r.fresh_second_request),
+        ("warm pool: fork + request", &r.warm_pool_request),
+    ] {
+        let kvm = |k: &str| step.kvm.get(k).copied().unwrap_or(0.0);
+        let shadow = kvm("shadow_faults");
+        let vmm_exits = (kvm("exits") - shadow).max(0.0);
+        let exits_ms = vmm_exits * r.floors.exit_round_trip_us / 1000.0;
+        let rest = match shadow >= 1.0 {
+            true => format!(
+                "{:.1} us",
+                (step.time.mean_us - exits_ms * 1000.0).max(0.0) / shadow
+            ),
+            false => "-".to_string(),
+        };
+        out.push_str(&format!(
+            "{:<27} {:>8.2} {:>8.2} {:>10.0} {:>9.2} {:>8.0} {:>10} {:>9.0}\n",
+            name,
+            step.time.p50_us / 1000.0,
+            step.time.mean_us / 1000.0,
+            vmm_exits,
+            exits_ms,
+            shadow,
+            rest,
+            step.host_minor_faults,
+        ));
+    }
+    out
+}
