@@ -308,6 +308,19 @@ enum BenchCommand {
         #[arg(long)]
         cold: bool,
     },
+    /// Cross-tenant load: `print(1+1)` through a server this command starts, from many
+    /// keys in turn (no key's sandbox is warm for its next request), beside one key.
+    Keys {
+        /// Keys the requests go round.
+        #[arg(long, default_value_t = 64)]
+        keys: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+    },
     /// Where a fresh VM's time goes: making it, restoring the process, its first and second
     /// requests, and a warmed pool's fork + request, each with KVM's exit and shadow-fault
     /// counts and the host's page faults, beside one exit's round trip.
@@ -602,6 +615,17 @@ fn execute(cli: Cli) -> Result<i32> {
         Command::Bench(BenchCommand::Jail { template, samples }) => {
             let report = bench::jail::run(&template, samples.max(1))?;
             eprint!("{}", bench::jail::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Keys {
+            keys,
+            clients,
+            duration,
+        }) => {
+            let report =
+                bench::keys::run(keys, clients.max(1), Duration::from_secs(duration.max(1)))?;
+            eprint!("{}", bench::keys::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }

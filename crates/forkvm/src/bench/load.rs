@@ -406,7 +406,7 @@ impl Tally {
 }
 
 /// A server this command started, stopped when dropped.
-struct OwnServer {
+pub(super) struct OwnServer {
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -420,7 +420,7 @@ impl Drop for OwnServer {
 
 /// Starts `forkvm serve` on a free loopback port with `count` new keys, its limits on
 /// rate and sandboxes raised so that the load measures the server, not the limits.
-fn start_server(count: usize) -> Result<(OwnServer, String, Vec<String>)> {
+pub(super) fn start_server(count: usize) -> Result<(OwnServer, String, Vec<String>)> {
     let dir = tempfile::tempdir()?;
     let keys_file: PathBuf = dir.path().join("keys.json");
     let keys = (0..count)

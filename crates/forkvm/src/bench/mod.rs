@@ -7,6 +7,7 @@ pub mod exec;
 pub mod fork;
 pub mod host;
 pub mod jail;
+pub mod keys;
 pub mod live;
 pub mod load;
 pub mod startup;
