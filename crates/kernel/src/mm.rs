@@ -573,25 +573,7 @@ impl AddressSpace {
 
     /// Changes the recorded protection of `[start, start+len)`; ENOMEM if any of it is unmapped.
     pub fn protect(&mut self, start: u64, len: u64, prot: u32) -> Result<(), Errno> {
-        if !start.is_multiple_of(PAGE_SIZE) {
-            return Err(Errno::EINVAL);
-        }
-        let len = page_align_up(len).ok_or(Errno::EINVAL)?;
-        if len == 0 {
-            return Ok(());
-        }
-        if !self.is_mapped(start, len) {
-            return Err(Errno::ENOMEM);
-        }
-        // `is_mapped` above guarantees `start + len` does not overflow.
-        for piece in self.cut_out(start, start + len) {
-            self.mapped_bytes += piece.end - piece.start;
-            if !piece.reserved {
-                self.charged_bytes += piece.end - piece.start;
-            }
-            self.vmas.insert(piece.start, Vma { prot, ..piece });
-        }
-        Ok(())
+        self.restamp(start, len, |v| Ok(Vma { prot, ..v.clone() }))
     }
 
     /// Sets what a fork does with `[start, start+len)` (`madvise`): ENOMEM if any of it is
@@ -601,6 +583,23 @@ impl AddressSpace {
         start: u64,
         len: u64,
         change: impl Fn(&Vma) -> Result<OnFork, Errno>,
+    ) -> Result<(), Errno> {
+        self.restamp(start, len, |v| {
+            Ok(Vma {
+                on_fork: change(v)?,
+                ..v.clone()
+            })
+        })
+    }
+
+    /// Gives every mapping in `[start, start+len)` new attributes: `change` makes each
+    /// piece's new self (same range), or refuses, and then nothing changes. ENOMEM if any of
+    /// the range is unmapped.
+    fn restamp(
+        &mut self,
+        start: u64,
+        len: u64,
+        change: impl Fn(&Vma) -> Result<Vma, Errno>,
     ) -> Result<(), Errno> {
         if !start.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
@@ -614,17 +613,17 @@ impl AddressSpace {
         }
         // `is_mapped` above guarantees `start + len` does not overflow.
         let end = start + len;
-        let advised: Vec<OnFork> = self
+        let changed: Vec<Vma> = self
             .overlapping(start, end)
-            .map(&change)
+            .map(|v| change(&v.piece(start, end)))
             .collect::<Result<_, _>>()?;
-        let pieces = self.cut_out(start, end);
-        for (piece, on_fork) in pieces.into_iter().zip(advised) {
-            self.mapped_bytes += piece.end - piece.start;
-            if !piece.reserved {
-                self.charged_bytes += piece.end - piece.start;
+        self.cut_out(start, end);
+        for vma in changed {
+            self.mapped_bytes += vma.end - vma.start;
+            if !vma.reserved {
+                self.charged_bytes += vma.end - vma.start;
             }
-            self.vmas.insert(piece.start, Vma { on_fork, ..piece });
+            self.vmas.insert(vma.start, vma);
         }
         Ok(())
     }
