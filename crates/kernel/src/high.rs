@@ -108,6 +108,11 @@ impl HighSpace {
         self.tables.get(&key).copied()
     }
 
+    /// Every page-table page of the window.
+    pub fn tables(&self) -> impl Iterator<Item = (TableKey, u64)> + '_ {
+        self.tables.iter().map(|(&k, &p)| (k, p))
+    }
+
     pub(crate) fn set_table(&mut self, key: TableKey, page: u64) {
         self.tables.insert(key, page);
     }

@@ -833,21 +833,25 @@ impl AddressSpace {
         if accessible == 0 {
             return Ok(None);
         }
-        let mut keys = vec![TableKey::Pointers];
+        // The backing first: it fails at once for more than RAM has room for, before any
+        // table is made for the range.
+        let backing = self.alloc_hidden(end - start, change)?;
         let first = (start - high::HIGH_START) / HUGE_PAGE_SIZE;
         let last = (end - 1 - high::HIGH_START) / HUGE_PAGE_SIZE;
-        for region in first..=last {
-            keys.push(TableKey::Directory(region / 512));
-            keys.push(TableKey::Table(region));
-        }
-        keys.dedup();
-        for key in keys {
+        let regions =
+            (first..=last).flat_map(|r| [TableKey::Directory(r / 512), TableKey::Table(r)]);
+        for key in std::iter::once(TableKey::Pointers).chain(regions) {
             if self.high.table(key).is_none() {
-                let page = self.alloc_hidden(PAGE_SIZE, change)?;
-                self.high.set_table(key, page);
+                match self.alloc_hidden(PAGE_SIZE, change) {
+                    Ok(page) => self.high.set_table(key, page),
+                    Err(e) => {
+                        self.free_hidden(backing, backing + (end - start));
+                        return Err(e);
+                    }
+                }
             }
         }
-        self.alloc_hidden(end - start, change).map(Some)
+        Ok(Some(backing))
     }
 
     /// Hidden memory of `len` bytes, charged to the limit.

@@ -238,53 +238,43 @@ impl PageTables {
 }
 
 impl PageTables {
-    /// Rewrites the high window's tables (see `high`) over `[start, end)`: the top-level
-    /// entry, the pointers page, and the directories and tables of that range, each page
-    /// whole (so a table page needs no zeroing first). Pages that lose a right there are the
-    /// caller's to make KVM forget (`HighChange`): their backing was replaced or is
+    /// Rewrites the high window's tables (see `high`): the top-level entry, then every page
+    /// of the window's tables whole, from the mappings. Whole, because a table page may be
+    /// fresh (not yet zeroed) and nothing may ever link one whose entries came from
+    /// anything but the mappings; the window's tables are few. Pages that lose a right are
+    /// the caller's to make KVM forget (`HighChange`): their backing was replaced or is
     /// invalidated.
-    pub fn sync_high(
-        &self,
-        ram: &GuestRam,
-        mm: &AddressSpace,
-        start: u64,
-        end: u64,
-    ) -> Result<(), OutOfBounds> {
-        use crate::high::{HIGH_END, HIGH_START, TableKey};
+    pub fn sync_high(&self, ram: &GuestRam, mm: &AddressSpace) -> Result<(), OutOfBounds> {
+        use crate::high::{HIGH_START, TableKey};
         let high = mm.high();
         let Some(pointers) = high.table(TableKey::Pointers) else {
             return Ok(());
         };
-        let start = start.max(HIGH_START);
-        let end = end.min(HIGH_END);
-        if start >= end {
-            return Ok(());
+        let linked = |key: TableKey| high.table(key).map_or(0, |page| page | TABLE);
+        for (key, page) in high.tables() {
+            match key {
+                TableKey::Pointers => {
+                    let entries: Vec<u64> = (0..ENTRIES)
+                        .map(|gib| linked(TableKey::Directory(gib)))
+                        .collect();
+                    write_raw(ram, page, &entries)?;
+                }
+                TableKey::Directory(gib) => {
+                    let entries: Vec<u64> = (0..ENTRIES)
+                        .map(|r| linked(TableKey::Table(gib * ENTRIES + r)))
+                        .collect();
+                    write_raw(ram, page, &entries)?;
+                }
+                TableKey::Table(region) => {
+                    write_entries(ram, page, &high.region_pages(region, entry_bits))?;
+                }
+            }
         }
+        // Linked last, once everything under it is written.
         ram.write(
             PML4 + (HIGH_START >> 39) * 8,
             &(pointers | TABLE).to_le_bytes(),
-        )?;
-        let linked = |key: TableKey| high.table(key).map_or(0, |page| page | TABLE);
-        let pointer_entries: Vec<u64> = (0..ENTRIES)
-            .map(|gib| linked(TableKey::Directory(gib)))
-            .collect();
-        write_raw(ram, pointers, &pointer_entries)?;
-        let first = (start - HIGH_START) / HUGE_PAGE_SIZE;
-        let last = (end - 1 - HIGH_START) / HUGE_PAGE_SIZE;
-        for gib in first / ENTRIES..=last / ENTRIES {
-            if let Some(directory) = high.table(TableKey::Directory(gib)) {
-                let entries: Vec<u64> = (0..ENTRIES)
-                    .map(|r| linked(TableKey::Table(gib * ENTRIES + r)))
-                    .collect();
-                write_raw(ram, directory, &entries)?;
-            }
-        }
-        for region in first..=last {
-            if let Some(table) = high.table(TableKey::Table(region)) {
-                write_entries(ram, table, &high.region_pages(region, entry_bits))?;
-            }
-        }
-        Ok(())
+        )
     }
 }
 

@@ -375,17 +375,20 @@ impl Process {
         for range in replaced.iter() {
             self.stale.remove(range.clone());
         }
+        // The high window's tables are rewritten whole, once; pages there that lost a right
+        // were handled with the change (`HighChange`).
+        let (high, merged): (Vec<_>, Vec<_>) = merged
+            .into_iter()
+            .partition(|&(start, _)| crate::high::in_window(start));
+        if let Some(&(start, end)) = high.first() {
+            self.tables.sync_high(&self.ram, &self.mm).map_err(|_| {
+                forkvm_memory::ram::MemoryError::BadRange {
+                    addr: start,
+                    len: end - start,
+                }
+            })?;
+        }
         for (start, end) in merged {
-            if crate::high::in_window(start) {
-                // Pages there that lost a right were handled with the change (`HighChange`).
-                self.tables
-                    .sync_high(&self.ram, &self.mm, start, end)
-                    .map_err(|_| forkvm_memory::ram::MemoryError::BadRange {
-                        addr: start,
-                        len: end - start,
-                    })?;
-                continue;
-            }
             let changes = self
                 .tables
                 .sync(&self.ram, &self.mm, start, end)
