@@ -15,8 +15,9 @@ use forkvm_vmm::stats::{Counters, delta};
 use forkvm_vmm::{Pool, PoolConfig, Sandbox, Vmm};
 use serde::Serialize;
 
-use super::fork::{TRIVIAL, console, exit_round_trip, run_trivial, wait_for_depth};
+use super::fork::{TRIVIAL, console, exit_round_trip_in, run_trivial, wait_for_depth};
 use super::{Latency, Machine};
+use forkvm_template::Runtime;
 
 /// KVM counters reported (summed over vCPU and VM), by the name shown.
 const SHOWN: &[(&str, &str)] = &[
@@ -47,7 +48,8 @@ pub struct BreakdownReport {
     pub fresh_prepare: Step,
     /// The process restored into it (`Vmm::finish_fork`).
     pub fresh_finish: Step,
-    /// `print(1+1)` in it: the first request of a never-used VM.
+    /// `print(1+1)` (`console.log(1+1)` for Node.js) in it: the first request of a
+    /// never-used VM.
     pub fresh_first_request: Step,
     /// The same again in the same VM.
     pub fresh_second_request: Step,
@@ -119,9 +121,20 @@ impl Samples {
 pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
     let vmm = Arc::new(Vmm::new()?);
     crate::template::ensure(template, &vmm)?;
-    let (_, source) = crate::template::store().load(template, &vmm)?;
+    let (meta, source) = crate::template::store().load(template, &vmm)?;
     let source = Arc::new(source);
-    let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
+    let (code, language, warmup_code) = match meta.runtime {
+        Runtime::Python => (TRIVIAL, "python", forkvm_engine::WARMUP_CODE),
+        Runtime::Node => (
+            "console.log(1+1)",
+            "javascript",
+            forkvm_engine::NODE_WARMUP_CODE,
+        ),
+    };
+    let frame = forkvm_protocol::encode(&Request {
+        language: language.to_string(),
+        ..Request::code(code)
+    })?;
 
     eprintln!("bench: {samples} VMs made afresh…");
     let mut prepare = Samples::default();
@@ -140,7 +153,7 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
     }
 
     eprintln!("bench: {samples} forks from a warmed pool…");
-    let warmup = forkvm_protocol::encode(&Request::code(forkvm_engine::WARMUP_CODE))?;
+    let warmup = forkvm_protocol::encode(&Request::code(warmup_code))?;
     let pool = Pool::start(
         vmm.clone(),
         source.clone(),
@@ -158,7 +171,7 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
         warm.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
         pool.release(sandbox);
     }
-    let exit_round_trip_us = exit_round_trip(&pool)?;
+    let exit_round_trip_us = exit_round_trip_in(&pool, meta.runtime)?;
     Ok(BreakdownReport {
         machine: Machine::describe(),
         template: template.to_string(),

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use forkvm_engine::run_request;
 use forkvm_kernel::{CaptureBuffer, Console, Input};
 use forkvm_protocol::Request;
+use forkvm_template::Runtime;
 use forkvm_vmm::{Pool, PoolConfig, Sandbox, Vmm};
 use serde::Serialize;
 
@@ -209,9 +210,29 @@ fn kvm_create_floor(vmm: &Vmm, samples: usize) -> Result<Latency> {
 }
 
 pub(super) fn exit_round_trip(pool: &Pool) -> Result<f64> {
-    let code = "import os, time\nn = 20000\nt = time.perf_counter()\n\
-                for _ in range(n): os.getppid()\nprint((time.perf_counter() - t) / n * 1e6)";
-    let frame = forkvm_protocol::encode(&Request::code(code))?;
+    exit_round_trip_in(pool, Runtime::Python)
+}
+
+/// One exit's round trip: a loop of `getppid` in the pool's runtime, per call.
+pub(super) fn exit_round_trip_in(pool: &Pool, runtime: Runtime) -> Result<f64> {
+    let (code, language) = match runtime {
+        Runtime::Python => (
+            "import os, time\nn = 20000\nt = time.perf_counter()\n\
+             for _ in range(n): os.getppid()\nprint((time.perf_counter() - t) / n * 1e6)",
+            "python",
+        ),
+        // `process.ppid` asks the kernel each time.
+        Runtime::Node => (
+            "const n = 20000; const t = process.hrtime.bigint();\n\
+             for (let i = 0; i < n; i++) process.ppid;\n\
+             console.log(Number(process.hrtime.bigint() - t) / n / 1000)",
+            "javascript",
+        ),
+    };
+    let frame = forkvm_protocol::encode(&Request {
+        language: language.to_string(),
+        ..Request::code(code)
+    })?;
     let stdout = CaptureBuffer::default();
     let console = Console::new(
         Input::Empty,

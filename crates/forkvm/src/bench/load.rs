@@ -420,7 +420,10 @@ impl Drop for OwnServer {
 
 /// Starts `forkvm serve` on a free loopback port with `count` new keys, its limits on
 /// rate and sandboxes raised so that the load measures the server, not the limits.
-pub(super) fn start_server(count: usize) -> Result<(OwnServer, String, Vec<String>)> {
+pub(super) fn start_server(
+    count: usize,
+    flags: &[&str],
+) -> Result<(OwnServer, String, Vec<String>)> {
     let dir = tempfile::tempdir()?;
     let keys_file: PathBuf = dir.path().join("keys.json");
     let keys = (0..count)
@@ -430,6 +433,7 @@ pub(super) fn start_server(count: usize) -> Result<(OwnServer, String, Vec<Strin
         .args(["serve", "--listen", "127.0.0.1:0", "--keys"])
         .arg(&keys_file)
         .args(["--rate", "100000", "--burst", "100000"])
+        .args(flags)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -474,7 +478,7 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
             )
         }
         None => {
-            let (server, base, keys) = start_server(options.key_count.max(1))?;
+            let (server, base, keys) = start_server(options.key_count.max(1), &[])?;
             (Some(server), base, keys)
         }
     };
