@@ -111,12 +111,16 @@ impl TemplateSpec {
             // reducer collects garbage once the heap has been idle a while: in a fork the
             // clock has jumped since the snapshot, so every fork would run that collection
             // on its first request (measured: 190 ms of a 200 ms `console.log`). Helper
-            // threads for collection only contend for the sandbox's one vCPU.
+            // threads for collection only contend for the sandbox's one vCPU. Flipping JIT
+            // code pages writable and back is an `mprotect` (an exit and a page-table
+            // change) each time: half a warm request's exits (`bench breakdown`). The
+            // sandbox is the VM, so W^X inside it guards nothing beyond it.
             Runtime::Node => vec![
                 "/usr/bin/node".into(),
                 "--expose-internals".into(),
                 "--no-memory-reducer".into(),
                 "--single-threaded-gc".into(),
+                "--no-write-protect-code-memory".into(),
                 NODE_AGENT_PATH.into(),
             ],
         };

@@ -28,6 +28,7 @@ const SHOWN: &[(&str, &str)] = &[
     ("guest_faults", "vcpu.pf_guest"),
     ("shadow_pages_zapped", "vm.mmu_shadow_zapped"),
     ("shadow_page_cache_misses", "vm.mmu_cache_miss"),
+    ("host_interrupts", "vcpu.irq_exits"),
 ];
 
 /// One step, over the samples.
@@ -37,6 +38,8 @@ pub struct Step {
     /// Mean per sample.
     pub kvm: BTreeMap<String, f64>,
     pub host_minor_faults: f64,
+    /// Syscalls the program made, by name (mean per sample): what the exits were.
+    pub syscalls: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +80,7 @@ struct Samples {
     times: Vec<Duration>,
     kvm: Vec<Counters>,
     faults: Vec<u64>,
+    syscalls: BTreeMap<String, u64>,
 }
 
 impl Samples {
@@ -87,12 +91,19 @@ impl Samples {
         step: impl FnOnce(&mut Sandbox) -> Result<T>,
     ) -> Result<T> {
         let before = sandbox.kvm_counters()?;
+        let calls = sandbox.process().stats().by_name.clone();
         let faults = minor_faults();
         let start = Instant::now();
         let out = step(sandbox)?;
         self.times.push(start.elapsed());
         self.faults.push(minor_faults() - faults);
         self.kvm.push(delta(&before, &sandbox.kvm_counters()?));
+        for (&name, &count) in &sandbox.process().stats().by_name {
+            let made = count.saturating_sub(calls.get(name).copied().unwrap_or(0));
+            if made > 0 {
+                *self.syscalls.entry(name.to_string()).or_default() += made;
+            }
+        }
         Ok(out)
     }
 
@@ -109,7 +120,26 @@ impl Samples {
                 (shown.to_string(), total as f64 / n)
             })
             .collect();
+        // Every other counter that moved, under KVM's own name.
+        let mut raw: BTreeMap<String, u64> = BTreeMap::new();
+        for counters in &self.kvm {
+            for (name, &value) in counters {
+                *raw.entry(name.clone()).or_default() += value;
+            }
+        }
+        let mut kvm: BTreeMap<String, f64> = kvm;
+        kvm.extend(
+            raw.into_iter()
+                .filter(|&(_, total)| total > 0)
+                .map(|(name, total)| (name, total as f64 / n)),
+        );
+        let syscalls = self
+            .syscalls
+            .iter()
+            .map(|(name, &total)| (name.clone(), total as f64 / n))
+            .collect();
         Step {
+            syscalls,
             host_minor_faults: self.faults.iter().sum::<u64>() as f64
                 / self.faults.len().max(1) as f64,
             time: Latency::of(self.times),
@@ -185,10 +215,10 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
     })
 }
 
-/// The report as a table. KVM counts a guest page fault its shadow MMU handles as an exit
-/// that never leaves the kernel; the rest of the exits come back to the VMM (syscalls,
-/// exceptions), each at about the measured round trip. What remains of a step's time is
-/// the faults' (and the program's own work).
+/// The report as a table. KVM counts as exits the guest page faults its shadow MMU handles
+/// and the host's interrupts, neither of which leaves the kernel; the rest come back to the
+/// VMM (syscalls, exceptions), each at about the measured round trip. What remains of a
+/// step's time is the faults' and the program's own work.
 pub fn table(r: &BreakdownReport) -> String {
     let mut out = format!(
         "forkvm bench breakdown on {} ({} cores, {}), template {:?}, {} samples; one exit to the VMM and back {:.1} us\n\n",
@@ -212,7 +242,7 @@ pub fn table(r: &BreakdownReport) -> String {
     ] {
         let kvm = |k: &str| step.kvm.get(k).copied().unwrap_or(0.0);
         let shadow = kvm("shadow_faults");
-        let vmm_exits = (kvm("exits") - shadow).max(0.0);
+        let vmm_exits = (kvm("exits") - shadow - kvm("host_interrupts")).max(0.0);
         let exits_ms = vmm_exits * r.floors.exit_round_trip_us / 1000.0;
         let rest = match shadow >= 1.0 {
             true => format!(
@@ -233,5 +263,16 @@ pub fn table(r: &BreakdownReport) -> String {
             step.host_minor_faults,
         ));
     }
+    let mut calls: Vec<(&String, &f64)> = r.warm_pool_request.syscalls.iter().collect();
+    calls.sort_by(|a, b| b.1.total_cmp(a.1));
+    let top: Vec<String> = calls
+        .iter()
+        .take(8)
+        .map(|(name, n)| format!("{name} {n:.0}"))
+        .collect();
+    out.push_str(&format!(
+        "\nsyscalls of a warmed-pool request: {}\n",
+        top.join(", ")
+    ));
     out
 }
