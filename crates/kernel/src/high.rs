@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use forkvm_memory::ram::PAGE_SIZE;
 
+use crate::spans::{self, Span};
+
 /// Start of the high window (1 TiB): one top-level page-table entry's worth of space.
 pub const HIGH_START: u64 = 1 << 40;
 /// One past its end (512 GiB later).
@@ -36,8 +38,17 @@ pub struct HighVma {
     pub backing: Option<u64>,
 }
 
-impl HighVma {
-    /// The part of this mapping inside `[start, end)` (which must overlap it).
+impl Span for HighVma {
+    fn start(&self) -> u64 {
+        self.start
+    }
+
+    fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// The part of this mapping inside `[start, end)` (which must overlap it), its
+    /// backing moved along.
     fn piece(&self, start: u64, end: u64) -> HighVma {
         let start = start.max(self.start);
         HighVma {
@@ -47,7 +58,9 @@ impl HighVma {
             backing: self.backing.map(|b| b + (start - self.start)),
         }
     }
+}
 
+impl HighVma {
     /// The guest-physical address of `addr` (inside this mapping), if backed.
     pub fn physical(&self, addr: u64) -> Option<u64> {
         self.backing.map(|b| b + (addr - self.start))
@@ -131,15 +144,7 @@ impl HighSpace {
 
     /// The mappings overlapping `[start, end)`, in address order.
     pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &HighVma> {
-        let before = self
-            .vmas
-            .range(..start)
-            .next_back()
-            .map(|(_, v)| v)
-            .filter(|v| v.end > start);
-        before
-            .into_iter()
-            .chain(self.vmas.range(start..end).map(|(_, v)| v))
+        spans::overlapping(&self.vmas, start, end)
     }
 
     /// True when mappings cover every byte of `[start, end)`.
@@ -156,20 +161,8 @@ impl HighSpace {
 
     /// Removes `[start, end)`, splitting mappings at its edges; returns the pieces removed.
     pub fn cut_out(&mut self, start: u64, end: u64) -> Vec<HighVma> {
-        let hit: Vec<HighVma> = self.overlapping(start, end).cloned().collect();
-        let mut removed = Vec::with_capacity(hit.len());
-        for vma in hit {
-            self.vmas.remove(&vma.start);
-            if vma.start < start {
-                self.vmas.insert(vma.start, vma.piece(vma.start, start));
-            }
-            if vma.end > end {
-                self.vmas.insert(end, vma.piece(end, vma.end));
-            }
-            let piece = vma.piece(start, end);
-            self.mapped -= piece.end - piece.start;
-            removed.push(piece);
-        }
+        let removed = spans::cut_out(&mut self.vmas, start, end);
+        self.mapped -= removed.iter().map(|p| p.end - p.start).sum::<u64>();
         removed
     }
 

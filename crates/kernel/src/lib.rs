@@ -40,6 +40,7 @@ pub mod readiness;
 pub(crate) mod shm;
 pub mod signals;
 pub mod slab;
+mod spans;
 pub mod stack;
 pub mod stats;
 mod strace;

@@ -16,6 +16,7 @@ use syscalls::Errno;
 use forkvm_memory::ram::{HUGE_PAGE_SIZE, PAGE_SIZE, page_align_up};
 
 use crate::high::{self, HighSpace, HighVma, TableKey};
+use crate::spans::{self, Span};
 
 /// What backs a mapping (for accounting and diagnostics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +79,20 @@ pub struct Vma {
     /// What a fork does with it (`madvise`).
     #[serde(default)]
     pub on_fork: OnFork,
+}
+
+impl Span for Vma {
+    fn start(&self) -> u64 {
+        self.start
+    }
+
+    fn end(&self) -> u64 {
+        self.end
+    }
+
+    fn piece(&self, start: u64, end: u64) -> Vma {
+        Vma::piece(self, start, end)
+    }
 }
 
 /// What a fork does with a mapping, as `madvise` set it. A fork here is both `fork(2)` and
@@ -385,15 +400,7 @@ impl AddressSpace {
     }
 
     fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &Vma> {
-        let before = self
-            .vmas
-            .range(..start)
-            .next_back()
-            .map(|(_, v)| v)
-            .filter(|v| v.end > start);
-        before
-            .into_iter()
-            .chain(self.vmas.range(start..end).map(|(_, v)| v))
+        spans::overlapping(&self.vmas, start, end)
     }
 
     /// Removes `[start, end)` from the map, splitting mappings that straddle its edges, and
@@ -401,22 +408,12 @@ impl AddressSpace {
     /// caller, unless it maps them again).
     fn cut_out(&mut self, start: u64, end: u64) -> Vec<Vma> {
         self.changes.push((start, end));
-        let hit: Vec<Vma> = self.overlapping(start, end).cloned().collect();
-        let mut removed = Vec::with_capacity(hit.len());
-        for vma in hit {
-            self.vmas.remove(&vma.start);
-            if vma.start < start {
-                self.vmas.insert(vma.start, vma.piece(vma.start, start));
-            }
-            if vma.end > end {
-                self.vmas.insert(end, vma.piece(end, vma.end));
-            }
-            let piece = vma.piece(start, end);
+        let removed = spans::cut_out(&mut self.vmas, start, end);
+        for piece in &removed {
             self.mapped_bytes -= piece.end - piece.start;
             if !piece.reserved {
                 self.charged_bytes -= piece.end - piece.start;
             }
-            removed.push(piece);
         }
         removed
     }

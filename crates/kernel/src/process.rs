@@ -520,15 +520,10 @@ impl Process {
     /// the high window: readable, through its backing).
     fn read_user_into(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         if crate::high::in_window(addr) {
-            let pieces = self
-                .mm
-                .translate_high(addr, buf.len() as u64, false)
-                .ok_or(Errno::EFAULT)?;
-            let mut done = 0;
-            for (physical, len) in pieces {
-                let part = &mut buf[done..done + len as usize];
-                self.ram.read(physical, part).map_err(|_| Errno::EFAULT)?;
-                done += len as usize;
+            for (physical, part) in self.high_pieces(addr, buf.len(), false)? {
+                self.ram
+                    .read(physical, &mut buf[part])
+                    .map_err(|_| Errno::EFAULT)?;
             }
             return Ok(());
         }
@@ -536,19 +531,38 @@ impl Process {
         self.ram.read(addr, buf).map_err(|_| Errno::EFAULT)
     }
 
+    /// Where `len` bytes at high-window address `addr` are: each piece's guest-physical
+    /// address and its part of the caller's buffer. EFAULT unless all of it is mapped with
+    /// the access asked for.
+    fn high_pieces(
+        &self,
+        addr: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Vec<(u64, std::ops::Range<usize>)>, Errno> {
+        let pieces = self
+            .mm
+            .translate_high(addr, len as u64, write)
+            .ok_or(Errno::EFAULT)?;
+        let mut done = 0;
+        Ok(pieces
+            .into_iter()
+            .map(|(physical, n)| {
+                let part = done..done + n as usize;
+                done = part.end;
+                (physical, part)
+            })
+            .collect())
+    }
+
     /// Writes `data` into program memory, failing with EFAULT unless all of it is mapped
     /// writable.
     pub(crate) fn write_user(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         if crate::high::in_window(addr) {
-            let pieces = self
-                .mm
-                .translate_high(addr, data.len() as u64, true)
-                .ok_or(Errno::EFAULT)?;
-            let mut done = 0;
-            for (physical, len) in pieces {
-                let part = &data[done..done + len as usize];
-                self.ram.write(physical, part).map_err(|_| Errno::EFAULT)?;
-                done += len as usize;
+            for (physical, part) in self.high_pieces(addr, data.len(), true)? {
+                self.ram
+                    .write(physical, &data[part])
+                    .map_err(|_| Errno::EFAULT)?;
             }
             return Ok(());
         }
