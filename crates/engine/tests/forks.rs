@@ -380,3 +380,38 @@ fn wipeonfork_memory_is_zero_in_every_kind_of_fork() {
         "b'\\x00\\x00\\x00\\x00\\x00\\x00secret'\n"
     );
 }
+
+#[test]
+fn memory_mapped_later_anywhere_in_ram_gets_its_memory_slot() {
+    // A fork's VM starts with KVM memory slots over what the snapshot maps; whatever the
+    // program maps later, far from that and in any process, gets a slot before it runs.
+    let Some(store) = store() else { return };
+    let vmm = Vmm::new().unwrap();
+    let (_, source) = store.load("python", &vmm).unwrap();
+    let prepared = vmm.prepare_fork(&source).unwrap();
+    assert!(
+        prepared.slot_bytes() <= source.ram_size() / 4,
+        "a fresh fork's slots cover {} of {} bytes",
+        prepared.slot_bytes(),
+        source.ram_size()
+    );
+    let stdout = CaptureBuffer::default();
+    let console = Console::new(
+        Input::Empty,
+        Box::new(stdout.clone()),
+        Box::new(std::io::sink()),
+        1 << 20,
+    );
+    let mut sandbox = vmm.finish_fork(prepared, &source, console).unwrap();
+    let code = "import mmap, os, numpy\n\
+        m = mmap.mmap(-1, 600 << 20)\n\
+        for at in range(0, len(m), 4096): m[at] = 1\n\
+        a = numpy.ones(50_000_000, dtype=numpy.uint8)\n\
+        pid = os.fork()\n\
+        if pid == 0:\n\
+        \x20   c = mmap.mmap(-1, 100 << 20)\n\
+        \x20   c[len(c) // 2] = 7\n\
+        \x20   os._exit(c[len(c) // 2] + m[4096])\n\
+        print(sum(m[::4096]), int(a.sum()), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))";
+    assert_eq!(exec_in(&mut sandbox, &stdout, code), "153600 50000000 8\n");
+}

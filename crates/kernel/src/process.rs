@@ -104,6 +104,11 @@ impl ProcessState {
         self.ram_size
     }
 
+    /// The parts of guest RAM that can hold anything (see `Process::populated_ranges`).
+    pub fn populated_ranges(&self) -> Vec<(u64, u64)> {
+        populated_ranges(&self.mm, self.ram_size)
+    }
+
     /// Whether the process was parked on its control channel.
     pub fn awaiting_control(&self) -> bool {
         self.control.pending().is_some()
@@ -371,6 +376,12 @@ impl Process {
                 _ => merged.push((start, end)),
             }
         }
+        // KVM's memory slots must cover whatever the guest can now reach (`reach`).
+        for &(start, end) in &merged {
+            if !crate::high::in_window(start) {
+                self.ram.reach().note(start, end);
+            }
+        }
         let replaced = self.ram.take_replaced();
         for range in replaced.iter() {
             self.stale.remove(range.clone());
@@ -381,6 +392,14 @@ impl Process {
             .into_iter()
             .partition(|&(start, _)| crate::high::in_window(start));
         if let Some(&(start, end)) = high.first() {
+            // The window's pages (and its tables) are hidden mappings in low RAM.
+            for vma in self
+                .mm
+                .vmas()
+                .filter(|v| v.kind == crate::mm::VmaKind::Hidden)
+            {
+                self.ram.reach().note(vma.start, vma.end);
+            }
             self.tables.sync_high(&self.ram, &self.mm).map_err(|_| {
                 forkvm_memory::ram::MemoryError::BadRange {
                     addr: start,

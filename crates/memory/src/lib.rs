@@ -9,9 +9,11 @@
 //! - `backing`: what a fork's RAM is a copy-on-write view of (a snapshot's memory file and
 //!   fork-of-fork layers), exact resets to it, and the pages that differ.
 //! - `freed`: memory the program unmapped, kept zeroed in place for reuse within a bound.
+//! - `reach`: which chunks of guest RAM the guest can reach (what KVM's memory slots cover).
 
 pub mod backing;
 pub mod freed;
 pub mod ram;
+pub mod reach;
 
 pub use ram::{GuestRam, MemoryError, OutOfBounds, PAGE_SIZE};

@@ -129,6 +129,8 @@ pub struct GuestRam {
     pub(crate) origin: Option<crate::backing::Backing>,
     /// Ranges that map a file copy-on-write (`map_file`) and still do, for `duplicate`.
     pub(crate) file_maps: Mutex<RangeMap<u64, FileMap>>,
+    /// The chunks the guest can reach, for KVM's memory slots.
+    reach: crate::reach::Reach,
 }
 
 /// A file mapped over guest RAM: which file, and its offset minus the guest address (the
@@ -210,6 +212,7 @@ impl GuestRam {
             host_pages: Mutex::new(host_pages),
             origin: None,
             file_maps: Mutex::new(RangeMap::new()),
+            reach: crate::reach::Reach::default(),
         })
     }
 
@@ -233,6 +236,11 @@ impl GuestRam {
     /// The ranges whose host pages were replaced since the last call.
     pub fn take_replaced(&self) -> RangeSet<u64> {
         std::mem::take(&mut *self.replaced.lock().expect("replaced lock"))
+    }
+
+    /// The chunks of this RAM the guest can reach (see `reach`).
+    pub fn reach(&self) -> &crate::reach::Reach {
+        &self.reach
     }
 
     /// Size of guest RAM in bytes.

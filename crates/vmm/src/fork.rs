@@ -16,10 +16,11 @@ use forkvm_kernel::procs::Pid;
 use forkvm_kernel::{Console, Input, OtherMemory, Process, ProcessState};
 use forkvm_memory::backing::Backing;
 use forkvm_memory::ram::GuestRam;
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VcpuFd;
 
-use crate::sandbox::{SandboxError, create_vm};
+use crate::sandbox::SandboxError;
 use crate::vcpu::VcpuState;
+use crate::vm::Vm;
 use crate::{RunResult, Sandbox, Vmm, VmmError};
 
 /// How long a warm-up request may run.
@@ -85,7 +86,7 @@ impl ForkSource {
 /// vCPU restored. Field order is drop order: vCPU and VM before the RAM they refer to.
 pub struct PreparedVm {
     vcpu: VcpuFd,
-    vm: VmFd,
+    vm: Vm,
     ram: GuestRam,
 }
 
@@ -94,14 +95,19 @@ impl PreparedVm {
     pub fn ram(&self) -> &GuestRam {
         &self.ram
     }
+
+    /// Bytes of guest RAM KVM's memory slots cover (see `vm`).
+    pub fn slot_bytes(&self) -> u64 {
+        self.vm.slot_bytes()
+    }
 }
 
 impl Vmm {
     /// Does the slow half of a fork, off the request path.
     pub fn prepare_fork(&self, source: &ForkSource) -> Result<PreparedVm, VmmError> {
         let ram = GuestRam::from_backing(&source.backing, source.ram_size())?;
-        let vm = create_vm(self.kvm(), &ram)?;
-        let vcpu = vm.create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
+        let vm = Vm::create(self.kvm(), &ram, &source.process.populated_ranges())?;
+        let vcpu = vm.fd().create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
         source
             .vcpu
             .restore(&vcpu, self.cpu())

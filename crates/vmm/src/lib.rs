@@ -16,6 +16,7 @@ pub mod sandbox;
 pub mod stats;
 pub mod tsc;
 pub mod vcpu;
+pub(crate) mod vm;
 pub mod watchdog;
 
 use forkvm_memory::ram::{GuestRam, MemoryError};

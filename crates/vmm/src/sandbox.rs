@@ -9,17 +9,15 @@ use forkvm_kernel::vdso::GuestTsc;
 use forkvm_kernel::{
     Entry, ExitReason, Fpu, FpuError, FpuState, Outcome, Process, UserContext, UserRegs,
 };
-use forkvm_memory::ram::GuestRam;
-use kvm_bindings::{
-    kvm_regs, kvm_segment, kvm_sregs, kvm_sync_regs, kvm_userspace_memory_region, kvm_xsave,
-};
-use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_sync_regs, kvm_xsave};
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
 use thiserror::Error;
 
 use crate::descriptors::SYSCALL_EXIT_RIP;
 use crate::exit::{self, Fault, SandboxExit};
 use crate::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, SYSCALL_PORT, USER_START};
 use crate::vcpu::{self, CpuTemplate, USER_RFLAGS, VcpuSetupError, VcpuState};
+use crate::vm::Vm;
 use crate::watchdog::{Cancel, CpuBudget, DeadlineGuard, SchedulerAlarm};
 
 /// Errors while creating, resuming or capturing a sandbox's VM.
@@ -29,6 +27,8 @@ pub enum SandboxError {
     CreateVm(kvm_ioctls::Error),
     #[error("KVM_SET_USER_MEMORY_REGION: {0}")]
     SetMemoryRegion(kvm_ioctls::Error),
+    #[error("guest RAM chunk {0} has no memory slot number")]
+    TooManySlots(u64),
     #[error("KVM_CREATE_VCPU: {0}")]
     CreateVcpu(kvm_ioctls::Error),
     #[error("KVM_GET_SREGS: {0}")]
@@ -64,9 +64,9 @@ pub struct Parked {
 /// the guest RAM (owned by `process`) they refer to.
 pub struct Sandbox {
     vcpu: VcpuFd,
-    _vm: VmFd,
+    vm: Vm,
     /// The VMs of the other processes' memory, by the host address of their RAM.
-    others: HashMap<u64, (VcpuFd, VmFd)>,
+    others: HashMap<u64, (VcpuFd, Vm)>,
     /// The host address of the RAM `vcpu`'s VM maps.
     space: u64,
     process: Process,
@@ -87,25 +87,8 @@ pub struct Sandbox {
 /// but never IOPL or NT, which would widen its I/O privileges.
 const USER_RFLAGS_MASK: u64 = 0x3c_0dd5;
 
-/// Creates a VM whose only memory slot is `ram`.
-pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, SandboxError> {
-    // The scheduler's and watchdog's timer signals may interrupt it; it is made again.
-    let vm = retry_interrupted(|| kvm.create_vm()).map_err(SandboxError::CreateVm)?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_base(),
-    };
-    // SAFETY: the region is a live host mapping of `ram.size()` bytes; every caller keeps the
-    // VM beside the RAM's owner and drops the VM first (Sandbox and PreparedVm field order).
-    unsafe { vm.set_user_memory_region(region) }.map_err(SandboxError::SetMemoryRegion)?;
-    Ok(vm)
-}
-
 /// Calls `op` until a timer signal does not interrupt it.
-fn retry_interrupted<T>(
+pub(crate) fn retry_interrupted<T>(
     mut op: impl FnMut() -> Result<T, kvm_ioctls::Error>,
 ) -> Result<T, kvm_ioctls::Error> {
     loop {
@@ -120,12 +103,13 @@ fn retry_interrupted<T>(
 fn new_vm(
     kvm: &Kvm,
     cpu: &CpuTemplate,
-    ram: &GuestRam,
+    process: &Process,
     rip: u64,
     rsp: u64,
-) -> Result<(VmFd, VcpuFd), SandboxError> {
-    let vm = create_vm(kvm, ram)?;
-    let mut vcpu = retry_interrupted(|| vm.create_vcpu(0)).map_err(SandboxError::CreateVcpu)?;
+) -> Result<(Vm, VcpuFd), SandboxError> {
+    let vm = Vm::create(kvm, process.ram(), &process.populated_ranges())?;
+    let mut vcpu =
+        retry_interrupted(|| vm.fd().create_vcpu(0)).map_err(SandboxError::CreateVcpu)?;
     vcpu::configure(&vcpu, cpu, rip, rsp)?;
     vcpu.set_sync_valid_reg(SyncReg::Register);
     vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
@@ -148,7 +132,7 @@ impl Sandbox {
         process: Process,
         entry: Entry,
     ) -> Result<Self, SandboxError> {
-        let (vm, vcpu) = new_vm(kvm, cpu, process.ram(), entry.rip, entry.rsp)?;
+        let (vm, vcpu) = new_vm(kvm, cpu, &process, entry.rip, entry.rsp)?;
         let sregs = vcpu.get_sregs().map_err(SandboxError::GetSregs)?;
         let mut sandbox = Self::assemble(kvm, cpu, vm, vcpu, process, (sregs.cs, sregs.ss), None);
         sandbox.process.refresh_clock(cpu.tsc);
@@ -158,9 +142,9 @@ impl Sandbox {
     /// A sandbox from a VM whose vCPU was restored to `state`, parked on the control channel
     /// (a fork of a snapshot).
     /// Its clock page is refreshed when a request is delivered.
-    pub fn from_restored(
+    pub(crate) fn from_restored(
         kvm: &Arc<Kvm>,
-        vm: VmFd,
+        vm: Vm,
         vcpu: VcpuFd,
         process: Process,
         state: &VcpuState,
@@ -177,7 +161,7 @@ impl Sandbox {
     fn assemble(
         kvm: &Arc<Kvm>,
         cpu: &CpuTemplate,
-        vm: VmFd,
+        vm: Vm,
         mut vcpu: VcpuFd,
         mut process: Process,
         (user_cs, user_ss): (kvm_segment, kvm_segment),
@@ -188,7 +172,7 @@ impl Sandbox {
         process.set_machine(Arc::new(crate::SystemArea));
         Self {
             vcpu,
-            _vm: vm,
+            vm,
             others: HashMap::new(),
             space: process.ram().host_base(),
             process,
@@ -212,12 +196,12 @@ impl Sandbox {
             let (vcpu, vm) = match self.others.remove(&want) {
                 Some(pair) => pair,
                 None => {
-                    let (vm, vcpu) = new_vm(&self.kvm, &self.cpu, self.process.ram(), 0, 0)?;
+                    let (vm, vcpu) = new_vm(&self.kvm, &self.cpu, &self.process, 0, 0)?;
                     (vcpu, vm)
                 }
             };
             let old_vcpu = std::mem::replace(&mut self.vcpu, vcpu);
-            let old_vm = std::mem::replace(&mut self._vm, vm);
+            let old_vm = std::mem::replace(&mut self.vm, vm);
             let old_space = std::mem::replace(&mut self.space, want);
             if !retired.iter().any(|ram| ram.host_base() == old_space) {
                 self.others.insert(old_space, (old_vcpu, old_vm));
@@ -228,7 +212,8 @@ impl Sandbox {
         }
         // Only now, with no VM over it left, may the memory go.
         drop(retired);
-        Ok(())
+        // What the syscall layer mapped since the vCPU last ran gets its memory slots.
+        self.vm.cover(self.process.ram())
     }
 
     /// Limits the CPU time of every later run (per `run_until_request` call).
@@ -246,7 +231,7 @@ impl Sandbox {
     pub fn kvm_counters(&self) -> std::io::Result<crate::stats::Counters> {
         let mut all = crate::stats::Counters::new();
         for (prefix, counters) in [
-            ("vm", crate::stats::read(&self._vm)?),
+            ("vm", crate::stats::read(self.vm.fd())?),
             ("vcpu", crate::stats::read(&self.vcpu)?),
         ] {
             all.extend(
@@ -268,13 +253,13 @@ impl Sandbox {
 
     /// Takes the sandbox apart (to reset and reuse its VM): the first process's VM, vCPU and
     /// state; every other process is dropped.
-    pub fn into_parts(mut self) -> (VmFd, VcpuFd, Process) {
+    pub(crate) fn into_parts(mut self) -> (Vm, VcpuFd, Process) {
         self.process.make_init_current();
         if let Err(e) = self.select_vcpu() {
             tracing::error!(error = %e, "restoring the first process's VM");
         }
         self.others.clear();
-        (self._vm, self.vcpu, self.process)
+        (self.vm, self.vcpu, self.process)
     }
 
     /// Where the program is parked, if it is.
@@ -440,6 +425,13 @@ impl Sandbox {
             Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => self.take_forged_io(),
             Ok(VcpuExit::Intr) => self.maybe_preempt(),
             Ok(VcpuExit::Shutdown) => Step::End(exit::triple_fault(&self.vcpu.sync_regs())),
+            // The page tables map only what the program mapped, and `Vm::cover` gives all of
+            // that a memory slot: an access outside every slot is the VMM's mistake.
+            Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => {
+                Step::End(SandboxExit::Internal(format!(
+                    "guest-physical {addr:#x} is mapped but has no memory slot"
+                )))
+            }
             Ok(other) => Step::End(SandboxExit::Internal(format!(
                 "unexpected vCPU exit: {other:?}"
             ))),
