@@ -378,6 +378,8 @@ enum BenchCommand {
         template: String,
         #[arg(long)]
         count: usize,
+        #[arg(long, value_enum, default_value = "exec")]
+        work: bench::live::Work,
     },
     /// Cold sandbox start of python3 (bare, and importing numpy) and one syscall round trip,
     /// each beside the same work run natively.
@@ -666,9 +668,11 @@ fn execute(cli: Cli) -> Result<i32> {
             let clean = report.wrong_answers == 0 && report.server_errors == 0;
             Ok(if clean { 0 } else { 1 })
         }
-        Command::Bench(BenchCommand::LiveWorker { template, count }) => {
-            bench::live::worker(&template, count).map(|()| 0)
-        }
+        Command::Bench(BenchCommand::LiveWorker {
+            template,
+            count,
+            work,
+        }) => bench::live::worker(&template, count, work).map(|()| 0),
         Command::Image(ImageCommand::Default) => {
             println!("{}", default_image()?.display());
             Ok(0)

@@ -359,12 +359,21 @@ impl GuestRam {
     /// Guest addresses of the private (copied-on-write) pages, in order: present or
     /// swapped out, and not the page cache's.
     pub fn private_pages(&self) -> Result<Vec<u64>, MemoryError> {
+        self.private_pages_in(&[(0, self.size())])
+    }
+
+    /// `private_pages` within `ranges` (sorted, page aligned, inside RAM). Reading the
+    /// host's page map costs per page asked about: a reset asks only about what its VM
+    /// could reach (`reach`), an eighth of a Python fork's RAM.
+    pub fn private_pages_in(&self, ranges: &[(u64, u64)]) -> Result<Vec<u64>, MemoryError> {
         let mut pages = Vec::new();
-        self.walk_pagemap(0, self.size(), |addr, flags| {
-            if flags & (PM_PRESENT | PM_SWAPPED) != 0 && flags & PM_FILE == 0 {
-                pages.push(addr);
-            }
-        })?;
+        for &(start, end) in ranges {
+            self.walk_pagemap(start, end, |addr, flags| {
+                if flags & (PM_PRESENT | PM_SWAPPED) != 0 && flags & PM_FILE == 0 {
+                    pages.push(addr);
+                }
+            })?;
+        }
         Ok(pages)
     }
 

@@ -53,6 +53,25 @@ impl Reach {
     }
 }
 
+impl Reach {
+    /// The reachable chunks as merged guest-physical ranges, clipped to `ram_size`.
+    pub fn ranges(&self, ram_size: u64) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for chunk in self.chunks().0 {
+            let start = chunk * SLOT_CHUNK;
+            if start >= ram_size {
+                break;
+            }
+            let end = (start + SLOT_CHUNK).min(ram_size);
+            match ranges.last_mut() {
+                Some((_, last)) if *last == start => *last = end,
+                _ => ranges.push((start, end)),
+            }
+        }
+        ranges
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +93,9 @@ mod tests {
         reach.note(5 * SLOT_CHUNK, 5 * SLOT_CHUNK + 1);
         assert_eq!(reach.chunks().0, vec![0, 1, 5]);
         assert_ne!(reach.generation(), generation);
+        assert_eq!(
+            reach.ranges(5 * SLOT_CHUNK + 4096),
+            vec![(0, 2 * SLOT_CHUNK), (5 * SLOT_CHUNK, 5 * SLOT_CHUNK + 4096)]
+        );
     }
 }

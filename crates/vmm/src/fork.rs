@@ -155,7 +155,10 @@ impl Vmm {
     ) -> Result<Option<PreparedVm>, VmmError> {
         let (vm, vcpu, process) = sandbox.into_parts();
         let ram = process.into_ram();
-        let private = ram.private_pages()?;
+        // Only the VM's memory slots can have been written: the guest reaches nothing
+        // else, and the syscall layer writes only what the program mapped (every mapping
+        // is noted in `reach`, and the system area and page tables were from the start).
+        let private = ram.private_pages_in(&ram.reach().ranges(ram.size()))?;
         if (private.len() as u64).saturating_mul(forkvm_memory::ram::PAGE_SIZE) > max_private_bytes
         {
             return Ok(None);

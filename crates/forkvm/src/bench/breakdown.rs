@@ -56,6 +56,11 @@ pub struct BreakdownReport {
     pub fresh_first_request: Step,
     /// The same again in the same VM.
     pub fresh_second_request: Step,
+    /// The pool's warm-up request in a fresh VM (`WARMUP_CODE`): with making the VM and
+    /// the reset after it, what one VM of the pool's refill costs.
+    pub fresh_warmup_request: Step,
+    /// Putting that VM back to the snapshot for the pool (`Vmm::reset_fork`).
+    pub warmup_reset: Latency,
     /// Fork from a warmed pool and `print(1+1)`.
     pub warm_pool_request: Step,
     pub floors: BreakdownFloors,
@@ -182,8 +187,21 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
         second.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
     }
 
-    eprintln!("bench: {samples} forks from a warmed pool…");
+    eprintln!("bench: {samples} warm-ups as the pool runs them…");
     let warmup = forkvm_protocol::encode(&Request::code(warmup_code))?;
+    let mut warmups = Samples::default();
+    let mut resets = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let prepared = vmm.prepare_fork(&source)?;
+        let mut sandbox = vmm.finish_fork(prepared, &source, console())?;
+        warmups.measure(&mut sandbox, |s| run_trivial(s, &warmup))?;
+        let start = Instant::now();
+        let reset = vmm.reset_fork(sandbox, &source, u64::MAX)?;
+        resets.push(start.elapsed());
+        drop(reset);
+    }
+
+    eprintln!("bench: {samples} forks from a warmed pool…");
     let pool = Pool::start(
         vmm.clone(),
         source.clone(),
@@ -210,6 +228,8 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
         fresh_finish: finish.step(),
         fresh_first_request: first.step(),
         fresh_second_request: second.step(),
+        fresh_warmup_request: warmups.step(),
+        warmup_reset: Latency::of(resets),
         warm_pool_request: warm.step(),
         floors: BreakdownFloors { exit_round_trip_us },
     })
@@ -238,6 +258,7 @@ pub fn table(r: &BreakdownReport) -> String {
         ("fresh VM: restore process", &r.fresh_finish),
         ("fresh VM: first request", &r.fresh_first_request),
         ("fresh VM: second request", &r.fresh_second_request),
+        ("fresh VM: pool's warm-up", &r.fresh_warmup_request),
         ("warm pool: fork + request", &r.warm_pool_request),
     ] {
         let kvm = |k: &str| step.kvm.get(k).copied().unwrap_or(0.0);
@@ -271,7 +292,11 @@ pub fn table(r: &BreakdownReport) -> String {
         .map(|(name, n)| format!("{name} {n:.0}"))
         .collect();
     out.push_str(&format!(
-        "\nsyscalls of a warmed-pool request: {}\n",
+        "\nreset after the warm-up (back to the snapshot, for the pool): p50 {:.2} ms\n",
+        r.warmup_reset.p50_us / 1000.0
+    ));
+    out.push_str(&format!(
+        "syscalls of a warmed-pool request: {}\n",
         top.join(", ")
     ));
     out

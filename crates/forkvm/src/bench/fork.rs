@@ -1,5 +1,6 @@
 //! `forkvm bench fork`: fork latency from the warm pool, fork + a trivial exec, host memory
-//! per live sandbox, 1000 live sandboxes, the pool's refill rate; beside the floors
+//! per live sandbox, 1000 live sandboxes, 1000 concurrent forks that run nothing (the seed
+//! project's measure), the pool's refill rate and how fast every core fills it; beside the floors
 //! measured in the same run: KVM VM+vCPU creation and teardown, one exit round trip, a host
 //! `os.fork()` of a warm numpy Python, and a bubblewrap-sandboxed Python cold start.
 
@@ -15,7 +16,7 @@ use forkvm_template::Runtime;
 use forkvm_vmm::{Pool, PoolConfig, Sandbox, Vmm};
 use serde::Serialize;
 
-use super::live::LiveSandboxes;
+use super::live::{LiveSandboxes, Work};
 use super::{Latency, Machine, Stats};
 
 /// Python code the trivial exec runs.
@@ -61,9 +62,22 @@ pub struct ForkReport {
     pub fork_exec_trivial: Latency,
     pub memory: MemoryPerSandbox,
     pub live: LiveSandboxes,
-    /// VMs the pool prepares per second per refill thread.
+    /// VMs the pool prepares per second per refill thread (while the forks above run).
     pub pool_refill_per_sec: f64,
+    /// Sandboxes forked from the snapshot and held at once, none running anything.
+    pub concurrent_forks: LiveSandboxes,
+    /// An empty warm pool filled by one refill thread per core, nothing else running.
+    pub pool_fill: PoolFill,
     pub floors: Floors,
+}
+
+/// How fast an empty pool fills with warmed VMs.
+#[derive(Debug, Serialize)]
+pub struct PoolFill {
+    pub vms: usize,
+    pub threads: usize,
+    pub wall_ms: f64,
+    pub vms_per_sec: f64,
 }
 
 pub(super) fn console() -> Console {
@@ -183,6 +197,39 @@ fn measure_memory(pool: &Pool, frame: &[u8], count: usize) -> Result<MemoryPerSa
         sandboxes: count,
         private_dirty_kib: dirty as f64 / count as f64,
         mem_available_delta_kib: before.saturating_sub(after) as f64 / count as f64,
+    })
+}
+
+/// Fills an empty pool of 64 warmed VMs with one refill thread per core and times it.
+fn measure_pool_fill(
+    vmm: &Arc<Vmm>,
+    source: &Arc<forkvm_vmm::ForkSource>,
+    warmup: Option<Vec<u8>>,
+) -> Result<PoolFill> {
+    const VMS: usize = 64;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!("bench: filling an empty pool of {VMS} with {threads} thread(s)…");
+    let start = Instant::now();
+    let pool = Pool::start(
+        vmm.clone(),
+        source.clone(),
+        PoolConfig {
+            size: VMS,
+            refill_threads: threads,
+        },
+        warmup,
+    );
+    let filled = pool.wait_full(Duration::from_secs(300));
+    let wall = start.elapsed();
+    drop(pool);
+    if filled < VMS {
+        bail!("the pool filled {filled} of {VMS} VMs in 300 s");
+    }
+    Ok(PoolFill {
+        vms: VMS,
+        threads,
+        wall_ms: wall.as_secs_f64() * 1e3,
+        vms_per_sec: VMS as f64 / wall.as_secs_f64(),
     })
 }
 
@@ -310,10 +357,26 @@ pub fn run(options: &ForkOptions) -> Result<ForkReport> {
         "bench: {} live sandboxes over {} worker processes…",
         options.live, options.live_workers
     );
-    let live = super::live::measure(&options.template, options.live, options.live_workers)?;
+    let live = super::live::measure(
+        &options.template,
+        options.live,
+        options.live_workers,
+        Work::Exec,
+    )?;
+    eprintln!(
+        "bench: {} concurrent forks over {} worker processes, nothing run…",
+        options.live, options.live_workers
+    );
+    let concurrent_forks = super::live::measure(
+        &options.template,
+        options.live,
+        options.live_workers,
+        Work::ForkOnly,
+    )?;
     let vmm = Arc::new(Vmm::new()?);
     let store = crate::template::store();
     let (_, source) = store.load(&options.template, &vmm)?;
+    let source = Arc::new(source);
     let warmup = if options.warm {
         Some(forkvm_protocol::encode(&Request::code(
             forkvm_engine::WARMUP_CODE,
@@ -321,7 +384,8 @@ pub fn run(options: &ForkOptions) -> Result<ForkReport> {
     } else {
         None
     };
-    let pool = Pool::start(vmm.clone(), Arc::new(source), options.pool, warmup);
+    let pool_fill = measure_pool_fill(&vmm, &source, warmup.clone())?;
+    let pool = Pool::start(vmm.clone(), source, options.pool, warmup);
     let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
 
     eprintln!("bench: filling the pool ({} VMs)…", options.pool.size);
@@ -355,6 +419,8 @@ pub fn run(options: &ForkOptions) -> Result<ForkReport> {
         memory,
         live,
         pool_refill_per_sec: stats.refill_rate(),
+        concurrent_forks,
+        pool_fill,
         floors: Floors {
             kvm_create_teardown,
             exit_round_trip_us,
@@ -404,8 +470,20 @@ pub fn table(r: &ForkReport) -> String {
         r.live.mem_available_delta_kib
     ));
     out.push_str(&format!(
-        "pool refill rate               {:.0} VMs/s per thread\n\n",
+        "{} concurrent forks, no exec  {:.0} ms ({:.0} us each) over {} processes; MemAvailable delta {:.0} KiB each\n",
+        r.concurrent_forks.sandboxes,
+        r.concurrent_forks.wall_ms,
+        r.concurrent_forks.per_sandbox_us,
+        r.concurrent_forks.worker_processes,
+        r.concurrent_forks.mem_available_delta_kib
+    ));
+    out.push_str(&format!(
+        "pool refill rate               {:.0} VMs/s per thread (during the forks above)\n",
         r.pool_refill_per_sec
+    ));
+    out.push_str(&format!(
+        "empty pool filled              {} warmed VMs in {:.0} ms by {} thread(s): {:.0} VMs/s\n\n",
+        r.pool_fill.vms, r.pool_fill.wall_ms, r.pool_fill.threads, r.pool_fill.vms_per_sec
     ));
     out.push_str("floors (same run)\n");
     out.push_str(&format!(

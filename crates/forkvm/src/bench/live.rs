@@ -5,8 +5,9 @@
 //! about 0.1 µs more per VM in the process (109 µs with 1000 VMs). So density comes from
 //! sharding sandboxes over processes, as the server will; this benchmark does the same.
 //! Each worker (`forkvm bench live-worker`) loads the template, waits for "go" on stdin,
-//! creates its share of sandboxes that each ran the request, reports "ready", and holds
-//! them until its stdin closes.
+//! creates its share of sandboxes (each of which ran the request, or, for the seed
+//! project's measure, only forked: `Work::ForkOnly`), reports "ready", and holds them until
+//! its stdin closes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use forkvm_protocol::Request;
-use forkvm_vmm::{Pool, PoolConfig, Vmm};
+use forkvm_vmm::{Pool, PoolConfig, Sandbox, Vmm};
 use serde::Serialize;
 
 use super::fork::{TRIVIAL, console, mem_available_kib, run_trivial};
@@ -32,11 +33,26 @@ pub struct LiveSandboxes {
     pub mem_available_delta_kib: f64,
 }
 
+/// What each live sandbox does before it is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Work {
+    /// Forked from a warm pool, then ran `print(1+1)`.
+    Exec,
+    /// Forked from the snapshot (VM made, memory mapped, state restored), nothing run.
+    ForkOnly,
+}
+
 /// The worker side: hold `count` live sandboxes of `template`.
-pub fn worker(template: &str, count: usize) -> Result<()> {
+pub fn worker(template: &str, count: usize, work: Work) -> Result<()> {
     super::fork::raise_fd_limit();
     let vmm = Arc::new(Vmm::new()?);
     let (_, source) = crate::template::store().load(template, &vmm)?;
+    if work == Work::ForkOnly {
+        return hold(count, || {
+            let prepared = vmm.prepare_fork(&source)?;
+            Ok(vmm.finish_fork(prepared, &source, console())?)
+        });
+    }
     let pool = Pool::start(
         vmm,
         Arc::new(source),
@@ -49,6 +65,16 @@ pub fn worker(template: &str, count: usize) -> Result<()> {
         None,
     );
     let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
+    hold(count, || {
+        let mut sandbox = pool.fork(console())?;
+        run_trivial(&mut sandbox, &frame)?;
+        Ok(sandbox)
+    })
+}
+
+/// Says "loaded", makes `count` sandboxes on "go", says "ready", and holds them until
+/// stdin closes.
+fn hold(count: usize, mut make: impl FnMut() -> Result<Sandbox>) -> Result<()> {
     let mut out = std::io::stdout();
     writeln!(out, "loaded")?;
     out.flush()?;
@@ -57,9 +83,7 @@ pub fn worker(template: &str, count: usize) -> Result<()> {
     stdin.read_line(&mut line)?;
     let mut live = Vec::with_capacity(count);
     for _ in 0..count {
-        let mut sandbox = pool.fork(console())?;
-        run_trivial(&mut sandbox, &frame)?;
-        live.push(sandbox);
+        live.push(make()?);
     }
     writeln!(out, "ready")?;
     out.flush()?;
@@ -85,7 +109,7 @@ impl Worker {
 }
 
 /// Creates `total` live sandboxes over `workers` processes and times it.
-pub fn measure(template: &str, total: usize, workers: usize) -> Result<LiveSandboxes> {
+pub fn measure(template: &str, total: usize, workers: usize, work: Work) -> Result<LiveSandboxes> {
     let workers = workers.clamp(1, total.max(1));
     let exe = std::env::current_exe().context("finding the forkvm binary")?;
     let mut spawned = Vec::with_capacity(workers);
@@ -94,6 +118,11 @@ pub fn measure(template: &str, total: usize, workers: usize) -> Result<LiveSandb
         let mut child = Command::new(&exe)
             .args(["bench", "live-worker", "--template", template, "--count"])
             .arg(count.to_string())
+            .arg("--work")
+            .arg(match work {
+                Work::Exec => "exec",
+                Work::ForkOnly => "fork-only",
+            })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
