@@ -291,9 +291,10 @@ enum BenchCommand {
         /// Sandboxes kept alive at once for the wall-time measurement.
         #[arg(long, default_value_t = 1000)]
         live: usize,
-        /// Processes the live sandboxes are spread over (VMs in one process slow each
-        /// other's copy-on-write faults).
-        #[arg(long, default_value_t = 32)]
+        /// Processes the live sandboxes are spread over: every KVM VM of a process is called
+        /// on each copy-on-write fault and each page-aging check of the process (the host's
+        /// DAMON reclaim makes those), so VMs in one process slow each other.
+        #[arg(long, default_value_t = 128)]
         live_workers: usize,
         /// Live sandboxes the memory measurement averages over.
         #[arg(long, default_value_t = 200)]

@@ -2,8 +2,12 @@
 //!
 //! Every KVM VM registers an MMU notifier on its process's address space, and every
 //! copy-on-write fault in that process calls all of them: measured here, a CoW fault costs
-//! about 0.1 µs more per VM in the process (109 µs with 1000 VMs). So density comes from
-//! sharding sandboxes over processes, as the server will; this benchmark does the same.
+//! about 0.1 µs more per VM in the process (109 µs with 1000 VMs). Hosts that age pages
+//! (DAMON's physical-address reclaim on our machines) call them too, for every mapping of
+//! each page they sample: a snapshot page mapped by 1000 sandboxes in 32 processes cost
+//! 31,000 notifier calls per check, and the host's `kdamond` took half the CPU while the
+//! sandboxes were made (`perf`, docs/benchmarks.md). So density comes from sharding
+//! sandboxes over processes, as the server does; this benchmark does the same.
 //! Each worker (`forkvm bench live-worker`) loads the template, waits for "go" on stdin,
 //! creates its share of sandboxes (each of which ran the request, or, for the seed
 //! project's measure, only forked: `Work::ForkOnly`), reports "ready", and holds them until
@@ -33,63 +37,94 @@ pub struct LiveSandboxes {
     pub mem_available_delta_kib: f64,
 }
 
-/// What each live sandbox does before it is counted.
+/// What each worker makes before it says "ready".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Work {
-    /// Forked from a warm pool, then ran `print(1+1)`.
+    /// Sandboxes forked from a pool, each of which then ran `print(1+1)`.
     Exec,
-    /// Forked from the snapshot (VM made, memory mapped, state restored), nothing run.
+    /// Sandboxes forked from the snapshot (VM made, memory mapped, state restored), nothing run.
     ForkOnly,
+    /// A warm pool of `count` VMs, from empty, with one refill thread (as a server's worker
+    /// has).
+    FillPool,
 }
 
-/// The worker side: hold `count` live sandboxes of `template`.
+/// The worker side: hold `count` live sandboxes (or pooled VMs) of `template`.
 pub fn worker(template: &str, count: usize, work: Work) -> Result<()> {
     super::fork::raise_fd_limit();
     let vmm = Arc::new(Vmm::new()?);
     let (_, source) = crate::template::store().load(template, &vmm)?;
-    if work == Work::ForkOnly {
-        return hold(count, || {
-            let prepared = vmm.prepare_fork(&source)?;
-            Ok(vmm.finish_fork(prepared, &source, console())?)
-        });
+    let source = Arc::new(source);
+    match work {
+        Work::ForkOnly => hold(|| {
+            let live: Result<Vec<Sandbox>> = (0..count)
+                .map(|_| {
+                    let prepared = vmm.prepare_fork(&source)?;
+                    Ok(vmm.finish_fork(prepared, &source, console())?)
+                })
+                .collect();
+            live
+        }),
+        Work::FillPool => hold(|| {
+            let warmup = forkvm_protocol::encode(&Request::code(forkvm_engine::WARMUP_CODE))?;
+            let pool = Pool::start(
+                vmm.clone(),
+                source.clone(),
+                PoolConfig {
+                    size: count,
+                    refill_threads: 1,
+                },
+                Some(warmup),
+            );
+            let filled = pool.wait_full(Duration::from_secs(300));
+            if filled < count {
+                bail!("the pool filled {filled} of {count} VMs in 300 s");
+            }
+            Ok(pool)
+        }),
+        Work::Exec => {
+            let pool = Pool::start(
+                vmm.clone(),
+                source.clone(),
+                PoolConfig {
+                    // Enough to overlap preparing VMs with running them; no idle surplus
+                    // beyond the worker's share, since every VM in the process adds to the
+                    // costs above.
+                    size: count.clamp(1, 16),
+                    refill_threads: 1,
+                },
+                None,
+            );
+            let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
+            hold(|| {
+                let live: Result<Vec<Sandbox>> = (0..count)
+                    .map(|_| {
+                        let mut sandbox = pool.fork(console())?;
+                        run_trivial(&mut sandbox, &frame)?;
+                        Ok(sandbox)
+                    })
+                    .collect();
+                live
+            })
+        }
     }
-    let pool = Pool::start(
-        vmm,
-        Arc::new(source),
-        PoolConfig {
-            // Enough to overlap preparing VMs with running them; no idle surplus beyond the
-            // worker's share, since every VM in the process adds to the costs below.
-            size: count.clamp(1, 16),
-            refill_threads: 1,
-        },
-        None,
-    );
-    let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
-    hold(count, || {
-        let mut sandbox = pool.fork(console())?;
-        run_trivial(&mut sandbox, &frame)?;
-        Ok(sandbox)
-    })
 }
 
-/// Says "loaded", makes `count` sandboxes on "go", says "ready", and holds them until
-/// stdin closes.
-fn hold(count: usize, mut make: impl FnMut() -> Result<Sandbox>) -> Result<()> {
+/// Says "loaded", makes what `make` makes on "go", says "ready", and holds it until stdin
+/// closes.
+fn hold<T>(make: impl FnOnce() -> Result<T>) -> Result<()> {
     let mut out = std::io::stdout();
     writeln!(out, "loaded")?;
     out.flush()?;
     let mut line = String::new();
     let mut stdin = std::io::stdin().lock();
     stdin.read_line(&mut line)?;
-    let mut live = Vec::with_capacity(count);
-    for _ in 0..count {
-        live.push(make()?);
-    }
+    let held = make()?;
     writeln!(out, "ready")?;
     out.flush()?;
     // Hold them until the parent closes our stdin.
     while stdin.read_line(&mut line)? > 0 {}
-    drop(live);
+    drop(held);
     Ok(())
 }
 
@@ -122,6 +157,7 @@ pub fn measure(template: &str, total: usize, workers: usize, work: Work) -> Resu
             .arg(match work {
                 Work::Exec => "exec",
                 Work::ForkOnly => "fork-only",
+                Work::FillPool => "fill-pool",
             })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
