@@ -415,3 +415,48 @@ fn memory_mapped_later_anywhere_in_ram_gets_its_memory_slot() {
         print(sum(m[::4096]), int(a.sum()), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))";
     assert_eq!(exec_in(&mut sandbox, &stdout, code), "153600 50000000 8\n");
 }
+
+#[test]
+fn pages_copied_ahead_hold_the_snapshot_and_the_request_still_runs() {
+    // A fork copies ahead the pages its first request writes (learned once); copying
+    // must change no byte, and the fork must answer as any other.
+    let Some(store) = store() else { return };
+    let vmm = Vmm::new().unwrap();
+    let (meta, source) = store.load("python", &vmm).unwrap();
+    let frame = forkvm_protocol::encode(&Request::code("print(6 * 7)")).unwrap();
+    vmm.learn_writes(&source, &frame).unwrap();
+    let learned = source.first_writes.get().expect("learned");
+    let pages: u64 = learned.iter().map(|(s, e)| (e - s) / 4096).sum();
+    assert!(pages > 50, "a request writes more than {pages} pages");
+
+    let prepared = vmm.prepare_fork(&source).unwrap();
+    let ram = prepared.ram();
+    let private = ram.private_pages().unwrap();
+    for &(start, end) in learned {
+        for page in (start..end).step_by(4096) {
+            assert!(
+                private.binary_search(&page).is_ok(),
+                "{page:#x} not copied ahead"
+            );
+        }
+    }
+    let mut expected = vec![0u8; 4096];
+    let mut actual = vec![0u8; 4096];
+    for page in (0..meta.ram_bytes).step_by(4096) {
+        source.backing.read_page(page, &mut expected).unwrap();
+        ram.read(page, &mut actual).unwrap();
+        assert!(
+            expected == actual,
+            "page {page:#x} differs from the snapshot"
+        );
+    }
+    let stdout = CaptureBuffer::default();
+    let console = Console::new(
+        Input::Empty,
+        Box::new(stdout.clone()),
+        Box::new(std::io::sink()),
+        1 << 20,
+    );
+    let mut sandbox = vmm.finish_fork(prepared, &source, console).unwrap();
+    assert_eq!(exec_in(&mut sandbox, &stdout, "print(6 * 7)"), "42\n");
+}

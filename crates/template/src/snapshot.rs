@@ -569,6 +569,7 @@ pub fn load(
         process: state.process,
         image,
         others,
+        first_writes: Default::default(),
     };
     Ok((meta, source))
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use forkvm_image::Image;
@@ -35,6 +35,9 @@ pub struct ForkSource {
     pub image: Arc<Image>,
     /// The memory of the snapshot's other processes and shared segments.
     pub others: OtherSources,
+    /// The pages a fork's first request writes, once known (`Vmm::learn_writes`, or the
+    /// pool's first warm-up): see `prepare_fork`.
+    pub first_writes: OnceLock<Vec<(u64, u64)>>,
 }
 
 /// What the other processes of a snapshot (beyond the first) start from: each one's guest
@@ -104,8 +107,17 @@ impl PreparedVm {
 
 impl Vmm {
     /// Does the slow half of a fork, off the request path.
+    ///
+    /// The pages the first request will write are copied from the snapshot first, in one
+    /// call and before the VM exists. Left to the guest, a page it reads and then writes
+    /// costs three shadow faults: the read maps the snapshot's page read-only; the write
+    /// copies it on the host, whose MMU notifier then makes KVM drop (and flush) the
+    /// read-only mapping, so the write faults once more. Copied ahead, it costs one.
     pub fn prepare_fork(&self, source: &ForkSource) -> Result<PreparedVm, VmmError> {
         let ram = GuestRam::from_backing(&source.backing, source.ram_size())?;
+        for &(start, end) in source.first_writes.get().into_iter().flatten() {
+            ram.populate(start, end - start);
+        }
         let vm = Vm::create(self.kvm(), &ram, &source.process.populated_ranges())?;
         let vcpu = vm.fd().create_vcpu(0).map_err(SandboxError::CreateVcpu)?;
         source
@@ -138,8 +150,26 @@ impl Vmm {
             RunResult::AwaitingRequest => {}
             RunResult::Ended(exit) => return Err(VmmError::Warmup(format!("{exit:?}"))),
         }
-        self.reset_fork(sandbox, source, u64::MAX)?
-            .ok_or_else(|| VmmError::Warmup("the warm-up wrote too much memory".into()))
+        let prepared = self
+            .reset_fork(sandbox, source, u64::MAX)?
+            .ok_or_else(|| VmmError::Warmup("the warm-up wrote too much memory".into()))?;
+        // What stays private after the reset: not what the request wrote and then gave
+        // back (freed arenas, temporary arrays), which the reset mapped from the snapshot.
+        if source.first_writes.get().is_none() {
+            let _ = source.first_writes.set(written_ranges(prepared.ram())?);
+        }
+        Ok(prepared)
+    }
+
+    /// Runs `frame` in a fork of `source` and records the pages it wrote as the ones every
+    /// fork's first request writes (`prepare_fork` copies them ahead). For pools without a
+    /// warm-up, whose first warm-up would otherwise teach it; once per source.
+    pub fn learn_writes(&self, source: &ForkSource, frame: &[u8]) -> Result<(), VmmError> {
+        if source.first_writes.get().is_some() {
+            return Ok(());
+        }
+        let prepared = self.prepare_fork(source)?;
+        self.warm_up(prepared, source, frame).map(drop)
     }
 
     /// Puts a fork of `source` back exactly as the snapshot was (memory byte-for-byte,
@@ -198,4 +228,13 @@ impl Vmm {
             self.cpu(),
         ))
     }
+}
+
+/// The private (written) pages of `ram` within its memory slots, as merged ranges.
+fn written_ranges(ram: &GuestRam) -> Result<Vec<(u64, u64)>, VmmError> {
+    let pages = ram.private_pages_in(&ram.reach().ranges(ram.size()))?;
+    let page = forkvm_memory::ram::PAGE_SIZE;
+    Ok(forkvm_memory::backing::merge_ranges(
+        pages.into_iter().map(|p| (p, p + page)).collect(),
+    ))
 }

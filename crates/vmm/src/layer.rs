@@ -131,6 +131,7 @@ impl Vmm {
             process: process.state(),
             image: parent.image.clone(),
             others,
+            first_writes: Default::default(),
         })
     }
 }

@@ -56,8 +56,14 @@ pub struct BreakdownReport {
     pub fresh_first_request: Step,
     /// The same again in the same VM.
     pub fresh_second_request: Step,
-    /// The pool's warm-up request in a fresh VM (`WARMUP_CODE`): with making the VM and
-    /// the reset after it, what one VM of the pool's refill costs.
+    /// Making a fresh VM that copies ahead the pages the first request writes (learned
+    /// once per template: `Vmm::learn_writes`).
+    pub fresh_prepare_copied: Step,
+    /// The first request in such a VM.
+    pub fresh_first_request_copied: Step,
+    /// The pool's warm-up request in a fresh VM (`WARMUP_CODE`), whose writes were copied
+    /// ahead as the pool does: with making the VM and the reset after it, what one VM of
+    /// the pool's refill costs.
     pub fresh_warmup_request: Step,
     /// Putting that VM back to the snapshot for the pool (`Vmm::reset_fork`).
     pub warmup_reset: Latency,
@@ -187,8 +193,24 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
         second.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
     }
 
+    eprintln!("bench: {samples} VMs made afresh, first writes copied ahead…");
+    vmm.learn_writes(&source, &frame)?;
+    let mut prepare_copied = Samples::default();
+    let mut first_copied = Samples::default();
+    for _ in 0..samples {
+        let start = Instant::now();
+        let prepared = vmm.prepare_fork(&source)?;
+        prepare_copied.times.push(start.elapsed());
+        let mut sandbox = vmm.finish_fork(prepared, &source, console())?;
+        first_copied.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
+    }
+
     eprintln!("bench: {samples} warm-ups as the pool runs them…");
     let warmup = forkvm_protocol::encode(&Request::code(warmup_code))?;
+    // A source of its own, which learns what the warm-up writes (as a pool's does).
+    let (_, source) = crate::template::store().load(template, &vmm)?;
+    let source = Arc::new(source);
+    vmm.learn_writes(&source, &warmup)?;
     let mut warmups = Samples::default();
     let mut resets = Vec::with_capacity(samples);
     for _ in 0..samples {
@@ -228,6 +250,8 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
         fresh_finish: finish.step(),
         fresh_first_request: first.step(),
         fresh_second_request: second.step(),
+        fresh_prepare_copied: prepare_copied.step(),
+        fresh_first_request_copied: first_copied.step(),
         fresh_warmup_request: warmups.step(),
         warmup_reset: Latency::of(resets),
         warm_pool_request: warm.step(),
@@ -258,6 +282,8 @@ pub fn table(r: &BreakdownReport) -> String {
         ("fresh VM: restore process", &r.fresh_finish),
         ("fresh VM: first request", &r.fresh_first_request),
         ("fresh VM: second request", &r.fresh_second_request),
+        ("copied ahead: make VM", &r.fresh_prepare_copied),
+        ("copied ahead: 1st request", &r.fresh_first_request_copied),
         ("fresh VM: pool's warm-up", &r.fresh_warmup_request),
         ("warm pool: fork + request", &r.warm_pool_request),
     ] {

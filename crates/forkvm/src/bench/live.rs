@@ -83,6 +83,9 @@ pub fn worker(template: &str, count: usize, work: Work) -> Result<()> {
             Ok(pool)
         }),
         Work::Exec => {
+            let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
+            // What the request writes is copied ahead into each new VM (`prepare_fork`).
+            vmm.learn_writes(&source, &frame)?;
             let pool = Pool::start(
                 vmm.clone(),
                 source.clone(),
@@ -95,7 +98,6 @@ pub fn worker(template: &str, count: usize, work: Work) -> Result<()> {
                 },
                 None,
             );
-            let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
             hold(|| {
                 let live: Result<Vec<Sandbox>> = (0..count)
                     .map(|_| {
