@@ -58,7 +58,8 @@ fn exec_in(sandbox: &mut Sandbox, stdout: &CaptureBuffer, code: &str) -> String 
     String::from_utf8(stdout.take()).unwrap()
 }
 
-fn live_fork(pool: &Pool) -> (Sandbox, CaptureBuffer) {
+/// A console whose stdout is captured.
+fn captured() -> (Console, CaptureBuffer) {
     let stdout = CaptureBuffer::default();
     let console = Console::new(
         Input::Empty,
@@ -66,6 +67,11 @@ fn live_fork(pool: &Pool) -> (Sandbox, CaptureBuffer) {
         Box::new(std::io::sink()),
         1 << 20,
     );
+    (console, stdout)
+}
+
+fn live_fork(pool: &Pool) -> (Sandbox, CaptureBuffer) {
+    let (console, stdout) = captured();
     (pool.fork(console).unwrap(), stdout)
 }
 
@@ -213,13 +219,7 @@ fn a_runaway_fork_ends_alone() {
 
 /// A fork of `source` prepared inline (no pool), with captured stdout.
 fn fork_of(vmm: &Vmm, source: &forkvm_vmm::ForkSource) -> (Sandbox, CaptureBuffer) {
-    let stdout = CaptureBuffer::default();
-    let console = Console::new(
-        Input::Empty,
-        Box::new(stdout.clone()),
-        Box::new(std::io::sink()),
-        1 << 20,
-    );
+    let (console, stdout) = captured();
     let prepared = vmm.prepare_fork(source).unwrap();
     (vmm.finish_fork(prepared, source, console).unwrap(), stdout)
 }
@@ -395,13 +395,7 @@ fn memory_mapped_later_anywhere_in_ram_gets_its_memory_slot() {
         prepared.slot_bytes(),
         source.ram_size()
     );
-    let stdout = CaptureBuffer::default();
-    let console = Console::new(
-        Input::Empty,
-        Box::new(stdout.clone()),
-        Box::new(std::io::sink()),
-        1 << 20,
-    );
+    let (console, stdout) = captured();
     let mut sandbox = vmm.finish_fork(prepared, &source, console).unwrap();
     let code = "import mmap, os, numpy\n\
         m = mmap.mmap(-1, 600 << 20)\n\
@@ -450,13 +444,7 @@ fn pages_copied_ahead_hold_the_snapshot_and_the_request_still_runs() {
             "page {page:#x} differs from the snapshot"
         );
     }
-    let stdout = CaptureBuffer::default();
-    let console = Console::new(
-        Input::Empty,
-        Box::new(stdout.clone()),
-        Box::new(std::io::sink()),
-        1 << 20,
-    );
+    let (console, stdout) = captured();
     let mut sandbox = vmm.finish_fork(prepared, &source, console).unwrap();
     assert_eq!(exec_in(&mut sandbox, &stdout, "print(6 * 7)"), "42\n");
 }

@@ -379,7 +379,7 @@ impl Process {
         // KVM's memory slots must cover whatever the guest can now reach (`reach`).
         for &(start, end) in &merged {
             if !crate::high::in_window(start) {
-                self.ram.reach().note(start, end);
+                self.ram.note_reachable(start, end);
             }
         }
         let replaced = self.ram.take_replaced();
@@ -398,7 +398,7 @@ impl Process {
                 .vmas()
                 .filter(|v| v.kind == crate::mm::VmaKind::Hidden)
             {
-                self.ram.reach().note(vma.start, vma.end);
+                self.ram.note_reachable(vma.start, vma.end);
             }
             self.tables.sync_high(&self.ram, &self.mm).map_err(|_| {
                 forkvm_memory::ram::MemoryError::BadRange {

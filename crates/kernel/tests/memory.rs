@@ -69,6 +69,21 @@ fn anonymous_mmap_is_zeroed_and_munmap_makes_it_efault() {
 }
 
 #[test]
+fn a_huge_unmap_notes_only_ram_as_reachable() {
+    // The fuzzer's case: munmap from the scratch's end with a length near 2^63. What the
+    // guest can reach is noted per 32 MiB chunk of RAM: a range beyond RAM must not be
+    // walked chunk by chunk (it would take years), only clipped.
+    let mut h = Harness::new();
+    let len = 0x7800_0000_0000_0000u64 - 1;
+    let answer = h.sys(libc::SYS_munmap, &[h.scratch + SCRATCH_LEN, len]);
+    assert!(answer == 0 || answer == err(libc::EINVAL), "{answer}");
+    let ram = h.process.ram();
+    let reach_end = ram.reach().ranges(ram.size()).last().map(|r| r.1);
+    assert!(reach_end <= Some(ram.size()));
+    assert!(h.mmap_anon(PAGE) > 0, "the process goes on");
+}
+
+#[test]
 fn partial_munmap_splits_a_mapping() {
     let mut h = Harness::new();
     let addr = h.mmap_anon(4 * PAGE) as u64;

@@ -243,6 +243,12 @@ impl GuestRam {
         &self.reach
     }
 
+    /// Notes that the guest can reach `[start, end)`, clipped to RAM (a program may name
+    /// any range; only RAM can hold anything).
+    pub fn note_reachable(&self, start: u64, end: u64) {
+        self.reach.note(start.min(self.size), end.min(self.size));
+    }
+
     /// Size of guest RAM in bytes.
     pub fn size(&self) -> u64 {
         self.size

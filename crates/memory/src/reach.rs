@@ -25,8 +25,9 @@ pub struct Reach {
 }
 
 impl Reach {
-    /// Notes that the guest can reach `[start, end)` (guest-physical).
-    pub fn note(&self, start: u64, end: u64) {
+    /// Notes that the guest can reach `[start, end)` (guest-physical, inside RAM: see
+    /// `GuestRam::note_reachable`, which clips).
+    pub(crate) fn note(&self, start: u64, end: u64) {
         if end <= start {
             return;
         }

@@ -32,7 +32,7 @@ impl Vm {
         // The scheduler's and watchdog's timer signals may interrupt it; it is made again.
         let fd = retry_interrupted(|| kvm.create_vm()).map_err(SandboxError::CreateVm)?;
         for &(start, end) in populated {
-            ram.reach().note(start, end.min(ram.size()));
+            ram.note_reachable(start, end);
         }
         let mut vm = Vm {
             fd,

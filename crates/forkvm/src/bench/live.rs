@@ -40,7 +40,7 @@ pub struct LiveSandboxes {
 /// What each worker makes before it says "ready".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Work {
-    /// Sandboxes forked from a pool, each of which then ran `print(1+1)`.
+    /// Sandboxes forked from the snapshot, each of which then ran `print(1+1)`.
     Exec,
     /// Sandboxes forked from the snapshot (VM made, memory mapped, state restored), nothing run.
     ForkOnly,
@@ -86,22 +86,14 @@ pub fn worker(template: &str, count: usize, work: Work) -> Result<()> {
             let frame = forkvm_protocol::encode(&Request::code(TRIVIAL))?;
             // What the request writes is copied ahead into each new VM (`prepare_fork`).
             vmm.learn_writes(&source, &frame)?;
-            let pool = Pool::start(
-                vmm.clone(),
-                source.clone(),
-                PoolConfig {
-                    // Enough to overlap preparing VMs with running them; no idle surplus
-                    // beyond the worker's share, since every VM in the process adds to the
-                    // costs above.
-                    size: count.clamp(1, 16),
-                    refill_threads: 1,
-                },
-                None,
-            );
+            // Every VM is made after "go", on this one thread: a pool's refill thread
+            // would make them before the clock starts, and two threads of one process
+            // running VMs interrupt each other's guests (TLB flushes on copy-on-write).
             hold(|| {
                 let live: Result<Vec<Sandbox>> = (0..count)
                     .map(|_| {
-                        let mut sandbox = pool.fork(console())?;
+                        let prepared = vmm.prepare_fork(&source)?;
+                        let mut sandbox = vmm.finish_fork(prepared, &source, console())?;
                         run_trivial(&mut sandbox, &frame)?;
                         Ok(sandbox)
                     })
