@@ -376,7 +376,9 @@ impl Process {
                 _ => merged.push((start, end)),
             }
         }
-        // KVM's memory slots must cover whatever the guest can now reach (`reach`).
+        // KVM's memory slots must cover whatever the guest can now reach (`reach`). The
+        // high window's backing and tables are hidden mappings in low RAM: mapping them
+        // logged their low ranges here too.
         for &(start, end) in &merged {
             if !crate::high::in_window(start) {
                 self.ram.note_reachable(start, end);
@@ -392,14 +394,6 @@ impl Process {
             .into_iter()
             .partition(|&(start, _)| crate::high::in_window(start));
         if let Some(&(start, end)) = high.first() {
-            // The window's pages (and its tables) are hidden mappings in low RAM.
-            for vma in self
-                .mm
-                .vmas()
-                .filter(|v| v.kind == crate::mm::VmaKind::Hidden)
-            {
-                self.ram.note_reachable(vma.start, vma.end);
-            }
             self.tables.sync_high(&self.ram, &self.mm).map_err(|_| {
                 forkvm_memory::ram::MemoryError::BadRange {
                     addr: start,

@@ -362,10 +362,16 @@ impl GuestRam {
         self.private_pages_in(&[(0, self.size())])
     }
 
-    /// `private_pages` within `ranges` (sorted, page aligned, inside RAM). Reading the
-    /// host's page map costs per page asked about: a reset asks only about what its VM
-    /// could reach (`reach`), an eighth of a Python fork's RAM.
-    pub fn private_pages_in(&self, ranges: &[(u64, u64)]) -> Result<Vec<u64>, MemoryError> {
+    /// `private_pages` within what the guest can reach (`reach`): all a VM over this RAM
+    /// can have written, since it reaches nothing else and the syscall layer writes only
+    /// what the program mapped (each mapping noted in `reach`). Reading the host's page map
+    /// costs per page asked about, and this asks about an eighth of a Python fork's RAM.
+    pub fn reachable_private_pages(&self) -> Result<Vec<u64>, MemoryError> {
+        self.private_pages_in(&self.reach().ranges(self.size()))
+    }
+
+    /// `private_pages` within `ranges` (sorted, page aligned, inside RAM).
+    fn private_pages_in(&self, ranges: &[(u64, u64)]) -> Result<Vec<u64>, MemoryError> {
         let mut pages = Vec::new();
         for &(start, end) in ranges {
             self.walk_pagemap(start, end, |addr, flags| {

@@ -185,10 +185,7 @@ impl Vmm {
     ) -> Result<Option<PreparedVm>, VmmError> {
         let (vm, vcpu, process) = sandbox.into_parts();
         let ram = process.into_ram();
-        // Only the VM's memory slots can have been written: the guest reaches nothing
-        // else, and the syscall layer writes only what the program mapped (every mapping
-        // is noted in `reach`, and the system area and page tables were from the start).
-        let private = ram.private_pages_in(&ram.reach().ranges(ram.size()))?;
+        let private = ram.reachable_private_pages()?;
         if (private.len() as u64).saturating_mul(forkvm_memory::ram::PAGE_SIZE) > max_private_bytes
         {
             return Ok(None);
@@ -230,9 +227,9 @@ impl Vmm {
     }
 }
 
-/// The private (written) pages of `ram` within its memory slots, as merged ranges.
+/// The private (written) pages of `ram`, as merged ranges.
 fn written_ranges(ram: &GuestRam) -> Result<Vec<(u64, u64)>, VmmError> {
-    let pages = ram.private_pages_in(&ram.reach().ranges(ram.size()))?;
+    let pages = ram.reachable_private_pages()?;
     let page = forkvm_memory::ram::PAGE_SIZE;
     Ok(forkvm_memory::backing::merge_ranges(
         pages.into_iter().map(|p| (p, p + page)).collect(),

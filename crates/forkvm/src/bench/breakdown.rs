@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use forkvm_protocol::Request;
 use forkvm_vmm::stats::{Counters, delta};
-use forkvm_vmm::{Pool, PoolConfig, Sandbox, Vmm};
+use forkvm_vmm::{ForkSource, Pool, PoolConfig, Sandbox, Vmm};
 use serde::Serialize;
 
 use super::fork::{TRIVIAL, console, exit_round_trip_in, run_trivial, wait_for_depth};
@@ -159,6 +159,38 @@ impl Samples {
     }
 }
 
+/// The steps of VMs made afresh from `source`, each running `frame` twice.
+struct FreshVms {
+    prepare: Samples,
+    finish: Samples,
+    first: Samples,
+    second: Samples,
+}
+
+fn fresh_vms(vmm: &Vmm, source: &ForkSource, frame: &[u8], samples: usize) -> Result<FreshVms> {
+    let mut steps = FreshVms {
+        prepare: Samples::default(),
+        finish: Samples::default(),
+        first: Samples::default(),
+        second: Samples::default(),
+    };
+    for _ in 0..samples {
+        let start = Instant::now();
+        let prepared = vmm.prepare_fork(source)?;
+        steps.prepare.times.push(start.elapsed());
+        let start = Instant::now();
+        let mut sandbox = vmm.finish_fork(prepared, source, console())?;
+        steps.finish.times.push(start.elapsed());
+        steps
+            .first
+            .measure(&mut sandbox, |s| run_trivial(s, frame))?;
+        steps
+            .second
+            .measure(&mut sandbox, |s| run_trivial(s, frame))?;
+    }
+    Ok(steps)
+}
+
 pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
     let vmm = Arc::new(Vmm::new()?);
     crate::template::ensure(template, &vmm)?;
@@ -178,32 +210,10 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
     })?;
 
     eprintln!("bench: {samples} VMs made afresh…");
-    let mut prepare = Samples::default();
-    let mut finish = Samples::default();
-    let mut first = Samples::default();
-    let mut second = Samples::default();
-    for _ in 0..samples {
-        let start = Instant::now();
-        let prepared = vmm.prepare_fork(&source)?;
-        prepare.times.push(start.elapsed());
-        let start = Instant::now();
-        let mut sandbox = vmm.finish_fork(prepared, &source, console())?;
-        finish.times.push(start.elapsed());
-        first.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
-        second.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
-    }
-
+    let fresh = fresh_vms(&vmm, &source, &frame, samples)?;
     eprintln!("bench: {samples} VMs made afresh, first writes copied ahead…");
     vmm.learn_writes(&source, &frame)?;
-    let mut prepare_copied = Samples::default();
-    let mut first_copied = Samples::default();
-    for _ in 0..samples {
-        let start = Instant::now();
-        let prepared = vmm.prepare_fork(&source)?;
-        prepare_copied.times.push(start.elapsed());
-        let mut sandbox = vmm.finish_fork(prepared, &source, console())?;
-        first_copied.measure(&mut sandbox, |s| run_trivial(s, &frame))?;
-    }
+    let copied = fresh_vms(&vmm, &source, &frame, samples)?;
 
     eprintln!("bench: {samples} warm-ups as the pool runs them…");
     let warmup = forkvm_protocol::encode(&Request::code(warmup_code))?;
@@ -246,12 +256,12 @@ pub fn run(template: &str, samples: usize) -> Result<BreakdownReport> {
         machine: Machine::describe(),
         template: template.to_string(),
         samples,
-        fresh_prepare: prepare.step(),
-        fresh_finish: finish.step(),
-        fresh_first_request: first.step(),
-        fresh_second_request: second.step(),
-        fresh_prepare_copied: prepare_copied.step(),
-        fresh_first_request_copied: first_copied.step(),
+        fresh_prepare: fresh.prepare.step(),
+        fresh_finish: fresh.finish.step(),
+        fresh_first_request: fresh.first.step(),
+        fresh_second_request: fresh.second.step(),
+        fresh_prepare_copied: copied.prepare.step(),
+        fresh_first_request_copied: copied.first.step(),
         fresh_warmup_request: warmups.step(),
         warmup_reset: Latency::of(resets),
         warm_pool_request: warm.step(),

@@ -55,16 +55,12 @@ pub fn worker(template: &str, count: usize, work: Work) -> Result<()> {
     let vmm = Arc::new(Vmm::new()?);
     let (_, source) = crate::template::store().load(template, &vmm)?;
     let source = Arc::new(source);
+    let fork = || -> Result<Sandbox> {
+        let prepared = vmm.prepare_fork(&source)?;
+        Ok(vmm.finish_fork(prepared, &source, console())?)
+    };
     match work {
-        Work::ForkOnly => hold(|| {
-            let live: Result<Vec<Sandbox>> = (0..count)
-                .map(|_| {
-                    let prepared = vmm.prepare_fork(&source)?;
-                    Ok(vmm.finish_fork(prepared, &source, console())?)
-                })
-                .collect();
-            live
-        }),
+        Work::ForkOnly => hold(|| (0..count).map(|_| fork()).collect::<Result<Vec<_>>>()),
         Work::FillPool => hold(|| {
             let warmup = forkvm_protocol::encode(&Request::code(forkvm_engine::WARMUP_CODE))?;
             let pool = Pool::start(
@@ -90,15 +86,13 @@ pub fn worker(template: &str, count: usize, work: Work) -> Result<()> {
             // would make them before the clock starts, and two threads of one process
             // running VMs interrupt each other's guests (TLB flushes on copy-on-write).
             hold(|| {
-                let live: Result<Vec<Sandbox>> = (0..count)
+                (0..count)
                     .map(|_| {
-                        let prepared = vmm.prepare_fork(&source)?;
-                        let mut sandbox = vmm.finish_fork(prepared, &source, console())?;
+                        let mut sandbox = fork()?;
                         run_trivial(&mut sandbox, &frame)?;
                         Ok(sandbox)
                     })
-                    .collect();
-                live
+                    .collect::<Result<Vec<_>>>()
             })
         }
     }
