@@ -25,7 +25,7 @@ pub use forkvm_protocol::exec::{
     ErrorKind, ExecError, ExecLimits, ExecRequest, ExecResult, FileIn, LANGUAGES, Timings,
 };
 pub use recycle::{RecycleConfig, Recycler};
-pub use session::{InSession, Session};
+pub use session::{InSession, Paused, Session};
 
 /// `WARMUP_CODE` for Node.js templates.
 pub const NODE_WARMUP_CODE: &str = "\
@@ -74,6 +74,8 @@ pub enum EngineError {
     BadCwd(PlaceError),
     #[error("the session has ended (its code exited or crashed); create a new one")]
     SessionEnded,
+    #[error("the paused session cannot be resumed: {0}")]
+    Paused(String),
 }
 
 /// A template loaded from the store, with its warm pool and its per-tenant recycled VMs.

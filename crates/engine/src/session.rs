@@ -2,13 +2,17 @@
 //! namespace, files go in and out between requests, and a session can be forked: it is
 //! snapshotted where it is parked, and each branch starts from exactly that state.
 
+use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use forkvm_kernel::ProcessState;
 use forkvm_kernel::console::Console;
 use forkvm_kernel::host_ops::{PlaceError, ReadError};
+use forkvm_protocol::worker::{PausedMemory, PausedPart, PausedSession};
 use forkvm_template::Runtime;
-use forkvm_vmm::{ForkSource, RunResult, Sandbox};
+use forkvm_vmm::suspend::{Part, Suspended, SuspendedMemory};
+use forkvm_vmm::{ForkSource, RunResult, Sandbox, VcpuState};
 
 use crate::{Engine, EngineError, ExecRequest, ExecResult, Streams};
 
@@ -32,6 +36,8 @@ pub struct Session {
     fresh_fork: bool,
     /// Its template's runtime (which languages it runs).
     runtime: Runtime,
+    /// Its template's source: what pausing stores the session's memory as a layer over.
+    template: Arc<ForkSource>,
 }
 
 /// A request's place in its session (`Engine::run_in`).
@@ -168,6 +174,7 @@ impl Engine {
             measured: None,
             fresh_fork: true,
             runtime: loaded.meta.runtime,
+            template: loaded.pool.source().clone(),
         })
     }
 
@@ -233,8 +240,120 @@ impl Engine {
                 measured: None,
                 fresh_fork: true,
                 runtime: session.runtime,
+                template: session.template.clone(),
             });
         }
         Ok(branches)
+    }
+}
+
+/// A paused session's description and its memory files (one per description entry, in
+/// order).
+pub type Paused = (PausedSession, Vec<File>);
+
+/// The state bytes of `PausedSession`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PausedState {
+    vcpu: VcpuState,
+    process: ProcessState,
+}
+
+fn part_of(part: Part) -> PausedPart {
+    match part {
+        Part::Main => PausedPart::Main,
+        Part::Process(pid) => PausedPart::Process(pid),
+        Part::Segment(id) => PausedPart::Segment(id),
+    }
+}
+
+impl Engine {
+    /// The complete state of `session` (parked between requests), as files that hold it
+    /// without this process: its memory as layers over its template's. The session is
+    /// unchanged; the caller drops it once the state is stored.
+    pub fn pause_session(&self, session: &mut Session) -> Result<Paused, EngineError> {
+        if !session.alive {
+            return Err(EngineError::SessionEnded);
+        }
+        let suspended = self
+            .vmm()
+            .suspend(&mut session.sandbox, &session.template)?;
+        let state = bincode::serialize(&PausedState {
+            vcpu: suspended.vcpu,
+            process: suspended.process,
+        })
+        .map_err(|e| EngineError::Paused(format!("encoding the state: {e}")))?;
+        let mut memories = Vec::with_capacity(suspended.memories.len());
+        let mut files = Vec::with_capacity(suspended.memories.len());
+        for memory in suspended.memories {
+            memories.push(PausedMemory {
+                part: part_of(memory.part),
+                size: memory.size,
+                ranges: memory.ranges,
+                over_template: memory.over_template,
+            });
+            files.push(memory.file);
+        }
+        let paused = PausedSession {
+            state,
+            mapped_at_start: session.mapped_at_start,
+            memories,
+        };
+        Ok((paused, files))
+    }
+
+    /// The session `paused` (from `pause_session`, over template `template`) describes,
+    /// running again: every process, file and descriptor as it was, its clock advanced
+    /// (guest time follows the host's) and its random generators as they were.
+    pub fn resume_session(&self, template: &str, paused: Paused) -> Result<Session, EngineError> {
+        let (paused, files) = paused;
+        if paused.memories.len() != files.len() {
+            return Err(EngineError::Paused(format!(
+                "{} memory files for {} described",
+                files.len(),
+                paused.memories.len()
+            )));
+        }
+        let state: PausedState = bincode::deserialize(&paused.state)
+            .map_err(|e| EngineError::Paused(format!("decoding the state: {e}")))?;
+        let memories = paused
+            .memories
+            .into_iter()
+            .zip(files)
+            .map(|(memory, file)| SuspendedMemory {
+                part: match memory.part {
+                    PausedPart::Main => Part::Main,
+                    PausedPart::Process(pid) => Part::Process(pid),
+                    PausedPart::Segment(id) => Part::Segment(id),
+                },
+                size: memory.size,
+                ranges: memory.ranges,
+                over_template: memory.over_template,
+                file,
+            })
+            .collect();
+        let loaded = self.template(template)?;
+        let vmm = self.vmm();
+        let suspended = Suspended {
+            vcpu: state.vcpu,
+            process: state.process,
+            memories,
+        };
+        let source = vmm
+            .revive(suspended, loaded.pool.source())
+            .map_err(|e| EngineError::Paused(e.to_string()))?;
+        let source = Arc::new(source);
+        let prepared = vmm.prepare_fork(&source)?;
+        let sandbox = vmm.finish_fork(prepared, &source, Console::discarding())?;
+        Ok(Session {
+            mapped_at_start: paused.mapped_at_start,
+            sandbox,
+            source,
+            alive: true,
+            layer_share: 0,
+            measured: None,
+            fresh_fork: false,
+            runtime: loaded.meta.runtime,
+            template: loaded.pool.source().clone(),
+        })
     }
 }

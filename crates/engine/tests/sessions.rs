@@ -289,3 +289,80 @@ fn forks_of_a_session_draw_fresh_randomness_from_every_generator() {
         "0.13436424411240122\n"
     );
 }
+
+/// A second engine over the same template store: a new template load, pool and VMM, as a
+/// restarted server would have.
+fn another_engine() -> Engine {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("session-templates");
+    Engine::new(
+        std::sync::Arc::new(forkvm_vmm::Vmm::new().unwrap()),
+        forkvm_testkit::python_template(&dir),
+        forkvm_vmm::PoolConfig {
+            size: 1,
+            refill_threads: 1,
+        },
+    )
+}
+
+#[test]
+fn a_paused_session_resumes_elsewhere_with_all_its_state() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    run(
+        engine,
+        &mut session,
+        "import numpy as np, os, time\nx = 41\nbig = np.arange(2_000_000)\n\
+         open('/root/note.txt', 'w').write('kept')\nr, w = os.pipe()\nos.write(w, b'piped')\n\
+         before = time.monotonic()",
+    );
+    let paused = engine.pause_session(&mut session).unwrap();
+    // The session runs on after a pause (the pause may fail to be stored)...
+    assert_eq!(run(engine, &mut session, "x = 0\nprint(x)"), "0\n");
+    drop(session);
+    // ...and the paused state does not see what it did since.
+    let other = another_engine();
+    let mut resumed = other.resume_session("python", paused).unwrap();
+    assert_eq!(
+        run(
+            &other,
+            &mut resumed,
+            "print(x + 1, int(big.sum()), open('/root/note.txt').read(), os.read(r, 64), \
+             time.monotonic() >= before)"
+        ),
+        "42 1999999000000 kept b'piped' True\n"
+    );
+    // A resumed session forks, and pauses again (its memory stays one layer over the
+    // template's, however often it is paused).
+    let mut branches = other.fork_session(&mut resumed, 2).unwrap();
+    run(&other, &mut branches[0], "x = 100");
+    assert_eq!(run(&other, &mut branches[1], "print(x)"), "41\n");
+    let again = other.pause_session(&mut branches[0]).unwrap();
+    assert!(
+        again.0.memories.iter().all(
+            |m| m.over_template || !matches!(m.part, forkvm_protocol::worker::PausedPart::Main)
+        )
+    );
+    let mut third = engine.resume_session("python", again).unwrap();
+    assert_eq!(
+        run(engine, &mut third, "print(x, big[-1])"),
+        "100 1999999\n"
+    );
+}
+
+#[test]
+fn a_paused_session_with_a_mismatched_description_is_refused() {
+    let Some(engine) = engine() else { return };
+    let mut session = engine.create_session("python").unwrap();
+    let (mut paused, files) = engine.pause_session(&mut session).unwrap();
+    paused.memories[0].ranges = vec![(1, 4096)];
+    let err = engine
+        .resume_session("python", (paused.clone(), files))
+        .err()
+        .unwrap();
+    assert!(matches!(err, EngineError::Paused(_)), "{err}");
+    let err = engine
+        .resume_session("python", (paused, Vec::new()))
+        .err()
+        .unwrap();
+    assert!(matches!(err, EngineError::Paused(_)), "{err}");
+}

@@ -133,9 +133,17 @@ enum Command {
         /// Largest request body in MiB.
         #[arg(long, default_value_t = 16)]
         max_body_mb: usize,
-        /// Idle TTL of sessions that do not ask for one, in seconds.
+        /// Idle TTL of sessions that do not ask for one, in seconds: past it a session,
+        /// running or paused, is deleted.
         #[arg(long, default_value_t = 300)]
         session_ttl: u64,
+        /// Seconds a session may be idle before it is paused: its state stored on disk,
+        /// its VM freed; any request resumes it (0: only when asked).
+        #[arg(long, default_value_t = 60)]
+        pause_idle_after: u64,
+        /// Disk one key's paused sessions may take, in MiB (0: no limit).
+        #[arg(long, default_value_t = 16384)]
+        key_storage_mb: u64,
         /// Client connections open at once, counted before authentication (more are
         /// answered 503 and closed; the descriptor limit is raised to fit).
         #[arg(long, default_value_t = 8192)]
@@ -538,6 +546,8 @@ fn execute(cli: Cli) -> Result<i32> {
             max_sandboxes,
             max_body_mb,
             session_ttl,
+            pause_idle_after,
+            key_storage_mb,
             max_connections,
             max_connections_per_address,
             header_timeout,
@@ -568,6 +578,8 @@ fn execute(cli: Cli) -> Result<i32> {
             },
             max_body_mb,
             default_ttl: Duration::from_secs(session_ttl),
+            pause_idle_after: (pause_idle_after > 0).then(|| Duration::from_secs(pause_idle_after)),
+            key_storage_mb,
             connections: forkvm_server::connections::ConnectionLimits {
                 max_open: max_connections.max(1),
                 max_per_address: max_connections_per_address.max(1),

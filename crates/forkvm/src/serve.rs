@@ -14,7 +14,9 @@ use forkvm_server::connections::ConnectionLimits;
 use forkvm_server::fairness::FairnessConfig;
 use forkvm_server::templates::{Served, Templates};
 use forkvm_server::wire::TemplateInfo;
-use forkvm_server::{AppState, ServerConfig};
+use forkvm_server::{AppState, PauseConfig, ServerConfig};
+use forkvm_template::cpu::CpuFeatures;
+use forkvm_template::paused::PausedStore;
 use forkvm_vmm::PoolConfig;
 use forkvm_worker::{Workers, cgroup};
 
@@ -35,6 +37,8 @@ pub struct ServeOptions {
     pub fairness: FairnessConfig,
     pub max_body_mb: usize,
     pub default_ttl: Duration,
+    pub pause_idle_after: Option<Duration>,
+    pub key_storage_mb: u64,
     pub connections: ConnectionLimits,
     pub max_response_bytes: u64,
     pub results_memory_bytes: u64,
@@ -133,7 +137,9 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
     }
     config.exec_slots_per_key = options.exec_slots_per_key;
     config.connections = fit_connections(options.connections);
+    config.paused = pause_config(&options)?;
     let state = AppState::new(Templates::new(served), config);
+    forkvm_server::pausing::recover(&state);
     state
         .builds
         .enable(Arc::new(crate::builder::ChildBuilder::new(plan)));
@@ -152,6 +158,27 @@ pub fn serve(options: ServeOptions) -> Result<i32> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(0)
+}
+
+/// Where paused sessions go (the cache's `sessions/`) and when idle ones are paused.
+fn pause_config(options: &ServeOptions) -> Result<Option<PauseConfig>> {
+    let cache = forkvm_template::rootfs::default_cache_dir();
+    let Some(store) =
+        PausedStore::open_exclusive(&cache).context("opening the paused-session store")?
+    else {
+        eprintln!(
+            "forkvm: WARNING: another forkvm serve holds {}/sessions: this server cannot pause sessions, and its sessions end with it",
+            cache.display()
+        );
+        return Ok(None);
+    };
+    let vmm = forkvm_vmm::Vmm::new().context("reading the host's CPU features")?;
+    Ok(Some(PauseConfig {
+        store: Arc::new(store),
+        cpu: CpuFeatures::of(vmm.cpu()),
+        idle_after: options.pause_idle_after,
+        key_storage_bytes: (options.key_storage_mb > 0).then_some(options.key_storage_mb << 20),
+    }))
 }
 
 /// Descriptors kept for everything but client connections: workers' channels, files,
@@ -245,12 +272,13 @@ pub fn serve_template(name: &str, plan: &WorkerPlan) -> Result<Served> {
             runtime: meta.runtime.name().to_string(),
             languages: languages.clone(),
             memory_mb: meta.ram_bytes >> 20,
-            packages: meta.packages,
+            packages: meta.packages.clone(),
             created_at: meta.created_unix,
             default: false,
         },
         languages,
         workers: plan.start(name)?,
+        digest: meta.digest(),
     })
 }
 

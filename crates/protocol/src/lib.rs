@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod exec;
+pub mod files;
 pub mod worker;
 
 /// Version every frame carries; the agent refuses others.

@@ -134,6 +134,12 @@ pub enum Call {
         path: String,
         max: u64,
     },
+    /// Writes a session's complete state into memory files sent with the answer
+    /// (`Answer::Paused`); the session itself runs on until it is dropped.
+    PauseSession { session: SessionHandle },
+    /// A session from a paused state; its memory files come with the call, one per
+    /// `PausedSession::memories` entry, in order. Answered with `Answer::Session`.
+    ResumeSession { paused: PausedSession },
     /// Tears a session down.
     DropSession { session: SessionHandle },
     /// The server took one `Event::Output` of call `call`: the worker may send another
@@ -169,6 +175,50 @@ pub enum Answer {
     Done,
     File(#[serde(with = "serde_bytes")] Vec<u8>),
     Stats(PoolCounters),
+    /// A paused session's description; its memory files come with the answer, one per
+    /// `memories` entry, in order.
+    Paused(PausedSession),
+}
+
+/// A session's complete state, apart from its memory files (which travel beside it as
+/// descriptors, and are stored beside it on disk).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PausedSession {
+    /// The vCPU and syscall-layer state (bincode; the engine's to read).
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+    /// What the session had mapped when created (its requests' memory limits count from
+    /// there).
+    pub mapped_at_start: u64,
+    pub memories: Vec<PausedMemory>,
+}
+
+/// One memory file of a paused session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PausedMemory {
+    pub part: PausedPart,
+    /// The file's size.
+    pub size: u64,
+    /// Ranges (sorted, disjoint) the file defines; the rest is the template's memory
+    /// (`over_template`) or zero.
+    pub ranges: Vec<(u64, u64)>,
+    pub over_template: bool,
+}
+
+impl PausedMemory {
+    /// Bytes the ranges cover (what storing the file may take, at most).
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| e.saturating_sub(*s)).sum()
+    }
+}
+
+/// Whose memory a paused file holds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum PausedPart {
+    /// The session's first process (the agent's).
+    Main,
+    Process(u32),
+    Segment(u64),
 }
 
 /// Why a call failed, in the kinds the API distinguishes.
@@ -186,6 +236,8 @@ pub enum FailureKind {
     FileTooLarge,
     /// A session with other processes running cannot be snapshotted (forked) yet.
     ProcessesRunning,
+    /// A paused session's state does not fit its template (or is not one).
+    BadPausedState,
     Internal,
 }
 
@@ -237,6 +289,12 @@ fn codec() -> impl bincode::Options {
 /// Writes `message` as one frame (a single `write_all`, so frames from threads that hold
 /// the writer's lock in turn never interleave).
 pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> Result<(), WireError> {
+    out.write_all(&encode_frame(message)?)?;
+    Ok(())
+}
+
+/// `message` as one frame's bytes: its length, then its body.
+pub(crate) fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
     use bincode::Options;
     let len = codec().serialized_size(message)? as usize;
     if len > MAX_WORKER_FRAME {
@@ -245,8 +303,7 @@ pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> Result<()
     let mut frame = Vec::with_capacity(4 + len);
     frame.extend_from_slice(&(len as u32).to_le_bytes());
     codec().serialize_into(&mut frame, message)?;
-    out.write_all(&frame)?;
-    Ok(())
+    Ok(frame)
 }
 
 /// Reads one frame. The length is checked before the body is allocated, and the body

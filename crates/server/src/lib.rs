@@ -14,6 +14,7 @@ pub mod error;
 pub mod fairness;
 pub mod metrics;
 pub mod openapi;
+pub mod pausing;
 pub mod result_json;
 pub mod results;
 pub mod sessions;
@@ -57,6 +58,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/sandboxes/{id}/exec"),
     ("post", "/v1/sandboxes/{id}/commands"),
     ("post", "/v1/sandboxes/{id}/fork"),
+    ("post", "/v1/sandboxes/{id}/pause"),
+    ("post", "/v1/sandboxes/{id}/resume"),
     ("put", "/v1/sandboxes/{id}/files/{path}"),
     ("get", "/v1/sandboxes/{id}/files/{path}"),
     ("post", "/mcp"),
@@ -99,6 +102,22 @@ pub struct ServerConfig {
     pub bodies_budget_bytes: u64,
     /// Connection caps and the timeouts on a request's bytes.
     pub connections: ConnectionLimits,
+    /// Where paused sessions are stored; `None`: sessions cannot be paused, and are lost
+    /// when the server stops.
+    pub paused: Option<PauseConfig>,
+}
+
+/// Pausing sessions: where they are stored and when idle ones are paused.
+#[derive(Clone)]
+pub struct PauseConfig {
+    pub store: Arc<forkvm_template::paused::PausedStore>,
+    /// The CPU features this host's KVM offers (recorded with each pause, checked at
+    /// resume).
+    pub cpu: forkvm_template::cpu::CpuFeatures,
+    /// Sessions idle this long are paused (`None`: only when asked).
+    pub idle_after: Option<Duration>,
+    /// Bytes one key's paused sessions may hold on disk (`None`: no limit).
+    pub key_storage_bytes: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +139,7 @@ impl Default for ServerConfig {
             results_budget_bytes: 1 << 30,
             bodies_budget_bytes: 512 << 20,
             connections: ConnectionLimits::default(),
+            paused: None,
         }
     }
 }
@@ -193,6 +213,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/commands", post(api::sessions::commands))
         .route("/mcp", post(api::mcp::mcp))
         .route("/v1/sandboxes/{id}/fork", post(api::sessions::fork))
+        .route("/v1/sandboxes/{id}/pause", post(api::sessions::pause))
+        .route("/v1/sandboxes/{id}/resume", post(api::sessions::resume))
         .route(
             "/v1/sandboxes/{id}/files/{*path}",
             get(api::sessions::get_file).put(api::sessions::put_file),

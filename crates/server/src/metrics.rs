@@ -20,6 +20,12 @@ pub struct Metrics {
     http_responses: IntCounterVec,
     pub sessions_live: IntGauge,
     pub sessions_expired: IntCounter,
+    /// Sessions paused, sessions resumed, sessions paused now.
+    pub sessions_paused: IntCounter,
+    pub sessions_resumed: IntCounter,
+    pub sessions_paused_now: IntGauge,
+    /// Sessions a crash lost (running when the server last stopped without pausing them).
+    pub sessions_lost: IntCounter,
     pub connections_open: IntGauge,
     pub executions_running: IntGauge,
     pub executions_waiting: IntGauge,
@@ -85,6 +91,26 @@ impl Metrics {
                 "Sessions deleted after their idle TTL.",
             )
             .expect("valid counter"),
+            sessions_paused: IntCounter::new(
+                "forkvm_sessions_paused_total",
+                "Sessions paused (their state stored, their VM freed).",
+            )
+            .expect("valid counter"),
+            sessions_resumed: IntCounter::new(
+                "forkvm_sessions_resumed_total",
+                "Paused sessions resumed.",
+            )
+            .expect("valid counter"),
+            sessions_paused_now: IntGauge::new(
+                "forkvm_sessions_paused",
+                "Sessions paused now (stored on disk, no VM).",
+            )
+            .expect("valid gauge"),
+            sessions_lost: IntCounter::new(
+                "forkvm_sessions_lost_total",
+                "Sessions found lost at startup: running when the server stopped without pausing them.",
+            )
+            .expect("valid counter"),
             executions_running: IntGauge::new(
                 "forkvm_executions_running",
                 "Executions holding a slot.",
@@ -146,6 +172,10 @@ impl Metrics {
             Box::new(metrics.http_responses.clone()),
             Box::new(metrics.sessions_live.clone()),
             Box::new(metrics.sessions_expired.clone()),
+            Box::new(metrics.sessions_paused.clone()),
+            Box::new(metrics.sessions_resumed.clone()),
+            Box::new(metrics.sessions_paused_now.clone()),
+            Box::new(metrics.sessions_lost.clone()),
             Box::new(metrics.executions_running.clone()),
             Box::new(metrics.executions_waiting.clone()),
             Box::new(metrics.results_reserved_bytes.clone()),

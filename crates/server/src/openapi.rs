@@ -51,6 +51,8 @@ impl Modify for BearerAuth {
         api::sessions::exec,
         api::sessions::commands,
         api::sessions::fork,
+        api::sessions::pause,
+        api::sessions::resume,
         api::sessions::put_file,
         api::sessions::get_file,
         api::mcp::mcp,

@@ -2,14 +2,22 @@
 //! A session belongs to the key that created it: for any other key it does not exist (404).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use forkvm_template::paused::SessionRecord;
 use forkvm_worker::RemoteSession as Session;
 use uuid::Uuid;
 
 use crate::wire::SessionInfo;
+
+/// Where a session is: in a worker, or stored on disk.
+pub enum Held {
+    Running(Session),
+    /// Paused: its state is in the server's paused store.
+    Paused,
+}
 
 /// One session and its bookkeeping.
 pub struct SessionEntry {
@@ -22,9 +30,12 @@ pub struct SessionEntry {
     last_used: Mutex<(Instant, SystemTime)>,
     /// The sandbox; `None` while a request has it out on a blocking thread, or once the
     /// session is deleted.
-    pub session: tokio::sync::Mutex<Option<Session>>,
+    pub session: tokio::sync::Mutex<Option<Held>>,
     /// Host memory the session held after its last request (see `RemoteSession`).
     host_bytes: AtomicU64,
+    /// Whether it is paused, and the bytes its pause takes on disk.
+    paused: AtomicBool,
+    stored_bytes: AtomicU64,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -50,8 +61,74 @@ impl SessionEntry {
             ttl,
             created: now,
             last_used: Mutex::new((Instant::now(), now)),
-            session: tokio::sync::Mutex::new(Some(session)),
+            session: tokio::sync::Mutex::new(Some(Held::Running(session))),
+            paused: AtomicBool::new(false),
+            stored_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// A session found paused on disk when the server started (`record`, paused at
+    /// `paused_unix`, its pause taking `stored_bytes`). Its idle time counts from the pause.
+    pub fn paused(
+        record: &SessionRecord,
+        paused_unix: u64,
+        stored_bytes: u64,
+    ) -> Option<SessionEntry> {
+        let id = Uuid::parse_str(&record.id).ok()?;
+        let paused_at = UNIX_EPOCH + Duration::from_secs(paused_unix);
+        let idle = SystemTime::now()
+            .duration_since(paused_at)
+            .unwrap_or_default();
+        let last_used = Instant::now()
+            .checked_sub(idle)
+            .unwrap_or_else(Instant::now);
+        Some(SessionEntry {
+            host_bytes: AtomicU64::new(0),
+            id,
+            owner: record.owner.clone(),
+            template: record.template.clone(),
+            metadata: record.metadata.clone(),
+            ttl: Duration::from_secs(record.ttl_seconds),
+            created: UNIX_EPOCH + Duration::from_secs(record.created_unix),
+            last_used: Mutex::new((last_used, paused_at)),
+            session: tokio::sync::Mutex::new(Some(Held::Paused)),
+            paused: AtomicBool::new(true),
+            stored_bytes: AtomicU64::new(stored_bytes),
+        })
+    }
+
+    /// What a pause stores about the session besides its state.
+    pub fn record(&self) -> SessionRecord {
+        SessionRecord {
+            id: self.id.to_string(),
+            owner: self.owner.clone(),
+            template: self.template.clone(),
+            metadata: self.metadata.clone(),
+            ttl_seconds: self.ttl.as_secs(),
+            created_unix: unix(self.created),
+        }
+    }
+
+    /// Notes that the session is paused now, its pause taking `stored_bytes` on disk.
+    pub fn set_paused(&self, stored_bytes: u64) {
+        self.paused.store(true, Ordering::Relaxed);
+        self.stored_bytes.store(stored_bytes, Ordering::Relaxed);
+        self.host_bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Notes that the session runs again, holding `host_bytes`.
+    pub fn set_running(&self, host_bytes: u64) {
+        self.paused.store(false, Ordering::Relaxed);
+        self.stored_bytes.store(0, Ordering::Relaxed);
+        self.host_bytes.store(host_bytes, Ordering::Relaxed);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Relaxed)
     }
 
     /// Marks the session as used now (restarting its TTL), holding `host_bytes`.
@@ -64,7 +141,7 @@ impl SessionEntry {
         self.host_bytes.load(Ordering::Relaxed)
     }
 
-    fn idle_for(&self) -> Duration {
+    pub fn idle_for(&self) -> Duration {
         self.last_used.lock().expect("session lock").0.elapsed()
     }
 
@@ -72,9 +149,14 @@ impl SessionEntry {
     pub fn info(&self) -> SessionInfo {
         let (_, last_used) = *self.last_used.lock().expect("session lock");
         let alive = match self.session.try_lock() {
-            Ok(guard) => guard.as_ref().is_some_and(Session::alive),
+            Ok(guard) => match guard.as_ref() {
+                Some(Held::Running(session)) => session.alive(),
+                Some(Held::Paused) => true,
+                None => false,
+            },
             Err(_) => true,
         };
+        let paused = self.is_paused();
         SessionInfo {
             id: self.id,
             template: self.template.clone(),
@@ -85,6 +167,8 @@ impl SessionEntry {
             metadata: self.metadata.clone(),
             alive,
             memory_bytes: self.host_bytes(),
+            state: if paused { "paused" } else { "running" }.to_string(),
+            stored_bytes: self.stored_bytes(),
         }
     }
 }
@@ -136,6 +220,19 @@ impl SessionStore {
         list
     }
 
+    /// Every session, oldest first.
+    pub fn list_all(&self) -> Vec<Arc<SessionEntry>> {
+        let mut list: Vec<_> = self
+            .entries
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by_key(|e| e.id);
+        list
+    }
+
     /// Host memory `owner`'s sessions hold.
     pub fn host_bytes_of(&self, owner: &str) -> u64 {
         self.entries
@@ -145,6 +242,34 @@ impl SessionStore {
             .filter(|e| e.owner == owner)
             .map(|e| e.host_bytes())
             .sum()
+    }
+
+    /// Disk bytes `owner`'s paused sessions hold.
+    pub fn stored_bytes_of(&self, owner: &str) -> u64 {
+        self.entries
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .filter(|e| e.owner == owner)
+            .map(|e| e.stored_bytes())
+            .sum()
+    }
+
+    /// Running sessions idle longer than `idle` and not in use: the ones to pause.
+    pub fn idle_running(&self, idle: Duration) -> Vec<Arc<SessionEntry>> {
+        self.entries
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .filter(|e| !e.is_paused() && e.idle_for() > idle && e.session.try_lock().is_ok())
+            .cloned()
+            .collect()
+    }
+
+    /// Sessions paused now.
+    pub fn paused_count(&self) -> usize {
+        let entries = self.entries.lock().expect("sessions lock");
+        entries.values().filter(|e| e.is_paused()).count()
     }
 
     pub fn len(&self) -> usize {

@@ -17,6 +17,8 @@ pub struct Served {
     /// What `GET /v1/templates` says of it (`default` is filled in there).
     pub info: TemplateInfo,
     pub workers: Arc<Workers>,
+    /// The build's digest (`SnapshotMeta::digest`): what paused sessions are layered over.
+    pub digest: String,
 }
 
 /// Every served template; the first is the default. Operators may add templates while the

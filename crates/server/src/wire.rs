@@ -440,8 +440,13 @@ pub struct SessionInfo {
     pub alive: bool,
     /// Host memory the session holds, as of its last request: its private pages, its
     /// files, and its share of the layer it was forked from. Counts against the key's
-    /// `--key-memory-mb`.
+    /// `--key-memory-mb`. Zero while paused.
     pub memory_bytes: u64,
+    /// `running` (it has a VM) or `paused` (its state is on disk; any request resumes it).
+    pub state: String,
+    /// Bytes its paused state takes on disk (zero while running). Counts against the
+    /// key's `--key-storage-mb`.
+    pub stored_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod lock;
 pub mod overlay;
 pub mod packages;
+pub mod paused;
 pub mod rootfs;
 pub mod runtime;
 pub mod seal;

@@ -159,6 +159,12 @@ impl SnapshotMeta {
         self.seal = sealer.seal(&self.sealed_bytes());
     }
 
+    /// What identifies this build of the template (SHA-256 of its metadata, which holds
+    /// the digests of its memory, state and image): what a paused session is layered over.
+    pub fn digest(&self) -> String {
+        hex(&Sha256::digest(self.sealed_bytes()))
+    }
+
     /// Whether the metadata carries `sealer`'s seal.
     pub fn sealed_by(&self, sealer: &Sealer) -> bool {
         sealer.check(&self.sealed_bytes(), &self.seal)
@@ -208,7 +214,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// Writes a memory file of `size` bytes: the non-zero pages of `ranges` at their own
 /// offsets, each read with `read(offset, page)`.
-fn write_memory(
+pub(crate) fn write_memory(
     path: &Path,
     size: u64,
     ranges: &[(u64, u64)],
@@ -264,7 +270,11 @@ fn write_memory(
 
 /// Opens the memory file at `path` and checks it is what `stored` says: its size, and (once
 /// after each change: see `seal`) the digest of its extents and nothing outside them.
-fn open_memory(path: &Path, stored: &StoredMemory, sealer: &Sealer) -> Result<File, SnapshotError> {
+pub(crate) fn open_memory(
+    path: &Path,
+    stored: &StoredMemory,
+    sealer: &Sealer,
+) -> Result<File, SnapshotError> {
     let memory = OpenOptions::new()
         .read(true)
         .open(path)

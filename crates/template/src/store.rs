@@ -46,6 +46,10 @@ pub enum StoreError {
         "the entry program ended ({exit}) before reading its first request; its output:\n{output}"
     )]
     EntryEnded { exit: String, output: String },
+    #[error(
+        "{count} paused session(s) are layered over template {name:?}: rebuilding or deleting it would leave them unable to resume; delete them first (DELETE /v1/sandboxes/ID)"
+    )]
+    PausedSessions { name: String, count: usize },
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -134,9 +138,30 @@ impl TemplateStore {
         Ok(snapshot::verify(&dir, vmm, &self.sealer()?)?)
     }
 
+    /// Refuses to replace or delete template `name` while paused sessions are layered over
+    /// its memory (running forks hold its files open; paused ones need them on disk).
+    fn check_unused(&self, name: &str) -> Result<(), StoreError> {
+        if !self.cache_dir.join("sessions").is_dir() {
+            return Ok(());
+        }
+        let store =
+            crate::paused::PausedStore::open(&self.cache_dir).map_err(|e| StoreError::Io {
+                path: self.cache_dir.join("sessions"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        match store.sessions_over(name) {
+            0 => Ok(()),
+            count => Err(StoreError::PausedSessions {
+                name: name.to_string(),
+                count,
+            }),
+        }
+    }
+
     /// Deletes template `name`. Running forks keep working: they hold the memory file open.
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         let dir = self.existing(name)?;
+        self.check_unused(name)?;
         fs::remove_dir_all(&dir).map_err(io_error(&dir))
     }
 
@@ -156,6 +181,9 @@ impl TemplateStore {
         fill: impl FnOnce(&Path) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let dir = self.dir(name)?;
+        if dir.exists() {
+            self.check_unused(name)?;
+        }
         fs::create_dir_all(&self.root).map_err(io_error(&self.root))?;
         let staging = self
             .root

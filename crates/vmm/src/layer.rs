@@ -29,7 +29,11 @@ const COPY_CHUNK: usize = 1 << 20;
 /// a megabyte read at a time and each run of non-zero pages in one write. (What a layer
 /// costs is mostly the copying and the memory file's new pages: for a 15 MiB session,
 /// about 9 ms of a 10 ms snapshot either way.)
-fn copy_pages(ram: &GuestRam, file: &File, ranges: &[(u64, u64)]) -> Result<(), MemoryError> {
+pub(crate) fn copy_pages(
+    ram: &GuestRam,
+    file: &File,
+    ranges: &[(u64, u64)],
+) -> Result<(), MemoryError> {
     let page = PAGE_SIZE as usize;
     let mut chunk = vec![0u8; COPY_CHUNK];
     for &(start, end) in ranges {

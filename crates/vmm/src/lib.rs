@@ -14,6 +14,7 @@ pub mod paging;
 pub mod pool;
 pub mod sandbox;
 pub mod stats;
+pub mod suspend;
 pub mod tsc;
 pub mod vcpu;
 pub(crate) mod vm;

@@ -80,6 +80,9 @@ pub fn drive(sessions: impl Fn() -> Vec<Arc<Mutex<Session>>>, wakeup: &Wakeup) -
             }
             next = Some(next.map_or(due, |n| n.min(due)));
         }
+        // Not held while waiting: a session the worker drops meanwhile (deleted, paused)
+        // must free its VM now, not when the driver next wakes.
+        drop(live);
         wakeup.wait(next);
     }
 }

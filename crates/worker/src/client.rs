@@ -3,12 +3,14 @@
 //! hostile (bounded frames, answers matched to calls the server made).
 
 use std::collections::HashMap;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use forkvm_protocol::files::{FileReader, write_frame_with_files};
 use forkvm_protocol::worker::{
     Answer, Call, CallFrame, Event, Failure, Hello, OutputStream, Ready, Start, WireError,
     read_frame, write_frame,
@@ -76,8 +78,11 @@ impl Cancellation {
 /// worker ignoring its window only stalls its own connection.
 const EVENTS_IN_FLIGHT: usize = 2 * forkvm_protocol::worker::OUTPUT_WINDOW as usize;
 
+/// An event and the files that came with it.
+type Received = (Event, Vec<OwnedFd>);
+
 /// Calls waiting for answers, with whether each streams output.
-type Pending = HashMap<u64, (mpsc::SyncSender<Event>, bool)>;
+type Pending = HashMap<u64, (mpsc::SyncSender<Received>, bool)>;
 
 /// One live worker.
 pub struct Connection {
@@ -142,10 +147,14 @@ impl Connection {
         self.pending.lock().expect("pending lock").is_some()
     }
 
-    /// Hands every event to its call until the worker closes or sends garbage.
-    fn route(&self, mut reader: UnixStream) {
+    /// Hands every event (and the files sent with it) to its call until the worker closes
+    /// or sends garbage.
+    fn route(&self, reader: UnixStream) {
+        let mut reader = FileReader::new(reader);
         let why = loop {
-            let event: Event = match read_frame(&mut reader) {
+            let event = read_frame::<Event>(&mut reader);
+            let files = reader.take_files();
+            let event = match event {
                 Ok(event) => event,
                 Err(WireError::Closed) => {
                     // The worker died: its supervisor reaps it and says how (which makes a
@@ -185,7 +194,7 @@ impl Connection {
             };
             drop(pending);
             if let Some(sender) = sender {
-                let _ = sender.send(event);
+                let _ = sender.send((event, files));
             }
         };
         self.fail(why);
@@ -217,9 +226,11 @@ impl Connection {
         )
     }
 
-    fn send(&self, id: u64, call: Call) -> Result<(), WorkerError> {
+    fn send(&self, id: u64, call: Call, files: &[BorrowedFd<'_>]) -> Result<(), WorkerError> {
         let frame = CallFrame { id, call };
-        write_frame(&mut *self.writer.lock().expect("writer lock"), &frame).map_err(|e| {
+        let writer = self.writer.lock().expect("writer lock");
+        write_frame_with_files(&writer, &frame, files).map_err(|e| {
+            drop(writer);
             self.fail(format!("writing to it failed: {e}"));
             self.gone()
         })
@@ -228,7 +239,7 @@ impl Connection {
     /// Sends `call` without waiting for its answer.
     pub fn send_only(&self, call: Call) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let _ = self.send(id, call);
+        let _ = self.send(id, call, &[]);
     }
 
     /// Makes `call` and waits up to `patience` for its answer, handing output chunks to
@@ -240,7 +251,17 @@ impl Connection {
         tap: Option<&Tap>,
         patience: Duration,
     ) -> Result<Answer, WorkerError> {
-        self.call_with(call, tap, patience, |_| {})
+        Ok(self.call_with(call, &[], tap, patience, |_| {})?.0)
+    }
+
+    /// `call` with `files` sent along; the answer comes with the files the worker sent.
+    pub fn call_with_files(
+        &self,
+        call: Call,
+        files: &[BorrowedFd<'_>],
+        patience: Duration,
+    ) -> Result<(Answer, Vec<OwnedFd>), WorkerError> {
+        self.call_with(call, files, None, patience, |_| {})
     }
 
     /// `call` for an execution that `cancel` can end early (its client went away).
@@ -251,31 +272,32 @@ impl Connection {
         patience: Duration,
         cancel: &Cancellation,
     ) -> Result<Answer, WorkerError> {
-        let answer = self.call_with(call, tap, patience, |id| cancel.attach(self, id));
+        let answer = self.call_with(call, &[], tap, patience, |id| cancel.attach(self, id));
         cancel.detach();
-        answer
+        Ok(answer?.0)
     }
 
     fn call_with(
         &self,
         call: Call,
+        files: &[BorrowedFd<'_>],
         tap: Option<&Tap>,
         patience: Duration,
         sent: impl FnOnce(u64),
-    ) -> Result<Answer, WorkerError> {
+    ) -> Result<(Answer, Vec<OwnedFd>), WorkerError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(EVENTS_IN_FLIGHT);
         match self.pending.lock().expect("pending lock").as_mut() {
             Some(calls) => calls.insert(id, (tx, tap.is_some())),
             None => return Err(self.gone()),
         };
-        self.send(id, call)?;
+        self.send(id, call, files)?;
         sent(id);
         let mut deadline = Instant::now() + patience;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(Event::Output { stream, data, .. }) => {
+                Ok((Event::Output { stream, data, .. }, _)) => {
                     if let Some(tap) = tap {
                         // A tap waits while its client is slow, and the worker (its window
                         // full) with it: that time is ours, not the worker's.
@@ -285,7 +307,9 @@ impl Connection {
                     }
                     self.send_only(Call::OutputTaken { call: id });
                 }
-                Ok(Event::Done { outcome, .. }) => return outcome.map_err(WorkerError::Failed),
+                Ok((Event::Done { outcome, .. }, files)) => {
+                    return outcome.map(|a| (a, files)).map_err(WorkerError::Failed);
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.gone()),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     tracing::error!(pid = self.pid, "worker unresponsive; killing it");

@@ -49,6 +49,14 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_fcntl, "descriptor flags"),
     (libc::SYS_recvfrom, "the server's socket"),
     (libc::SYS_sendto, "the server's socket"),
+    (
+        libc::SYS_recvmsg,
+        "the server's socket: frames with memory files attached",
+    ),
+    (
+        libc::SYS_sendmsg,
+        "the server's socket: frames with memory files attached",
+    ),
     // Threads.
     (libc::SYS_futex, "locks and condition variables"),
     (libc::SYS_set_robust_list, "new threads"),

@@ -4,6 +4,8 @@
 //! serialized by the session's lock.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use forkvm_engine::{Engine, EngineError, Session, Streams};
 use forkvm_kernel::host_ops::ReadError;
+use forkvm_protocol::files::{FileReader, write_frame_with_files};
 use forkvm_protocol::worker::{
     Answer, Call, CallFrame, Event, Failure, FailureKind, Hello, PoolCounters, Ready, RunProgram,
     SessionHandle, Start, WireError, read_frame, write_frame,
@@ -85,7 +88,7 @@ pub fn run(socket: UnixStream, run_program: impl FnOnce(RunProgram) -> i32) -> i
     serve_calls(
         &worker,
         &Arc::new(Readers {
-            socket: Mutex::new(reader),
+            socket: Mutex::new(FileReader::new(reader)),
             free: AtomicUsize::new(1),
         }),
     )
@@ -96,7 +99,7 @@ pub fn run(socket: UnixStream, run_program: impl FnOnce(RunProgram) -> i32) -> i
 /// itself. A call so starts on the thread that read it, with no hand-off on its path, and
 /// no call ever waits for another to end.
 struct Readers {
-    socket: Mutex<UnixStream>,
+    socket: Mutex<FileReader>,
     /// Threads not running a call (reading, or waiting to read).
     free: AtomicUsize,
 }
@@ -104,7 +107,10 @@ struct Readers {
 /// One reading thread's life; returns the exit status when the server closes the socket.
 fn serve_calls(worker: &Arc<Worker>, readers: &Arc<Readers>) -> i32 {
     loop {
-        let frame = read_frame::<CallFrame>(&mut *readers.socket.lock().expect("socket lock"));
+        let (frame, files) = {
+            let mut socket = readers.socket.lock().expect("socket lock");
+            (read_frame::<CallFrame>(&mut *socket), socket.take_files())
+        };
         let frame = match frame {
             Ok(frame) => frame,
             Err(WireError::Closed) => std::process::exit(0),
@@ -137,7 +143,7 @@ fn serve_calls(worker: &Arc<Worker>, readers: &Arc<Readers>) -> i32 {
                 tracing::error!(error = %e, "cannot start a call thread");
             }
         }
-        worker.run_call(frame);
+        worker.run_call(frame, files);
         readers.free.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -166,6 +172,12 @@ fn start(hello: &Hello) -> Result<(Arc<Engine>, u64), String> {
         .start_template(&hello.template, opened)
         .map_err(|e| format!("starting template {:?}: {e}", hello.template))?;
     Ok((engine.clone(), loaded.meta.ram_bytes))
+}
+
+/// A call's answer and the files that go with it.
+struct Reply {
+    answer: Answer,
+    files: Vec<File>,
 }
 
 struct Worker {
@@ -199,6 +211,7 @@ fn engine_failure(error: EngineError) -> Failure {
         EngineError::Store(_) => FailureKind::TemplateUnavailable,
         EngineError::PlaceFile(_) => FailureKind::BadFile,
         EngineError::BadCwd(_) => FailureKind::BadCwd,
+        EngineError::Paused(_) => FailureKind::BadPausedState,
         EngineError::Vmm(VmmError::Sandbox(SandboxError::Busy(_)))
         | EngineError::Deliver(SandboxError::Busy(_)) => FailureKind::ProcessesRunning,
         _ => FailureKind::Internal,
@@ -207,8 +220,8 @@ fn engine_failure(error: EngineError) -> Failure {
 }
 
 impl Worker {
-    /// Runs one call and answers it.
-    fn run_call(&self, frame: CallFrame) {
+    /// Runs one call (with the files that came with it) and answers it.
+    fn run_call(&self, frame: CallFrame, files: Vec<OwnedFd>) {
         match frame.call {
             Call::ProbeFilter => {
                 crate::seccomp::probe();
@@ -227,11 +240,12 @@ impl Worker {
                     let touches_session = matches!(
                         call,
                         Call::CreateSession
+                            | Call::ResumeSession { .. }
                             | Call::SessionExec { .. }
                             | Call::ForkSession { .. }
                             | Call::PutFile { .. }
                     );
-                    let outcome = self.handle(frame.id, call);
+                    let outcome = self.handle(frame.id, call, files);
                     if touches_session {
                         // It may have started work that goes on between requests.
                         self.wakeup.notify();
@@ -251,14 +265,24 @@ impl Worker {
                 });
                 self.windows.remove(frame.id);
                 self.running.lock().expect("running lock").remove(&frame.id);
-                self.answer(frame.id, outcome);
+                match outcome {
+                    Ok(Reply { answer, files }) => self.answer_with(frame.id, Ok(answer), &files),
+                    Err(failure) => self.answer(frame.id, Err(failure)),
+                }
             }
         }
     }
 
     fn answer(&self, id: u64, outcome: Result<Answer, Failure>) {
+        self.answer_with(id, outcome, &[]);
+    }
+
+    /// Answers call `id`, sending `files` with the answer.
+    fn answer_with(&self, id: u64, outcome: Result<Answer, Failure>, files: &[File]) {
         let event = Event::Done { id, outcome };
-        if let Err(e) = write_frame(&mut *self.writer.lock().expect("writer lock"), &event) {
+        let fds: Vec<_> = files.iter().map(AsFd::as_fd).collect();
+        let socket = self.writer.lock().expect("writer lock");
+        if let Err(e) = write_frame_with_files(&socket, &event, &fds) {
             tracing::warn!(error = %e, "cannot answer the server");
         }
     }
@@ -328,7 +352,41 @@ impl Worker {
         counters
     }
 
-    fn handle(&self, id: u64, call: Call) -> Result<Answer, Failure> {
+    fn handle(&self, id: u64, call: Call, files: Vec<OwnedFd>) -> Result<Reply, Failure> {
+        let answer = match call {
+            Call::PauseSession { session } => {
+                let session = self.session(session)?;
+                let (paused, files) = self
+                    .engine
+                    .pause_session(&mut session.lock().expect("session lock"))
+                    .map_err(engine_failure)?;
+                return Ok(Reply {
+                    answer: Answer::Paused(paused),
+                    files,
+                });
+            }
+            Call::ResumeSession { paused } => {
+                let files = files.into_iter().map(File::from).collect();
+                let mut session = self
+                    .engine
+                    .resume_session(&self.template, (paused, files))
+                    .map_err(engine_failure)?;
+                let host_bytes = session.recent_host_bytes();
+                Answer::Session {
+                    handle: self.keep(session),
+                    host_bytes,
+                }
+            }
+            call => self.handle_plain(id, call)?,
+        };
+        Ok(Reply {
+            answer,
+            files: Vec::new(),
+        })
+    }
+
+    /// The calls that carry no files either way.
+    fn handle_plain(&self, id: u64, call: Call) -> Result<Answer, Failure> {
         match call {
             Call::Exec {
                 request,
@@ -431,6 +489,9 @@ impl Worker {
                 Ok(Answer::Done)
             }
             Call::Stats => Ok(Answer::Stats(self.stats())),
+            Call::PauseSession { .. } | Call::ResumeSession { .. } => {
+                Err(failure(FailureKind::Internal, "files out of place"))
+            }
             Call::ProbeFilter => Err(failure(FailureKind::Internal, "probe out of place")),
             Call::OutputTaken { .. } | Call::Cancel { .. } => {
                 Err(failure(FailureKind::Internal, "flow control out of place"))

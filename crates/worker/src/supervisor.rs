@@ -4,7 +4,9 @@
 //! a session stays in the worker that created it, and is lost with it.
 
 use std::collections::hash_map::DefaultHasher;
+use std::fs::File;
 use std::hash::{Hash, Hasher};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use forkvm_protocol::exec::{ExecRequest, ExecResult};
 use forkvm_protocol::worker::{
-    Answer, Call, Failure, FailureKind, Hello, PoolCounters, SessionHandle,
+    Answer, Call, Failure, FailureKind, Hello, PausedSession, PoolCounters, SessionHandle,
 };
 
 use crate::cgroup::{self, Cgroup};
@@ -275,6 +277,26 @@ impl Workers {
     }
 }
 
+impl Workers {
+    /// A session from a paused state (its memory files opened read-only), in the next
+    /// worker in turn.
+    pub fn resume_session(
+        &self,
+        paused: PausedSession,
+        files: &[File],
+    ) -> Result<RemoteSession, WorkerError> {
+        let connection = self.pick(self.next_session.fetch_add(1, Ordering::Relaxed))?;
+        let fds: Vec<_> = files.iter().map(AsFd::as_fd).collect();
+        let call = Call::ResumeSession { paused };
+        match connection.call_with_files(call, &fds, CALL_PATIENCE)? {
+            (Answer::Session { handle, host_bytes }, _) => {
+                Ok(RemoteSession::new(connection, handle, host_bytes))
+            }
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop();
@@ -289,6 +311,7 @@ fn unexpected(answer: &Answer) -> WorkerError {
         Answer::Done => "done",
         Answer::File(_) => "a file",
         Answer::Stats(_) => "stats",
+        Answer::Paused(_) => "a paused session",
     };
     WorkerError::Failed(Failure {
         kind: FailureKind::Internal,
@@ -460,6 +483,51 @@ impl RemoteSession {
             Answer::Done => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// The session's complete state and its memory files (see `Engine::pause_session`); the
+    /// session runs on (drop it once the state is stored). What the worker sends is
+    /// checked: one regular file per memory described, each as large as described.
+    pub fn pause(&mut self) -> Result<(PausedSession, Vec<File>), WorkerError> {
+        let call = Call::PauseSession {
+            session: self.handle,
+        };
+        let (answer, fds) = self
+            .connection
+            .call_with_files(call, &[], CALL_PATIENCE)
+            .inspect_err(|e| {
+                if matches!(e, WorkerError::Gone(_) | WorkerError::Unresponsive(_)) {
+                    self.alive = false;
+                }
+            })?;
+        let Answer::Paused(paused) = answer else {
+            return Err(unexpected(&answer));
+        };
+        let bad = |why: String| {
+            WorkerError::Failed(Failure {
+                kind: FailureKind::Internal,
+                message: format!("the worker paused the session wrongly: {why}"),
+            })
+        };
+        if fds.len() != paused.memories.len() {
+            return Err(bad(format!(
+                "{} files for {} memories",
+                fds.len(),
+                paused.memories.len()
+            )));
+        }
+        let files: Vec<File> = fds.into_iter().map(File::from).collect();
+        for (file, memory) in files.iter().zip(&paused.memories) {
+            let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+            let end = memory.ranges.iter().map(|r| r.1).max().unwrap_or(0);
+            if !meta.is_file() || meta.len() != memory.size || end > memory.size {
+                return Err(bad(format!(
+                    "a file of {} bytes for {memory:?}",
+                    meta.len()
+                )));
+            }
+        }
+        Ok((paused, files))
     }
 
     pub fn get_file(&mut self, path: &str, max: u64) -> Result<Vec<u8>, WorkerError> {

@@ -92,14 +92,51 @@ pub struct Server {
     pub ops: String,
 }
 
+/// A cache directory of its own (for a server whose paused sessions no other test's server
+/// may see) sharing the shared cache's built templates, image and sealing key.
+pub fn private_cache(name: &str) -> PathBuf {
+    let shared = cache_dir();
+    let dir = shared.join(format!("private-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(shared).unwrap().flatten() {
+        let file_name = entry.file_name();
+        let name = file_name.to_string_lossy();
+        if name == "templates" || name == "seal.key" || name.ends_with(".img") {
+            std::os::unix::fs::symlink(entry.path(), dir.join(&file_name)).unwrap();
+        }
+    }
+    dir
+}
+
 impl Server {
     /// Starts `forkvm serve` with extra `flags`.
     pub fn start(flags: &[&str]) -> Server {
         let cache = cache_dir();
         let keys = cache.join(format!("keys-{}.json", uuid_like()));
-        let alice = new_key(&keys, "alice");
-        let bob = new_key(&keys, "bob");
-        let ops = key_of(&keys, "ops", &["--operator"]);
+        Server::start_in(cache, &keys, flags)
+    }
+
+    /// Starts `forkvm serve` over cache directory `cache` with the keys of `keys` (made
+    /// on first use: a server started again with the same file has the same keys).
+    pub fn start_in(cache: &Path, keys: &Path, flags: &[&str]) -> Server {
+        let names = keys.with_extension("plain");
+        let (alice, bob, ops) = match std::fs::read_to_string(&names) {
+            Ok(text) => {
+                let mut lines = text.lines().map(str::to_string);
+                let mut next = || lines.next().unwrap();
+                (next(), next(), next())
+            }
+            Err(_) => {
+                let made = (
+                    new_key(keys, "alice"),
+                    new_key(keys, "bob"),
+                    key_of(keys, "ops", &["--operator"]),
+                );
+                std::fs::write(&names, format!("{}\n{}\n{}\n", made.0, made.1, made.2)).unwrap();
+                made
+            }
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_forkvm"))
             .args([
                 "serve",
@@ -109,7 +146,7 @@ impl Server {
                 "4",
                 "--keys",
             ])
-            .arg(&keys)
+            .arg(keys)
             .args(flags)
             .env("FORKVM_CACHE_DIR", cache)
             .stdout(Stdio::piped())

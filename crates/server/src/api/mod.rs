@@ -35,6 +35,7 @@ pub fn worker_error(error: WorkerError, field: &str) -> ApiError {
             FailureKind::UnsupportedLanguage => ApiError::invalid("language", message),
             FailureKind::SessionEnded => ApiError::conflict("session_ended", message),
             FailureKind::ProcessesRunning => ApiError::conflict("processes_running", message),
+            FailureKind::BadPausedState => ApiError::conflict("session_lost", message),
             FailureKind::TemplateUnavailable => ApiError::unavailable(message),
             FailureKind::BadFile => ApiError::invalid(field, message),
             FailureKind::BadCwd => ApiError::invalid("cwd", message),

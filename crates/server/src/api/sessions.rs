@@ -19,8 +19,9 @@ use super::{
 };
 use crate::AppState;
 use crate::error::ApiError;
+use crate::pausing;
 use crate::result_json::JsonPieces;
-use crate::sessions::SessionEntry;
+use crate::sessions::{Held, SessionEntry};
 use crate::validate;
 use crate::wire::{
     CommandBody, CreateSessionBody, ExecBody, ExecResponse, FileWritten, ForkBody, ForkResponse,
@@ -57,15 +58,25 @@ fn find(state: &AppState, id: &str, caller: &str) -> Result<Arc<SessionEntry>, A
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))
 }
 
-/// Runs `work` on the session on a blocking thread (the sandbox is moved there and back).
+/// Runs `work` on the session on a blocking thread (the sandbox is moved there and back),
+/// resuming it first if it is paused.
 async fn with_session<T: Send + 'static>(
+    state: &Arc<AppState>,
     entry: &SessionEntry,
     work: impl FnOnce(&mut Session) -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     let mut guard = entry.session.lock().await;
-    let mut session = guard
-        .take()
-        .ok_or_else(|| ApiError::not_found("the sandbox was deleted"))?;
+    let mut session = match guard.take() {
+        None => return Err(ApiError::not_found("the sandbox was deleted")),
+        Some(Held::Running(session)) => session,
+        Some(Held::Paused) => match pausing::resume(state, entry).await {
+            Ok(session) => session,
+            Err(e) => {
+                *guard = Some(Held::Paused);
+                return Err(e);
+            }
+        },
+    };
     let joined = tokio::task::spawn_blocking(move || {
         let value = work(&mut session);
         (session, value)
@@ -74,17 +85,39 @@ async fn with_session<T: Send + 'static>(
     match joined {
         Ok((session, value)) => {
             entry.touch(session.host_bytes());
-            *guard = Some(session);
+            *guard = Some(Held::Running(session));
             Ok(value)
         }
         Err(e) => Err(ApiError::internal(format!("sandbox thread failed: {e}"))),
     }
 }
 
-/// Tears a session down (its worker does the work; the message is sent from a blocking
-/// thread).
-fn dispose(session: Session) {
-    tokio::task::spawn_blocking(move || drop(session));
+/// Tears a session down, wherever it is: its worker drops its VM (the message is sent
+/// from a blocking thread), or its paused state is deleted. Either way it no longer holds
+/// a sandbox of its owner's.
+fn dispose(state: &AppState, entry: &SessionEntry, held: Option<Held>) {
+    if let Some(config) = &state.config.paused {
+        let (store, id) = (config.store.clone(), entry.id.to_string());
+        tokio::task::spawn_blocking(move || store.remove(&id));
+    }
+    match held {
+        Some(Held::Running(session)) => {
+            state.fairness.release(&entry.owner, 1);
+            tokio::task::spawn_blocking(move || drop(session));
+        }
+        Some(Held::Paused) => state
+            .metrics
+            .sessions_paused_now
+            .set(state.sessions.paused_count() as i64),
+        None => {}
+    }
+}
+
+/// Notes a new session as running in the paused store (so a crash counts it as lost).
+fn note_running(state: &AppState, entry: &SessionEntry) {
+    if let Some(config) = &state.config.paused {
+        config.store.mark_running(&entry.id.to_string());
+    }
 }
 
 /// Create a session.
@@ -138,6 +171,7 @@ pub async fn create(
         ttl,
         session,
     ));
+    note_running(&state, &entry);
     state.sessions.insert(entry.clone());
     Ok((StatusCode::CREATED, Json(entry.info())))
 }
@@ -194,10 +228,8 @@ pub async fn delete(
         .sessions
         .remove(uuid, &caller)
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
-    state.fairness.release(&caller, 1);
-    if let Some(session) = entry.session.lock().await.take() {
-        dispose(session);
-    }
+    let held = entry.session.lock().await.take();
+    dispose(&state, &entry, held);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -275,7 +307,7 @@ async fn run_in_session(
             let slot = acquire_slot(&state, &caller).await?;
             let cancellation = forkvm_worker::Cancellation::default();
             let cancel_on_drop = CancelOnDrop::new(cancellation.clone());
-            let result = with_session(&entry, move |session| {
+            let result = with_session(&state, &entry, move |session| {
                 session.exec(request, tap, &cancellation)
             })
             .await;
@@ -322,7 +354,7 @@ pub async fn fork(
     check_memory(&state, &caller)?;
     let permit = state.fairness.reserve(&caller, count)?;
     let _slot = acquire_slot(&state, &caller).await?;
-    let branches = with_session(&entry, move |session| session.fork(count))
+    let branches = with_session(&state, &entry, move |session| session.fork(count))
         .await?
         .map_err(|e| worker_error(e, "count"))?;
     permit.keep();
@@ -336,6 +368,7 @@ pub async fn fork(
             branch,
         ));
         ids.push(child.id);
+        note_running(&state, &child);
         state.sessions.insert(child);
     }
     Ok(Json(ForkResponse { ids }))
@@ -371,7 +404,7 @@ pub async fn put_file(
     validate::path("path", &absolute, false)?;
     let size = data.len() as u64;
     let target = absolute.clone();
-    with_session(&entry, move |session| {
+    with_session(&state, &entry, move |session| {
         session.put_file(&target, data.to_vec(), 0o644)
     })
     .await?
@@ -405,9 +438,11 @@ pub async fn get_file(
     let max = state.config.max_file_bytes;
     // The file, and its copy while the worker's message is decoded.
     let hold = state.results.reserve_bytes(2 * max).await?;
-    let data = with_session(&entry, move |session| session.get_file(&absolute, max))
-        .await?
-        .map_err(|e| worker_error(e, "path"))?;
+    let data = with_session(&state, &entry, move |session| {
+        session.get_file(&absolute, max)
+    })
+    .await?
+    .map_err(|e| worker_error(e, "path"))?;
     Ok(held_response(
         "application/octet-stream",
         [Bytes::from(data)],
@@ -415,28 +450,85 @@ pub async fn get_file(
     ))
 }
 
-/// Every second, deletes sessions idle past their TTL.
+/// Every second, pauses sessions idle past the pause time (when the server pauses idle
+/// sessions) and deletes sessions, running or paused, idle past their TTL.
 pub async fn reap_expired(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         for entry in state.sessions.take_expired() {
-            state.fairness.release(&entry.owner, 1);
             state.metrics.sessions_expired.inc();
             tracing::info!(session = %entry.id, key = %entry.owner, "session expired");
-            if let Some(session) = entry.session.lock().await.take() {
-                dispose(session);
-            }
+            let held = entry.session.lock().await.take();
+            dispose(&state, &entry, held);
         }
         state.metrics.sessions_live.set(state.sessions.len() as i64);
+        if let Some(idle) = state.config.paused.as_ref().and_then(|p| p.idle_after) {
+            pausing::pause_idle(&state, idle).await;
+        }
     }
 }
 
-/// Tears every session down (at shutdown).
-pub async fn drop_all(state: &AppState) {
+/// At shutdown: pauses every running session when the server stores paused sessions (so
+/// the next server serves them), else tears it down.
+pub async fn drop_all(state: &Arc<AppState>) {
+    if state.config.paused.is_some() {
+        let mut paused = 0;
+        for entry in state.sessions.list_all() {
+            match pausing::pause(state, &entry).await {
+                Ok(()) => paused += 1,
+                Err(e) => {
+                    tracing::warn!(session = %entry.id, error = %e.message, "not paused at shutdown")
+                }
+            }
+        }
+        eprintln!("forkvm: {paused} session(s) paused for the next start");
+    }
     for entry in state.sessions.take_all() {
-        if let Some(session) = entry.session.lock().await.take() {
+        if let Some(Held::Running(session)) = entry.session.lock().await.take() {
             let _ = tokio::task::spawn_blocking(move || drop(session)).await;
         }
     }
+}
+
+/// Pause a session: its complete state is stored on disk and its VM freed. Any later
+/// request to it (or `resume`) brings it back as it was; it survives server restarts.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session, paused", body = SessionInfo),
+        (status = 404, description = "No such session for this key", body = crate::error::ErrorBody),
+        (status = 409, description = "It cannot be paused now (its code has exited, or processes are running), or this server stores no paused sessions", body = crate::error::ErrorBody),
+        (status = 429, description = "The key's storage quota is reached", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn pause(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let entry = find(&state, &id, &caller)?;
+    pausing::pause(&state, &entry).await?;
+    Ok(Json(entry.info()))
+}
+
+/// Resume a paused session (any request to it does too). Resuming a running session does
+/// nothing.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session, running", body = SessionInfo),
+        (status = 404, description = "No such session for this key", body = crate::error::ErrorBody),
+        (status = 409, description = "It cannot be resumed here (CPU features or template build differ) or its stored state is unusable", body = crate::error::ErrorBody),
+        (status = 429, description = "Sandbox quota reached", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn resume(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let entry = find(&state, &id, &caller)?;
+    with_session(&state, &entry, |_| ()).await?;
+    Ok(Json(entry.info()))
 }
