@@ -351,6 +351,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 300)]
         samples: usize,
     },
+    /// Pausing a session to disk and resuming it (p50/p99), beside a new session and a
+    /// session fork in the same run: a small session and one holding a 64 MiB array.
+    Pause {
+        /// Template the sessions are made of.
+        #[arg(long, default_value = "python")]
+        template: String,
+    },
     /// Compute in a fork beside the same Python programs on the host: a pure-Python loop,
     /// json, regex, numpy matmul and SVD, a pandas group-by, a scikit-learn fit, and first
     /// touch of 100 MiB and 1 GiB. Each row is the ratio of the medians.
@@ -653,6 +660,12 @@ fn execute(cli: Cli) -> Result<i32> {
         Command::Bench(BenchCommand::Exec { template, samples }) => {
             let report = bench::exec::run(&template, samples.max(1))?;
             eprint!("{}", bench::exec::table(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Pause { template }) => {
+            let report = bench::pause::run(&template)?;
+            eprint!("{}", bench::pause::table(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }

@@ -45,7 +45,13 @@ fn the_python_sdk_passes_its_tests_against_a_live_server() {
     }
     let Some(python) = sdk_python() else { return };
     server::build_node_template();
-    let server = Server::start(&["--rate", "20", "--burst", "40", "--template", "python,node"]);
+    // A cache of its own: its sessions pause to a store no other test's server holds.
+    let cache = server::private_cache("sdk-python");
+    let server = Server::start_in(
+        &cache,
+        &cache.join("keys.json"),
+        &["--rate", "20", "--burst", "40", "--template", "python,node"],
+    );
     let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python");
     let status = Command::new(python)
         .args(["-m", "unittest", "discover", "-v", "-s", "tests"])
@@ -89,7 +95,12 @@ fn the_typescript_sdk_builds_and_passes_its_tests_against_a_live_server() {
     assert!(build.success(), "the TypeScript SDK did not build");
     // The seed project's TypeScript example runs JavaScript: serve the node template too.
     server::build_node_template();
-    let server = Server::start(&["--template", "python,node"]);
+    let cache = server::private_cache("sdk-typescript");
+    let server = Server::start_in(
+        &cache,
+        &cache.join("keys.json"),
+        &["--template", "python,node"],
+    );
     let status = Command::new("npm")
         .arg("test")
         .current_dir(&sdk)

@@ -166,11 +166,15 @@ mod tests {
         let mut file = tempfile_in_memory();
         file.write_all(b"layer").unwrap();
         let big = vec![7u8; 1 << 20];
-        write_frame_with_files(&a, &big, &[std::os::fd::AsFd::as_fd(&file)]).unwrap();
-        crate::worker::write_frame(&mut &a, &1u32).unwrap();
+        // Larger than the socket's buffer: written while the other end reads.
+        let expected = big.clone();
+        let writer = std::thread::spawn(move || {
+            write_frame_with_files(&a, &big, &[std::os::fd::AsFd::as_fd(&file)]).unwrap();
+            crate::worker::write_frame(&mut &a, &1u32).unwrap();
+        });
         let mut reader = FileReader::new(b);
         let got: Vec<u8> = read_frame(&mut reader).unwrap();
-        assert_eq!(got, big);
+        assert_eq!(got, expected);
         let files = reader.take_files();
         assert_eq!(files.len(), 1);
         let mut received = std::fs::File::from(files.into_iter().next().unwrap());
@@ -181,6 +185,7 @@ mod tests {
         let next: u32 = read_frame(&mut reader).unwrap();
         assert_eq!(next, 1);
         assert!(reader.take_files().is_empty());
+        writer.join().unwrap();
     }
 
     fn tempfile_in_memory() -> std::fs::File {

@@ -110,6 +110,17 @@ class AsyncSandbox:
             for i in response.json()["ids"]
         ]
 
+    async def pause(self) -> SessionInfo:
+        """Stores the session's complete state on the server's disk and frees its VM. It
+        survives server restarts; the next call (or ``resume``) brings it back as it was."""
+        response = await self._request("POST", self._session_path("/pause"))
+        return _core.session_from(response.json())
+
+    async def resume(self) -> SessionInfo:
+        """Brings a paused session back now (any call would); running: nothing to do."""
+        response = await self._request("POST", self._session_path("/resume"))
+        return _core.session_from(response.json())
+
     async def kill(self) -> None:
         """Deletes the session (its sandbox and files). A session already gone is fine."""
         if self.id is None:

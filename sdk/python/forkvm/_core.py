@@ -113,6 +113,10 @@ class SessionInfo:
     expires_at: int
     ttl_seconds: int
     metadata: Dict[str, str]
+    #: ``running`` (it has a VM) or ``paused`` (stored on disk; any call resumes it).
+    state: str = "running"
+    #: Bytes its paused state takes on disk (0 while running).
+    stored_bytes: int = 0
 
 
 def execution_from(data: Mapping[str, Any]) -> Execution:
@@ -156,6 +160,8 @@ def session_from(data: Mapping[str, Any]) -> SessionInfo:
         expires_at=int(data.get("expires_at", 0)),
         ttl_seconds=int(data.get("ttl_seconds", 0)),
         metadata=dict(data.get("metadata") or {}),
+        state=str(data.get("state", "running")),
+        stored_bytes=int(data.get("stored_bytes", 0)),
     )
 
 

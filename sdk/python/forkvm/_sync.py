@@ -104,6 +104,15 @@ class Sandbox:
             for i in data["ids"]
         ]
 
+    def pause(self) -> SessionInfo:
+        """Stores the session's complete state on the server's disk and frees its VM. It
+        survives server restarts; the next call (or ``resume``) brings it back as it was."""
+        return _core.session_from(self._request("POST", self._session_path("/pause")).json())
+
+    def resume(self) -> SessionInfo:
+        """Brings a paused session back now (any call would); running: nothing to do."""
+        return _core.session_from(self._request("POST", self._session_path("/resume")).json())
+
     def kill(self) -> None:
         """Deletes the session (its sandbox and files). A session already gone is fine."""
         if self.id is None:

@@ -98,6 +98,13 @@ class SyncTests(unittest.TestCase):
             with self.assertRaises(forkvm.NotFoundError):
                 Sandbox.connect("00000000-0000-0000-0000-000000000000")
             self.assertEqual(sb.info().metadata, {"test": "sdk"})
+            paused = sb.pause()
+            self.assertEqual((paused.state, paused.memory_bytes), ("paused", 0))
+            self.assertGreater(paused.stored_bytes, 0)
+            self.assertEqual(sb.run("print(x)").stdout, "41\n")  # resumed by the call
+            self.assertEqual(sb.info().state, "running")
+            sb.pause()
+            self.assertEqual(sb.resume().state, "running")
             branches = sb.fork(2)
             try:
                 for i, branch in enumerate(branches):
@@ -167,6 +174,8 @@ class AsyncTests(unittest.IsolatedAsyncioTestCase):
             await sb.files.write("/tmp/a.txt", "async")
             self.assertEqual(await sb.files.read("/tmp/a.txt"), b"async")
             self.assertEqual((await sb.commands.run("echo hi")).stdout, "hi\n")
+            self.assertEqual((await sb.pause()).state, "paused")
+            self.assertEqual((await sb.resume()).state, "running")
             [branch] = await sb.fork()
             async with branch:
                 self.assertEqual((await branch.run("print(len(a))")).stdout, "10\n")

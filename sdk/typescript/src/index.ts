@@ -110,6 +110,10 @@ export interface SessionInfo {
   expiresAt: number;
   ttlSeconds: number;
   metadata: Record<string, string>;
+  /** `running` (it has a VM) or `paused` (stored on disk; any call resumes it). */
+  state: "running" | "paused";
+  /** Bytes its paused state takes on disk (0 while running). */
+  storedBytes: number;
 }
 
 /** An event of a streamed run. */
@@ -154,6 +158,8 @@ function sessionFrom(data: Json): SessionInfo {
     expiresAt: Number(data.expires_at ?? 0),
     ttlSeconds: Number(data.ttl_seconds ?? 0),
     metadata: data.metadata ?? {},
+    state: data.state === "paused" ? "paused" : "running",
+    storedBytes: Number(data.stored_bytes ?? 0),
   };
 }
 
@@ -416,6 +422,19 @@ export class Sandbox {
   /** This session as the server sees it now. */
   async info(): Promise<SessionInfo> {
     return sessionFrom(await (await call(this.settings, "GET", this.sessionPath())).json());
+  }
+
+  /**
+   * Stores the session's complete state on the server's disk and frees its VM. It survives
+   * server restarts; the next call (or `resume`) brings it back as it was.
+   */
+  async pause(): Promise<SessionInfo> {
+    return sessionFrom(await (await call(this.settings, "POST", this.sessionPath("/pause"))).json());
+  }
+
+  /** Brings a paused session back now (any call would); running: nothing to do. */
+  async resume(): Promise<SessionInfo> {
+    return sessionFrom(await (await call(this.settings, "POST", this.sessionPath("/resume"))).json());
   }
 
   /** Deletes the session and everything in it (a session already gone is fine). */

@@ -71,6 +71,13 @@ test("sessions keep state, fork, and hold files", async () => {
     const again = await Sandbox.connect(sb.id);
     assert.equal((await again.run("print(x)")).stdout, "41\n");
     await assert.rejects(Sandbox.connect("00000000-0000-0000-0000-000000000000"), NotFoundError);
+    const paused = await sb.pause();
+    assert.equal(paused.state, "paused");
+    assert.ok(paused.storedBytes > 0);
+    assert.equal((await sb.run("print(x)")).stdout, "41\n");
+    assert.equal((await sb.info()).state, "running");
+    await sb.pause();
+    assert.equal((await sb.resume()).state, "running");
     const [branch] = await sb.fork(1);
     await branch.run("x = 0");
     assert.equal((await branch.run("print(x)")).stdout, "0\n");

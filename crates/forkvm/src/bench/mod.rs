@@ -10,6 +10,7 @@ pub mod jail;
 pub mod keys;
 pub mod live;
 pub mod load;
+pub mod pause;
 pub mod startup;
 
 use std::time::Duration;
