@@ -8,6 +8,7 @@ mod limits;
 mod mcp;
 mod run;
 mod serve;
+mod sessions;
 mod template;
 
 use std::path::PathBuf;
@@ -28,6 +29,16 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum SessionsCommand {
+    /// The key's sessions: id, state (running or paused), template, memory, stored bytes.
+    List,
+    /// Stores the session's state on disk and frees its VM.
+    Pause { id: String },
+    /// Brings a paused session back (any request to it would).
+    Resume { id: String },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Benchmarks; each prints JSON on stdout and a table on stderr.
     #[command(subcommand)]
@@ -41,6 +52,17 @@ enum Command {
         /// The API key.
         #[arg(long, env = "FORKVM_API_KEY", hide_env_values = true)]
         key: Option<String>,
+    },
+    /// A running server's sessions: list them, pause one to disk, resume one.
+    Sessions {
+        /// The server's URL.
+        #[arg(long, env = "FORKVM_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The API key.
+        #[arg(long, env = "FORKVM_API_KEY", hide_env_values = true)]
+        key: Option<String>,
+        #[command(subcommand)]
+        action: SessionsCommand,
     },
     /// A jailed worker process (started by `forkvm serve`, never by hand).
     #[command(hide = true)]
@@ -604,6 +626,14 @@ fn execute(cli: Cli) -> Result<i32> {
             operator,
         }) => serve::add(&name, file, operator),
         Command::Mcp { url, key } => mcp::serve_stdio(&url, key),
+        Command::Sessions { url, key, action } => {
+            let action = match action {
+                SessionsCommand::List => sessions::Action::List,
+                SessionsCommand::Pause { id } => sessions::Action::Pause(id),
+                SessionsCommand::Resume { id } => sessions::Action::Resume(id),
+            };
+            sessions::run(&url, key.as_deref(), action)
+        }
         Command::Template(TemplateCommand::List) => template::list().map(|()| 0),
         Command::Template(TemplateCommand::Show { name }) => template::show(&name).map(|()| 0),
         Command::Template(TemplateCommand::Lock { name }) => template::lock(&name).map(|()| 0),

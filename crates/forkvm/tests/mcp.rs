@@ -33,7 +33,7 @@ fn scenario(send: &mut dyn FnMut(Value) -> Option<Value>) {
     assert_eq!(init["protocolVersion"], "2025-06-18");
     assert!(send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" })).is_none());
     let tools = request(send, "tools/list", json!({}));
-    assert_eq!(tools["tools"].as_array().unwrap().len(), 7, "{tools}");
+    assert_eq!(tools["tools"].as_array().unwrap().len(), 8, "{tools}");
     let mut tool = |send: &mut dyn FnMut(Value) -> Option<Value>, name: &str, arguments: Value| {
         let result = request(
             send,
@@ -83,6 +83,19 @@ fn scenario(send: &mut dyn FnMut(Value) -> Option<Value>) {
         json!({ "session_id": branch, "code": "print(x + 1, open('/tmp/n.txt').read())" }),
     );
     assert_eq!(got["structuredContent"]["stdout"], "21 hi there\n");
+    let paused = tool(send, "pause_session", json!({ "session_id": branch }));
+    assert!(
+        paused["structuredContent"]["stored_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let again = tool(
+        send,
+        "run_in_session",
+        json!({ "session_id": branch, "code": "print(x)" }),
+    );
+    assert_eq!(again["structuredContent"]["stdout"], "20\n");
     tool(send, "delete_session", json!({ "session_id": branch }));
     tool(send, "delete_session", json!({ "session_id": sid }));
     // A failing call is a result the model reads, not a protocol error.
@@ -99,7 +112,9 @@ fn forkvm_mcp_on_stdio_runs_every_tool() {
     if !forkvm_testkit::kvm_available() {
         return;
     }
-    let server = Server::start(&[]);
+    // Caches of their own: each server holds its own paused-session store.
+    let cache = server::private_cache("mcp-stdio");
+    let server = Server::start_in(&cache, &cache.join("keys.json"), &[]);
     let mut mcp = Command::new(env!("CARGO_BIN_EXE_forkvm"))
         .arg("mcp")
         .env("FORKVM_URL", &server.base)
@@ -127,7 +142,8 @@ fn post_mcp_runs_every_tool_with_the_callers_key() {
     if !forkvm_testkit::kvm_available() {
         return;
     }
-    let server = Server::start(&[]);
+    let cache = server::private_cache("mcp-http");
+    let server = Server::start_in(&cache, &cache.join("keys.json"), &[]);
     let http = client();
     scenario(&mut |message: Value| {
         let response = http

@@ -141,6 +141,24 @@ fn a_paused_session_survives_sigkill_and_restart() {
     assert!(!rebuild.status.success());
     let message = String::from_utf8_lossy(&rebuild.stderr);
     assert!(message.contains("paused session"), "{message}");
+    // The CLI makes the same calls.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_forkvm"))
+            .arg("sessions")
+            .args(["--url", &server.base, "--key", &server.alice])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(cli(&["resume", branch]).contains("running"));
+    assert!(cli(&["pause", branch]).contains("paused"));
+    assert!(cli(&["list"]).contains(&format!("{branch}  paused")));
     // A server stopped cleanly pauses what runs, and the next one serves it.
     run(&server, branch, "z = 7");
     assert!(server.terminate().success());

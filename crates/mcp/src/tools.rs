@@ -120,6 +120,15 @@ pub fn tool_list() -> Vec<Value> {
             }, "required": ["session_id", "path"] },
         }),
         json!({
+            "name": "pause_session",
+            "title": "Pause a session",
+            "description": "Stores a session's complete state on disk and frees its machine, \
+                for a session you will come back to later (it survives server restarts). Any \
+                later call on it resumes it exactly as it was. Idle sessions are paused on \
+                their own too.",
+            "inputSchema": { "type": "object", "properties": { "session_id": session_id() }, "required": ["session_id"] },
+        }),
+        json!({
             "name": "delete_session",
             "title": "Delete a session",
             "description": "Deletes a session and everything in it. Do this when a session is \
@@ -140,6 +149,7 @@ pub fn call(api: &impl Api, name: &str, arguments: &Value) -> Result<Value, Stri
         "fork_session" => fork_session(api, arguments),
         "write_file" => write_file(api, arguments),
         "read_file" => read_file(api, arguments),
+        "pause_session" => pause_session(api, arguments),
         "delete_session" => delete_session(api, arguments),
         other => return Err(format!("no tool {other:?}")),
     };
@@ -355,6 +365,26 @@ fn read_file(api: &impl Api, arguments: &Value) -> Result<Value, String> {
             )
         }
     })
+}
+
+fn pause_session(api: &impl Api, arguments: &Value) -> Result<Value, String> {
+    let id = session(arguments)?;
+    let reply = api_json(
+        api,
+        ApiCall {
+            method: "POST",
+            path: format!("/v1/sandboxes/{id}/pause"),
+            body: ApiBody::None,
+        },
+    )?;
+    let stored = reply["stored_bytes"].as_u64().unwrap_or(0);
+    Ok(text_result(
+        format!(
+            "paused session {id} ({} KiB stored); any call resumes it",
+            stored >> 10
+        ),
+        json!({ "session_id": id, "stored_bytes": stored }),
+    ))
 }
 
 fn delete_session(api: &impl Api, arguments: &Value) -> Result<Value, String> {
