@@ -3,7 +3,7 @@
 //! the paused store (`forkvm_template::paused`), and any request to it resumes it first.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use forkvm_template::paused::PausedError;
 use forkvm_worker::RemoteSession as Session;
@@ -166,6 +166,7 @@ pub async fn pause_idle(state: &Arc<AppState>, idle: Duration) {
         let state = state.clone();
         running.spawn(async move {
             if let Err(e) = pause(&state, &entry).await {
+                *entry.pause_refused.lock().expect("session lock") = Some(Instant::now());
                 tracing::warn!(session = %entry.id, error = %e.message, "idle session not paused");
             }
         });

@@ -36,6 +36,9 @@ pub struct SessionEntry {
     /// Whether it is paused, and the bytes its pause takes on disk.
     paused: AtomicBool,
     stored_bytes: AtomicU64,
+    /// When pausing it last failed (processes running, quota): idle pausing waits before
+    /// trying again.
+    pub pause_refused: Mutex<Option<Instant>>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -64,6 +67,7 @@ impl SessionEntry {
             session: tokio::sync::Mutex::new(Some(Held::Running(session))),
             paused: AtomicBool::new(false),
             stored_bytes: AtomicU64::new(0),
+            pause_refused: Mutex::new(None),
         }
     }
 
@@ -94,6 +98,7 @@ impl SessionEntry {
             session: tokio::sync::Mutex::new(Some(Held::Paused)),
             paused: AtomicBool::new(true),
             stored_bytes: AtomicU64::new(stored_bytes),
+            pause_refused: Mutex::new(None),
         })
     }
 
@@ -255,13 +260,22 @@ impl SessionStore {
             .sum()
     }
 
-    /// Running sessions idle longer than `idle` and not in use: the ones to pause.
+    /// Running sessions idle longer than `idle`, not in use, able to run, and not refused
+    /// a pause within the last `idle`: the ones to pause.
     pub fn idle_running(&self, idle: Duration) -> Vec<Arc<SessionEntry>> {
+        let pausable = |e: &SessionEntry| {
+            let refused = e.pause_refused.lock().expect("session lock");
+            refused.is_none_or(|at| at.elapsed() > idle)
+                && matches!(
+                    e.session.try_lock().as_deref(),
+                    Ok(Some(Held::Running(session))) if session.alive()
+                )
+        };
         self.entries
             .lock()
             .expect("sessions lock")
             .values()
-            .filter(|e| !e.is_paused() && e.idle_for() > idle && e.session.try_lock().is_ok())
+            .filter(|e| !e.is_paused() && e.idle_for() > idle && pausable(e))
             .cloned()
             .collect()
     }

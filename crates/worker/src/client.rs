@@ -3,6 +3,7 @@
 //! hostile (bounded frames, answers matched to calls the server made).
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use forkvm_protocol::files::{FileReader, write_frame_with_files};
 use forkvm_protocol::worker::{
-    Answer, Call, CallFrame, Event, Failure, Hello, OutputStream, Ready, Start, WireError,
-    read_frame, write_frame,
+    Answer, Call, CallFrame, Event, Failure, FailureKind, Hello, OutputStream, PausedSession,
+    Ready, SessionHandle, Start, WireError, read_frame, write_frame,
 };
 
 use crate::spawn::Spawned;
@@ -77,6 +78,9 @@ impl Cancellation {
 /// (`OUTPUT_WINDOW` outputs and the answer), so the reading thread never waits on one; a
 /// worker ignoring its window only stalls its own connection.
 const EVENTS_IN_FLIGHT: usize = 2 * forkvm_protocol::worker::OUTPUT_WINDOW as usize;
+
+/// How long a pause may take (it copies up to a guest's RAM into memory files).
+const PAUSE_PATIENCE: Duration = Duration::from_secs(300);
 
 /// An event and the files that came with it.
 type Received = (Event, Vec<OwnedFd>);
@@ -275,6 +279,50 @@ impl Connection {
         let answer = self.call_with(call, &[], tap, patience, |id| cancel.attach(self, id));
         cancel.detach();
         Ok(answer?.0)
+    }
+
+    /// Pauses session `handle`: its state and memory files. What the worker sends is
+    /// checked: one regular file per memory described, each as large as described and no
+    /// larger than the worker's guest RAM (nothing a sandbox holds is larger: a larger file
+    /// would only make the server read and store what the worker made up).
+    pub fn pause_session(
+        &self,
+        handle: SessionHandle,
+    ) -> Result<(PausedSession, Vec<File>), WorkerError> {
+        let call = Call::PauseSession { session: handle };
+        let (answer, fds) = self.call_with_files(call, &[], PAUSE_PATIENCE)?;
+        let Answer::Paused(paused) = answer else {
+            return Err(WorkerError::Failed(Failure {
+                kind: FailureKind::Internal,
+                message: "the worker answered a pause with something else".into(),
+            }));
+        };
+        let bad = |why: String| {
+            WorkerError::Failed(Failure {
+                kind: FailureKind::Internal,
+                message: format!("the worker paused the session wrongly: {why}"),
+            })
+        };
+        if fds.len() != paused.memories.len() {
+            return Err(bad(format!(
+                "{} files for {} memories",
+                fds.len(),
+                paused.memories.len()
+            )));
+        }
+        let files: Vec<File> = fds.into_iter().map(File::from).collect();
+        for (file, memory) in files.iter().zip(&paused.memories) {
+            let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+            let end = memory.ranges.iter().map(|r| r.1).max().unwrap_or(0);
+            let fits = memory.size <= self.ram_bytes && end <= memory.size;
+            if !meta.is_file() || meta.len() != memory.size || !fits {
+                return Err(bad(format!(
+                    "a file of {} bytes for {memory:?}",
+                    meta.len()
+                )));
+            }
+        }
+        Ok((paused, files))
     }
 
     fn call_with(

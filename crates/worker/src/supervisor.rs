@@ -486,48 +486,13 @@ impl RemoteSession {
     }
 
     /// The session's complete state and its memory files (see `Engine::pause_session`); the
-    /// session runs on (drop it once the state is stored). What the worker sends is
-    /// checked: one regular file per memory described, each as large as described.
+    /// session runs on (drop it once the state is stored).
     pub fn pause(&mut self) -> Result<(PausedSession, Vec<File>), WorkerError> {
-        let call = Call::PauseSession {
-            session: self.handle,
-        };
-        let (answer, fds) = self
-            .connection
-            .call_with_files(call, &[], CALL_PATIENCE)
-            .inspect_err(|e| {
-                if matches!(e, WorkerError::Gone(_) | WorkerError::Unresponsive(_)) {
-                    self.alive = false;
-                }
-            })?;
-        let Answer::Paused(paused) = answer else {
-            return Err(unexpected(&answer));
-        };
-        let bad = |why: String| {
-            WorkerError::Failed(Failure {
-                kind: FailureKind::Internal,
-                message: format!("the worker paused the session wrongly: {why}"),
-            })
-        };
-        if fds.len() != paused.memories.len() {
-            return Err(bad(format!(
-                "{} files for {} memories",
-                fds.len(),
-                paused.memories.len()
-            )));
-        }
-        let files: Vec<File> = fds.into_iter().map(File::from).collect();
-        for (file, memory) in files.iter().zip(&paused.memories) {
-            let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
-            let end = memory.ranges.iter().map(|r| r.1).max().unwrap_or(0);
-            if !meta.is_file() || meta.len() != memory.size || end > memory.size {
-                return Err(bad(format!(
-                    "a file of {} bytes for {memory:?}",
-                    meta.len()
-                )));
+        self.connection.pause_session(self.handle).inspect_err(|e| {
+            if matches!(e, WorkerError::Gone(_) | WorkerError::Unresponsive(_)) {
+                self.alive = false;
             }
-        }
-        Ok((paused, files))
+        })
     }
 
     pub fn get_file(&mut self, path: &str, max: u64) -> Result<Vec<u8>, WorkerError> {

@@ -150,3 +150,51 @@ fn answers_reach_their_calls() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn a_paused_session_that_does_not_match_its_files_is_refused() {
+    use forkvm_protocol::files::write_frame_with_files;
+    use forkvm_protocol::worker::{PausedMemory, PausedPart, PausedSession};
+    use std::os::fd::AsFd;
+    let (connection, _child, theirs) = connect();
+    let memory = |size: u64| PausedMemory {
+        part: PausedPart::Main,
+        size,
+        ranges: vec![(0, 4096)],
+        over_template: true,
+    };
+    // One answer per case: the description, and the size of the one file sent with it.
+    let cases = [
+        (vec![memory(1 << 20), memory(1 << 20)], 1 << 20), // two described, one sent
+        (vec![memory(1 << 20)], 2 << 20),                  // not the size described
+        (vec![memory(4 << 30)], 4 << 30),                  // larger than guest RAM
+    ];
+    let answering = std::thread::spawn(move || {
+        let mut reader = theirs.try_clone().unwrap();
+        for (memories, file_size) in cases {
+            let call: CallFrame = read_frame(&mut reader).unwrap();
+            assert!(matches!(call.call, Call::PauseSession { session: 7 }));
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(file_size).unwrap();
+            let paused = PausedSession {
+                state: Vec::new(),
+                mapped_at_start: 0,
+                memories,
+            };
+            let event = Event::Done {
+                id: call.id,
+                outcome: Ok(Answer::Paused(paused)),
+            };
+            write_frame_with_files(&theirs, &event, &[file.as_fd()]).unwrap();
+        }
+    });
+    for _ in 0..3 {
+        let err = connection.pause_session(7).err().unwrap();
+        assert!(
+            err.to_string().contains("paused the session wrongly"),
+            "{err}"
+        );
+    }
+    answering.join().unwrap();
+    assert!(connection.alive());
+}
