@@ -166,6 +166,11 @@ enum Command {
         /// Disk one key's paused sessions may take, in MiB (0: no limit).
         #[arg(long, default_value_t = 16384)]
         key_storage_mb: u64,
+        /// Seconds between checkpoints of running sessions used since their last one, so
+        /// a crash loses at most that much of their work (0: off; a crash loses running
+        /// sessions).
+        #[arg(long, default_value_t = 0)]
+        checkpoint_every: u64,
         /// Client connections open at once, counted before authentication (more are
         /// answered 503 and closed; the descriptor limit is raised to fit).
         #[arg(long, default_value_t = 8192)]
@@ -577,6 +582,7 @@ fn execute(cli: Cli) -> Result<i32> {
             session_ttl,
             pause_idle_after,
             key_storage_mb,
+            checkpoint_every,
             max_connections,
             max_connections_per_address,
             header_timeout,
@@ -609,6 +615,7 @@ fn execute(cli: Cli) -> Result<i32> {
             default_ttl: Duration::from_secs(session_ttl),
             pause_idle_after: (pause_idle_after > 0).then(|| Duration::from_secs(pause_idle_after)),
             key_storage_mb,
+            checkpoint_every: (checkpoint_every > 0).then(|| Duration::from_secs(checkpoint_every)),
             connections: forkvm_server::connections::ConnectionLimits {
                 max_open: max_connections.max(1),
                 max_per_address: max_connections_per_address.max(1),

@@ -39,6 +39,7 @@ pub struct ServeOptions {
     pub default_ttl: Duration,
     pub pause_idle_after: Option<Duration>,
     pub key_storage_mb: u64,
+    pub checkpoint_every: Option<Duration>,
     pub connections: ConnectionLimits,
     pub max_response_bytes: u64,
     pub results_memory_bytes: u64,
@@ -178,6 +179,7 @@ fn pause_config(options: &ServeOptions) -> Result<Option<PauseConfig>> {
         cpu: CpuFeatures::of(vmm.cpu()),
         idle_after: options.pause_idle_after,
         key_storage_bytes: (options.key_storage_mb > 0).then_some(options.key_storage_mb << 20),
+        checkpoint_every: options.checkpoint_every,
     }))
 }
 

@@ -362,3 +362,24 @@ fn wait_for_long(mut done: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn checkpoints_bring_running_sessions_back_after_a_crash() {
+    let cache = private_cache("checkpoints");
+    let keys = cache.join("keys.json");
+    let flags = ["--pause-idle-after", "0", "--checkpoint-every", "1"];
+    let server = Server::start_in(&cache, &keys, &flags);
+    let id = create(&server);
+    run(&server, &id, "x = 1");
+    wait_for(|| server.gauge("forkvm_sessions_checkpointed_total") >= 1);
+    // Still running: the checkpoint did not stop it, and its later work is checkpointed too.
+    assert_eq!(server.session(&server.alice, &id)["state"], "running");
+    let before = server.gauge("forkvm_sessions_checkpointed_total");
+    run(&server, &id, "x += 1");
+    wait_for(|| server.gauge("forkvm_sessions_checkpointed_total") > before);
+    kill(server);
+
+    let server = Server::start_in(&cache, &keys, &flags);
+    assert_eq!(server.gauge("forkvm_sessions_lost_total"), 0);
+    assert_eq!(run(&server, &id, "print(x)"), "2\n");
+}

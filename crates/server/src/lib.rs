@@ -118,6 +118,9 @@ pub struct PauseConfig {
     pub idle_after: Option<Duration>,
     /// Bytes one key's paused sessions may hold on disk (`None`: no limit).
     pub key_storage_bytes: Option<u64>,
+    /// Running sessions used since their last checkpoint are checkpointed this often, so a
+    /// crash loses at most this much of their work (`None`: off; a crash loses them).
+    pub checkpoint_every: Option<Duration>,
 }
 
 impl Default for ServerConfig {

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub sessions_paused: IntCounter,
     pub sessions_resumed: IntCounter,
     pub sessions_paused_now: IntGauge,
+    pub sessions_checkpointed: IntCounter,
     /// Sessions a crash lost (running when the server last stopped without pausing them).
     pub sessions_lost: IntCounter,
     pub connections_open: IntGauge,
@@ -101,6 +102,11 @@ impl Metrics {
                 "Paused sessions resumed.",
             )
             .expect("valid counter"),
+            sessions_checkpointed: IntCounter::new(
+                "forkvm_sessions_checkpointed_total",
+                "Checkpoints of running sessions (`--checkpoint-every`).",
+            )
+            .expect("valid counter"),
             sessions_paused_now: IntGauge::new(
                 "forkvm_sessions_paused",
                 "Sessions paused now (stored on disk, no VM).",
@@ -175,6 +181,7 @@ impl Metrics {
             Box::new(metrics.sessions_paused.clone()),
             Box::new(metrics.sessions_resumed.clone()),
             Box::new(metrics.sessions_paused_now.clone()),
+            Box::new(metrics.sessions_checkpointed.clone()),
             Box::new(metrics.sessions_lost.clone()),
             Box::new(metrics.executions_running.clone()),
             Box::new(metrics.executions_waiting.clone()),

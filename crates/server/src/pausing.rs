@@ -28,6 +28,22 @@ fn config(state: &AppState) -> Result<&PauseConfig, ApiError> {
 /// Pauses `entry`'s session: its state stored on disk (replacing any earlier pause), then
 /// its VM freed. Already paused: nothing to do. If storing fails, the session runs on.
 pub async fn pause(state: &Arc<AppState>, entry: &Arc<SessionEntry>) -> Result<(), ApiError> {
+    store(state, entry, true).await
+}
+
+/// Checkpoints `entry`'s running session: its state stored on disk as a pause would, while
+/// it runs on. After a crash the next server serves it from there.
+pub async fn checkpoint(state: &Arc<AppState>, entry: &Arc<SessionEntry>) -> Result<(), ApiError> {
+    store(state, entry, false).await
+}
+
+/// Stores the running session's state, then (`free`) frees its VM and marks it paused, or
+/// leaves it running with its checkpoint noted.
+async fn store(
+    state: &Arc<AppState>,
+    entry: &Arc<SessionEntry>,
+    free: bool,
+) -> Result<(), ApiError> {
     let config = config(state)?.clone();
     let mut guard = entry.session.lock().await;
     let mut session = match guard.take() {
@@ -46,32 +62,55 @@ pub async fn pause(state: &Arc<AppState>, entry: &Arc<SessionEntry>) -> Result<(
         }
     };
     let record = entry.record();
-    let stored_elsewhere = state.sessions.stored_bytes_of(&entry.owner);
+    // What its own earlier pause or checkpoint holds is replaced, so it does not count.
+    let stored_elsewhere = state.sessions.stored_bytes_of(&entry.owner) - entry.stored_bytes();
+    let checkpointed = Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
-        let stored = store_pause(&config, &mut session, &record, &digest, stored_elsewhere);
+        let stored = store_pause(
+            &config,
+            &mut session,
+            &record,
+            &digest,
+            stored_elsewhere,
+            free,
+        );
         (session, stored)
     })
     .await;
     let (session, stored) =
         joined.map_err(|e| ApiError::internal(format!("pause thread failed: {e}")))?;
-    match stored {
-        Ok(bytes) => {
-            // Stored: the VM goes (its worker tears it down off this path).
-            tokio::task::spawn_blocking(move || drop(session));
-            *guard = Some(Held::Paused);
-            entry.set_paused(bytes);
-            state.fairness.release(&entry.owner, 1);
-            state.metrics.sessions_paused.inc();
-            state
-                .metrics
-                .sessions_paused_now
-                .set(state.sessions.paused_count() as i64);
-            tracing::info!(session = %entry.id, bytes, "session paused");
-            Ok(())
-        }
+    let bytes = match stored {
+        Ok(bytes) => bytes,
         Err(e) => {
             *guard = Some(Held::Running(session));
-            Err(e)
+            return Err(e);
+        }
+    };
+    if !free {
+        *guard = Some(Held::Running(session));
+        entry.set_checkpointed(bytes, checkpointed);
+        state.metrics.sessions_checkpointed.inc();
+        return Ok(());
+    }
+    // Stored: the VM goes (its worker tears it down off this path).
+    tokio::task::spawn_blocking(move || drop(session));
+    *guard = Some(Held::Paused);
+    entry.set_paused(bytes);
+    state.fairness.release(&entry.owner, 1);
+    state.metrics.sessions_paused.inc();
+    state
+        .metrics
+        .sessions_paused_now
+        .set(state.sessions.paused_count() as i64);
+    tracing::info!(session = %entry.id, bytes, "session paused");
+    Ok(())
+}
+
+/// Checkpoints every running session used since its last checkpoint, one at a time.
+pub async fn checkpoint_used(state: &Arc<AppState>) {
+    for entry in state.sessions.used_since_checkpoint() {
+        if let Err(e) = checkpoint(state, &entry).await {
+            tracing::warn!(session = %entry.id, error = %e.message, "session not checkpointed");
         }
     }
 }
@@ -84,6 +123,7 @@ fn store_pause(
     record: &forkvm_template::paused::SessionRecord,
     template_digest: &str,
     stored_elsewhere: u64,
+    free: bool,
 ) -> Result<u64, ApiError> {
     let (paused, files) = session.pause().map_err(|e| worker_error(e, "session"))?;
     let needed: u64 =
@@ -102,7 +142,9 @@ fn store_pause(
         .store
         .write(record, template_digest, config.cpu.clone(), &paused, &files)
         .map_err(|e| ApiError::internal(format!("storing the paused session: {e}")))?;
-    config.store.unmark_running(&record.id);
+    if free {
+        config.store.unmark_running(&record.id);
+    }
     Ok(manifest.stored_bytes)
 }
 

@@ -39,6 +39,8 @@ pub struct SessionEntry {
     /// When pausing it last failed (processes running, quota): idle pausing waits before
     /// trying again.
     pub pause_refused: Mutex<Option<Instant>>,
+    /// When its running state was last checkpointed to disk.
+    checkpointed: Mutex<Option<Instant>>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -68,6 +70,7 @@ impl SessionEntry {
             paused: AtomicBool::new(false),
             stored_bytes: AtomicU64::new(0),
             pause_refused: Mutex::new(None),
+            checkpointed: Mutex::new(None),
         }
     }
 
@@ -99,6 +102,7 @@ impl SessionEntry {
             paused: AtomicBool::new(true),
             stored_bytes: AtomicU64::new(stored_bytes),
             pause_refused: Mutex::new(None),
+            checkpointed: Mutex::new(None),
         })
     }
 
@@ -119,6 +123,21 @@ impl SessionEntry {
         self.paused.store(true, Ordering::Relaxed);
         self.stored_bytes.store(stored_bytes, Ordering::Relaxed);
         self.host_bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Notes a checkpoint of the running session, taken at `at` and storing `stored_bytes`.
+    pub fn set_checkpointed(&self, stored_bytes: u64, at: Instant) {
+        self.stored_bytes.store(stored_bytes, Ordering::Relaxed);
+        *self.checkpointed.lock().expect("session lock") = Some(at);
+    }
+
+    /// Whether it was used since its last checkpoint (or never had one).
+    fn used_since_checkpoint(&self) -> bool {
+        let last_used = self.last_used.lock().expect("session lock").0;
+        self.checkpointed
+            .lock()
+            .expect("session lock")
+            .is_none_or(|at| last_used > at)
     }
 
     /// Notes that the session runs again, holding `host_bytes`.
@@ -276,6 +295,16 @@ impl SessionStore {
             .expect("sessions lock")
             .values()
             .filter(|e| !e.is_paused() && e.idle_for() > idle && pausable(e))
+            .cloned()
+            .collect()
+    }
+
+    /// Running sessions used since their last checkpoint, not in use now.
+    pub fn used_since_checkpoint(&self) -> Vec<Arc<SessionEntry>> {
+        let entries = self.entries.lock().expect("sessions lock");
+        entries
+            .values()
+            .filter(|e| !e.is_paused() && e.used_since_checkpoint() && e.session.try_lock().is_ok())
             .cloned()
             .collect()
     }

@@ -444,8 +444,8 @@ pub struct SessionInfo {
     pub memory_bytes: u64,
     /// `running` (it has a VM) or `paused` (its state is on disk; any request resumes it).
     pub state: String,
-    /// Bytes its paused state takes on disk (zero while running). Counts against the
-    /// key's `--key-storage-mb`.
+    /// Bytes its pause (or, running, its last checkpoint) takes on disk. Counts against
+    /// the key's `--key-storage-mb`.
     pub stored_bytes: u64,
 }
 

@@ -451,9 +451,11 @@ pub async fn get_file(
 }
 
 /// Every second, pauses sessions idle past the pause time (when the server pauses idle
-/// sessions) and deletes sessions, running or paused, idle past their TTL.
+/// sessions), deletes sessions, running or paused, idle past their TTL, and (when asked)
+/// checkpoints running sessions used since their last checkpoint.
 pub async fn reap_expired(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_checkpoints = std::time::Instant::now();
     loop {
         tick.tick().await;
         for entry in state.sessions.take_expired() {
@@ -465,6 +467,17 @@ pub async fn reap_expired(state: Arc<AppState>) {
         state.metrics.sessions_live.set(state.sessions.len() as i64);
         if let Some(idle) = state.config.paused.as_ref().and_then(|p| p.idle_after) {
             pausing::pause_idle(&state, idle).await;
+        }
+        let every = state
+            .config
+            .paused
+            .as_ref()
+            .and_then(|p| p.checkpoint_every);
+        if let Some(every) = every
+            && last_checkpoints.elapsed() >= every
+        {
+            pausing::checkpoint_used(&state).await;
+            last_checkpoints = std::time::Instant::now();
         }
     }
 }
