@@ -14,16 +14,7 @@ use server::{Server, client};
 /// A `/proc/<pid>/status` field in bytes (`VmRSS`, `VmHWM`).
 fn memory(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib << 10
+    server::kib_field(&status, field)
 }
 
 /// The server's peak resident memory may grow this much for the batch below: its

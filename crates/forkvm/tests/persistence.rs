@@ -12,27 +12,24 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use server::{Server, client, private_cache};
 
-fn post(server: &Server, key: &str, path: &str, body: Value) -> (StatusCode, Value) {
-    let response = client()
-        .post(server.url(path))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .unwrap();
-    let status = response.status();
-    (status, response.json().unwrap_or(Value::Null))
+/// `POST /v1/sandboxes/{id}/pause` as alice: the status and the session.
+fn pause(server: &Server, id: &str) -> (StatusCode, Value) {
+    server.post(
+        &server.alice,
+        &format!("/v1/sandboxes/{id}/pause"),
+        json!({}),
+    )
 }
 
 fn create(server: &Server) -> String {
-    let (status, body) = post(server, &server.alice, "/v1/sandboxes", json!({}));
+    let (status, body) = server.post(&server.alice, "/v1/sandboxes", json!({}));
     assert_eq!(status, StatusCode::CREATED, "{body}");
     body["id"].as_str().unwrap().to_string()
 }
 
 /// Runs `code` in session `id`: its stdout (the run must succeed).
 fn run(server: &Server, id: &str, code: &str) -> String {
-    let (status, body) = post(
-        server,
+    let (status, body) = server.post(
         &server.alice,
         &format!("/v1/sandboxes/{id}/exec"),
         json!({ "code": code }),
@@ -59,12 +56,7 @@ fn a_paused_session_survives_sigkill_and_restart() {
         &id,
         "x = 41\nimport numpy as np\na = np.arange(1000)\nopen('/root/notes.txt', 'w').write('kept')",
     );
-    let (status, info) = post(
-        &server,
-        &server.alice,
-        &format!("/v1/sandboxes/{id}/pause"),
-        json!({}),
-    );
+    let (status, info) = pause(&server, &id);
     assert_eq!(status, StatusCode::OK, "{info}");
     assert_eq!(info["state"], "paused");
     assert!(info["stored_bytes"].as_u64().unwrap() > 0, "{info}");
@@ -99,8 +91,7 @@ fn a_paused_session_survives_sigkill_and_restart() {
         .unwrap();
     assert_eq!(file.text().unwrap(), "kept");
     // A fork of the resumed session starts from its state.
-    let (status, forked) = post(
-        &server,
+    let (status, forked) = server.post(
         &server.alice,
         &format!("/v1/sandboxes/{id}/fork"),
         json!({}),
@@ -110,12 +101,7 @@ fn a_paused_session_survives_sigkill_and_restart() {
     assert_eq!(run(&server, branch, "x += 1\nprint(x)"), "42\n");
     assert_eq!(run(&server, &id, "print(x)"), "41\n");
     // Paused again, then deleted: its files go with it.
-    let (status, _) = post(
-        &server,
-        &server.alice,
-        &format!("/v1/sandboxes/{id}/pause"),
-        json!({}),
-    );
+    let (status, _) = pause(&server, &id);
     assert_eq!(status, StatusCode::OK);
     assert_eq!(stored_pauses(&cache), 1);
     let deleted = client()
@@ -126,12 +112,7 @@ fn a_paused_session_survives_sigkill_and_restart() {
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     wait_for(|| stored_pauses(&cache) == 0);
     // The template the paused sessions were layered over cannot be rebuilt under them.
-    let (status, _) = post(
-        &server,
-        &server.alice,
-        &format!("/v1/sandboxes/{branch}/pause"),
-        json!({}),
-    );
+    let (status, _) = pause(&server, branch);
     assert_eq!(status, StatusCode::OK);
     let rebuild = std::process::Command::new(env!("CARGO_BIN_EXE_forkvm"))
         .args(["template", "rm", "python"])
@@ -211,12 +192,7 @@ fn a_pause_cut_short_by_sigkill_never_resumes_wrong() {
         let id = create(&server);
         run(&server, &id, fill);
         let started = Instant::now();
-        let (status, _) = post(
-            &server,
-            &server.alice,
-            &format!("/v1/sandboxes/{id}/pause"),
-            json!({}),
-        );
+        let (status, _) = pause(&server, &id);
         assert_eq!(status, StatusCode::OK);
         started.elapsed()
     };
@@ -291,17 +267,10 @@ fn list(server: &Server) -> Vec<String> {
 
 /// `MemAvailable` in bytes.
 fn mem_available() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib << 10
+    server::kib_field(
+        &std::fs::read_to_string("/proc/meminfo").unwrap(),
+        "MemAvailable",
+    )
 }
 
 #[test]

@@ -314,15 +314,7 @@ fn what_sessions_can_make_a_worker_hold_is_bounded_by_their_limits() {
     let key = &server.alice;
     let worker = wait_for_workers(server.pid(), 1, &[])[0];
     let before = anonymous_bytes(worker);
-    let post = |path: &str, body: Value| -> (StatusCode, Value) {
-        let response = client()
-            .post(server.url(path))
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .unwrap();
-        (response.status(), response.json().unwrap())
-    };
+    let post = |path: &str, body: Value| server.post(key, path, body);
     for _ in 0..3 {
         let (status, session) = post("/v1/sandboxes", json!({}));
         assert_eq!(status, StatusCode::CREATED, "{session}");

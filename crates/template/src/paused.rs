@@ -179,6 +179,9 @@ impl PausedStore {
         let root = cache_dir.join("sessions");
         let running = root.join(RUNNING);
         fs::create_dir_all(&running).map_err(io_error(&running))?;
+        // Sessions hold their users' data: the server's alone to read.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(io_error(&root))?;
         let sealer = Sealer::open(cache_dir).map_err(io_error(cache_dir))?;
         Ok(PausedStore {
             root,

@@ -207,6 +207,23 @@ impl Server {
             .unwrap()
     }
 
+    /// `POST path` of `body` as `key`: the status and the JSON answer (null if none).
+    pub fn post(
+        &self,
+        key: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = client()
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = response.status();
+        (status, response.json().unwrap_or(serde_json::Value::Null))
+    }
+
     /// `GET /v1/sandboxes/{id}` as `key`.
     pub fn session(&self, key: &str, id: &str) -> serde_json::Value {
         client()
@@ -237,6 +254,20 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Field `field` of a `/proc` file in `kB` (`/proc/meminfo`, `/proc/PID/status`), in bytes.
+pub fn kib_field(text: &str, field: &str) -> u64 {
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} field"))
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib << 10
 }
 
 fn uuid_like() -> String {
