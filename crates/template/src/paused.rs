@@ -9,6 +9,8 @@
 //! * `.writing-<id>.<generation>/`: a pause being written. Each file is written and
 //!   `fsync`ed, then the manifest, then the directory is renamed into place and the parent
 //!   `fsync`ed: the rename is the commit. Older generations of the session go after it.
+//! * `.deleting-<id>.<generation>/`: a pause being deleted (renamed first, so a crash
+//!   never leaves half of one under its own name).
 //! * `running/<id>`: a session that is running (not paused) now. After a crash, the
 //!   markers with no pause are the sessions the crash lost; `recover` counts them.
 
@@ -34,6 +36,8 @@ const MAX_STATE_BYTES: u64 = 1 << 30;
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// What a writer's temporary directory is called before its rename.
 const WRITING: &str = ".writing-";
+/// What a pause being deleted is renamed to first.
+const DELETING: &str = ".deleting-";
 const RUNNING: &str = "running";
 
 /// Why a paused session could not be stored or brought back.
@@ -331,11 +335,26 @@ impl PausedStore {
     }
 
     /// Deletes session `id`'s pauses except `keep`.
+    ///
+    /// Each goes in one step: renamed out of the way (a name recovery discards), the rename
+    /// made durable, then removed. A crash halfway through removing files never leaves a
+    /// pause that looks complete but is not, or brings back a deleted session.
     fn remove_generations(&self, id: &str, keep: Option<&str>) {
+        let mut renamed = Vec::new();
         for name in self.generations(id) {
             if Some(name.as_str()) != keep {
-                let _ = fs::remove_dir_all(self.root.join(name));
+                let doomed = self.root.join(format!("{DELETING}{name}"));
+                if fs::rename(self.root.join(&name), &doomed).is_ok() {
+                    renamed.push(doomed);
+                }
             }
+        }
+        if renamed.is_empty() {
+            return;
+        }
+        let _ = sync_dir(&self.root);
+        for doomed in renamed {
+            let _ = fs::remove_dir_all(doomed);
         }
     }
 
@@ -450,7 +469,7 @@ impl PausedStore {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if name.starts_with(WRITING) {
+            if name.starts_with(WRITING) || name.starts_with(DELETING) {
                 let _ = fs::remove_dir_all(entry.path());
                 continue;
             }
@@ -664,8 +683,16 @@ mod tests {
         pause(&store, ID, b"kept");
         store.mark_running(ID);
         store.mark_running(lost);
-        // A pause cut short: its directory was never renamed into place.
+        // A pause cut short: its directory was never renamed into place; and a deletion
+        // cut short: renamed out of the way, half removed.
         fs::create_dir(tmp.path().join("sessions").join(format!("{WRITING}{ID}.9"))).unwrap();
+        let other = "0190a1b2-c3d4-7e5f-8a9b-000000000002";
+        fs::create_dir(
+            tmp.path()
+                .join("sessions")
+                .join(format!("{DELETING}{other}.1")),
+        )
+        .unwrap();
         let recovered = store.recover();
         assert_eq!(recovered.paused.len(), 1);
         assert_eq!(recovered.paused[0].record, record(ID));

@@ -92,13 +92,14 @@ async fn with_session<T: Send + 'static>(
     }
 }
 
-/// Tears a session down, wherever it is: its worker drops its VM (the message is sent
-/// from a blocking thread), or its paused state is deleted. Either way it no longer holds
+/// Tears a session down, wherever it is: its stored state is deleted, and its worker drops
+/// its VM (the message is sent from a blocking thread). Either way it no longer holds
 /// a sandbox of its owner's.
-fn dispose(state: &AppState, entry: &SessionEntry, held: Option<Held>) {
+async fn dispose(state: &AppState, entry: &SessionEntry, held: Option<Held>) {
     if let Some(config) = &state.config.paused {
+        // Awaited: once a deletion is answered, no restart brings the session back.
         let (store, id) = (config.store.clone(), entry.id.to_string());
-        tokio::task::spawn_blocking(move || store.remove(&id));
+        let _ = tokio::task::spawn_blocking(move || store.remove(&id)).await;
     }
     match held {
         Some(Held::Running(session)) => {
@@ -229,7 +230,7 @@ pub async fn delete(
         .remove(uuid, &caller)
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
     let held = entry.session.lock().await.take();
-    dispose(&state, &entry, held);
+    dispose(&state, &entry, held).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -462,7 +463,7 @@ pub async fn reap_expired(state: Arc<AppState>) {
             state.metrics.sessions_expired.inc();
             tracing::info!(session = %entry.id, key = %entry.owner, "session expired");
             let held = entry.session.lock().await.take();
-            dispose(&state, &entry, held);
+            dispose(&state, &entry, held).await;
         }
         state.metrics.sessions_live.set(state.sessions.len() as i64);
         if let Some(idle) = state.config.paused.as_ref().and_then(|p| p.idle_after) {
