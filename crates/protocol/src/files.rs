@@ -91,10 +91,6 @@ impl FileReader {
     pub fn take_files(&mut self) -> Vec<OwnedFd> {
         std::mem::take(&mut self.received)
     }
-
-    pub fn socket(&self) -> &UnixStream {
-        &self.socket
-    }
 }
 
 impl Read for FileReader {

@@ -257,26 +257,24 @@ impl SessionStore {
         list
     }
 
-    /// Host memory `owner`'s sessions hold.
-    pub fn host_bytes_of(&self, owner: &str) -> u64 {
-        self.entries
-            .lock()
-            .expect("sessions lock")
+    /// `measure` summed over `owner`'s sessions.
+    fn sum_of(&self, owner: &str, measure: impl Fn(&SessionEntry) -> u64) -> u64 {
+        let entries = self.entries.lock().expect("sessions lock");
+        entries
             .values()
             .filter(|e| e.owner == owner)
-            .map(|e| e.host_bytes())
+            .map(|e| measure(e))
             .sum()
     }
 
-    /// Disk bytes `owner`'s paused sessions hold.
+    /// Host memory `owner`'s sessions hold.
+    pub fn host_bytes_of(&self, owner: &str) -> u64 {
+        self.sum_of(owner, SessionEntry::host_bytes)
+    }
+
+    /// Disk bytes `owner`'s paused (or checkpointed) sessions hold.
     pub fn stored_bytes_of(&self, owner: &str) -> u64 {
-        self.entries
-            .lock()
-            .expect("sessions lock")
-            .values()
-            .filter(|e| e.owner == owner)
-            .map(|e| e.stored_bytes())
-            .sum()
+        self.sum_of(owner, SessionEntry::stored_bytes)
     }
 
     /// Running sessions idle longer than `idle`, not in use, able to run, and not refused

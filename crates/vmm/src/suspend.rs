@@ -79,16 +79,14 @@ fn suspend_ram(
     let over_template = matches!((origin, template),
         (Some(origin), Some(template)) if Arc::ptr_eq(&origin.base, &template.base)
             && template.layers.is_empty());
+    // What differs from the template: the pages changed since the last snapshot and every
+    // layer above the template; over nothing of the template's, all it may hold too.
     let mut ranges = changed;
-    if over_template {
-        for layer in origin.into_iter().flat_map(|o| &o.layers) {
-            ranges.extend(layer.ranges.iter().copied());
-        }
-    } else {
+    for layer in origin.into_iter().flat_map(|o| &o.layers) {
+        ranges.extend(layer.ranges.iter().copied());
+    }
+    if !over_template {
         ranges.extend(populated);
-        for layer in origin.into_iter().flat_map(|o| &o.layers) {
-            ranges.extend(layer.ranges.iter().copied());
-        }
     }
     let ranges = merge_ranges(ranges);
     let file = forkvm_memory::ram::memory_file(c"forkvm-suspended", ram.size())?;
